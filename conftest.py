@@ -1,0 +1,1 @@
+# Lets `pytest` run from the repository root without installing the package.

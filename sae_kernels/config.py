@@ -1,0 +1,100 @@
+"""``SAEConfig``: everything needed to rebuild a ``TopKSAE`` besides its tensors."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import torch
+
+ACTIVATIONS = ("topk", "jumprelu")
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+POSITIONS = ("R", "A", "M", "TC")
+
+
+@dataclass
+class SAEConfig:
+    """Shape and semantics of a TopK SAE.
+
+    Attributes:
+        d_model: width of the activations the SAE reads.
+        d_sae: number of latents.
+        k: latents kept per token (activation "topk"; also the target L0 of a JumpReLU conversion).
+        weighted_topk: select by ``relu(pre) * ||W_dec[i]||`` (Llama Scope) instead of ``relu(pre)``.
+            The JumpReLU gate compares the same weighted score with the threshold.
+        activation: "topk" or "jumprelu" (per-latent thresholds in the module's ``threshold`` buffer).
+        dtype: parameter dtype, one of float32, bfloat16, float16, float64.
+        norm_in: ``s_in``: the encoder reads ``norm_in * x`` (dataset-wise normalisation, SPEC sec. 3).
+        norm_out: ``s_out``: the decoder output is divided by ``norm_out`` to return to raw units.
+        hook_point_in / hook_point_out: TransformerLens-style names of where the SAE reads / writes.
+        model_name, layer, position: provenance of the activations (position in R, A, M, TC).
+    """
+
+    d_model: int
+    d_sae: int
+    k: int = 50
+    weighted_topk: bool = True
+    activation: str = "topk"
+    dtype: str = "float32"
+    norm_in: float = 1.0
+    norm_out: float = 1.0
+    hook_point_in: Optional[str] = None
+    hook_point_out: Optional[str] = None
+    model_name: Optional[str] = None
+    layer: Optional[int] = None
+    position: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_sae", "k"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if self.k > self.d_sae:
+            raise ValueError(f"k: expected 1 <= k <= d_sae={self.d_sae}, got {self.k}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {self.activation!r}")
+        if isinstance(self.dtype, torch.dtype):
+            self.dtype = str(self.dtype).replace("torch.", "")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {self.dtype!r}")
+        for name in ("norm_in", "norm_out"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name}: expected a finite positive number, got {v!r}")
+            setattr(self, name, float(v))
+        if not isinstance(self.weighted_topk, bool):
+            raise ValueError(f"weighted_topk: expected a bool, got {self.weighted_topk!r}")
+        if self.position is not None and self.position not in POSITIONS:
+            raise ValueError(f"position: expected one of {POSITIONS} or None, got {self.position!r}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
+            raise ValueError(f"layer: expected a non-negative int or None, got {self.layer!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def expansion(self) -> float:
+        return self.d_sae / self.d_model
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "SAEConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"config: expected a JSON object, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [n for n in ("d_model", "d_sae") if n not in d]
+        if missing:
+            raise ValueError(f"config: missing required keys {missing}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def replace(self, **changes: Any) -> "SAEConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,161 @@
+"""The public functional ops: ``topk_encode`` and ``sparse_decode``, with autograd.
+
+The autograd Functions only save tensors and call the four primitives of the chosen backend
+(``backend.get_impl``): the math lives in the kernels and in ``reference.py``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._validate import check_finite, check_k, check_tensor
+from .backend import get_impl
+
+Tensor = torch.Tensor
+
+
+class _TopKEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, k, dec_norm):
+        impl = get_impl(x.device)
+        values, indices = impl.encode_select(x, W_enc, b_enc, k, dec_norm)
+        ctx.save_for_backward(x, W_enc, values, indices)
+        ctx.impl = impl
+        ctx.mark_non_differentiable(indices)
+        return values, indices
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_indices):
+        x, W_enc, values, indices = ctx.saved_tensors
+        impl = ctx.impl
+        # ReLU: only selected latents with a positive pre-activation pass gradient.
+        g = torch.where(values > 0, grad_values, torch.zeros_like(grad_values)).to(W_enc.dtype)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dW = db = None
+        if need_x:
+            dx = impl.gather_rows(g, indices, W_enc).to(x.dtype)
+        if need_w or need_b:
+            dW, db = impl.scatter_outer(g, indices, x.to(W_enc.dtype), W_enc.shape[0], with_sum=need_b)
+            dW = dW if need_w else None
+        return dx, dW, db, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, indices, W_dec, b_dec):
+        impl = get_impl(values.device)
+        out = impl.gather_rows(values.to(W_dec.dtype), indices, W_dec)
+        if b_dec is not None:
+            out = out + b_dec
+        ctx.save_for_backward(values, indices, W_dec)
+        ctx.impl = impl
+        ctx.has_bias = b_dec is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, W_dec = ctx.saved_tensors
+        impl = ctx.impl
+        grad_out = grad_out.contiguous()
+        dvalues = dW = db = None
+        if ctx.needs_input_grad[0]:
+            dvalues = impl.gather_dot(grad_out, indices, W_dec).to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            dW, _ = impl.scatter_outer(values.to(W_dec.dtype), indices, grad_out.to(W_dec.dtype), W_dec.shape[0], False)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            db = grad_out.sum(0, dtype=torch.float32 if grad_out.dtype != torch.float64 else torch.float64)
+            db = db.to(grad_out.dtype)
+        return dvalues, None, dW, db
+
+
+def _flatten(name: str, t: Tensor, d: int) -> Tensor:
+    check_tensor(name, t)
+    if t.dim() < 1 or t.shape[-1] != d:
+        raise ValueError(f"{name}: expected shape [..., {d}], got {list(t.shape)}")
+    return t.reshape(-1, d)
+
+
+def topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    dec_norm: Optional[Tensor] = None,
+    *,
+    check_finite_input: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """Decoder-norm-weighted TopK encoding.
+
+    Args:
+        x: ``[..., d_model]`` inputs (already normalised if the SAE uses dataset-wise norms).
+        W_enc: ``[d_sae, d_model]`` encoder, latent-major.
+        b_enc: ``[d_sae]`` encoder bias.
+        k: latents kept per row, ``1 <= k <= d_sae``.
+        dec_norm: ``[d_sae]`` decoder row norms weighting the selection, or None for plain TopK.
+            Treated as a constant: no gradient flows into it.
+        check_finite_input: also reject NaN/Inf in ``x`` (one host sync).
+
+    Returns:
+        ``(values, indices)``, both ``[..., k]``: ``relu(x @ W_enc.T + b_enc)`` at the k latents with
+        the largest ``relu(pre) * dec_norm`` per row (any order within a row), and int64 indices.
+        Differentiable w.r.t. ``x``, ``W_enc`` and ``b_enc``; only the selected latents get gradient.
+    """
+    check_tensor("W_enc", W_enc, ndim=2)
+    n, d = W_enc.shape
+    lead = x.shape[:-1] if isinstance(x, torch.Tensor) else None
+    x2 = _flatten("x", x, d)
+    check_tensor("b_enc", b_enc, shape=(n,), device=W_enc.device)
+    if x2.device != W_enc.device:
+        raise ValueError(f"x: expected a tensor on {W_enc.device} (where W_enc is), got {x2.device}")
+    if x2.dtype != W_enc.dtype:
+        raise ValueError(f"x: expected dtype {W_enc.dtype} (the dtype of W_enc), got {x2.dtype}")
+    if dec_norm is not None:
+        check_tensor("dec_norm", dec_norm, shape=(n,), device=W_enc.device)
+        dec_norm = dec_norm.detach()
+    k = check_k(k, n)
+    if check_finite_input:
+        check_finite("x", x2)
+    values, indices = _TopKEncode.apply(x2.contiguous(), W_enc, b_enc.to(W_enc.dtype), k, dec_norm)
+    return values.reshape(*lead, k), indices.reshape(*lead, k)
+
+
+def sparse_decode(
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    b_dec: Optional[Tensor] = None,
+    *,
+    check_indices: bool = True,
+) -> Tensor:
+    """Sparse decoder: ``x_hat[t] = sum_j values[t, j] * W_dec[indices[t, j]] + b_dec``.
+
+    Args:
+        values: ``[..., k]`` latent values. indices: ``[..., k]`` int64 latent ids in ``[0, d_sae)``.
+        W_dec: ``[d_sae, d_model]`` decoder, latent-major. b_dec: ``[d_model]`` or None.
+
+    Returns ``[..., d_model]`` in ``W_dec.dtype``; differentiable w.r.t. values, W_dec and b_dec.
+    Repeated indices within a row add up. ``check_indices=False`` skips the range check (a host
+    sync); pass it only for indices that ``topk_encode`` produced.
+    """
+    check_tensor("W_dec", W_dec, ndim=2)
+    n, d = W_dec.shape
+    check_tensor("values", values)
+    check_tensor("indices", indices, dtypes=(torch.int64, torch.int32), device=values.device)
+    if indices.shape != values.shape or values.dim() < 1:
+        raise ValueError(
+            f"indices: expected the shape of values {list(values.shape)}, got {list(indices.shape)}"
+        )
+    if values.device != W_dec.device:
+        raise ValueError(f"values: expected a tensor on {W_dec.device} (where W_dec is), got {values.device}")
+    if b_dec is not None:
+        check_tensor("b_dec", b_dec, shape=(d,), device=W_dec.device)
+        b_dec = b_dec.to(W_dec.dtype)
+    lead, k = values.shape[:-1], values.shape[-1]
+    if k == 0:
+        raise ValueError("values: expected at least one latent per row (k >= 1), got k = 0")
+    idx2 = indices.reshape(-1, k).long()
+    if check_indices and idx2.numel() and (int(idx2.min()) < 0 or int(idx2.max()) >= n):
+        raise ValueError(f"indices: expected values in [0, {n}) (d_sae of W_dec), got [{int(idx2.min())}, {int(idx2.max())}]")
+    out = _SparseDecode.apply(values.reshape(-1, k).contiguous(), idx2.contiguous(), W_dec, b_dec)
+    return out.reshape(*lead, d)

@@ -1,0 +1,309 @@
+"""``TopKSAE``: a drop-in TopK sparse autoencoder module built on the fused ops.
+
+Conventions (SPEC.md sections 2, 3 and 5):
+
+* Parameters are latent-major: ``W_enc [d_sae, d_model]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_model]``,
+  ``b_dec [d_model]``; the buffer ``threshold [d_sae]`` holds the JumpReLU thresholds.
+* The module takes and returns *raw* activations: it encodes ``norm_in * x`` and divides the decoder
+  output by ``norm_out`` (dataset-wise normalisation). ``fold_dataset_norm`` removes the factors.
+* The selection (TopK) and the gate (JumpReLU) compare the score ``relu(pre) * ||W_dec[i]||`` when
+  ``weighted_topk`` is on, ``relu(pre)`` otherwise; the latent value kept is always ``relu(pre)``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ._validate import check_k, check_tensor
+from .config import SAEConfig
+from .ops import sparse_decode, topk_encode
+
+PathLike = Union[str, "os.PathLike[str]"]  # noqa: F821
+
+
+class TopKSAE(nn.Module):
+    """TopK SAE with decoder-norm-weighted selection (Llama Scope), or a JumpReLU SAE.
+
+    Args:
+        cfg: the ``SAEConfig``.
+        transcoder: initialise the encoder independently of the decoder (SPEC sec. 2).
+        device: where to allocate the parameters.
+        init: run the Llama Scope initialisation (turn off when the tensors will be loaded).
+    """
+
+    def __init__(
+        self,
+        cfg: SAEConfig,
+        *,
+        transcoder: bool = False,
+        device: Optional[Union[str, torch.device]] = None,
+        init: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(cfg, SAEConfig):
+            raise ValueError(f"cfg: expected an SAEConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        n, d, dt = cfg.d_sae, cfg.d_model, cfg.torch_dtype
+        self.W_enc = nn.Parameter(torch.empty(n, d, dtype=dt, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(n, dtype=dt, device=device))
+        self.W_dec = nn.Parameter(torch.empty(n, d, dtype=dt, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d, dtype=dt, device=device))
+        self.register_buffer("threshold", torch.zeros(n, dtype=torch.float32, device=device))
+        if init:
+            self.reset_parameters(transcoder=transcoder)
+        else:
+            nn.init.zeros_(self.W_enc)
+            nn.init.zeros_(self.W_dec)
+
+    # ------------------------------------------------------------------ init and properties
+
+    @torch.no_grad()
+    def reset_parameters(self, transcoder: bool = False, row_norm: float = 0.5) -> None:
+        """Decoder rows Kaiming-uniform rescaled to ``row_norm``; encoder = decoder (or independent
+        with the same row norm for a transcoder); biases zero. Uses torch's global RNG."""
+
+        def rows(shape):
+            w = torch.empty(shape, dtype=torch.float32, device=self.W_dec.device)
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            return w * (row_norm / w.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+        w_dec = rows(self.W_dec.shape)
+        self.W_dec.copy_(w_dec)
+        self.W_enc.copy_(rows(self.W_enc.shape) if transcoder else w_dec)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+        self.threshold.zero_()
+
+    @property
+    def d_model(self) -> int:
+        return self.cfg.d_model
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    def dec_norm(self) -> Tensor:
+        """Decoder row norms ``||W_dec[i]||`` (detached, fp32 accumulation, parameter dtype)."""
+        W = self.W_dec.detach()
+        return W.float().norm(dim=1).to(W.dtype)
+
+    def _score_weight(self) -> Optional[Tensor]:
+        return self.dec_norm() if self.cfg.weighted_topk else None
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (
+            f"d_model={c.d_model}, d_sae={c.d_sae}, k={c.k}, activation={c.activation}, "
+            f"weighted_topk={c.weighted_topk}, dtype={c.dtype}, norm_in={c.norm_in:g}, norm_out={c.norm_out:g}"
+        )
+
+    # ------------------------------------------------------------------ forward pieces
+
+    def _prep(self, x: Tensor) -> Tensor:
+        check_tensor("x", x, device=self.W_enc.device)
+        if x.dim() < 1 or x.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"x: expected shape [..., {self.cfg.d_model}] (d_model), got {list(x.shape)}")
+        x = x.to(self.W_enc.dtype)
+        return x * self.cfg.norm_in if self.cfg.norm_in != 1.0 else x
+
+    def _k(self, k: Optional[int]) -> int:
+        return self.cfg.k if k is None else check_k(k, self.cfg.d_sae)
+
+    def _jumprelu_dense(self, x_n: Tensor) -> Tensor:
+        z = torch.relu(x_n @ self.W_enc.t() + self.b_enc)
+        w = self._score_weight()
+        score = z if w is None else z * w
+        return z * (score > self.threshold.to(z.dtype))
+
+    def encode_sparse(self, x: Tensor, k: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+        """Raw ``x [..., d_model]`` -> ``(values, indices)`` of shape ``[..., k]``.
+
+        ``k`` overrides ``cfg.k`` (TopK; K-annealing). For a JumpReLU SAE the rows are padded with
+        zero values up to the largest number of active latents in the batch (one host sync).
+        """
+        x_n = self._prep(x)
+        if self.cfg.activation == "topk":
+            return topk_encode(x_n, self.W_enc, self.b_enc, self._k(k), self._score_weight())
+        f = self._jumprelu_dense(x_n)
+        width = max(1, int((f > 0).sum(-1).max())) if f.numel() else 1
+        values, indices = torch.topk(f, width, dim=-1)
+        return values, indices
+
+    def encode(self, x: Tensor, k: Optional[int] = None) -> Tensor:
+        """Raw ``x [..., d_model]`` -> dense latent activations ``[..., d_sae]`` (zeros off the support)."""
+        if self.cfg.activation == "jumprelu":
+            return self._jumprelu_dense(self._prep(x))
+        values, indices = self.encode_sparse(x, k)
+        out = torch.zeros(*values.shape[:-1], self.cfg.d_sae, dtype=values.dtype, device=values.device)
+        return out.scatter(-1, indices, values)
+
+    def decode_sparse(self, values: Tensor, indices: Tensor, *, check_indices: bool = True) -> Tensor:
+        """``(values, indices) [..., k]`` -> raw-space reconstruction ``[..., d_model]``."""
+        out = sparse_decode(values, indices, self.W_dec, self.b_dec, check_indices=check_indices)
+        return out / self.cfg.norm_out if self.cfg.norm_out != 1.0 else out
+
+    def decode(self, f: Tensor) -> Tensor:
+        """Dense latents ``[..., d_sae]`` -> raw-space reconstruction ``[..., d_model]``."""
+        check_tensor("f", f, device=self.W_dec.device)
+        if f.dim() < 1 or f.shape[-1] != self.cfg.d_sae:
+            raise ValueError(f"f: expected shape [..., {self.cfg.d_sae}] (d_sae), got {list(f.shape)}")
+        out = f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        return out / self.cfg.norm_out if self.cfg.norm_out != 1.0 else out
+
+    def forward(self, x: Tensor, k: Optional[int] = None) -> Tensor:
+        """Reconstruction of raw ``x [..., d_model]`` in raw units and in ``x``'s dtype."""
+        values, indices = self.encode_sparse(x, k)
+        return self.decode_sparse(values, indices, check_indices=False).to(x.dtype)
+
+    # ------------------------------------------------------------------ folding (SPEC sec. 3 and 5)
+
+    @torch.no_grad()
+    def fold_dataset_norm(self) -> "TopKSAE":
+        """Fold ``norm_in`` / ``norm_out`` into the parameters, in place (then both are 1).
+
+        ``b_enc /= s_in``, ``b_dec /= s_out``, ``W_dec *= s_in / s_out``; the latent values scale by
+        ``1 / s_in`` and the JumpReLU thresholds follow the score (``1 / s_out`` weighted, else ``1 / s_in``).
+        """
+        s_in, s_out = self.cfg.norm_in, self.cfg.norm_out
+        if s_in == 1.0 and s_out == 1.0:
+            return self
+        self._set(self.b_enc, self.b_enc.double() / s_in)
+        self._set(self.b_dec, self.b_dec.double() / s_out)
+        self._set(self.W_dec, self.W_dec.double() * (s_in / s_out))
+        self.threshold.copy_(self.threshold.double() / (s_out if self.cfg.weighted_topk else s_in))
+        self.cfg = self.cfg.replace(norm_in=1.0, norm_out=1.0)
+        return self
+
+    @torch.no_grad()
+    def fold_decoder_norm(self) -> "TopKSAE":
+        """Move the decoder row norms into the encoder, in place (SPEC sec. 5 step 1).
+
+        ``W_enc[i] *= n_i``, ``b_enc[i] *= n_i``, ``W_dec[i] /= n_i``: the latent value becomes the
+        weighted score, so selection and gate are unchanged while ``weighted_topk`` turns off.
+        Needs ``weighted_topk``: on a plain TopK SAE the fold would change which latents win.
+        """
+        if not self.cfg.weighted_topk:
+            raise ValueError(
+                "fold_decoder_norm: expected an SAE with weighted_topk=True; on a plain TopK SAE moving "
+                "decoder norms into the encoder would change the selection"
+            )
+        n = self.W_dec.double().norm(dim=1)
+        safe = torch.where(n > 0, n, torch.ones_like(n))
+        self._set(self.W_enc, self.W_enc.double() * safe[:, None])
+        self._set(self.b_enc, self.b_enc.double() * safe)
+        self._set(self.W_dec, self.W_dec.double() / safe[:, None])
+        self.cfg = self.cfg.replace(weighted_topk=False)
+        return self
+
+    @staticmethod
+    def _set(p: Tensor, value: Tensor) -> None:
+        p.copy_(value.to(p.dtype))
+
+    def folded(self) -> "TopKSAE":
+        """A copy with dataset norm and (if weighted) decoder norms folded: takes raw activations,
+        unit-norm decoder rows, latent values equal to the Llama Scope inference activations."""
+        out = copy.deepcopy(self)
+        out.fold_dataset_norm()
+        if out.cfg.weighted_topk:
+            out.fold_decoder_norm()
+        return out
+
+    @torch.no_grad()
+    def to_jumprelu(self, activations: Tensor, k: Optional[int] = None, batch_size: int = 4096) -> "TopKSAE":
+        """Post-process into a JumpReLU SAE (SPEC sec. 5); returns a new, folded module.
+
+        ``activations [N, d_model]``: raw activations of non-special tokens (32,768 in the recipe).
+        The shared threshold ``theta`` is the ``(N * k)``-th largest folded pre-activation
+        ``h' = relu(W_enc x + b_enc)`` over the batch, so the mean L0 on it is exactly ``k``
+        (barring ties at ``theta``). Latents fire when ``h'_i > theta``.
+        """
+        k = self._k(k)
+        check_tensor("activations", activations, ndim=2, device=self.W_enc.device)
+        if activations.shape[1] != self.cfg.d_model:
+            raise ValueError(
+                f"activations: expected shape [N, {self.cfg.d_model}], got {list(activations.shape)}"
+            )
+        N = activations.shape[0]
+        if N < 1:
+            raise ValueError("activations: expected at least one token")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        out = self.folded()
+        out.cfg = out.cfg.replace(activation="topk", k=k)
+        total = N * k
+        pool = None  # the `total` largest h' seen so far (never more than N * k values)
+        for s in range(0, N, batch_size):
+            x = activations[s : s + batch_size].to(out.W_enc.dtype)
+            h = torch.relu(x @ out.W_enc.t() + out.b_enc).float().reshape(-1)
+            cand = h if pool is None else torch.cat([pool, h])
+            pool = torch.topk(cand, min(total, cand.numel()), sorted=False).values
+        theta = float(pool.min())
+        out.cfg = out.cfg.replace(activation="jumprelu")
+        out.threshold.fill_(theta)
+        return out
+
+    # ------------------------------------------------------------------ formats (see formats.py)
+
+    def save(self, path: PathLike) -> None:
+        """Our format: ``path/config.json`` + ``path/sae.safetensors`` (written atomically)."""
+        from .formats import save_sae
+
+        save_sae(self, path)
+
+    @classmethod
+    def load(cls, path: PathLike, device: Optional[Union[str, torch.device]] = None) -> "TopKSAE":
+        from .formats import load_sae
+
+        return load_sae(path, device=device)
+
+    @classmethod
+    def from_llama_scope(
+        cls,
+        path_or_repo: PathLike,
+        name: Optional[str] = None,
+        *,
+        fold: bool = True,
+        dtype: Optional[str] = "float32",
+        device: Optional[Union[str, torch.device]] = None,
+    ) -> "TopKSAE":
+        """Load a released Llama Scope SAE (a local folder, or a Hub repo id plus SAE name).
+
+        ``fold=True`` (default) reproduces the method's inference exactly: dataset norms folded, then
+        decoder norms folded into the encoder, then the scalar ``jump_relu_threshold`` (act_fn
+        jumprelu) or TopK (act_fn topk) on the folded pre-activations. ``fold=False`` keeps the raw
+        training state (normalised space, weighted selection) for further training.
+        """
+        from .formats import load_llama_scope
+
+        return load_llama_scope(path_or_repo, name, fold=fold, dtype=dtype, device=device)
+
+    def to_llama_scope(
+        self, path: PathLike, hyperparams: Optional[dict] = None, lm_config: Optional[dict] = None,
+        dtype: Optional[str] = None,
+    ) -> None:
+        """Write the released Llama Scope layout (hyperparams.json, lm_config.json,
+        checkpoints/final.safetensors); tensors in ``dtype`` (default: the module's)."""
+        from .formats import save_llama_scope
+
+        save_llama_scope(self, path, hyperparams=hyperparams, lm_config=lm_config, dtype=dtype)
+
+    @classmethod
+    def from_saelens(cls, path: PathLike, device=None, dtype: Optional[str] = None) -> "TopKSAE":
+        from .formats import load_saelens
+
+        return load_saelens(path, device=device, dtype=dtype)
+
+    def to_saelens(self, path: PathLike) -> None:
+        from .formats import save_saelens
+
+        save_saelens(self, path)
+
+    @classmethod
+    def from_sparsify(cls, path: PathLike, device=None, dtype: Optional[str] = None) -> "TopKSAE":
+        from .formats import load_sparsify
+
+        return load_sparsify(path, device=device, dtype=dtype)
