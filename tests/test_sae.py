@@ -1,0 +1,169 @@
+"""TopKSAE: initialisation, the forward pieces against float64 formulas, folding, JumpReLU, errors."""
+import math
+
+import pytest
+import torch
+
+from helpers import assert_close
+from sae_kernels import SAEConfig, TopKSAE
+
+
+def random_sae(d=37, n=100, k=5, weighted=True, norm_in=1.7, norm_out=0.6, seed=0, dtype="float64"):
+    torch.manual_seed(seed)
+    sae = TopKSAE(SAEConfig(d_model=d, d_sae=n, k=k, weighted_topk=weighted, norm_in=norm_in,
+                            norm_out=norm_out, dtype=dtype))
+    with torch.no_grad():  # away from the init: biases, decoder rows of different norms
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_()
+        sae.W_dec.mul_(torch.rand(n, 1, dtype=sae.W_dec.dtype) * 2 + 0.2)
+        sae.W_enc.add_(torch.randn_like(sae.W_enc) * 0.1)
+    return sae
+
+
+def formula(sae, x, k=None):
+    """SPEC sec. 2 written out in float64: returns (f dense, x_hat raw)."""
+    c = sae.cfg
+    k = c.k if k is None else k
+    W_enc, b_enc, W_dec, b_dec = (t.detach().double() for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+    z = torch.relu(c.norm_in * x.double() @ W_enc.t() + b_enc)
+    score = z * W_dec.norm(dim=1) if c.weighted_topk else z
+    if c.activation == "topk":
+        keep = torch.zeros_like(z, dtype=torch.bool).scatter(-1, score.topk(k, dim=-1).indices, True)
+    else:
+        keep = score > sae.threshold.double()
+    f = z * keep
+    return f, (f @ W_dec + b_dec) / c.norm_out
+
+
+def test_init_follows_llama_scope():
+    torch.manual_seed(1)
+    sae = TopKSAE(SAEConfig(d_model=48, d_sae=200, k=8))
+    norms = sae.W_dec.detach().norm(dim=1)
+    assert torch.allclose(norms, torch.full_like(norms, 0.5), atol=1e-6)
+    assert torch.equal(sae.W_enc, sae.W_dec)
+    assert sae.b_enc.abs().sum() == 0 and sae.b_dec.abs().sum() == 0
+    torch.manual_seed(1)
+    tc = TopKSAE(SAEConfig(d_model=48, d_sae=200, k=8), transcoder=True)
+    assert not torch.equal(tc.W_enc, tc.W_dec)
+    assert torch.allclose(tc.W_enc.detach().norm(dim=1), torch.full((200,), 0.5), atol=1e-6)
+    assert sae.W_dec.shape == (200, 48)  # latent-major
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_forward_pieces_match_formula(weighted):
+    sae = random_sae(weighted=weighted)
+    x = torch.randn(3, 4, 37, dtype=torch.float64)
+    f, x_hat = formula(sae, x)
+    assert_close(sae.encode(x), f, 1e-10, "encode")
+    values, indices = sae.encode_sparse(x)
+    assert values.shape == (3, 4, 5) and indices.shape == (3, 4, 5)
+    assert_close(torch.zeros_like(f).scatter(-1, indices, values), f, 1e-10, "encode_sparse")
+    assert_close(sae.decode_sparse(values, indices), x_hat, 1e-10, "decode_sparse")
+    assert_close(sae.decode(f), x_hat, 1e-10, "decode")
+    assert_close(sae(x), x_hat, 1e-10, "forward")
+    f3, x_hat3 = formula(sae, x, k=11)
+    assert_close(sae(x, k=11), x_hat3, 1e-10, "forward with k override")
+    assert (sae.encode(x, k=11) > 0).sum(-1).max() <= 11
+
+
+def test_weighting_changes_selection():
+    """The test data must be able to tell weighted from plain TopK, or the tests above prove little."""
+    sae = random_sae(weighted=True)
+    x = torch.randn(64, 37, dtype=torch.float64)
+    plain = random_sae(weighted=False)
+    assert not torch.equal(sae.encode(x) > 0, plain.encode(x) > 0)
+
+
+def test_fold_dataset_norm_and_decoder_norm_preserve_outputs():
+    sae = random_sae()
+    x = torch.randn(50, 37, dtype=torch.float64)
+    want_f, want = formula(sae, x)
+    folded = sae.folded()
+    assert folded.cfg.norm_in == 1.0 and folded.cfg.norm_out == 1.0 and not folded.cfg.weighted_topk
+    assert_close(folded.W_dec.detach().norm(dim=1), torch.ones(100, dtype=torch.float64), 1e-12, "unit rows")
+    assert_close(folded(x), want, 1e-10, "folded forward")
+    # folded latents are the Llama Scope inference activations h' = z * n / s_out
+    n = sae.W_dec.detach().norm(dim=1)
+    assert_close(folded.encode(x), want_f * n / sae.cfg.norm_out, 1e-10, "folded latents")
+    with pytest.raises(ValueError, match="weighted_topk=True"):
+        random_sae(weighted=False).fold_decoder_norm()
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_jumprelu_gate_uses_the_weighted_score(weighted):
+    sae = random_sae(weighted=weighted)
+    sae.cfg = sae.cfg.replace(activation="jumprelu")
+    sae.threshold.copy_(torch.rand(100) * 0.5)
+    x = torch.randn(40, 37, dtype=torch.float64)
+    f, x_hat = formula(sae, x)
+    assert_close(sae.encode(x), f, 1e-10, "jumprelu encode")
+    assert_close(sae(x), x_hat, 1e-10, "jumprelu forward")
+    values, indices = sae.encode_sparse(x)
+    assert_close(torch.zeros_like(f).scatter(-1, indices, values), f, 1e-10, "jumprelu encode_sparse")
+    # Folding keeps the gate exactly where the method puts it.
+    assert_close(sae.folded()(x), x_hat, 1e-10, "folded jumprelu")
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_to_jumprelu(weighted):
+    sae = random_sae(weighted=weighted)
+    acts = torch.randn(300, 37, dtype=torch.float64)
+    k = 6
+    jr = sae.to_jumprelu(acts, k=k, batch_size=70)
+    assert jr.cfg.activation == "jumprelu" and jr.cfg.k == k
+    assert jr.cfg.norm_in == 1.0 and jr.cfg.norm_out == 1.0
+    # theta is the (N*k)-th largest folded pre-activation, computed here by a full sort
+    folded = sae.folded()
+    h = torch.relu(acts @ folded.W_enc.detach().t() + folded.b_enc.detach()).reshape(-1)
+    theta = torch.sort(h, descending=True).values[300 * k - 1]
+    assert torch.all(jr.threshold == jr.threshold[0])
+    assert abs(float(jr.threshold[0]) - float(theta)) <= 1e-6 * float(theta)
+    l0 = (jr.encode(acts) > 0).sum(-1).double().mean()
+    assert abs(float(l0) - k) <= 1.0 / 300 + 1e-12, f"mean L0 {float(l0)} on the calibration batch, want {k}"
+    assert sae.cfg.activation == "topk", "to_jumprelu must not modify the source SAE"
+
+
+def test_bf16_module_matches_formula_on_rounded_weights():
+    sae = random_sae(dtype="bfloat16")
+    x = torch.randn(64, 37).bfloat16()
+    out = sae(x)
+    assert out.dtype == torch.bfloat16
+    values, indices = sae.encode_sparse(x)
+    f, want = formula(sae, x)  # float64 on the bf16 weights; selection may differ only at near-ties
+    chosen = torch.zeros_like(f, dtype=torch.bool).scatter(-1, indices, True)
+    rows = (chosen == (f > 0)).all(-1) | ((f > 0).sum(-1) < sae.cfg.k)
+    assert rows.float().mean() > 0.8, "bf16 selection differs from float64 on most rows"
+    assert_close(out[rows], want[rows], 3e-2, "bf16 forward")
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(d_model=0, d_sae=8), "d_model: expected a positive int"),
+    (dict(d_model=8, d_sae=8, k=9), "k: expected 1 <= k <= d_sae"),
+    (dict(d_model=8, d_sae=8, k=2, activation="relu"), "activation: expected one of"),
+    (dict(d_model=8, d_sae=8, k=2, dtype="int8"), "dtype: expected one of"),
+    (dict(d_model=8, d_sae=8, k=2, norm_in=-1.0), "norm_in: expected a finite positive"),
+    (dict(d_model=8, d_sae=8, k=2, norm_out=math.inf), "norm_out: expected a finite positive"),
+    (dict(d_model=8, d_sae=8, k=2, position="X"), "position: expected one of"),
+    (dict(d_model=8, d_sae=8, k=2, layer=-2), "layer: expected a non-negative int"),
+])
+def test_config_validation(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        SAEConfig(**kwargs)
+
+
+def test_module_rejects_bad_input():
+    sae = random_sae(dtype="float32")
+    with pytest.raises(ValueError, match=r"x: expected shape \[\.\.\., 37\]"):
+        sae(torch.randn(4, 36))
+    with pytest.raises(ValueError, match="k: expected 1 <= k <= d_sae=100"):
+        sae(torch.randn(4, 37), k=101)
+    with pytest.raises(ValueError, match="k: expected 1 <= k"):
+        sae.encode_sparse(torch.randn(4, 37), k=0)
+    with pytest.raises(ValueError, match=r"f: expected shape \[\.\.\., 100\]"):
+        sae.decode(torch.randn(4, 99))
+    with pytest.raises(ValueError, match="activations: expected shape"):
+        sae.to_jumprelu(torch.randn(10, 36), k=3)
+    with pytest.raises(ValueError, match="x: expected a torch.Tensor"):
+        sae([1.0] * 37)
+    with pytest.raises(ValueError, match="cfg: expected an SAEConfig"):
+        TopKSAE({"d_model": 4, "d_sae": 8})
