@@ -18,7 +18,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ._validate import check_k, check_tensor
+from ._validate import check_finite, check_k, check_tensor
 from .config import SAEConfig
 from .ops import sparse_decode, topk_encode
 
@@ -33,6 +33,10 @@ class TopKSAE(nn.Module):
         transcoder: initialise the encoder independently of the decoder (SPEC sec. 2).
         device: where to allocate the parameters.
         init: run the Llama Scope initialisation (turn off when the tensors will be loaded).
+
+    Attributes:
+        check_inputs: reject NaN/Inf inputs with a ValueError (default True; one host sync per call,
+            so training loops that validate their data set it to False).
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class TopKSAE(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(n, d, dtype=dt, device=device))
         self.b_dec = nn.Parameter(torch.zeros(d, dtype=dt, device=device))
         self.register_buffer("threshold", torch.zeros(n, dtype=torch.float32, device=device))
+        self.check_inputs = True
         if init:
             self.reset_parameters(transcoder=transcoder)
         else:
@@ -107,6 +112,8 @@ class TopKSAE(nn.Module):
         check_tensor("x", x, device=self.W_enc.device)
         if x.dim() < 1 or x.shape[-1] != self.cfg.d_model:
             raise ValueError(f"x: expected shape [..., {self.cfg.d_model}] (d_model), got {list(x.shape)}")
+        if self.check_inputs:
+            check_finite("x", x)
         x = x.to(self.W_enc.dtype)
         return x * self.cfg.norm_in if self.cfg.norm_in != 1.0 else x
 
@@ -127,7 +134,9 @@ class TopKSAE(nn.Module):
         """
         x_n = self._prep(x)
         if self.cfg.activation == "topk":
-            return topk_encode(x_n, self.W_enc, self.b_enc, self._k(k), self._score_weight())
+            return topk_encode(
+                x_n, self.W_enc, self.b_enc, self._k(k), self._score_weight(), check_finite_input=False
+            )
         f = self._jumprelu_dense(x_n)
         width = max(1, int((f > 0).sum(-1).max())) if f.numel() else 1
         values, indices = torch.topk(f, width, dim=-1)

@@ -145,11 +145,13 @@ def test_topk_encode_rejects_bad_input(make, msg):
         topk_encode(*make(x, W, b))
 
 
-def test_topk_encode_rejects_nonfinite_when_asked():
+def test_topk_encode_rejects_nonfinite():
     x = torch.randn(4, 20)
     x[1, 3] = float("nan")
     with pytest.raises(ValueError, match="x: expected finite"):
-        topk_encode(x, torch.randn(64, 20), torch.randn(64), 3, check_finite_input=True)
+        topk_encode(x, torch.randn(64, 20), torch.randn(64), 3)
+    v, _ = topk_encode(x, torch.randn(64, 20), torch.randn(64), 3, check_finite_input=False)  # opt-out
+    assert v.shape == (4, 3)
 
 
 def test_sparse_decode_rejects_bad_input():

@@ -165,5 +165,7 @@ def test_module_rejects_bad_input():
         sae.to_jumprelu(torch.randn(10, 36), k=3)
     with pytest.raises(ValueError, match="x: expected a torch.Tensor"):
         sae([1.0] * 37)
+    with pytest.raises(ValueError, match="x: expected finite values"):
+        sae(torch.full((2, 37), float("inf")))
     with pytest.raises(ValueError, match="cfg: expected an SAEConfig"):
         TopKSAE({"d_model": 4, "d_sae": 8})
