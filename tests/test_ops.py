@@ -15,8 +15,8 @@ from sae_kernels.reference import dense_topk_sae
 # (N tokens, d_model, d_sae, k): odd sizes on purpose; k = 1, k = d_sae, k = d_model / 2 (K-annealing
 # start, the large-k path), batch of 1, d_sae not a multiple of any block size.
 SHAPES = [
-    (1, 123, 1000, 7),
-    (33, 123, 1000, 1),
+    (1, 123, 300, 7),
+    (33, 123, 300, 1),
     (17, 40, 50, 50),
     (12, 96, 260, 48),
     (70, 64, 129, 13),
