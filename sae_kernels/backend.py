@@ -27,8 +27,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def choose_backend(device: torch.device) -> str:
-    """Return "triton" or "torch" for tensors on ``device``."""
+def choose_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Return "triton" or "torch" for tensors on ``device`` of ``dtype``.
+
+    float64 always takes the PyTorch path: the kernels accumulate in fp32.
+    """
     forced = os.environ.get("SAE_KERNELS_BACKEND", "").strip().lower()
     if forced:
         if forced not in BACKENDS:
@@ -36,6 +39,8 @@ def choose_backend(device: torch.device) -> str:
                 f"SAE_KERNELS_BACKEND must be one of {BACKENDS}, got {forced!r}"
             )
         if forced == "triton":
+            if dtype == torch.float64:
+                raise ValueError("SAE_KERNELS_BACKEND=triton: the Triton kernels take fp32/bf16/fp16, got float64")
             if not triton_available():
                 raise ValueError("SAE_KERNELS_BACKEND=triton but triton cannot be imported")
             if device.type != "cuda" and not interpreting():
@@ -44,14 +49,14 @@ def choose_backend(device: torch.device) -> str:
                     "or TRITON_INTERPRET=1 to run the kernels on the CPU"
                 )
         return forced
-    if device.type == "cuda" and triton_available():
+    if device.type == "cuda" and dtype != torch.float64 and triton_available():
         return "triton"
     return "torch"
 
 
-def get_impl(device: torch.device):
+def get_impl(device: torch.device, dtype: torch.dtype = torch.float32):
     """The module holding the four primitives (encode_select, gather_rows, gather_dot, scatter_outer)."""
-    if choose_backend(device) == "triton":
+    if choose_backend(device, dtype) == "triton":
         from . import triton_ops
 
         return triton_ops

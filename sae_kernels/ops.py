@@ -18,7 +18,7 @@ Tensor = torch.Tensor
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, k, dec_norm):
-        impl = get_impl(x.device)
+        impl = get_impl(x.device, W_enc.dtype)
         values, indices = impl.encode_select(x, W_enc, b_enc, k, dec_norm)
         ctx.save_for_backward(x, W_enc, values, indices)
         ctx.impl = impl
@@ -44,7 +44,7 @@ class _TopKEncode(torch.autograd.Function):
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, indices, W_dec, b_dec):
-        impl = get_impl(values.device)
+        impl = get_impl(values.device, W_dec.dtype)
         out = impl.gather_rows(values.to(W_dec.dtype), indices, W_dec)
         if b_dec is not None:
             out = out + b_dec

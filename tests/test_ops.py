@@ -176,3 +176,13 @@ def test_forced_backend_errors(monkeypatch):
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="needs CUDA tensors"):
             topk_encode(torch.randn(2, 8), torch.randn(16, 8), torch.randn(16), 2)
+
+
+def test_float64_takes_the_pytorch_path(monkeypatch):
+    from sae_kernels.backend import choose_backend
+
+    assert choose_backend(torch.device("cuda"), torch.float64) in ("torch",) or not torch.cuda.is_available()
+    assert choose_backend(torch.device("cpu"), torch.float64) == "torch"
+    monkeypatch.setenv("SAE_KERNELS_BACKEND", "triton")
+    with pytest.raises(ValueError, match="got float64"):
+        topk_encode(torch.randn(2, 8).double(), torch.randn(16, 8).double(), torch.randn(16).double(), 2)
