@@ -5,7 +5,11 @@ any ``@triton.jit`` function is defined, so it is set here, before the package i
 """
 import os
 
-import torch
+# Set before torch starts OpenMP: the trainer's producer thread and the training thread each run an
+# OpenMP team, and spinning waits on 2 cores slow small ops 5-15x (see trainer/__init__.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,184 @@
+"""ActivationBuffer: exactly-once consumption, shuffling, refill at half, errors, shutdown, resume."""
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from trainer.buffer import ActivationBuffer, Chunk, ProducerError
+
+
+class CountingSource:
+    """Rows whose every entry is the row's global id; chunks of varying size; resumable cursor."""
+
+    def __init__(self, n_rows, chunk_sizes=(7, 3, 11), d=4, fail_at=None, jitter=0.0, d_out=None):
+        self.n_rows, self.sizes, self.d = n_rows, chunk_sizes, d
+        self.fail_at, self.jitter, self.d_out = fail_at, jitter, d_out
+        self.chunk = 0
+        self.log = []  # (chunk index, buffer.produced at the time) when a chunk is handed over
+        self.buffer = None
+
+    def _start(self, c):
+        return sum(self.sizes[i % len(self.sizes)] for i in range(c))
+
+    def load_state_dict(self, sd):
+        self.chunk = sd["chunk"]
+
+    def __iter__(self):
+        while True:
+            c = self.chunk
+            start = self._start(c)
+            if start >= self.n_rows:
+                return
+            if self.fail_at is not None and c == self.fail_at:
+                raise RuntimeError("boom in the producer")
+            n = min(self.sizes[c % len(self.sizes)], self.n_rows - start)
+            if self.jitter:
+                time.sleep(random.random() * self.jitter)
+            ids = torch.arange(start, start + n, dtype=torch.float32)
+            x = ids[:, None].expand(n, self.d).clone()
+            y = None if self.d_out is None else -ids[:, None].expand(n, self.d_out).clone()
+            self.chunk = c + 1
+            if self.buffer is not None:
+                self.log.append((c, self.buffer.produced))
+            yield Chunk(x, y, {"chunk": c})
+
+
+def ids_of(batch):
+    x, _ = batch
+    assert (x == x[:, :1]).all(), "rows were mixed up"
+    return x[:, 0].long().tolist()
+
+
+def drain(buf):
+    out = []
+    for b in buf:
+        out.extend(ids_of(b))
+    return out
+
+
+def test_every_row_consumed_exactly_once_and_shuffled():
+    buf = ActivationBuffer(CountingSource(500), capacity=64, batch_size=8, d_in=4, seed=0)
+    with buf:
+        got = drain(buf)
+    assert sorted(got) == list(range(500)), f"{len(got)} rows, {len(set(got))} distinct"
+    assert got != sorted(got)
+    # shuffling is real: consecutive ids rarely stay adjacent
+    adjacent = sum(1 for a, b in zip(got, got[1:]) if b == a + 1)
+    assert adjacent < 25, adjacent
+
+
+def test_first_fill_consumed_once_before_any_new_row():
+    cap, bs = 64, 8
+    buf = ActivationBuffer(CountingSource(1000), capacity=cap, batch_size=bs, d_in=4, seed=1)
+    with buf:
+        first_round = [i for _ in range(cap // 2 // bs) for i in ids_of(buf.next_batch())]
+        # round 0 serves half of the first fill, all distinct, none from the refill
+        assert len(set(first_round)) == cap // 2
+        assert max(first_round) < cap
+        second_round = [i for _ in range(cap // 2 // bs) for i in ids_of(buf.next_batch())]
+    # after the half-way reshuffle the refilled rows (ids cap..cap+31) are eligible
+    assert any(i >= cap for i in second_round)
+    assert not set(first_round) & set(second_round)
+    # the 32 first-fill rows not served in round 0 and the 32 new rows make up round 1's pool
+    assert all(i < cap + cap // 2 for i in second_round)
+
+
+def test_refill_waits_for_half_and_memory_is_bounded():
+    cap, bs = 64, 8
+    src = CountingSource(10_000, chunk_sizes=(4,))
+    buf = ActivationBuffer(src, capacity=cap, batch_size=bs, d_in=4, seed=2)
+    src.buffer = buf
+    with buf:
+        buf.next_batch()
+        time.sleep(0.2)
+        # one batch consumed: the producer may only write into those 8 freed slots
+        assert buf.produced <= cap + bs
+        for _ in range(cap // 2 // bs - 1):
+            buf.next_batch()
+        deadline = time.time() + 5
+        while buf.produced < cap + cap // 2 and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        # half consumed -> exactly half refilled, nothing more until the next round is consumed
+        assert buf.produced == cap + cap // 2
+        assert buf.round == 0
+        buf.next_batch()
+        assert buf.round == 1
+    # the producer never ran more than one chunk ahead of the free slots
+    for c, produced in src.log:
+        assert c * 4 <= produced + 4 + bs
+
+
+def test_producer_error_reaches_consumer():
+    buf = ActivationBuffer(CountingSource(10_000, fail_at=30), capacity=32, batch_size=8, d_in=4, seed=0)
+    with buf, pytest.raises(ProducerError, match="boom in the producer") as ei:
+        for _ in range(1000):
+            buf.next_batch()
+    assert isinstance(ei.value.__cause__, RuntimeError)
+
+
+def test_error_before_first_fill_reaches_first_rows():
+    buf = ActivationBuffer(CountingSource(10_000, fail_at=0), capacity=32, batch_size=8, d_in=4)
+    with buf, pytest.raises(ProducerError):
+        buf.first_rows(16)
+
+
+def test_close_stops_a_blocked_producer():
+    buf = ActivationBuffer(CountingSource(10**9), capacity=32, batch_size=8, d_in=4)
+    buf.next_batch()
+    time.sleep(0.05)
+    thread = buf._thread
+    assert thread.is_alive()  # blocked: no free slot
+    t0 = time.time()
+    buf.close(timeout=5)
+    assert not thread.is_alive() and time.time() - t0 < 2
+    assert not [t for t in threading.enumerate() if t.name == "activation-producer" and t is thread]
+
+
+def test_order_is_independent_of_producer_timing():
+    seqs = []
+    for jitter in (0.0, 0.003):
+        buf = ActivationBuffer(CountingSource(300, jitter=jitter), capacity=48, batch_size=8, d_in=4, seed=5)
+        with buf:
+            seqs.append(drain(buf))
+    assert seqs[0] == seqs[1]
+
+
+@pytest.mark.parametrize("stop_after", [1, 3, 4, 9])
+def test_state_dict_resume_continues_the_same_sequence(stop_after):
+    full = ActivationBuffer(CountingSource(400), capacity=48, batch_size=8, d_in=4, seed=3)
+    with full:
+        ref = [ids_of(b) for b in full]
+    a = ActivationBuffer(CountingSource(400), capacity=48, batch_size=8, d_in=4, seed=3)
+    with a:
+        head = [ids_of(a.next_batch()) for _ in range(stop_after)]
+        time.sleep(0.02)  # let the producer write some refill rows before the snapshot
+        sd = a.state_dict()
+    b = ActivationBuffer(CountingSource(400), capacity=48, batch_size=8, d_in=4, seed=3)
+    b.load_state_dict(sd)
+    with b:
+        tail = [ids_of(x) for x in b]
+    assert head + tail == ref
+
+
+def test_targets_travel_with_inputs_and_first_rows():
+    buf = ActivationBuffer(CountingSource(200, d_out=3), capacity=32, batch_size=8, d_in=4, d_out=3, seed=0)
+    with buf:
+        x0, y0 = buf.first_rows(10)
+        assert x0[:, 0].tolist() == list(range(10)) and (y0 == -x0[:, :3]).all()
+        for x, y in buf:
+            assert y.shape == (x.shape[0], 3) and (y == -x[:, :3]).all()
+
+
+def test_short_source_is_drained():
+    buf = ActivationBuffer(CountingSource(13), capacity=32, batch_size=8, d_in=4)
+    with buf:
+        got = drain(buf)
+    assert sorted(got) == list(range(13))
+
+
+def test_rejects_tiny_capacity():
+    with pytest.raises(ValueError, match="--buffer-tokens"):
+        ActivationBuffer(CountingSource(10), capacity=8, batch_size=8, d_in=4)

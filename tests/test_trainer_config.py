@@ -1,0 +1,79 @@
+"""TrainConfig: validation in __post_init__, the two sets of defaults, resolution against a model."""
+import dataclasses
+
+import pytest
+
+from trainer.config import EMBEDDED_DEFAULTS, RECIPE_DEFAULTS, TrainConfig
+
+
+def test_defaults_are_valid_and_embedded():
+    c = TrainConfig()
+    assert c.is_embedded and c.model == "embedded" and c.dataset == "pydoc" and c.position == "R"
+    r = c.resolve(30, 576, "cpu")
+    for k, v in EMBEDDED_DEFAULTS.items():
+        assert getattr(r, k) == v, k
+    assert r.run_name() == "L12R-8x" and r.precision == "fp32"
+    assert r.k_start == 288 and r.k_aux == 288
+    assert r.warmup_steps == max(1, int(0.05 * r.total_steps))
+    assert r.eval_lm_tokens == 4096
+    assert c.layer is None  # resolve returns a copy
+
+
+def test_recipe_defaults_for_other_models():
+    r = TrainConfig(model="org/model").resolve(32, 4096, "cuda")
+    for k, v in RECIPE_DEFAULTS.items():
+        assert getattr(r, k) == v, k
+    assert r.layer == 16 and r.eval_lm_tokens == r.eval_tokens and r.precision == "bf16"
+
+
+def test_explicit_values_win():
+    r = TrainConfig(model="org/model", layer=3, tokens=4096, batch_size=512, warmup_steps=0,
+                    k_start=60, dead_window_tokens=100).resolve(8, 64, "cpu")
+    assert (r.layer, r.total_steps, r.warmup_steps, r.k_start, r.dead_window_tokens) == (3, 8, 0, 60, 100)
+
+
+@pytest.mark.parametrize("kw,flag", [
+    (dict(position="Z"), "--position"),
+    (dict(layer=-1), "--layer"),
+    (dict(layer=True), "--layer"),
+    (dict(expansion=0), "--expansion"),
+    (dict(k=0), "--k"),
+    (dict(tokens=0), "--tokens"),
+    (dict(batch_size=-5), "--batch-size"),
+    (dict(lr=0.0), "--lr"),
+    (dict(lr=float("nan")), "--lr"),
+    (dict(clip_grad_norm=-1.0), "--clip-grad-norm"),
+    (dict(beta1=1.0), "--beta1"),
+    (dict(decay_fraction=1.5), "--decay-fraction"),
+    (dict(loss="mse"), "--loss"),
+    (dict(precision="fp8"), "--precision"),
+    (dict(export_dtype="int8"), "--export-dtype"),
+    (dict(buffer_device="disk"), "--buffer-device"),
+    (dict(context_len=1), "--context-len"),
+    (dict(k=60, k_start=50), "--k-start"),
+    (dict(resume=True, overwrite=True), "--resume"),
+    (dict(seed="1"), "--seed"),
+])
+def test_validation_names_the_flag_and_expectation(kw, flag):
+    with pytest.raises(ValueError, match=flag) as e:
+        TrainConfig(**kw)
+    assert "expected" in str(e.value)
+
+
+@pytest.mark.parametrize("kw,n_layers,flag", [
+    (dict(layer=30), 30, "--layer"),
+    (dict(k=5000), 30, "--k"),
+    (dict(tokens=100, batch_size=1024), 30, "--tokens"),
+    (dict(buffer_tokens=1000), 30, "--buffer-tokens"),
+])
+def test_resolution_errors(kw, n_layers, flag):
+    with pytest.raises(ValueError, match=flag):
+        TrainConfig(**kw).resolve(n_layers, 576, "cpu")
+
+
+def test_dict_round_trip():
+    c = TrainConfig(layer=4, position="TC", auxk=True)
+    assert TrainConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="unknown"):
+        TrainConfig.from_dict({**c.to_dict(), "bogus": 1})
+    assert all(f.metadata.get("help") for f in dataclasses.fields(TrainConfig))

@@ -1,0 +1,98 @@
+"""Evaluation metrics, the LM-loss splice, and every position trained + evaluated end to end."""
+import json
+import math
+
+import pytest
+import torch
+
+from sae_kernels import SAEConfig, TopKSAE
+from trainer.config import TrainConfig
+from trainer.data import ContextData, load_documents
+from trainer.evaluate import collect, sae_metrics
+from trainer.model import load_model
+from trainer.run import run
+from trainer.testing import tiny_llama_folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    path = tiny_llama_folder(str(root / "model"), layers=3)
+    return path, load_model(path), root
+
+
+def test_sae_metrics_match_the_formulas():
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(16, 64, k=5))
+    x = torch.randn(300, 16) * 2 + 0.5
+    m = sae_metrics(sae, x, batch_size=77)
+    with torch.no_grad():
+        v, i = sae.encode_sparse(x)
+        xh = sae.decode_sparse(v, i).double()
+    xd = x.double()
+    err = (xd - xh).pow(2).sum(-1)
+    var = (xd - xd.mean(0)).pow(2).sum(-1)
+    assert m["explained_variance"] == pytest.approx(float(1 - err.sum() / var.sum()), abs=1e-9)
+    assert m["explained_variance_per_token"] == pytest.approx(float((1 - err / var).mean()), abs=1e-9)
+    assert m["l0"] == pytest.approx(float((v > 0).sum(-1).double().mean()))
+    fired = torch.zeros(64, dtype=torch.bool)
+    fired[i[v > 0]] = True
+    assert m["dead_latents_eval"] == int((~fired).sum()) and m["n_tokens"] == 300
+
+
+class Identity(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+def test_identity_splice_gives_zero_delta_and_full_ce_score(tiny):
+    _, lm, _ = tiny
+    ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = lm.tokenizer.bos_token_id
+    for position in ("R", "M"):
+        got = collect(lm, ids, 1, position, special_ids=lm.special_ids, saes={"id": Identity()}, batch_size=2)
+        assert got["ce_id"] == pytest.approx(got["ce_clean"], abs=1e-6)
+        assert got["ce_zero"] != pytest.approx(got["ce_clean"], abs=1e-4)
+        assert got["ce_tokens"] == 3 * 39 and got["x"].shape == (3 * 39, 32)
+
+
+@pytest.mark.parametrize("position", ["R", "A", "M", "TC"])
+def test_every_position_trains_evaluates_and_reloads(tiny, position):
+    path, lm, root = tiny
+    out = root / f"runs{position}"
+    cfg = TrainConfig(model=path, layer=1, position=position, context_len=64, lm_batch_size=4, tokens=8192,
+                      batch_size=256, buffer_tokens=1024, eval_tokens=512, eval_every=5, progress=False,
+                      output=str(out), jumprelu=position == "R", jumprelu_tokens=2048, lr=4e-3)
+    res = run(cfg, log=lambda s: None)
+    run_dir = out / f"L1{position}-8x"
+    saved = json.loads((run_dir / "eval.json").read_text())
+    assert saved["l0"] == 50 and saved["k"] == 50
+    assert saved["explained_variance"] > 0.3, saved["explained_variance"]
+    for key in ("delta_lm_loss", "ce_score", "ce_clean", "ce_sae", "ce_zero_ablation", "explained_variance_per_token"):
+        assert math.isfinite(saved[key]), key
+    for f in ("hyperparams.json", "lm_config.json", "checkpoints/final.safetensors", "metrics.jsonl", "train_config.json"):
+        assert (run_dir / f).is_file(), f
+    hp = json.loads((run_dir / "hyperparams.json").read_text())
+    want_in = {"R": "blocks.1.hook_resid_post", "A": "blocks.1.hook_attn_out", "M": "blocks.1.hook_mlp_out",
+               "TC": "blocks.1.ln2.hook_normalized"}[position]
+    assert hp["hook_point_in"] == want_in and hp["d_sae"] == 256 and hp["act_fn"] == "topk"
+    assert hp["hook_point_out"] == ("blocks.1.hook_mlp_out" if position == "TC" else want_in)
+    # a user reloading the checkpoint reproduces the reported metrics on the held-out split
+    sae = TopKSAE.from_llama_scope(run_dir)
+    data = ContextData(load_documents(), lm.tokenizer, 64, 4, eval_every=5, eval_contexts=8, seed=42)
+    got = collect(lm, data.eval, 1, position, special_ids=sorted(set(lm.special_ids)), lm_loss=False)
+    again = sae_metrics(sae, got["x"], got["y"])
+    assert again["n_tokens"] == saved["n_tokens"]
+    for key in ("explained_variance", "explained_variance_per_token", "l0"):
+        assert again[key] == pytest.approx(saved[key], abs=1e-6), key
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    rec = json.loads(lines[-1])
+    assert {"step", "tokens", "loss", "explained_variance", "l0", "k", "lr", "tokens_per_s"} <= set(rec)
+    assert rec["step"] == 32 and rec["k"] == 50
+    if position == "R":
+        jr = saved["jumprelu"]
+        jsae = TopKSAE.from_llama_scope(run_dir / "jumprelu")
+        hj = json.loads((run_dir / "jumprelu" / "hyperparams.json").read_text())
+        assert hj["act_fn"] == "jumprelu" and hj["jump_relu_threshold"] > 0
+        assert jsae.cfg.activation == "jumprelu"
+        assert 20 < jr["l0"] < 100 and math.isfinite(jr["delta_lm_loss"])

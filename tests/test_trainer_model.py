@@ -1,0 +1,166 @@
+"""Model loading, capture of R / A / M / TC, early stop after layer L, splicing and ablation."""
+import pytest
+import torch
+
+from trainer.model import (
+    ModelError, activations, capture, decoder_layers, hook_point_names, load_model, replace_activation,
+    run_capture, splice_sae, zero_ablate,
+)
+from trainer.testing import tiny_llama_folder
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return load_model(tiny_llama_folder(str(tmp_path_factory.mktemp("tiny")), layers=4))
+
+
+def ids_with_specials(lm, b=2, t=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (b, t), generator=g)
+    ids[:, 0] = lm.tokenizer.bos_token_id
+    ids[0, 10] = lm.tokenizer.eos_token_id
+    ids[1, -3:] = lm.tokenizer.pad_token_id
+    return ids
+
+
+def reference(lm, ids, layer):
+    """Activations of layer ``layer`` by independent means: hidden_states and plain hooks."""
+    block = decoder_layers(lm.model)[layer]
+    got = {}
+    hs = [
+        block.self_attn.o_proj.register_forward_hook(lambda m, a, o: got.__setitem__("A", o)),
+        block.mlp.down_proj.register_forward_hook(lambda m, a, o: got.__setitem__("M", o)),
+        block.post_attention_layernorm.register_forward_hook(lambda m, a, o: got.__setitem__("ln2", o)),
+        block.mlp.register_forward_hook(lambda m, a, o: got.__setitem__("mlp", o)),
+    ]
+    with torch.no_grad():
+        out = lm.model(ids, output_hidden_states=True)
+    for h in hs:
+        h.remove()
+    got["R"] = out.hidden_states[layer + 1]
+    got["logits"] = out.logits
+    return got
+
+
+def test_loader_facts(lm):
+    assert lm.n_layers == 4 and lm.d_model == 32
+    assert set(lm.special_ids) >= {lm.tokenizer.bos_token_id, lm.tokenizer.eos_token_id, lm.tokenizer.pad_token_id}
+    assert lm.lm_config()["d_model"] == 32
+
+
+@pytest.mark.parametrize("position", ["R", "A", "M", "TC"])
+@pytest.mark.parametrize("layer", [0, 2])
+def test_capture_matches_reference_and_drops_special_tokens(lm, position, layer):
+    ids = ids_with_specials(lm)
+    ref = reference(lm, ids, layer)
+    x, y, keep = activations(lm, ids, layer, position)
+    n_special = 1 + 1 + 1 + 3
+    assert keep.sum() == ids.numel() - n_special == x.shape[0]
+    if position == "TC":
+        w = decoder_layers(lm.model)[layer].post_attention_layernorm.weight
+        # RMSNorm(h) = w * h / rms(h): the captured input is the normalised MLP input before the gain
+        torch.testing.assert_close(w * x, ref["ln2"][keep], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y, ref["mlp"][keep])
+    else:
+        assert y is None
+        torch.testing.assert_close(x, ref[position][keep])
+
+
+@pytest.mark.parametrize("position", ["R", "A", "M", "TC"])
+def test_production_stops_after_layer(lm, position):
+    layer = 1
+    calls = []
+    layers = decoder_layers(lm.model)
+    hs = [layers[i].register_forward_pre_hook(lambda m, a, i=i: calls.append(i)) for i in range(lm.n_layers)]
+    hs.append(lm.model.lm_head.register_forward_pre_hook(lambda m, a: calls.append("head")))
+    hs.append(lm.model.model.norm.register_forward_pre_hook(lambda m, a: calls.append("norm")))
+    hs.append(layers[layer].mlp.register_forward_pre_hook(lambda m, a: calls.append("mlp")))
+    try:
+        activations(lm, ids_with_specials(lm), layer, position)
+    finally:
+        for h in hs:
+            h.remove()
+    # nothing after layer L runs; for A not even the MLP of layer L
+    assert calls == ([0, 1] if position == "A" else [0, 1, "mlp"])
+
+
+def test_hooks_are_removed(lm):
+    ids = ids_with_specials(lm)
+    before = reference(lm, ids, 1)["logits"]
+
+    def n_hooks():  # transformers installs hooks of its own: count, don't expect zero
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
+
+    hooks_before = n_hooks()
+    with capture(lm.model, 1, "TC", stop=False) as store:
+        run_capture(lm.model, ids, store)
+    with splice_sae(lm.model, torch.nn.Identity(), 1, "R"):
+        pass
+    after = reference(lm, ids, 1)["logits"]
+    torch.testing.assert_close(before, after, rtol=0, atol=0)
+    assert n_hooks() == hooks_before
+
+
+class Scale(torch.nn.Module):
+    def __init__(self, s):
+        super().__init__()
+        self.s = torch.nn.Parameter(torch.tensor(float(s)))
+
+    def forward(self, x):
+        return x * self.s
+
+
+@pytest.mark.parametrize("position", ["R", "A", "M"])
+def test_splice_identity_is_a_no_op_and_zero_ablation_is_not(lm, position):
+    ids = ids_with_specials(lm)
+    clean = reference(lm, ids, 1)["logits"]
+    with torch.no_grad(), splice_sae(lm.model, Scale(1.0), 1, position, lm.special_ids):
+        spliced = lm.model(ids).logits
+    torch.testing.assert_close(spliced, clean)
+    with torch.no_grad(), zero_ablate(lm.model, 1, position, lm.special_ids):
+        ablated = lm.model(ids).logits
+    assert (ablated - clean).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("position", ["R", "A", "M", "TC"])
+def test_splice_writes_the_reconstruction_except_at_special_positions(lm, position):
+    ids = ids_with_specials(lm)
+    special = torch.isin(ids, torch.tensor(lm.special_ids))
+    clean = reference(lm, ids, 2)
+    key = {"R": "R", "A": "A", "M": "M", "TC": "mlp"}[position]
+    with torch.no_grad(), splice_sae(lm.model, Scale(3.0), 2, position, lm.special_ids):
+        with capture(lm.model, 2, position, stop=False) as store:
+            run_capture(lm.model, ids, store)
+    written = store["out"] if position == "TC" else store["in"]
+    if position == "TC":
+        expected = 3.0 * activations(lm, ids, 2, "TC")[0]  # sae(x / rms(x)) of the clean MLP input
+        torch.testing.assert_close(written[~special], expected)
+    else:
+        torch.testing.assert_close(written[~special], 3.0 * clean[key][~special])
+    torch.testing.assert_close(written[special], clean[key][special])
+
+
+def test_replace_without_special_ids_replaces_everything(lm):
+    ids = ids_with_specials(lm)
+    with torch.no_grad(), replace_activation(lm.model, 0, "R", lambda x, o: torch.zeros_like(o)):
+        with capture(lm.model, 0, "R", stop=False) as store:
+            run_capture(lm.model, ids, store)
+    assert (store["in"] == 0).all()
+
+
+def test_errors_name_the_flag(lm, tmp_path):
+    with pytest.raises(ModelError, match="--layer"):
+        activations(lm, ids_with_specials(lm), 4, "R")
+    with pytest.raises(ModelError, match="--position"):
+        activations(lm, ids_with_specials(lm), 0, "X")
+    with pytest.raises(ModelError, match="--model"):
+        load_model(str(tmp_path / "nope"))
+    with pytest.raises(ModelError, match="--model"):
+        load_model(str(tmp_path))  # exists, but holds no model
+
+
+def test_hook_point_names():
+    assert hook_point_names(15, "R") == ("blocks.15.hook_resid_post",) * 2
+    assert hook_point_names(18, "A") == ("blocks.18.hook_attn_out",) * 2
+    assert hook_point_names(18, "M") == ("blocks.18.hook_mlp_out",) * 2
+    assert hook_point_names(3, "TC") == ("blocks.3.ln2.hook_normalized", "blocks.3.hook_mlp_out")

@@ -1,0 +1,114 @@
+"""The CLI: --help, flag parsing, clear errors, overwrite / resume guards, the embedded default."""
+import dataclasses
+import json
+import math
+
+import pytest
+
+from sae_kernels import TopKSAE
+from trainer.config import TrainConfig
+from trainer.run import build_parser, main
+from trainer.testing import tiny_llama_folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return tiny_llama_folder(str(root / "model"), layers=3), root
+
+
+def small(model, out, *extra):
+    return ["--model", model, "--layer", "1", "--context-len", "64", "--lm-batch-size", "4", "--tokens", "4096",
+            "--batch-size", "256", "--buffer-tokens", "1024", "--eval-tokens", "256", "--no-progress",
+            "--no-eval-lm-loss", "--output", str(out), *extra]
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+        assert f.metadata.get("help"), f"{f.name} has no help text"
+
+
+def test_flags_mirror_the_config():
+    args = build_parser().parse_args(["--layer", "3", "--position", "TC", "--no-use-bos", "--auxk", "--lr", "1e-3"])
+    cfg = TrainConfig(**vars(args))
+    assert (cfg.layer, cfg.position, cfg.use_bos, cfg.auxk, cfg.lr) == (3, "TC", False, True, 1e-3)
+    assert TrainConfig(**vars(build_parser().parse_args([]))) == TrainConfig()
+
+
+def test_real_gpu_invocation_is_valid_and_uses_the_recipe():
+    argv = ["--model", "meta-llama/Llama-3.1-8B", "--dataset", "some/dataset", "--layer", "15", "--position", "R",
+            "--expansion", "8", "--tokens", "800000000"]
+    cfg = TrainConfig(**vars(build_parser().parse_args(argv))).resolve(32, 4096, "cuda")
+    assert cfg.run_name() == "L15R-8x"
+    assert (cfg.batch_size, cfg.lr, cfg.buffer_tokens, cfg.context_len) == (2048, 8e-4, 500_000, 1024)
+    assert cfg.total_steps == 390_625 and cfg.warmup_steps == 5000 and cfg.k_start == 2048
+    assert cfg.clip_grad_norm == 0.001 and cfg.precision == "bf16" and cfg.dead_window_tokens == 10_000_000
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--position", "X"], "--position"),
+    (["--k", "0"], "--k"),
+    (["--lr", "-1"], "--lr"),
+    (["--loss", "l1"], "--loss"),
+    (["--beta2", "1.5"], "--beta2"),
+    (["--resume", "--overwrite"], "--resume"),
+])
+def test_config_errors_name_the_flag(argv, flag, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and flag in err
+
+
+def test_unknown_model_and_bad_layer_and_dataset(tiny, tmp_path, capsys):
+    model, _ = tiny
+    assert main(small(str(tmp_path / "no-such-model"), tmp_path / "o")) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main(small(model, tmp_path / "o") + ["--layer", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--layer" in err and "3 layers" in err
+    assert main(small(model, tmp_path / "o", "--dataset", str(tmp_path / "missing.jsonl"))) == 2
+    assert "--dataset" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(small(model, tmp_path / "o", "--dataset", str(tmp_path / "empty"))) == 2
+    assert "--dataset" in capsys.readouterr().err
+
+
+def test_overwrite_guard_and_resume_checks(tiny, tmp_path, capsys):
+    model, _ = tiny
+    out = tmp_path / "runs"
+    assert main(small(model, out)) == 0
+    assert (out / "L1R-8x" / "eval.json").is_file()
+    capsys.readouterr()
+    assert main(small(model, out)) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "L1R-8x" in err
+    assert main(small(model, out, "--resume")) == 2  # finished: nothing to resume
+    assert "--resume" in capsys.readouterr().err
+    assert main(small(model, out, "--overwrite")) == 0
+    # an interrupted run resumes only with the same flags
+    assert main(small(model, out, "--overwrite", "--stop-after-steps", "3")) == 0
+    assert main(small(model, out, "--resume", "--lr", "1e-2")) == 2
+    assert "--lr" in capsys.readouterr().err
+    assert main(small(model, out, "--resume")) == 0
+
+
+def test_embedded_default_model_end_to_end(tmp_path):
+    """The embedded SmolLM2 GGUF and the pydoc corpus, shortened (model load dominates)."""
+    out = tmp_path / "emb"
+    argv = ["--layer", "2", "--context-len", "64", "--tokens", "8192", "--batch-size", "256", "--lr", "4e-3",
+            "--buffer-tokens", "2048", "--eval-tokens", "128", "--norm-tokens", "1024", "--expansion", "2",
+            "--no-progress", "--output", str(out)]
+    assert main(argv) == 0
+    run_dir = out / "L2R-2x"
+    res = json.loads((run_dir / "eval.json").read_text())
+    assert res["l0"] == 50 and math.isfinite(res["delta_lm_loss"]) and res["d_model"] == 576
+    assert 0.3 < res["explained_variance"] <= 1  # 32 steps only: a sanity check, not the quality bar
+    lm_cfg = json.loads((run_dir / "lm_config.json").read_text())
+    assert "SmolLM2-135M" in lm_cfg["model_name"] and lm_cfg["n_layers"] == 30
+    sae = TopKSAE.from_llama_scope(run_dir)
+    assert sae.cfg.d_model == 576 and sae.cfg.d_sae == 1152

