@@ -339,14 +339,14 @@ class ParallelContext:
         dec_norm = _row_norms(W_dec) if weighted else None
         if self.tp == 1:
             # Exactly TopKSAE.forward's ops (same kernels, b_dec inside sparse_decode).
-            values, idx = topk_encode(x_n, W_enc, b_enc, k, dec_norm)
+            values, idx = topk_encode(x_n, W_enc, b_enc, k, dec_norm, check_finite_input=False)
             x_hat = sparse_decode(values, idx, W_dec, b_dec, check_indices=False)
             win = torch.ones_like(idx, dtype=torch.bool)
             return ShardedTopK(x_hat, values, idx, idx, win, k)
         k_local = min(k, n_local)
         if x_n.requires_grad:  # only then: SAE training reads activations without gradient
             x_n = _CopyToGroup.apply(x_n, self.model_group)
-        values, idx = topk_encode(x_n, W_enc, b_enc, k_local, dec_norm)
+        values, idx = topk_encode(x_n, W_enc, b_enc, k_local, dec_norm, check_finite_input=False)
         with torch.no_grad():
             v = values.detach()
             scores = v if dec_norm is None else v * dec_norm[idx]
