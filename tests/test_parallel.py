@@ -659,19 +659,9 @@ def test_hung_rank_makes_others_exit_within_timeout(tmp_path):
     assert 3 < delay < 30, f"rank 0 failed {delay:.1f} s after the hang"
 
 
-def _cli_integrated() -> bool:
-    import dataclasses
-
-    from trainer.config import TrainConfig
-
-    return "tp" in {f.name for f in dataclasses.fields(TrainConfig)}
-
-
 def test_cli_under_torchrun_tp2(tmp_path):
     """The user-facing launch: torchrun --standalone --nproc_per_node 2 -m trainer.run --tp 2 on a tiny
     random Llama, on the CPU; rank 0 exports a checkpoint that loads, every rank exits 0."""
-    if not _cli_integrated():
-        pytest.skip("trainer.run has no --tp yet (trainer/parallel_integration.patch not applied)")
     pytest.importorskip("transformers")
     from trainer.testing import tiny_llama_folder
 

@@ -25,7 +25,7 @@ RECIPE_DEFAULTS: Dict[str, Any] = dict(
     context_len=1024, eval_tokens=65_536, checkpoint_every=50_000, log_every=100,
     cache_activations_gb=0.0,
 )
-# Embedded CPU default (trainer/README_SECTION.md has the measured run): layer 12 of 30, 300k training
+# Embedded CPU default (README.md, 'Training an SAE', has the measured run): layer 12 of 30, 300k training
 # tokens = ~3 passes over the ~100k training tokens of the pydoc corpus (the LM runs once; later
 # passes replay cached activations), batch 1024 (292 steps), lr 2e-3 (held-out EV at 300k tokens,
 # same data: 1e-3 0.860, 2e-3 0.879, 4e-3 0.874), warmup 5% of the steps, the released clip 0.001.

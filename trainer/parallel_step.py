@@ -18,8 +18,8 @@ counts (winners of this rank, global ids) are summed over the world.
 
 Exactness with data parallelism (dp > 1) needs the step's losses to centre the targets on the mean
 of the *global* batch: ``SAEStep`` must take it from ``self.comm.batch_mean(y_n)`` (and the FVU
-denominator and the logged explained variance through ``self.comm.data_mean``; see
-``parallel_integration.patch``). Without that hook each data-parallel group centres on
+denominator and the logged explained variance through ``self.comm.data_mean``, as
+``trainer/train.py`` does). Without that hook each data-parallel group centres on
 its own ``batch_size / dp`` tokens (what DDP implementations of Llama Scope do); tp-only runs are
 exact either way.
 """
