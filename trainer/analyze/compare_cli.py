@@ -1,0 +1,273 @@
+"""``python -m trainer.analyze compare RUN_A RUN_B``: feature geometry across two SAEs (see ``compare.py``).
+
+Writes ``RUN_A/analysis/compare-<B>.json`` (format below), two figures beside it
+(``compare-<B>-similarity.svg``, ``compare-<B>-map.svg``) and ``RUN_A/dashboard/compare-<B>.html``,
+linked from RUN_A's dashboard (and to RUN_B's latents when RUN_B has a dashboard).
+
+``compare-<B>.json``::
+
+    format              "sae-kernels-compare/1"
+    a, b                name, folder, d_sae, layer, position of each SAE
+    parent              "a" or "b": the narrower SAE, whose latents head the families
+    threshold, family_max, corpus (co-firing counts were taken on it; null with --no-cofire)
+    a_best, b_best      {"ids", "cos"}: each latent's most similar decoder direction in the other SAE
+    hist                {"edges", "a_to_b", "b_to_a"}: histograms of those best cosines
+    families            [{"parent", "parent_count", "any_child_rate", "capped",
+                          "children": [[id, cos, cofire, p_child_given_parent, p_parent_given_child]]}]
+                        parents with at least one child of cosine >= threshold, largest families first
+    map                 {"method": "pca" | "umap", "explained": [..] (pca), "a": [[x, y]], "b": [[x, y]]}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .cli import add_corpus_args, device_of, load_lm_for
+from .compare import blocked_matches, cofire_counts, families, pca_2d, umap_2d, unit_rows
+from .corpus import held_out_contexts
+from .dashboard import asset, page, rel, write_data
+from .export import r4, write_json
+from .features import _encode, capture_points
+from .runs import RunError, resolve_run
+from .svg import PALETTE, Figure
+
+FORMAT = "sae-kernels-compare/1"
+HIST_EDGES = [round(-0.2 + 0.025 * i, 3) for i in range(49)]  # cosine -0.2 .. 1.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.analyze compare",
+        description="Compare the decoder directions of two SAEs (e.g. L12R-8x and L12R-32x): best cosine matches "
+                    "both ways and their histograms, feature-splitting families (a latent of the narrower SAE and the "
+                    "wider SAE's latents above --threshold) with how often they co-fire on a corpus, and a 2-D map. "
+                    "Writes RUN_A/analysis/compare-<B>.json, two SVG figures and RUN_A/dashboard/compare-<B>.html.")
+    p.add_argument("run_a", metavar="RUN_A", help="the first SAE's run folder (outputs go here)")
+    p.add_argument("run_b", metavar="RUN_B", help="the second SAE's run folder")
+    p.add_argument("--threshold", metavar="X", type=float, default=0.6,
+                   help="cosine at or above which a wide latent joins a narrow latent's family")
+    p.add_argument("--family-max", metavar="N", type=int, default=16,
+                   help="most similar wide latents searched per narrow latent (a full family says 'capped')")
+    p.add_argument("--map", choices=("auto", "pca", "umap"), default="auto",
+                   help="2-D map of the decoder directions: PCA, or UMAP (needs umap-learn); auto: UMAP when installed")
+    p.add_argument("--map-points", metavar="N", type=int, default=2000,
+                   help="points per SAE drawn in the SVG map figure (the dashboard shows all)")
+    p.add_argument("--cofire", action=argparse.BooleanOptionalAction, default=True,
+                   help="count co-firing on the corpus (one LM pass; --no-cofire skips the LM)")
+    p.add_argument("--block", metavar="N", type=int, default=None,
+                   help="latents of A per block of cosines (default 4096 on GPU, 1024 on CPU)")
+    add_corpus_args(p)
+    return p
+
+
+def _one(path: str, flag: str):
+    spec = resolve_run(path)
+    if len(spec.members) != 1:
+        raise RunError(f"{flag} {path!r}: expected one SAE folder, got a suite of {len(spec.members)}; "
+                       f"name a member, e.g. {spec.members[0].folder}")
+    return spec.members[0]
+
+
+def _slug(m, other) -> str:
+    return m.name if m.name != other.name else f"{m.folder.parent.name}-{m.name}"
+
+
+@torch.no_grad()
+def compare(args, log=print) -> Dict[str, Any]:
+    t0 = time.perf_counter()
+    if not 0 < args.threshold <= 1:
+        raise ValueError(f"--threshold: expected a cosine in (0, 1], got {args.threshold}")
+    if args.family_max < 1 or args.map_points < 1:
+        raise ValueError("--family-max and --map-points: expected integers >= 1")
+    ma, mb = _one(args.run_a, "RUN_A"), _one(args.run_b, "RUN_B")
+    if ma.folder.resolve() == mb.folder.resolve():
+        raise RunError("RUN_A and RUN_B: expected two different SAE folders")
+    device = device_of(args.device)
+    sa, sb = ma.load_sae(device=device), mb.load_sae(device=device)
+    if sa.cfg.d_model != sb.cfg.d_model:
+        raise RunError(f"RUN_A, RUN_B: d_model {sa.cfg.d_model} and {sb.cfg.d_model} differ: no shared directions")
+    Da, Db = unit_rows(sa.W_dec), unit_rows(sb.W_dec)
+    parent = "a" if sa.cfg.d_sae <= sb.cfg.d_sae else "b"
+    P, C = (Da, Db) if parent == "a" else (Db, Da)
+    block = args.block or (4096 if device.type == "cuda" else 1024)
+    m = blocked_matches(P, C, top=args.family_max, block_a=block, block_b=4 * block)
+    t_match = time.perf_counter() - t0
+    p_best = (m["a_top_ids"][:, 0], m["a_top_cos"][:, 0])
+    c_best = (m["b_best_id"], m["b_best_cos"])
+    a_best, b_best = (p_best, c_best) if parent == "a" else (c_best, p_best)
+    fam = families(m["a_top_ids"], m["a_top_cos"], args.threshold)
+    log(f"matches: {sa.cfg.d_sae} x {sb.cfg.d_sae} cosines in blocks of {block} x {4 * block} ({t_match:.1f}s); "
+        f"{int((fam['offsets'][1:] > fam['offsets'][:-1]).sum())} families at cosine >= {args.threshold}")
+
+    corpus_info = None
+    cof = torch.zeros(fam["parent"].numel(), dtype=torch.int64, device=device)
+    any_hit = torch.zeros(P.shape[0], dtype=torch.int64, device=device)
+    n_par = torch.zeros(P.shape[0], dtype=torch.int64, device=device)
+    n_chi = torch.zeros(C.shape[0], dtype=torch.int64, device=device)
+    if args.cofire:
+        lm, settings = load_lm_for([ma, mb], args.model, device)
+        corpus = held_out_contexts(settings, lm, dataset=args.dataset, tokens=args.tokens,
+                                   context_len=args.context_len, dataset_config=args.dataset_config,
+                                   split=args.split, text_column=args.text_column)
+        corpus_info = corpus.info
+        pts = [(ma.layer, ma.position), (mb.layer, mb.position)]
+        sp, sc = (sa, sb) if parent == "a" else (sb, sa)
+        pp, pc = (pts[0], pts[1]) if parent == "a" else (pts[1], pts[0])
+        base = getattr(lm.model, "model", lm.model)
+        from ..model import run_capture, special_mask
+
+        bs = args.batch_size or int(settings.get("lm_batch_size") or 4)
+        with capture_points(lm.model, pts) as (stores, stopper):
+            for s in range(0, len(corpus.contexts), bs):
+                ids = corpus.contexts[s:s + bs].to(lm.device)
+                run_capture(base, ids, stopper)
+                keep = ~special_mask(ids, corpus.special_ids)
+                cp = _encode(sp, stores[pp]["in"][keep])
+                cc = _encode(sc, stores[pc]["in"][keep])
+                counts, anyc = cofire_counts(cp, cc, fam["parent"], fam["child"], n_parent=P.shape[0])
+                cof += counts
+                any_hit += anyc
+                n_par += torch.bincount(cp[1][cp[0] > 0], minlength=P.shape[0])
+                n_chi += torch.bincount(cc[1][cc[0] > 0], minlength=C.shape[0])
+        log(f"co-firing on {corpus.info['tokens']} tokens ({time.perf_counter() - t0:.1f}s so far)")
+
+    # families, largest first
+    off = fam["offsets"].tolist()
+    child, cos, capped = fam["child"].tolist(), fam["cos"].tolist(), fam["capped"].tolist()
+    cof_l, n_par_l, n_chi_l, any_l = cof.tolist(), n_par.tolist(), n_chi.tolist(), any_hit.tolist()
+    fams = []
+    for i in range(P.shape[0]):
+        a, b = off[i], off[i + 1]
+        if a == b:
+            continue
+        kids = []
+        for j in range(a, b):
+            pc_ = cof_l[j] / n_par_l[i] if args.cofire and n_par_l[i] else None
+            cp_ = cof_l[j] / n_chi_l[child[j]] if args.cofire and n_chi_l[child[j]] else None
+            kids.append([child[j], r4(cos[j]), cof_l[j] if args.cofire else None,
+                         None if pc_ is None else r4(pc_), None if cp_ is None else r4(cp_)])
+        fams.append({"parent": i, "parent_count": n_par_l[i] if args.cofire else None,
+                     "any_child_rate": r4(any_l[i] / n_par_l[i]) if args.cofire and n_par_l[i] else None,
+                     "capped": bool(capped[i]), "children": kids})
+    fams.sort(key=lambda f: (-len(f["children"]), -sum(k[1] for k in f["children"]), f["parent"]))
+
+    # map
+    method = args.map
+    X = torch.cat([Da, Db])
+    coords = None
+    if method in ("auto", "umap"):
+        coords = umap_2d(X)
+        if coords is None and method == "umap":
+            raise ValueError("--map umap: the umap-learn package is not installed (pip install umap-learn)")
+        method = "umap" if coords is not None else "pca"
+    explained = None
+    if coords is None:
+        coords, explained = pca_2d(X)
+    coords = coords.cpu()
+    ca, cb = coords[:Da.shape[0]], coords[Da.shape[0]:]
+
+    def hist(v):
+        return torch.histc(v.float().cpu().clamp(HIST_EDGES[0], HIST_EDGES[-1] - 1e-6), bins=len(HIST_EDGES) - 1,
+                           min=HIST_EDGES[0], max=HIST_EDGES[-1]).long().tolist()
+
+    slug = _slug(mb, ma)
+    doc = {
+        "format": FORMAT,
+        "a": {"name": ma.name, "folder": str(ma.folder), "d_sae": sa.cfg.d_sae, "layer": ma.layer, "position": ma.position},
+        "b": {"name": mb.name, "folder": str(mb.folder), "d_sae": sb.cfg.d_sae, "layer": mb.layer, "position": mb.position},
+        "parent": parent, "threshold": args.threshold, "family_max": args.family_max, "corpus": corpus_info,
+        "a_best": {"ids": a_best[0].tolist(), "cos": [r4(c) for c in a_best[1].tolist()]},
+        "b_best": {"ids": b_best[0].tolist(), "cos": [r4(c) for c in b_best[1].tolist()]},
+        "hist": {"edges": HIST_EDGES, "a_to_b": hist(a_best[1]), "b_to_a": hist(b_best[1])},
+        "families": fams,
+        "map": {"method": method, "explained": None if explained is None else [r4(e) for e in explained.tolist()],
+                "a": [[round(x, 3), round(y, 3)] for x, y in ca.tolist()],
+                "b": [[round(x, 3), round(y, 3)] for x, y in cb.tolist()]},
+        "links": {},
+        "seconds": {"matches": round(t_match, 3), "total": round(time.perf_counter() - t0, 3)},
+    }
+    a_dir = Path(args.output) if getattr(args, "output", None) else ma.folder
+    an, dash = a_dir / "analysis", a_dir / "dashboard"
+    b_dash = mb.folder / "dashboard" / "index.html"
+    doc["links"] = {"a": "index.html", "b": rel(b_dash, dash) if b_dash.is_file() else None}
+    text = write_json(an / f"compare-{slug}.json", doc)
+    write_data(dash, f"compare-{slug}", text)
+    figs = write_figures(an, slug, doc, args.map_points)
+    html_path = dash / f"compare-{slug}.html"
+    body = '<header id="head"></header>\n<main style="grid-template-columns:1fr 1fr" id="cmp"></main>'
+    html_path.write_text(page(f"{ma.name} vs {mb.name}", body, [asset("compare.js")],
+                              [f"data/compare-{slug}.js"], f"SAECompare.start({json.dumps('compare-' + slug)});"),
+                         encoding="utf-8")
+    _register(dash, {"name": mb.name, "href": html_path.name})
+    log(f"{ma.name} vs {mb.name}: median best cosine A->B {float(a_best[1].median()):.3f}, B->A "
+        f"{float(b_best[1].median()):.3f}; {len(fams)} families -> {html_path.resolve().as_uri()}")
+    return {"doc": doc, "json": an / f"compare-{slug}.json", "page": html_path, "figures": figs}
+
+
+def _register(dash: Path, entry: Dict[str, str]) -> None:
+    """Add the comparison to ``dash/data/compares.js`` (the member page's list of comparisons)."""
+    f = dash / "data" / "compares.js"
+    items: List[Dict[str, str]] = []
+    if f.is_file():
+        t = f.read_text(encoding="utf-8")
+        try:
+            items = json.loads(t[t.index(",") + 1:t.rindex(")")])
+        except ValueError:
+            items = []
+    items = [i for i in items if i.get("href") != entry["href"]] + [entry]
+    write_data(dash, "compares", json.dumps(items))
+
+
+def write_figures(an: Path, slug: str, doc: Dict[str, Any], max_points: int) -> List[Path]:
+    a, b = doc["a"]["name"], doc["b"]["name"]
+    h = doc["hist"]
+    top = max(max(h["a_to_b"]), max(h["b_to_a"]), 1)
+    f = Figure(f"Best decoder-cosine match: {a} vs {b}", "cosine similarity of the best match", "latents",
+               (h["edges"][0], h["edges"][-1]), (0, top * 1.08))
+    f.bars(h["edges"], h["a_to_b"], PALETTE[0], f"{a} -> best in {b}", opacity=0.6)
+    f.bars(h["edges"], h["b_to_a"], PALETTE[1], f"{b} -> best in {a}", opacity=0.6)
+    out1 = an / f"compare-{slug}-similarity.svg"
+    out1.write_text(f.svg(), encoding="utf-8")
+    pa, pb = doc["map"]["a"], doc["map"]["b"]
+    g = torch.Generator().manual_seed(0)
+
+    def pick(pts):
+        if len(pts) <= max_points:
+            return pts
+        idx = torch.randperm(len(pts), generator=g)[:max_points].sort().values.tolist()
+        return [pts[i] for i in idx]
+
+    sa, sb = pick(pa), pick(pb)
+    xs = [p[0] for p in pa + pb] or [0.0]
+    ys = [p[1] for p in pa + pb] or [0.0]
+    pad_x, pad_y = (max(xs) - min(xs)) * 0.04 + 1e-6, (max(ys) - min(ys)) * 0.04 + 1e-6
+    method = doc["map"]["method"].upper()
+    ex = doc["map"].get("explained")
+    lab = (f" ({ex[0] * 100:.1f}% / {ex[1] * 100:.1f}% of variance)" if ex else "")
+    f2 = Figure(f"Decoder directions, {method}{lab}", f"{method} 1", f"{method} 2",
+                (min(xs) - pad_x, max(xs) + pad_x), (min(ys) - pad_y, max(ys) + pad_y), width=560, height=460)
+    f2.points([p[0] for p in sb], [p[1] for p in sb], PALETTE[1], f"{b} ({len(pb)})", r=1.3, opacity=0.45)
+    f2.points([p[0] for p in sa], [p[1] for p in sa], PALETTE[0], f"{a} ({len(pa)})", r=1.5, opacity=0.6)
+    out2 = an / f"compare-{slug}-map.svg"
+    out2.write_text(f2.svg(), encoding="utf-8")
+    return [out1, out2]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.output = None
+    try:
+        compare(args, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

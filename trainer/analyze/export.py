@@ -1,0 +1,225 @@
+"""The analysis data: plain JSON, one summary per SAE and its latents in chunks.
+
+``<member>/analysis/features.json`` (the summary)::
+
+    format         "sae-kernels-analysis/1"
+    sae            name, folder, layer, position, d_model, d_sae, k, activation, hook_point_in/out,
+                   eval (the run's eval.json headline metrics, when present)
+    model, corpus  what was run: the LM, and the contexts (dataset, n_contexts, context_len,
+                   tokens = non-special tokens encoded, rule = how the contexts were chosen)
+    settings       top_n, samples, quantile_groups, window_before, window_after, logit_tokens, seed
+    conventions    one sentence per quantity (units, ties, what "dead" means)
+    latents        columnar arrays over all d_sae latents: count, frequency, mean, max,
+                   peak_tokens (token ids at the peaks of the first top contexts; for search)
+    dead           ids of latents with no activation on the corpus
+    density        histogram of log10(frequency) over the live latents: edges, counts
+    hist_edges     the edges of every per-latent activation histogram (log-spaced)
+    vocab          {token id: text} for every token id the files use
+    chunks         {"size": 256, "files": ["latents/00000.json", ...]}
+    seconds        lm, sae (encoding and statistics), logits, total
+
+``<member>/analysis/latents/NNNNN.json`` (chunk of ``size`` latents from ``first``)::
+
+    {"first": 0, "latents": [{"id", "top": [context...], "samples": [group...], "hist", "logits"}]}
+    context   {"ctx", "pos", "value", "start", "tokens": [ids], "acts": [...]}: context ``ctx`` of the
+              corpus, peak at token position ``pos`` with activation ``value``; ``tokens[j]`` and
+              ``acts[j]`` are the token and this latent's activation at position ``start + j``
+    group     {"quantile": [q0, q1], "range": [lo, hi], "items": [context...]}: samples whose activation
+              lies in that quantile band of the latent's sampled activations (``pos`` = the sampled token)
+    hist      {"first_bin", "counts"}: counts of active tokens in bins first_bin, first_bin+1, ...
+    logits    {"top": [[id, effect]...], "bottom": [[id, effect]...]}: direct logit effect per unit
+              of activation (largest first / smallest first)
+
+Activations and effects are rounded to 4 significant digits. The dashboard's ``data/*.js`` files
+hold these same JSON documents, wrapped in a function call so that a page opened from disk can
+load them (browsers refuse ``fetch`` on ``file://``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .features import HIST_BINS, LatentStats, PassConfig, frequency, hist_edges, mean_activation, peak_context_maxima
+
+FORMAT = "sae-kernels-analysis/1"
+CHUNK = 256
+DENSITY_EDGES = [-8 + 0.25 * i for i in range(33)]  # log10 frequency, 1e-8 .. 1
+
+CONVENTIONS = {
+    "activation": "latent values of the SAE as loaded by TopKSAE.from_llama_scope (folded norms: for a Llama "
+                  "Scope SAE, the method's inference activation)",
+    "frequency": "fraction of the corpus's non-special tokens on which the latent is active (> 0)",
+    "mean": "mean activation over the tokens where the latent is active",
+    "max": "largest activation on the corpus (the peak of the first top context)",
+    "top": "the top_n contexts by the latent's peak (maximum) activation in the context; ties: the earlier "
+           "context, and within a context the earliest position",
+    "samples": "a uniform sample (seeded reservoir) of the active tokens, split into quantile_groups bands of "
+               "the sampled activations",
+    "dead": "no activation on any token of this corpus",
+    "logits": "direct logit effect per unit activation: W_U (gamma * d_i), d_i the latent's decoder direction "
+              "in raw units, gamma the final norm's gain, W_U the unembedding (later layers and the norm's "
+              "per-token scale ignored)",
+    "special_tokens": "BOS, EOS and PAD are not encoded: they appear in windows with activation 0",
+}
+
+
+def r4(x: float) -> float:
+    """4 significant digits (JSON-safe: non-finite values become 0)."""
+    if not math.isfinite(x) or x == 0:
+        return 0.0
+    return float(f"{x:.4g}")
+
+
+def _window(corpus: Tensor, ctx: int, pos: int, win: List[float], cfg: PassConfig) -> Dict[str, Any]:
+    T = corpus.shape[1]
+    start = max(0, pos - cfg.before)
+    end = min(T, pos + cfg.after + 1)
+    off = start - (pos - cfg.before)
+    return {"ctx": ctx, "pos": pos, "start": start, "tokens": corpus[ctx, start:end].tolist(),
+            "acts": [r4(a) for a in win[off:off + end - start]]}
+
+
+def latent_records(stats: LatentStats, corpus: Tensor, cfg: PassConfig, logits: Optional[Dict[str, Tensor]],
+                   quantile_groups: int, lo: int, hi: int) -> List[Dict[str, Any]]:
+    """The per-latent records of latents ``lo .. hi-1``."""
+    top, samp = stats.top, stats.samp
+    t_ctx, t_pos, t_val = top.ctx[lo:hi].tolist(), top.pos[lo:hi].tolist(), top.value[lo:hi].tolist()
+    t_win = top.window[lo:hi].tolist()
+    if samp is not None:
+        s_ctx, s_pos, s_val = samp.ctx[lo:hi].tolist(), samp.pos[lo:hi].tolist(), samp.value[lo:hi].tolist()
+        s_win = samp.window[lo:hi].tolist()
+    hist = stats.hist.view(stats.d_sae, HIST_BINS)[lo:hi].tolist()
+    lg = {k: v[lo:hi].tolist() for k, v in logits.items()} if logits else None
+    out = []
+    for r in range(hi - lo):
+        i = lo + r
+        rec: Dict[str, Any] = {"id": i, "top": []}
+        for j, c in enumerate(t_ctx[r]):
+            if c < 0:
+                break
+            w = _window(corpus, c, t_pos[r][j], t_win[r][j], cfg)
+            w["value"] = r4(t_val[r][j])
+            rec["top"].append(w)
+        groups = []
+        if samp is not None:
+            items = [(s_val[r][j], j) for j, c in enumerate(s_ctx[r]) if c >= 0]
+            items.sort()
+            G = max(1, min(quantile_groups, len(items)))
+            for g in range(G if items else 0):
+                a, b = (g * len(items)) // G, ((g + 1) * len(items)) // G
+                part = items[a:b]
+                if not part:
+                    continue
+                its = []
+                for v, j in reversed(part):
+                    w = _window(corpus, s_ctx[r][j], s_pos[r][j], s_win[r][j], cfg)
+                    w["value"] = r4(v)
+                    its.append(w)
+                groups.append({"quantile": [round(g / G, 4), round((g + 1) / G, 4)],
+                               "range": [r4(part[0][0]), r4(part[-1][0])], "items": its})
+        rec["samples"] = groups
+        h = hist[r]
+        nz = [b for b, c in enumerate(h) if c]
+        rec["hist"] = {"first_bin": nz[0], "counts": h[nz[0]:nz[-1] + 1]} if nz else {"first_bin": 0, "counts": []}
+        if lg is not None:
+            rec["logits"] = {
+                "top": [[int(t), r4(v)] for t, v in zip(lg["top_ids"][r], lg["top_values"][r])],
+                "bottom": [[int(t), r4(v)] for t, v in zip(lg["bottom_ids"][r], lg["bottom_values"][r])],
+            }
+        out.append(rec)
+    return out
+
+
+def token_texts(tokenizer, ids: Sequence[int]) -> Dict[str, str]:
+    out = {}
+    for i in sorted(set(int(x) for x in ids)):
+        try:
+            out[str(i)] = tokenizer.decode([i])
+        except Exception:  # noqa: BLE001 - a tokenizer that cannot decode one id alone
+            out[str(i)] = f"<{i}>"
+    return out
+
+
+def write_json(path: Path, obj: Any) -> str:
+    """Write compact JSON atomically; returns the text (the dashboard wraps the same text)."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return text
+
+
+def build_summary(stats: LatentStats, cfg: PassConfig, corpus_tokens: Tensor, meta: Dict[str, Any],
+                  logits: Optional[Dict[str, Tensor]], quantile_groups: int, logit_tokens: int) -> Dict[str, Any]:
+    freq = frequency(stats)
+    mx = peak_context_maxima(stats)
+    mean = mean_activation(stats)
+    count = stats.count
+    dead = (count == 0).nonzero().squeeze(1).tolist()
+    # tokens at the peaks of the first 5 top contexts: what "search by token" looks for
+    n_peak = min(5, cfg.top_n)
+    ctx = stats.top.ctx[:, :n_peak].cpu()
+    pos = stats.top.pos[:, :n_peak].long().cpu()
+    valid = ctx >= 0
+    peak_ids = torch.where(valid, corpus_tokens[ctx.clamp_min(0), pos], torch.full_like(ctx, -1))
+    peak_tokens = [[t for t in row if t >= 0] for row in peak_ids.tolist()]
+    live = freq[count > 0].clamp_min(1e-300).log10().cpu()
+    edges = torch.tensor(DENSITY_EDGES, dtype=torch.float64)
+    dens = torch.histc(live.clamp(DENSITY_EDGES[0], DENSITY_EDGES[-1] - 1e-9), bins=len(edges) - 1,
+                       min=DENSITY_EDGES[0], max=DENSITY_EDGES[-1]).long().tolist() if live.numel() else \
+        [0] * (len(edges) - 1)
+    d_sae = stats.d_sae
+    return dict(meta, **{
+        "format": FORMAT,
+        "settings": {"top_n": cfg.top_n, "samples": cfg.samples, "quantile_groups": quantile_groups,
+                     "window_before": cfg.before, "window_after": cfg.after, "logit_tokens": logit_tokens,
+                     "seed": cfg.seed},
+        "conventions": CONVENTIONS,
+        "latents": {
+            "count": count.tolist(), "frequency": [r4(f) for f in freq.tolist()],
+            "mean": [r4(v) for v in mean.tolist()], "max": [r4(v) for v in mx.tolist()],
+            "peak_tokens": peak_tokens,
+            "logit_tokens": logits["top_ids"][:, :3].tolist() if logits is not None else [],
+        },
+        "dead": dead,
+        "density": {"edges_log10": DENSITY_EDGES, "counts": dens, "dead": len(dead), "live": d_sae - len(dead)},
+        "hist_edges": [r4(e) for e in hist_edges()],
+        "chunks": {"size": CHUNK, "files": [f"latents/{s:05d}.json" for s in range(0, d_sae, CHUNK)]},
+        "has_logits": logits is not None,
+    })
+
+
+def export_member(out_dir: Path, stats: LatentStats, cfg: PassConfig, corpus: Tensor, meta: Dict[str, Any],
+                  logits: Optional[Dict[str, Tensor]], tokenizer, quantile_groups: int, logit_tokens: int,
+                  on_chunk=None) -> Dict[str, Any]:
+    """Write ``out_dir/features.json`` and ``out_dir/latents/*.json``; ``on_chunk(name, text)`` sees
+    every document written (the dashboard wraps them). Returns the summary."""
+    corpus = corpus.cpu()
+    summary = build_summary(stats, cfg, corpus, meta, logits, quantile_groups, logit_tokens)
+    used = set(t for row in summary["latents"]["peak_tokens"] for t in row)
+    for s in range(0, stats.d_sae, CHUNK):
+        recs = latent_records(stats, corpus, cfg, logits, quantile_groups, s, min(s + CHUNK, stats.d_sae))
+        for rec in recs:
+            for c in rec["top"]:
+                used.update(c["tokens"])
+            for g in rec["samples"]:
+                for c in g["items"]:
+                    used.update(c["tokens"])
+            for key in ("top", "bottom"):
+                used.update(t for t, _ in rec.get("logits", {}).get(key, []))
+        name = f"latents/{s:05d}.json"
+        text = write_json(out_dir / name, {"first": s, "latents": recs})
+        if on_chunk:
+            on_chunk(name, text)
+    summary["vocab"] = token_texts(tokenizer, used)
+    text = write_json(out_dir / "features.json", summary)
+    if on_chunk:
+        on_chunk("features.json", text)
+    return summary

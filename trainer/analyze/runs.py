@@ -1,0 +1,163 @@
+"""Run folders and suites: find the SAEs a command was given, their hook points and run settings.
+
+A *member* is one SAE folder in the released Llama Scope layout (``hyperparams.json``,
+``lm_config.json``, ``checkpoints/final.safetensors``), as ``python -m trainer.run`` writes it, with
+the run's ``train_config.json`` and ``eval.json`` beside it when it came from the trainer. A *suite*
+is a folder of member folders (``<output>/L{layer}{position}-{expansion}x/``); its ``suite.json``,
+when present, may list the members (a list of names or of objects with ``name`` / ``path``);
+otherwise every sub-folder holding ``hyperparams.json`` is a member.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from sae_kernels.formats import HOOK_NAMES
+
+WEIGHTS = "checkpoints/final.safetensors"
+
+
+class RunError(ValueError):
+    """A folder that is not a run or a suite, or runs that cannot be analysed together."""
+
+
+@dataclass
+class Member:
+    """One SAE folder and what is known about the run that produced it."""
+
+    folder: Path
+    name: str  # e.g. "L12R-8x"
+    layer: int
+    position: str
+    hyper: Dict[str, Any]
+    train_config: Dict[str, Any] = field(default_factory=dict)
+    eval: Dict[str, Any] = field(default_factory=dict)
+    suite: Optional[Path] = None  # the suite folder, when the member was found through one
+
+    def load_sae(self, device=None, dtype: str = "float32"):
+        """The SAE as the method runs it at inference (``TopKSAE.from_llama_scope``, folded)."""
+        from sae_kernels import TopKSAE
+
+        return TopKSAE.from_llama_scope(self.folder, device=device, dtype=dtype)
+
+    @property
+    def model(self) -> Optional[str]:
+        return self.train_config.get("model") or _read_json(self.folder / "lm_config.json").get("model_name")
+
+    @property
+    def key(self) -> str:
+        """A name unique among the members of one command: the folder path as given."""
+        return str(self.folder)
+
+
+_HOOK_RE = {pos: re.compile("^" + re.escape(names[0]).replace(r"\{L\}", r"(\d+)") + "$")
+            for pos, names in HOOK_NAMES.items()}
+
+
+def parse_hook_point(hook_point_in: str) -> Optional[Tuple[int, str]]:
+    """``blocks.15.hook_resid_post`` -> ``(15, "R")``; None for names of no known position."""
+    for pos, rx in _HOOK_RE.items():
+        m = rx.match(hook_point_in or "")
+        if m:
+            return int(m.group(1)), pos
+    return None
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"{path}: not valid JSON ({e})") from None
+    return obj if isinstance(obj, dict) else {}
+
+
+def is_member(folder: Path) -> bool:
+    return (folder / "hyperparams.json").is_file()
+
+
+def load_member(folder: Path, suite: Optional[Path] = None) -> Member:
+    folder = Path(folder)
+    hyper = _read_json(folder / "hyperparams.json")
+    if not (folder / WEIGHTS).is_file():
+        raise RunError(f"{folder}: expected {WEIGHTS} beside hyperparams.json")
+    # trainer runs write train_config.json in the member folder; a suite may keep one at its root
+    cfg = _read_json(folder / "train_config.json") or (_read_json(suite / "train_config.json") if suite else {})
+    where = parse_hook_point(str(hyper.get("hook_point_in", "")))
+    if where is None and isinstance(hyper.get("layer"), int) and hyper.get("position") in HOOK_NAMES:
+        where = (int(hyper["layer"]), str(hyper["position"]))
+    if where is None:
+        raise RunError(
+            f"{folder}/hyperparams.json: hook_point_in {hyper.get('hook_point_in')!r} names no known position "
+            "(expected e.g. blocks.12.hook_resid_post, blocks.3.hook_attn_out, blocks.3.hook_mlp_out, "
+            "blocks.3.ln2.hook_normalized)"
+        )
+    layer, position = where
+    exp = hyper.get("expansion_factor")
+    if not isinstance(exp, (int, float)):
+        exp = int(hyper.get("d_sae", 0)) // max(int(hyper.get("d_model", 1)), 1)
+    exp_s = str(int(exp)) if float(exp).is_integer() else f"{exp:g}"
+    name = f"L{layer}{position}-{exp_s}x"
+    return Member(folder=folder, name=name, layer=layer, position=position, hyper=hyper, train_config=cfg,
+                  eval=_read_json(folder / "eval.json"), suite=suite)
+
+
+def suite_members(folder: Path) -> List[Path]:
+    """Member folders of a suite folder: those ``suite.json`` lists, else every sub-folder that is one."""
+    listed = _read_json(folder / "suite.json").get("members")
+    out: List[Path] = []
+    if isinstance(listed, list) and listed:
+        for m in listed:
+            rel = m if isinstance(m, str) else (m.get("path") or m.get("folder") or m.get("name")) if isinstance(m, dict) else None
+            if not isinstance(rel, str):
+                raise RunError(f"{folder}/suite.json: members: expected names or objects with 'name' or 'path', got {m!r}")
+            p = Path(rel) if Path(rel).is_absolute() else folder / rel
+            if not is_member(p):
+                raise RunError(f"{folder}/suite.json lists {rel!r}, but {p} holds no hyperparams.json")
+            out.append(p)
+        return out
+    return sorted((p for p in folder.iterdir() if p.is_dir() and is_member(p)), key=_member_order)
+
+
+def _member_order(p: Path):
+    m = re.match(r"^L(\d+)(R|A|M|TC)-(\d+)x$", p.name)
+    return (0, int(m.group(1)), "RAMTC".index(m.group(2)) if m.group(2) != "TC" else 4, int(m.group(3)), p.name) if m \
+        else (1, 0, 0, 0, p.name)
+
+
+@dataclass
+class RunSpec:
+    """A folder the user named: one member, or a suite of them."""
+
+    path: Path
+    members: List[Member]
+    is_suite: bool
+
+
+def resolve_run(path: str | Path) -> RunSpec:
+    """A run folder (one SAE) or a suite folder (a folder of them), checked."""
+    p = Path(path)
+    if not p.is_dir():
+        raise RunError(f"RUN {str(path)!r}: no such folder")
+    if is_member(p):
+        return RunSpec(p, [load_member(p)], is_suite=False)
+    members = suite_members(p)
+    if not members:
+        raise RunError(
+            f"RUN {str(path)!r}: expected a run folder (hyperparams.json + {WEIGHTS}, as python -m trainer.run "
+            "writes it) or a suite folder holding such folders"
+        )
+    return RunSpec(p, [load_member(m, suite=p) for m in members], is_suite=True)
+
+
+def settings_of(members: List[Member]) -> Dict[str, Any]:
+    """The run settings the members share (model, data, context length, held-out rule), from the
+    first member that has a train_config.json; {} when none has (a released checkpoint)."""
+    for m in members:
+        if m.train_config:
+            return dict(m.train_config)
+    return {}
