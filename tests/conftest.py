@@ -22,3 +22,31 @@ def backend(request, monkeypatch):
     """Forces the backend named by the test's parameter (see helpers.BACKENDS)."""
     monkeypatch.setenv("SAE_KERNELS_BACKEND", request.param)
     return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_suite(tmp_path_factory):
+    """A tiny random Llama and a suite folder of two trained SAEs on its layer 1 (L1R-8x, L1R-32x, k=8),
+    as ``python -m trainer.run`` writes them (tests/test_analyze*.py)."""
+    from trainer.config import TrainConfig
+    from trainer.run import run
+    from trainer.testing import tiny_llama_folder
+
+    root = tmp_path_factory.mktemp("suite")
+    model = tiny_llama_folder(str(root / "model"), layers=3)
+    out = root / "suite"
+    for exp in (8, 32):
+        run(TrainConfig(model=model, layer=1, context_len=64, lm_batch_size=4, tokens=4096, batch_size=256,
+                        buffer_tokens=1024, eval_tokens=512, eval_every=5, expansion=exp, k=8, lr=4e-3,
+                        progress=False, output=str(out)), log=lambda s: None)
+    return model, out
+
+
+@pytest.fixture(scope="session")
+def analyzed(tiny_suite):
+    """``tiny_suite`` after ``python -m trainer.analyze <suite>`` (data and dashboards written)."""
+    from trainer.analyze.cli import main
+
+    model, suite = tiny_suite
+    assert main([str(suite), "--no-progress", "--top", "6", "--samples", "6", "--logit-tokens", "5"]) == 0
+    return model, suite

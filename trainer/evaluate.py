@@ -29,12 +29,13 @@ from .model import LoadedModel, capture, run_capture, special_mask, splice_sae, 
 
 
 def _ce(logits: Tensor, input_ids: Tensor, special_ids: Sequence[int]) -> Tuple[Tensor, Tensor]:
-    """Sum and count of next-token CE over non-special targets (float64 sum)."""
+    """Sum and count of next-token CE over non-special targets (float64 sums), per target position
+    ``1 .. T-1`` (summed over the batch)."""
     targets = input_ids[:, 1:]
     valid = ~special_mask(targets, special_ids)
     lp = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     lp = lp.reshape(targets.shape)
-    return (lp.double() * valid).sum(), valid.sum()
+    return (lp.double() * valid).sum(0).cpu(), valid.sum(0).cpu()
 
 
 @torch.no_grad()
@@ -58,7 +59,9 @@ def collect(
     saes = saes or {}
     xs: List[Tensor] = []
     ys: List[Tensor] = []
+    pos: List[Tensor] = []
     ce: Dict[str, List[float]] = {}
+    ce_pos: Dict[str, List[Tensor]] = {}
     variants = [("zero", None)] + list(saes.items())
     n_lm = len(contexts) if lm_loss_contexts is None else min(lm_loss_contexts, len(contexts))
     starts = list(range(0, n_lm, batch_size)) + list(range(n_lm, len(contexts), batch_size))
@@ -69,6 +72,7 @@ def collect(
         with capture(model, layer, position, stop=not with_lm) as store:
             out = run_capture(model if with_lm else getattr(model, "model", model), ids, store)
             xs.append(store["in"][keep].float().cpu())
+            pos.append(torch.arange(ids.shape[1], device=ids.device).expand_as(ids)[keep].cpu())
             if "out" in store:
                 ys.append(store["out"][keep].float().cpu())
         if not with_lm:
@@ -84,19 +88,30 @@ def collect(
             del logits
         for name, (sm, n) in results.items():
             acc = ce.setdefault(name, [0.0, 0])
-            acc[0] += float(sm)
-            acc[1] += int(n)
-    res: Dict[str, object] = {"x": torch.cat(xs) if xs else torch.empty(0), "y": torch.cat(ys) if ys else None}
+            acc[0] += float(sm.sum())
+            acc[1] += int(n.sum())
+            pacc = ce_pos.setdefault(name, [torch.zeros_like(sm), torch.zeros_like(n)])
+            pacc[0] += sm
+            pacc[1] += n
+    res: Dict[str, object] = {"x": torch.cat(xs) if xs else torch.empty(0), "y": torch.cat(ys) if ys else None,
+                              "pos": torch.cat(pos) if pos else torch.empty(0, dtype=torch.int64)}
     for name, (sm, n) in ce.items():
         res[f"ce_{name}"] = sm / max(n, 1)
     if ce:
         res["ce_tokens"] = int(ce["clean"][1])
+        # per target position t = 1 .. T-1: (sum, count) of the CE of predicting token t
+        res["ce_by_position"] = {name: (sm, n) for name, (sm, n) in ce_pos.items()}
     return res
 
 
 @torch.no_grad()
-def sae_metrics(sae, x: Tensor, y: Optional[Tensor] = None, batch_size: int = 4096) -> Dict[str, float]:
-    """L0, both explained variances and held-out dead latents of ``sae`` on raw ``x`` (targets ``y``)."""
+def sae_metrics(sae, x: Tensor, y: Optional[Tensor] = None, batch_size: int = 4096, *,
+                positions: Optional[Tensor] = None, buckets: Optional[Sequence[int]] = None) -> Dict[str, float]:
+    """L0, both explained variances and held-out dead latents of ``sae`` on raw ``x`` (targets ``y``).
+
+    With ``positions`` (each row's position in its context) and bucket ``edges``, also
+    ``by_position``: the explained variance of each position bucket ``[edges[i], edges[i+1])``
+    (ratio of sums within the bucket, ``mean(y)`` over all tokens) and its token count."""
     y = x if y is None else y
     p = next(sae.parameters())
     n = x.shape[0]
@@ -108,6 +123,8 @@ def sae_metrics(sae, x: Tensor, y: Optional[Tensor] = None, batch_size: int = 40
     per_token = 0.0
     l0_sum = 0.0
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    nb = len(buckets) - 1 if buckets is not None and positions is not None else 0
+    b_err, b_var, b_n = (torch.zeros(max(nb, 0), dtype=torch.float64) for _ in range(3))
     for s in range(0, n, batch_size):
         xb = x[s : s + batch_size].to(device=p.device, dtype=p.dtype)
         yb = y[s : s + batch_size].double()
@@ -121,7 +138,15 @@ def sae_metrics(sae, x: Tensor, y: Optional[Tensor] = None, batch_size: int = 40
         err_sum += float(err.sum())
         total_var += float(var.sum())
         per_token += float((1 - err / var.clamp_min(1e-12)).sum())
-    return {
+        if nb:
+            b = position_bucket(positions[s : s + batch_size], buckets)
+            ok = b >= 0
+            b_err.index_add_(0, b[ok], err[ok])
+            b_var.index_add_(0, b[ok], var[ok])
+            b_n.index_add_(0, b[ok], torch.ones_like(err[ok]))
+    extra = {"by_position": {"edges": list(buckets), "tokens": b_n.long().tolist(), "explained_variance": [
+        (1 - float(e) / float(v)) if v > 0 else None for e, v in zip(b_err, b_var)]}} if nb else {}
+    return {**extra,
         "l0": l0_sum / n,
         "explained_variance": 1 - err_sum / max(total_var, 1e-30),
         "explained_variance_per_token": per_token / n,
@@ -143,17 +168,22 @@ def evaluate(
     batch_size: int = 2,
     lm_loss: bool = True,
     lm_loss_contexts: Optional[int] = None,
+    position_buckets: Optional[Sequence[int]] = None,
 ) -> Tuple[Dict[str, Dict[str, object]], Tuple[Tensor, Optional[Tensor]]]:
     """Held-out metrics of each SAE in ``saes`` (name -> module), sharing one pass over the data.
 
     Returns ``({name: metrics}, (x, y))``: the metrics, and the held-out activations they were
     computed on (raw units; ``y`` is None unless TC) so that a reloaded checkpoint can be checked.
+    With ``position_buckets`` (bucket edges over token positions), each SAE's metrics also hold
+    ``by_position`` (``sae_metrics``, plus CE and delta LM loss per bucket: ``ce_by_position``).
     """
     got = collect(lm, contexts, layer, position, special_ids=special_ids, batch_size=batch_size,
                   saes=saes, lm_loss=lm_loss, lm_loss_contexts=lm_loss_contexts)
     out: Dict[str, Dict[str, object]] = {}
     for name, sae in saes.items():
-        m: Dict[str, object] = sae_metrics(sae, got["x"], got["y"])
+        m: Dict[str, object] = sae_metrics(sae, got["x"], got["y"], positions=got["pos"], buckets=position_buckets)
+        if position_buckets is not None and lm_loss:
+            m["by_position"].update(ce_by_position(got["ce_by_position"], name, position_buckets))
         if lm_loss:
             clean, sae_ce, zero = got["ce_clean"], got[f"ce_{name}"], got["ce_zero"]
             m.update({
@@ -166,8 +196,45 @@ def evaluate(
     return out, (got["x"], got["y"])
 
 
+def position_bucket(positions: Tensor, edges: Sequence[int]) -> Tensor:
+    """Index ``i`` of the bucket ``[edges[i], edges[i+1])`` holding each position; -1 outside them all."""
+    e = torch.as_tensor(list(edges), dtype=torch.int64)
+    b = torch.bucketize(positions.long(), e, right=True) - 1
+    return torch.where((b >= 0) & (b < len(e) - 1), b, torch.full_like(b, -1))
+
+
+def ce_by_position(ce_pos: Dict[str, Tuple[Tensor, Tensor]], name: str, edges: Sequence[int]) -> Dict[str, list]:
+    """Per position bucket (of target positions): CE clean / with ``name`` spliced in / zero-ablated,
+    delta LM loss and the target count, from ``collect``'s ``ce_by_position``."""
+    targets = torch.arange(1, ce_pos["clean"][0].numel() + 1)  # entry t-1 holds target position t
+    b = position_bucket(targets, edges)
+    ok = b >= 0
+    nb = len(edges) - 1
+
+    def per_bucket(v: Tensor) -> Tensor:
+        return torch.zeros(nb, dtype=torch.float64).index_add_(0, b[ok], v[ok].double())
+
+    n = per_bucket(ce_pos["clean"][1])
+    mean = {k: per_bucket(ce_pos[k][0]) / n.clamp_min(1) for k in ("clean", name, "zero")}
+    has = (n > 0).tolist()
+
+    def vals(t: Tensor) -> list:
+        return [float(v) if h else None for v, h in zip(t, has)]
+
+    return {"ce_tokens": n.long().tolist(), "ce_clean": vals(mean["clean"]), "ce_sae": vals(mean[name]),
+            "ce_zero_ablation": vals(mean["zero"]), "delta_lm_loss": vals(mean[name] - mean["clean"])}
+
+
 EV_CONVENTION = (
     "explained_variance: 1 - sum_t ||y_t - y_hat_t||^2 / sum_t ||y_t - mean(y)||^2 (ratio of sums); "
     "explained_variance_per_token: mean_t (1 - ||y_t - y_hat_t||^2 / ||y_t - mean(y)||^2) (Llama Scope's); "
     "mean(y) over the held-out tokens; special tokens excluded"
 )
+
+
+if __name__ == "__main__":  # python -m trainer.evaluate RUN ...: see trainer/analyze/evaluate_run.py
+    import sys
+
+    from .analyze.evaluate_run import main
+
+    sys.exit(main())

@@ -21,8 +21,8 @@ def unembedding(model: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
     if head is None or not hasattr(head, "weight"):
         raise ValueError("logit effects: the model has no output embedding (LM head)")
     inner = getattr(model, "model", model)
-    norm = getattr(inner, "norm", None) or getattr(inner, "final_layernorm", None) or getattr(inner, "ln_f", None)
-    gamma = getattr(norm, "weight", None) if norm is not None else None
+    norm = next((m for m in (getattr(inner, a, None) for a in ("norm", "final_layernorm", "ln_f")) if m is not None), None)
+    gamma = getattr(norm, "weight", None)
     return head.weight.detach(), (gamma.detach() if isinstance(gamma, Tensor) else None)
 
 

@@ -18,7 +18,7 @@
   window.SAEDash = { data: function (name, doc) { docs[name] = doc; } };
   function hist(h, key, color, W, H) {
     var svg = svgEl("svg", { width: W, height: H + 20, viewBox: "0 0 " + W + " " + (H + 20), id: "hist-" + key });
-    var v = h[key], mx = Math.max.apply(null, v.concat([1])), bw = (W - 30) / v.length;
+    var v = h[key], mx = Math.max.apply(null, v.concat([1])), bw = (W - 46) / v.length;
     v.forEach(function (c, i) {
       var hh = c / mx * (H - 8);
       var r = svgEl("rect", { x: 30 + i * bw, y: H - hh, width: Math.max(bw - 1, 1), height: hh, fill: color });

@@ -116,7 +116,7 @@
     var W = opts.width || 440, H = opts.height || 120, pad = 22, n = values.length;
     var svg = svgEl("svg", { width: W, height: H + pad, viewBox: "0 0 " + W + " " + (H + pad), id: opts.id || "" });
     var mx = Math.max.apply(null, values.concat([1]));
-    var bw = (W - 30) / Math.max(n, 1);
+    var bw = (W - 46) / Math.max(n, 1);
     values.forEach(function (v, i) {
       var h = v / mx * (H - 10);
       var r = svgEl("rect", { x: 30 + i * bw, y: H - h, width: Math.max(bw - 1, 1), height: h,
@@ -235,9 +235,19 @@
   }
 
   // ------------------------------------------------------------------ one latent
+  // #latent=N opens a latent; #q=TEXT searches; #sort=frequency|mean|max|id (&asc=1); joined by &
   function fromHash() {
-    var m = /latent=(\d+)/.exec(location.hash);
-    if (m) select(parseInt(m[1], 10));
+    var h = {};
+    location.hash.replace(/^#/, "").split("&").forEach(function (kv) {
+      var i = kv.indexOf("=");
+      if (i > 0) h[kv.slice(0, i)] = decodeURIComponent(kv.slice(i + 1));
+    });
+    var relist = false;
+    if (h.q !== undefined && h.q !== S.filter) { S.filter = h.q; document.getElementById("search").value = h.q; relist = true; }
+    if (h.sort && ["frequency", "mean", "max", "id"].indexOf(h.sort) >= 0 && h.sort !== S.sortKey) { S.sortKey = h.sort; relist = true; }
+    if (h.asc !== undefined && (h.asc === "1") !== S.sortAsc) { S.sortAsc = h.asc === "1"; relist = true; }
+    if (relist) { S.page = 0; refresh(); }
+    if (h.latent !== undefined) select(parseInt(h.latent, 10));
   }
   function show(node) {
     var p = document.getElementById("panel");

@@ -1,0 +1,115 @@
+"""The dashboard in a real browser: headless Chromium opens the pages from disk (no server), runs
+their scripts, and the rendered DOM is checked against the analysis data."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from browser import dump_dom, parse
+
+
+def _load(member: Path):
+    an = member / "analysis"
+    s = json.loads((an / "features.json").read_text())
+    recs = {}
+    for f in s["chunks"]["files"]:
+        for r in json.loads((an / f).read_text())["latents"]:
+            recs[r["id"]] = r
+    return s, recs
+
+
+def _rows(root):
+    return root.find_all(lambda n: n.tag == "tr" and "data-feature-id" in n.attrs)
+
+
+def _shown(t):
+    return t.replace("\n", "\u21b5").replace("\t", "\u21e5")
+
+
+def test_feature_list_and_a_latents_top_context(analyzed):
+    _, suite = analyzed
+    member = suite / "L1R-8x"
+    s, recs = _load(member)
+    n = s["sae"]["d_sae"]
+    L = s["latents"]
+    live = [i for i in range(n) if L["count"][i]]
+    lat = max(live, key=lambda i: (L["max"][i], -i))
+    root = parse(dump_dom(member / "dashboard" / "index.html", f"latent={lat}"))
+    rows = _rows(root)
+    assert len(rows) == n  # every latent listed (page size 1000)
+    # default order: frequency, largest first
+    freq_order = sorted(range(n), key=lambda i: (-L["frequency"][i], i))
+    assert [int(r.attrs["data-feature-id"]) for r in rows] == freq_order
+    dead_rows = {int(r.attrs["data-feature-id"]) for r in rows if "dead" in r.classes}
+    assert dead_rows == set(s["dead"])
+    assert root.find_all(lambda x: x.attrs.get("id") == "density")  # the density histogram rendered
+    # the latent's panel: its first top context, token by token, with the shading of its activation
+    panel = root.find_all(lambda x: x.attrs.get("id") == "latent")
+    assert panel and panel[0].attrs["data-latent"] == str(lat)
+    lines = panel[0].find_all(lambda x: x.tag == "div" and "ctx" in x.classes and "top" in x.classes)
+    rec = recs[lat]
+    assert len(lines) == len(rec["top"]) >= 1
+    want = rec["top"][0]
+    toks = lines[0].find_all(lambda x: x.tag == "span" and "tok" in x.classes)
+    assert [t.text for t in toks] == [_shown(s["vocab"][str(t)]) for t in want["tokens"]]
+    assert [int(t.attrs["data-token"]) for t in toks] == want["tokens"]
+    peak = [j for j, t in enumerate(toks) if "peak" in t.classes]
+    assert peak == [want["pos"] - want["start"]]
+    mx = L["max"][lat]
+    shaded = 0
+    for t, a in zip(toks, want["acts"]):
+        assert float(t.attrs["data-act"]) == pytest.approx(a)
+        style = t.attrs.get("style", "")
+        if a > 0:
+            m = re.search(r"background-color:\s*rgba?\(255,\s*112,\s*0(?:,\s*([0-9.]+))?\)", style)
+            assert m, style
+            alpha = float(m.group(1)) if m.group(1) else 1.0  # alpha 1 serialises as rgb(...)
+            assert alpha == pytest.approx(min(1.0, a / mx), abs=1e-3)
+            shaded += 1
+        else:
+            assert "background" not in style
+    assert shaded >= 1
+    assert float(toks[peak[0]].attrs["data-act"]) == pytest.approx(mx)
+    # logit table and histogram
+    assert panel[0].find_all(lambda x: x.attrs.get("id") == "logits")
+    assert panel[0].find_all(lambda x: x.attrs.get("id") == "hist")
+
+
+def test_search_sort_and_paging(analyzed):
+    _, suite = analyzed
+    member = suite / "L1R-8x"
+    s, _ = _load(member)
+    L, n = s["latents"], s["sae"]["d_sae"]
+    page = member / "dashboard" / "index.html"
+    rows = _rows(parse(dump_dom(page, "q=42")))
+    assert [r.attrs["data-feature-id"] for r in rows] == ["42"]
+    # by token: latents whose peak or top logit tokens contain the text
+    tok = "e"
+    def has(i):
+        return any(tok in s["vocab"][str(t)].strip().lower() for t in L["peak_tokens"][i] + L["logit_tokens"][i])
+    want = [i for i in sorted(range(n), key=lambda i: (-L["max"][i], i)) if has(i)]
+    assert want
+    rows = _rows(parse(dump_dom(page, f"q={tok}&sort=max")))
+    assert [int(r.attrs["data-feature-id"]) for r in rows] == want
+    # a wider SAE than one page: 1000 listed, the pager says so
+    wide = suite / "L1R-32x" / "dashboard" / "index.html"
+    root = parse(dump_dom(wide, "sort=id&asc=1"))
+    rows = _rows(root)
+    assert [int(r.attrs["data-feature-id"]) for r in rows] == list(range(1000))
+    shown = root.find_all(lambda x: x.attrs.get("id") == "shown")[0].text
+    assert "1\u20131000 of 1024" in shown
+    # the member pages link each other and the suite overview
+    links = [a.attrs["href"] for a in root.find_all(lambda x: x.tag == "a" and "href" in x.attrs)]
+    assert "../../dashboard/index.html" in links and "../../L1R-8x/dashboard/index.html" in links
+
+
+def test_suite_overview_links_its_members(analyzed):
+    _, suite = analyzed
+    idx = suite / "dashboard" / "index.html"
+    root = parse(dump_dom(idx))
+    rows = root.find_all(lambda x: x.tag == "tr" and "data-member" in x.attrs)
+    assert [r.attrs["data-member"] for r in rows] == ["L1R-8x", "L1R-32x"]
+    for r in rows:
+        a = r.find_all(lambda x: x.tag == "a")[0]
+        assert (idx.parent / a.attrs["href"]).resolve().is_file()
