@@ -8,6 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["csrc_triton", "sae_kernels", "trainer", "trainer.*"]),
+    package_data={"trainer.analyze": ["assets/*"]},  # the dashboard's CSS and JavaScript
     install_requires=[
         # Install torch first (`pip install torch==2.13.0`): a bare `torch` requirement on a machine
         # without it fetches the newest CUDA build. Any 2.x from 2.4 on works.
@@ -27,5 +28,6 @@ setup(
         "test": ["pytest>=7", "pytest-benchmark>=4"],
         "bench": ["pytest>=7", "pytest-benchmark>=4", "eai-sparsify"],
     },
-    entry_points={"console_scripts": ["sae-train=trainer.run:main"]},
+    entry_points={"console_scripts": ["sae-train=trainer.run:main", "sae-analyze=trainer.analyze.cli:main",
+                                      "sae-evaluate=trainer.analyze.evaluate_run:main"]},
 )

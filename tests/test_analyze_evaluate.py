@@ -1,0 +1,64 @@
+"""``python -m trainer.evaluate RUN``: reproduces the run's eval.json with the run's settings, and
+evaluates at other context lengths with per-position buckets."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.analyze.evaluate_run import main
+
+KEYS = ("explained_variance", "explained_variance_per_token", "l0", "mse", "dead_latents_eval", "n_tokens",
+        "ce_clean", "ce_sae", "ce_zero_ablation", "delta_lm_loss", "ce_score", "ce_tokens")
+
+
+def test_reproduces_the_runs_eval_json(tiny_suite):
+    _, suite = tiny_suite
+    assert main([str(suite), "--position-buckets", "0,8,32,64"]) == 0
+    for name in ("L1R-8x", "L1R-32x"):
+        run = suite / name
+        saved = json.loads((run / "eval.json").read_text())
+        files = sorted((run / "evaluations").glob("*_pydoc_ctx64.json"))
+        assert len(files) == 1 and files[0].with_suffix(".svg").read_text().startswith("<svg")
+        got = json.loads(files[0].read_text())
+        for k in KEYS:
+            assert got[k] == pytest.approx(saved[k], rel=1e-9, abs=1e-12), (name, k, got[k], saved[k])
+        bp = got["by_position"]
+        assert bp["edges"] == [0, 8, 32, 64] and sum(bp["tokens"]) == got["n_tokens"]
+        assert sum(bp["ce_tokens"]) == got["ce_tokens"]
+        ce = sum(c * n for c, n in zip(bp["ce_sae"], bp["ce_tokens"])) / got["ce_tokens"]
+        assert ce == pytest.approx(got["ce_sae"], rel=1e-9)
+
+
+def test_longer_contexts_and_the_module_entry_point(tiny_suite, tmp_path):
+    _, suite = tiny_suite
+    out = tmp_path / "e.json"
+    # the user's command: python -m trainer.evaluate (trainer/evaluate.py's __main__ entry)
+    r = subprocess.run([sys.executable, "-m", "trainer.evaluate", str(suite / "L1R-8x"), "--context-len", "256",
+                        "--tokens", "1024", "--output", str(out)], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["context_len"] == 256 and got["corpus"]["n_contexts"] == 4
+    bp = got["by_position"]
+    assert bp["edges"] == [0, 64, 128, 256] and all(n > 0 for n in bp["tokens"])
+    assert all(math.isfinite(v) for v in bp["explained_variance"] + bp["delta_lm_loss"])
+    assert got["trained_on"]["context_len"] == 64 and got["l0"] == pytest.approx(8.0)
+
+
+def test_help_explains_the_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--dataset", "--context-len", "--tokens", "--lm-tokens", "--position-buckets", "--output"):
+        assert flag in text
+
+
+def test_bad_context_len_names_the_flag(tiny_suite, capsys):
+    _, suite = tiny_suite
+    assert main([str(suite / "L1R-8x"), "--context-len", "4096"]) == 2  # the tiny model has 512 positions
+    assert "--context-len" in capsys.readouterr().err
+    assert main([str(suite / "L1R-8x"), "--position-buckets", "5,3"]) == 2
+    assert "--position-buckets" in capsys.readouterr().err
