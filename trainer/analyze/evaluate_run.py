@@ -103,17 +103,19 @@ def figure(doc: Dict[str, Any]) -> str:
     mids = [math.sqrt(max(a, 1) * b) for a, b in zip(edges, edges[1:])]
     ev = bp["explained_variance"]
     title = f"{doc['sae']} on {doc['model_short']}, {doc['dataset']}, context {doc['context_len']}"
-    xl = (max(edges[0], 1) * 0.8, edges[-1] * 1.2)
-    xt = [(float(e), str(e)) for e in edges if e > 0]
+    xl = (max(edges[0], 1) * 0.8, edges[-1] * 1.25)
+    xt = [(float(max(e, 1)), str(e)) for e in edges]  # position 0 drawn at 1 on the log axis
     vals = [v for v in ev if v is not None] or [0.0]
-    f1 = Figure(title, "token position in the context (bucket)", "explained variance", xl,
-                (min(0.0, min(vals)) if min(vals) < 0 else max(0.0, min(vals) - 0.05), 1.0), xlog=True, height=260)
+    lo = min(vals)
+    f1 = Figure(title, "token position in the context (bucket edges; points at bucket centres)", "explained variance",
+                xl, (lo - 0.05 if lo < 0 else max(0.0, lo - 0.05), 1.0), xlog=True, height=260)
     f1.line(mids, ev, PALETTE[0], "EV (ratio of sums)")
     parts = [f1.svg(xticks=xt)]
     if "delta_lm_loss" in bp:
         d = [v for v in bp["delta_lm_loss"] if v is not None] or [0.0]
-        f2 = Figure("delta LM loss by position", "token position in the context (bucket)", "delta LM loss (nats)", xl,
-                    (min(0.0, min(d)), max(d) * 1.15 + 1e-6), xlog=True, height=260)
+        span = max(max(d) - min(min(d), 0.0), 1e-6)
+        f2 = Figure("delta LM loss by position", "token position in the context (bucket edges)", "delta LM loss (nats)",
+                    xl, (min(min(d), 0.0) - 0.08 * span, max(max(d), 0.0) + 0.15 * span), xlog=True, height=260)
         f2.line(mids, bp["delta_lm_loss"], PALETTE[1], "CE(SAE) - CE(clean)")
         f2.hline(0.0)
         parts.append(f2.svg(xticks=xt))

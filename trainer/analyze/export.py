@@ -71,7 +71,7 @@ CONVENTIONS = {
 
 def r4(x: float) -> float:
     """4 significant digits (JSON-safe: non-finite values become 0)."""
-    if not math.isfinite(x) or x == 0:
+    if x == 0 or not math.isfinite(x):
         return 0.0
     return float(f"{x:.4g}")
 
@@ -82,7 +82,7 @@ def _window(corpus: Tensor, ctx: int, pos: int, win: List[float], cfg: PassConfi
     end = min(T, pos + cfg.after + 1)
     off = start - (pos - cfg.before)
     return {"ctx": ctx, "pos": pos, "start": start, "tokens": corpus[ctx, start:end].tolist(),
-            "acts": [r4(a) for a in win[off:off + end - start]]}
+            "acts": [0.0 if a == 0 else r4(a) for a in win[off:off + end - start]]}
 
 
 def latent_records(stats: LatentStats, corpus: Tensor, cfg: PassConfig, logits: Optional[Dict[str, Tensor]],
