@@ -213,3 +213,20 @@ def test_held_out_contexts_are_the_runs(tiny_suite):
     more = held_out_contexts(m.train_config, lm, tokens=1024)
     assert torch.equal(more.contexts[:8], want) and len(more.contexts) == 16 and not more.info["held_out"]
     assert not math.isnan(c.info["tokens"])
+
+
+def test_window_lookup_equals_comparing_every_slot():
+    from trainer.analyze.stream import WindowLookup, latent_windows
+
+    g = torch.Generator().manual_seed(0)
+    B, T, k, d = 3, 17, 4, 23
+    idx = torch.stack([torch.randperm(d, generator=g)[:k] for _ in range(B * T)]).reshape(B, T, k)
+    val = torch.rand(B, T, k, generator=g) * (torch.rand(B, T, k, generator=g) > 0.3)
+    val[1, 5] = 0  # a special token: all slots empty
+    idx[1, 5] = 0
+    S = 200
+    lat, b, p = (torch.randint(0, d, (S,), generator=g), torch.randint(0, B, (S,), generator=g),
+                 torch.randint(0, T, (S,), generator=g))
+    want = latent_windows(val, idx, lat, b, p, 4, 3)
+    assert torch.equal(WindowLookup(val, idx, d).windows(lat, b, p, 4, 3), want)
+    assert (want > 0).sum() > 20

@@ -85,17 +85,19 @@ def families(parent_top_ids: Tensor, parent_top_cos: Tensor, threshold: float) -
 
 
 @torch.no_grad()
-def pca_2d(X: Tensor, center: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """Projection of the rows of ``X [n, d]`` on their first two principal components (float64
-    covariance, eigendecomposition of the d x d matrix; deterministic sign: the largest-|loading|
-    coordinate of each component is positive). Returns ``(coords [n, 2], explained [2])``."""
+def pca_2d(X: Tensor, fit: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Projection of the rows of ``X [n, d]`` on the first two principal components of the rows
+    ``fit`` selects (default all; float64 covariance, eigendecomposition of the d x d matrix;
+    deterministic sign: the largest-|loading| coordinate of each component is positive).
+    Returns ``(coords [n, 2], explained [2])`` (explained: fractions of the fitted rows' variance)."""
     Xd = X.double()
-    mu = Xd.mean(0) if center is None else center.double()
+    F_ = Xd if fit is None else Xd[fit]
+    mu = F_.mean(0)
     C = torch.zeros((X.shape[1], X.shape[1]), dtype=torch.float64, device=X.device)
-    for s in range(0, X.shape[0], 65536):
-        Z = Xd[s:s + 65536] - mu
+    for s in range(0, F_.shape[0], 65536):
+        Z = F_[s:s + 65536] - mu
         C += Z.t() @ Z
-    C /= max(X.shape[0] - 1, 1)
+    C /= max(F_.shape[0] - 1, 1)
     evals, evecs = torch.linalg.eigh(C)
     V = evecs[:, -2:].flip(1)
     sign = torch.sign(V.gather(0, V.abs().argmax(0, keepdim=True)))

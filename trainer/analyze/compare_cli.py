@@ -15,7 +15,8 @@ linked from RUN_A's dashboard (and to RUN_B's latents when RUN_B has a dashboard
     families            [{"parent", "parent_count", "any_child_rate", "capped",
                           "children": [[id, cos, cofire, p_child_given_parent, p_parent_given_child]]}]
                         parents with at least one child of cosine >= threshold, largest families first
-    map                 {"method": "pca" | "umap", "explained": [..] (pca), "a": [[x, y]], "b": [[x, y]]}
+    map                 {"method": "pca" | "umap", "explained": [..] (pca), "a": [[x, y]], "b": [[x, y]],
+                         "fitted_on", "dead_a", "dead_b" (ids never active on the corpus; null without it)}
 """
 from __future__ import annotations
 
@@ -166,9 +167,14 @@ def compare(args, log=print) -> Dict[str, Any]:
         if coords is None and method == "umap":
             raise ValueError("--map umap: the umap-learn package is not installed (pip install umap-learn)")
         method = "umap" if coords is not None else "pca"
+    live_a = live_b = None
+    if args.cofire:  # liveness on the corpus: dead latents keep their initial directions, which the map fits around
+        live_p, live_c = n_par > 0, n_chi > 0
+        live_a, live_b = (live_p, live_c) if parent == "a" else (live_c, live_p)
     explained = None
     if coords is None:
-        coords, explained = pca_2d(X)
+        fit = torch.cat([live_a, live_b]) if live_a is not None and int(live_a.sum() + live_b.sum()) >= 3 else None
+        coords, explained = pca_2d(X, fit=fit)
     coords = coords.cpu()
     ca, cb = coords[:Da.shape[0]], coords[Da.shape[0]:]
 
@@ -188,7 +194,10 @@ def compare(args, log=print) -> Dict[str, Any]:
         "families": fams,
         "map": {"method": method, "explained": None if explained is None else [r4(e) for e in explained.tolist()],
                 "a": [[round(x, 3), round(y, 3)] for x, y in ca.tolist()],
-                "b": [[round(x, 3), round(y, 3)] for x, y in cb.tolist()]},
+                "b": [[round(x, 3), round(y, 3)] for x, y in cb.tolist()],
+                "fitted_on": "live latents (active on the corpus)" if live_a is not None and method == "pca" else "all latents",
+                "dead_a": None if live_a is None else (~live_a).nonzero().squeeze(1).tolist(),
+                "dead_b": None if live_b is None else (~live_b).nonzero().squeeze(1).tolist()},
         "links": {},
         "seconds": {"matches": round(t_match, 3), "total": round(time.perf_counter() - t0, 3)},
     }
@@ -243,17 +252,28 @@ def write_figures(an: Path, slug: str, doc: Dict[str, Any], max_points: int) -> 
         idx = torch.randperm(len(pts), generator=g)[:max_points].sort().values.tolist()
         return [pts[i] for i in idx]
 
-    sa, sb = pick(pa), pick(pb)
-    xs = [p[0] for p in pa + pb] or [0.0]
-    ys = [p[1] for p in pa + pb] or [0.0]
+    dead = set(("a", i) for i in doc["map"].get("dead_a") or []) | set(("b", i) for i in doc["map"].get("dead_b") or [])
+    grey = [p for w, pts in (("a", pa), ("b", pb)) for i, p in enumerate(pts) if (w, i) in dead]
+    sa = pick([p for i, p in enumerate(pa) if ("a", i) not in dead])
+    sb = pick([p for i, p in enumerate(pb) if ("b", i) not in dead])
+    sg = pick(grey)
+    shown = sa + sb or pa + pb
+    xs = [p[0] for p in shown] or [0.0]
+    ys = [p[1] for p in shown] or [0.0]
     pad_x, pad_y = (max(xs) - min(xs)) * 0.04 + 1e-6, (max(ys) - min(ys)) * 0.04 + 1e-6
     method = doc["map"]["method"].upper()
     ex = doc["map"].get("explained")
     lab = (f" ({ex[0] * 100:.1f}% / {ex[1] * 100:.1f}% of variance)" if ex else "")
-    f2 = Figure(f"Decoder directions, {method}{lab}", f"{method} 1", f"{method} 2",
+    f2 = Figure(f"Decoder directions, {method}{lab}", f"{method} 1" + (" (fitted on live latents)" if dead and ex else ""),
+                f"{method} 2",
                 (min(xs) - pad_x, max(xs) + pad_x), (min(ys) - pad_y, max(ys) + pad_y), width=560, height=460)
-    f2.points([p[0] for p in sb], [p[1] for p in sb], PALETTE[1], f"{b} ({len(pb)})", r=1.3, opacity=0.45)
-    f2.points([p[0] for p in sa], [p[1] for p in sa], PALETTE[0], f"{a} ({len(pa)})", r=1.5, opacity=0.6)
+    n_da, n_db = len(doc["map"].get("dead_a") or []), len(doc["map"].get("dead_b") or [])
+    if sg:
+        f2.points([p[0] for p in sg], [p[1] for p in sg], "#b9bec5", f"dead ({n_da + n_db})", r=1.0, opacity=0.35)
+    f2.points([p[0] for p in sb], [p[1] for p in sb], PALETTE[1], f"{b} ({len(pb) - n_db} live)" if dead else f"{b} ({len(pb)})",
+              r=1.3, opacity=0.45)
+    f2.points([p[0] for p in sa], [p[1] for p in sa], PALETTE[0], f"{a} ({len(pa) - n_da} live)" if dead else f"{a} ({len(pa)})",
+              r=1.5, opacity=0.6)
     out2 = an / f"compare-{slug}-map.svg"
     out2.write_text(f2.svg(), encoding="utf-8")
     return [out1, out2]

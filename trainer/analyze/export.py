@@ -16,7 +16,9 @@
     hist_edges     the edges of every per-latent activation histogram (log-spaced)
     vocab          {token id: text} for every token id the files use
     chunks         {"size": 256, "files": ["latents/00000.json", ...]}
-    seconds        lm, sae (encoding and statistics), logits, total
+    seconds        pass, lm (its LM forwards), sae (encoding and statistics), logits
+
+``<member>/analysis/density.svg``: the density histogram as a figure.
 
 ``<member>/analysis/latents/NNNNN.json`` (chunk of ``size`` latents from ``first``)::
 
@@ -136,6 +138,24 @@ def latent_records(stats: LatentStats, corpus: Tensor, cfg: PassConfig, logits: 
     return out
 
 
+def density_figure(summary: Dict[str, Any]) -> str:
+    """SVG histogram of log10 firing frequency over the live latents, the dead ones counted beside."""
+    from .svg import PALETTE, Figure
+
+    d = summary["density"]
+    edges, counts = d["edges_log10"], d["counts"]
+    nz = [i for i, c in enumerate(counts) if c] or [0]
+    lo, hi = max(edges[0], edges[nz[0]] - 0.5), edges[-1]
+    dead_x = (hi + 0.25, hi + 0.75)
+    f = Figure(f"{summary['sae']['name']}: latent density on {summary['corpus']['tokens']} tokens",
+               "log10 firing frequency (fraction of tokens)", "latents", (lo, dead_x[1] + 0.1),
+               (0, max(counts + [d["dead"], 1]) * 1.1))
+    f.bars(edges, counts, PALETTE[0], f"live ({d['live']})")
+    f.bars(list(dead_x), [d["dead"]], "#c23b3b", f"dead ({d['dead']})")
+    ticks = [(float(e), f"{e:g}") for e in range(math.ceil(lo), int(hi) + 1)] + [(sum(dead_x) / 2, "dead")]
+    return f.svg(xticks=ticks)
+
+
 def token_texts(tokenizer, ids: Sequence[int]) -> Dict[str, str]:
     out = {}
     for i in sorted(set(int(x) for x in ids)):
@@ -222,4 +242,5 @@ def export_member(out_dir: Path, stats: LatentStats, cfg: PassConfig, corpus: Te
     text = write_json(out_dir / "features.json", summary)
     if on_chunk:
         on_chunk("features.json", text)
+    (out_dir / "density.svg").write_text(density_figure(summary), encoding="utf-8")
     return summary

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..model import LoadedModel, capture, run_capture, special_mask
-from .stream import StreamingTopN, latent_windows
+from .stream import StreamingTopN, WindowLookup
 
 HIST_PER_OCTAVE = 4
 HIST_MIN_EXP = -20  # bins cover [2**-20, 2**20): folded activations of real SAEs sit well inside
@@ -84,8 +84,12 @@ class LatentStats:
         self.hist.index_add_(0, lat * HIST_BINS + bins, torch.ones_like(bins))
         c = self.cfg
 
+        lookup: List[WindowLookup] = []  # built on first use: later batches often need no window at all
+
         def windows(lat_s: Tensor, b_s: Tensor, p_s: Tensor) -> Tensor:
-            return latent_windows(values, indices, lat_s, b_s, p_s, c.before, c.after)
+            if not lookup:
+                lookup.append(WindowLookup(values, indices, self.d_sae))
+            return lookup[0].windows(lat_s, b_s, p_s, c.before, c.after)
 
         # top contexts: each (latent, context) scores its peak; the earliest position among equal peaks
         key = lat * B + b

@@ -15,6 +15,8 @@ def _num(x: float) -> str:
 def _tick(v: float) -> str:
     if v == 0:
         return "0"
+    if float(v).is_integer() and abs(v) < 1e7:
+        return str(int(v))
     a = abs(v)
     if a >= 1e4 or a < 1e-2:
         return f"{v:.0e}"

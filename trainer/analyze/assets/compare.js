@@ -40,19 +40,28 @@
   }
   function map(d) {
     var W = 680, H = 520, c = el("canvas", { width: W, height: H, cls: "map", id: "map" });
-    var all = d.map.a.concat(d.map.b);
+    var dead = { a: {}, b: {} };
+    (d.map.dead_a || []).forEach(function (i) { dead.a[i] = 1; });
+    (d.map.dead_b || []).forEach(function (i) { dead.b[i] = 1; });
+    var all = d.map.a.filter(function (p, i) { return !dead.a[i]; }).concat(d.map.b.filter(function (p, i) { return !dead.b[i]; }));
+    if (!all.length) all = d.map.a.concat(d.map.b);
     var xs = all.map(function (p) { return p[0]; }), ys = all.map(function (p) { return p[1]; });
     var x0 = Math.min.apply(null, xs), x1 = Math.max.apply(null, xs), y0 = Math.min.apply(null, ys), y1 = Math.max.apply(null, ys);
     var X = function (v) { return 10 + (v - x0) / (x1 - x0 || 1) * (W - 20); };
     var Y = function (v) { return H - 10 - (v - y0) / (y1 - y0 || 1) * (H - 20); };
     var g = c.getContext("2d");
     g.fillStyle = "#fff"; g.fillRect(0, 0, W, H);
-    [["b", "rgba(232,115,28,0.45)", 1.3], ["a", "rgba(47,111,214,0.6)", 1.6]].forEach(function (s) {
-      g.fillStyle = s[1];
-      d.map[s[0]].forEach(function (p) { g.beginPath(); g.arc(X(p[0]), Y(p[1]), s[2], 0, 6.2832); g.fill(); });
+    [[true, "a"], [true, "b"], [false, "b"], [false, "a"]].forEach(function (s) {
+      var w = s[1], isDead = s[0];
+      g.fillStyle = isDead ? "rgba(170,176,184,0.3)" : (w === "a" ? "rgba(47,111,214,0.6)" : "rgba(232,115,28,0.45)");
+      d.map[w].forEach(function (p, i) {
+        if (!!dead[w][i] !== isDead) return;
+        g.beginPath(); g.arc(X(p[0]), Y(p[1]), w === "a" ? 1.6 : 1.3, 0, 6.2832); g.fill();
+      });
     });
     var info = el("div", { cls: "legend", id: "map-info", text: "blue: " + d.a.name + " (" + d.map.a.length + "), orange: " +
-      d.b.name + " (" + d.map.b.length + "); click a point to open its latent" });
+      d.b.name + " (" + d.map.b.length + ")" + (d.map.dead_a ? ", grey: dead on the corpus" : "") +
+      "; click a point to open its latent" });
     c.addEventListener("click", function (ev) {
       var r = c.getBoundingClientRect(), mx = (ev.clientX - r.left) * W / r.width, my = (ev.clientY - r.top) * H / r.height;
       var best = null, bd = 64;
