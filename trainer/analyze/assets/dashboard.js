@@ -211,7 +211,8 @@
     var frag = document.createDocumentFragment();
     for (var r = a; r < b; r++) {
       var i = S.order[r];
-      var toks = (L.peak_tokens[i] || []).map(function (t) { return JSON.stringify(tokText(t)); }).join(" ");
+      var seen = {}, toks = (L.peak_tokens[i] || []).filter(function (t) { return seen[t] ? false : (seen[t] = 1); })
+        .slice(0, 4).map(function (t) { var x = tokText(t); return JSON.stringify(x.length > 14 ? x.slice(0, 13) + "\u2026" : x); }).join(" ");
       var idCell = el("td", { text: String(i) });
       if (S.dead[i]) idCell.appendChild(el("span", { cls: "badge", text: "dead" }));
       var tr = el("tr", { cls: "feat" + (S.dead[i] ? " dead" : "") + (i === S.selected ? " selected" : ""),
