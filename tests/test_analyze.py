@@ -187,6 +187,18 @@ def test_analyze_a_suite_writes_documented_data(analyzed):
                 assert L["count"][i] == 0 and r["samples"] == [] and i in s["dead"]
             assert len(r["logits"]["top"]) == 5 and r["logits"]["top"][0][1] >= r["logits"]["bottom"][0][1]
         assert (dash / "index.html").is_file()
+        # the exported logit tables: the folded decoder through the tiny LM's final norm gain and
+        # unembedding, in float64
+        lm = load_model(model)
+        W_U, gamma = unembedding(lm.model)
+        eff = (m.load_sae().W_dec.double() * gamma.double()) @ W_U.double().t()
+        hi, lo = eff.topk(5, dim=1), eff.topk(5, dim=1, largest=False)
+        for r in recs:
+            i = r["id"]
+            assert [t for t, _ in r["logits"]["top"]] == hi.indices[i].tolist()
+            assert [t for t, _ in r["logits"]["bottom"]] == lo.indices[i].tolist()
+            for (_, v), w in zip(r["logits"]["top"] + r["logits"]["bottom"], hi.values[i].tolist() + lo.values[i].tolist()):
+                assert v == pytest.approx(w, rel=1e-3, abs=1e-6)  # 4 significant digits in the file
     assert (suite / "dashboard" / "index.html").is_file()
 
 
@@ -230,3 +242,51 @@ def test_window_lookup_equals_comparing_every_slot():
     want = latent_windows(val, idx, lat, b, p, 4, 3)
     assert torch.equal(WindowLookup(val, idx, d).windows(lat, b, p, 4, 3), want)
     assert (want > 0).sum() > 20
+
+
+def _suite_json(members):
+    """``suite.json`` as ``python -m trainer.run`` writes it for a suite: one object per member, its
+    ``folder`` as the trainer saw it (relative to where the trainer ran)."""
+    return {"members": [{"name": n, "layer": 1, "position": "R", "expansion": e, "folder": f"elsewhere/out/{n}",
+                         "ranks": [0], "explained_variance": 0.5} for n, e in members],
+            "model": "tiny", "seconds": {"total": 1.0}}
+
+
+def test_suite_folder_with_and_without_suite_json(tiny_suite, tmp_path, capsys):
+    import shutil
+
+    from trainer.analyze.runs import RunError
+
+    _, src = tiny_suite
+    suite = tmp_path / "suite"
+    for n in ("L1R-32x", "L1R-8x"):
+        shutil.copytree(src / n, suite / n, ignore=shutil.ignore_patterns("analysis", "dashboard", "evaluations"))
+    (suite / "resume").mkdir()  # other folders are not members
+    # a folder of member folders, no suite.json: every member, in layer / position / width order
+    assert [m.name for m in resolve_run(suite).members] == ["L1R-8x", "L1R-32x"]
+    # suite.json in the trainer's format names the same members
+    (suite / "suite.json").write_text(json.dumps(_suite_json([("L1R-8x", 8), ("L1R-32x", 32)])))
+    spec = resolve_run(suite)
+    assert spec.is_suite and [m.folder for m in spec.members] == [suite / "L1R-8x", suite / "L1R-32x"]
+    # a member listed by path outside the folder joins; one listed but missing is an error naming suite.json
+    outside = tmp_path / "kept" / "L1R-8x"
+    shutil.copytree(suite / "L1R-8x", outside)
+    doc = _suite_json([("L1R-32x", 32)])
+    doc["members"].append({"name": "L1R-8x", "path": str(outside)})
+    shutil.rmtree(suite / "L1R-8x")
+    (suite / "suite.json").write_text(json.dumps(doc))
+    assert [m.folder for m in resolve_run(suite).members] == [outside, suite / "L1R-32x"]
+    doc["members"].append({"name": "L2R-8x", "folder": "elsewhere/out/L2R-8x"})
+    (suite / "suite.json").write_text(json.dumps(doc))
+    with pytest.raises(RunError, match=r"suite\.json lists 'L2R-8x'"):
+        resolve_run(suite)
+    (suite / "suite.json").write_text(json.dumps({"members": "L1R-8x"}))
+    assert main([str(suite)]) == 2 and "suite.json: members: expected a list" in capsys.readouterr().err
+    # end to end: python -m trainer.analyze on a suite with its suite.json, outputs under --output
+    (suite / "suite.json").write_text(json.dumps(_suite_json([("L1R-32x", 32)])))
+    out = tmp_path / "out"
+    assert main([str(suite), "--no-progress", "--tokens", "128", "--top", "2", "--samples", "0",
+                 "--logit-tokens", "0", "--output", str(out)]) == 0
+    s = json.loads((out / "L1R-32x" / "analysis" / "features.json").read_text())
+    assert s["sae"]["d_sae"] == 1024 and s["corpus"]["n_contexts"] == 2 and not s["has_logits"]
+    assert (out / "L1R-32x" / "dashboard" / "index.html").is_file() and (out / "dashboard" / "index.html").is_file()

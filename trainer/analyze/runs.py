@@ -3,9 +3,12 @@
 A *member* is one SAE folder in the released Llama Scope layout (``hyperparams.json``,
 ``lm_config.json``, ``checkpoints/final.safetensors``), as ``python -m trainer.run`` writes it, with
 the run's ``train_config.json`` and ``eval.json`` beside it when it came from the trainer. A *suite*
-is a folder of member folders (``<output>/L{layer}{position}-{expansion}x/``); its ``suite.json``,
-when present, may list the members (a list of names or of objects with ``name`` / ``path``);
-otherwise every sub-folder holding ``hyperparams.json`` is a member.
+is a folder of member folders (``<output>/L{layer}{position}-{expansion}x/``): every sub-folder
+holding ``hyperparams.json`` is a member. A ``suite.json`` beside them is read only when present:
+its ``members`` list (names, or objects with ``name`` and optionally ``folder`` / ``path``, as
+``python -m trainer.run`` writes for a suite) must name existing member folders, and may add members
+kept outside the suite folder. A suite folder that later runs wrote more members into is analysed
+whole; name member folders one by one to analyse fewer.
 """
 from __future__ import annotations
 
@@ -106,21 +109,42 @@ def load_member(folder: Path, suite: Optional[Path] = None) -> Member:
                   eval=_read_json(folder / "eval.json"), suite=suite)
 
 
+def _listed_folder(folder: Path, entry: Any) -> Path:
+    """The member folder a ``suite.json`` entry names: a name or ``path`` relative to the suite folder,
+    else its ``folder`` (what the trainer wrote: relative to where it ran, so also tried by its last
+    component under the suite folder, or absolute)."""
+    if isinstance(entry, str):
+        tries = [folder / entry]
+    elif isinstance(entry, dict) and any(isinstance(entry.get(k), str) for k in ("name", "path", "folder")):
+        tries = [folder / entry[k] for k in ("path", "name") if isinstance(entry.get(k), str)]
+        f = entry.get("folder")
+        if isinstance(f, str):
+            tries += [folder / Path(f).name, Path(f)] if Path(f).is_absolute() else [folder / Path(f).name, folder / f]
+    else:
+        raise RunError(f"{folder}/suite.json: members: expected names or objects with 'name', 'folder' or 'path', "
+                       f"got {entry!r}")
+    for p in tries:
+        if is_member(p):
+            return p
+    raise RunError(f"{folder}/suite.json lists {entry.get('name', entry) if isinstance(entry, dict) else entry!r}, "
+                   f"but no member folder holding hyperparams.json was found (looked in "
+                   f"{', '.join(str(p) for p in dict.fromkeys(tries))})")
+
+
 def suite_members(folder: Path) -> List[Path]:
-    """Member folders of a suite folder: those ``suite.json`` lists, else every sub-folder that is one."""
-    listed = _read_json(folder / "suite.json").get("members")
-    out: List[Path] = []
-    if isinstance(listed, list) and listed:
-        for m in listed:
-            rel = m if isinstance(m, str) else (m.get("path") or m.get("folder") or m.get("name")) if isinstance(m, dict) else None
-            if not isinstance(rel, str):
-                raise RunError(f"{folder}/suite.json: members: expected names or objects with 'name' or 'path', got {m!r}")
-            p = Path(rel) if Path(rel).is_absolute() else folder / rel
-            if not is_member(p):
-                raise RunError(f"{folder}/suite.json lists {rel!r}, but {p} holds no hyperparams.json")
-            out.append(p)
-        return out
-    return sorted((p for p in folder.iterdir() if p.is_dir() and is_member(p)), key=_member_order)
+    """Member folders of a suite folder: every sub-folder that is one, and those ``suite.json`` lists
+    (when present; each listed member must exist)."""
+    found = [p for p in folder.iterdir() if p.is_dir() and is_member(p)]
+    listed = _read_json(folder / "suite.json").get("members") if (folder / "suite.json").is_file() else None
+    if listed is not None and not isinstance(listed, list):
+        raise RunError(f"{folder}/suite.json: members: expected a list, got {type(listed).__name__}")
+    seen = {p.resolve() for p in found}
+    for entry in listed or []:
+        p = _listed_folder(folder, entry)
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            found.append(p)
+    return sorted(found, key=_member_order)
 
 
 def _member_order(p: Path):
