@@ -113,3 +113,29 @@ def test_compare_errors(analyzed, capsys):
     assert main([str(suite / "L1R-8x"), str(suite / "L1R-8x")]) == 2
     assert main([str(suite / "L1R-8x"), str(suite / "L1R-32x"), "--threshold", "2"]) == 2
     assert "--threshold" in capsys.readouterr().err
+
+
+def test_compare_page_draws_a_32k_by_128k_map(tmp_path):
+    """The page at the widths the comparison is built for (32K x 128K latents): the map's bounds over
+    160K points (Math.min.apply over that many arguments overflows the browser's stack)."""
+    from trainer.analyze.compare_cli import HIST_EDGES
+    from trainer.analyze.dashboard import asset, page, write_data
+
+    g = torch.Generator().manual_seed(0)
+    na, nb = 32768, 131072
+    pts = (torch.randn(na + nb, 2, generator=g) * 3).round(decimals=3).tolist()
+    zeros = [0] * (len(HIST_EDGES) - 1)
+    doc = {"a": {"name": "L15R-8x", "d_sae": na}, "b": {"name": "L15R-32x", "d_sae": nb}, "parent": "a",
+           "threshold": 0.6, "corpus": None, "hist": {"edges": HIST_EDGES, "a_to_b": zeros, "b_to_a": zeros},
+           "families": [{"parent": 7, "parent_count": None, "any_child_rate": None, "capped": False,
+                         "children": [[11, 0.8, None, None, None]]}],
+           "map": {"method": "pca", "a": pts[:na], "b": pts[na:], "dead_a": [0, 1], "dead_b": None},
+           "links": {"a": "index.html", "b": None}}
+    write_data(tmp_path, "compare-big", json.dumps(doc))
+    html = tmp_path / "compare-big.html"
+    html.write_text(page("big", '<header id="head"></header><main id="cmp"></main>', [asset("compare.js")],
+                         ["data/compare-big.js"], 'SAECompare.start("compare-big");'), encoding="utf-8")
+    root = parse(dump_dom(html))
+    info = root.find_all(lambda x: x.attrs.get("id") == "map-info")
+    assert info and f"L15R-8x ({na})" in info[0].all_text() and f"L15R-32x ({nb})" in info[0].all_text()
+    assert [r.attrs["data-feature-id"] for r in root.find_all(lambda x: x.tag == "tr" and "data-feature-id" in x.attrs)] == ["7"]

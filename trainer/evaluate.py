@@ -50,11 +50,13 @@ def collect(
     saes: Optional[Dict[str, object]] = None,
     lm_loss: bool = True,
     lm_loss_contexts: Optional[int] = None,
+    progress: bool = False,
 ) -> Dict[str, object]:
     """Run the held-out ``contexts``: activations ``x`` (and TC targets ``y``) of non-special tokens,
     and with ``lm_loss`` the cross-entropy ``ce_clean``, ``ce_zero`` and ``ce_<name>`` for each SAE
     of ``saes`` spliced in, over the first ``lm_loss_contexts`` contexts (default all). Those go
-    through the whole LM once per variant; the others only up to the SAE's layer."""
+    through the whole LM once per variant; the others only up to the SAE's layer. ``progress``: a bar
+    counted in context tokens."""
     model = lm.model
     saes = saes or {}
     xs: List[Tensor] = []
@@ -65,6 +67,11 @@ def collect(
     variants = [("zero", None)] + list(saes.items())
     n_lm = len(contexts) if lm_loss_contexts is None else min(lm_loss_contexts, len(contexts))
     starts = list(range(0, n_lm, batch_size)) + list(range(n_lm, len(contexts), batch_size))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=int(contexts.numel()), unit="tok", desc="evaluate", dynamic_ncols=True)
     for s in starts:
         with_lm = lm_loss and s < n_lm
         ids = contexts[s : min(s + batch_size, n_lm if s < n_lm else len(contexts))].to(lm.device)
@@ -76,6 +83,8 @@ def collect(
             if "out" in store:
                 ys.append(store["out"][keep].float().cpu())
         if not with_lm:
+            if bar is not None:
+                bar.update(int(ids.numel()))
             continue
         results = {"clean": _ce(out.logits, ids, special_ids)}
         del out
@@ -93,6 +102,10 @@ def collect(
             pacc = ce_pos.setdefault(name, [torch.zeros_like(sm), torch.zeros_like(n)])
             pacc[0] += sm
             pacc[1] += n
+        if bar is not None:  # after the clean, zero-ablated and spliced forwards of these contexts
+            bar.update(int(ids.numel()))
+    if bar is not None:
+        bar.close()
     res: Dict[str, object] = {"x": torch.cat(xs) if xs else torch.empty(0), "y": torch.cat(ys) if ys else None,
                               "pos": torch.cat(pos) if pos else torch.empty(0, dtype=torch.int64)}
     for name, (sm, n) in ce.items():
@@ -169,6 +182,7 @@ def evaluate(
     lm_loss: bool = True,
     lm_loss_contexts: Optional[int] = None,
     position_buckets: Optional[Sequence[int]] = None,
+    progress: bool = False,
 ) -> Tuple[Dict[str, Dict[str, object]], Tuple[Tensor, Optional[Tensor]]]:
     """Held-out metrics of each SAE in ``saes`` (name -> module), sharing one pass over the data.
 
@@ -178,7 +192,7 @@ def evaluate(
     ``by_position`` (``sae_metrics``, plus CE and delta LM loss per bucket: ``ce_by_position``).
     """
     got = collect(lm, contexts, layer, position, special_ids=special_ids, batch_size=batch_size,
-                  saes=saes, lm_loss=lm_loss, lm_loss_contexts=lm_loss_contexts)
+                  saes=saes, lm_loss=lm_loss, lm_loss_contexts=lm_loss_contexts, progress=progress)
     out: Dict[str, Dict[str, object]] = {}
     for name, sae in saes.items():
         m: Dict[str, object] = sae_metrics(sae, got["x"], got["y"], positions=got["pos"], buckets=position_buckets)

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", metavar="S", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
     p.add_argument("--output", metavar="PATH", default=None,
                    help="JSON file to write (the figure goes beside it as .svg); one RUN with one SAE only")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show a progress bar (counted in context tokens)")
     return p
 
 
@@ -165,7 +167,8 @@ def run_evaluation(args, log=print) -> List[Dict[str, Any]]:
         saes = {m.key: m.load_sae(device=device) for m in ms}
         t1 = time.perf_counter()
         metrics, _ = evaluate(lm, saes, corpus.contexts, layer, position, special_ids=corpus.special_ids,
-                              batch_size=batch, lm_loss=lm_loss, lm_loss_contexts=lm_contexts, position_buckets=edges)
+                              batch_size=batch, lm_loss=lm_loss, lm_loss_contexts=lm_contexts, position_buckets=edges,
+                              progress=getattr(args, "progress", False))
         secs = time.perf_counter() - t1
         for m in ms:
             r = metrics[m.key]

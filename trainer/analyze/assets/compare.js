@@ -45,8 +45,9 @@
     (d.map.dead_b || []).forEach(function (i) { dead.b[i] = 1; });
     var all = d.map.a.filter(function (p, i) { return !dead.a[i]; }).concat(d.map.b.filter(function (p, i) { return !dead.b[i]; }));
     if (!all.length) all = d.map.a.concat(d.map.b);
-    var xs = all.map(function (p) { return p[0]; }), ys = all.map(function (p) { return p[1]; });
-    var x0 = Math.min.apply(null, xs), x1 = Math.max.apply(null, xs), y0 = Math.min.apply(null, ys), y1 = Math.max.apply(null, ys);
+    // a loop, not Math.min.apply: 32K + 128K points exceed the arguments a call may take
+    var x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
+    all.forEach(function (p) { x0 = Math.min(x0, p[0]); x1 = Math.max(x1, p[0]); y0 = Math.min(y0, p[1]); y1 = Math.max(y1, p[1]); });
     var X = function (v) { return 10 + (v - x0) / (x1 - x0 || 1) * (W - 20); };
     var Y = function (v) { return H - 10 - (v - y0) / (y1 - y0 || 1) * (H - 20); };
     var g = c.getContext("2d");
