@@ -79,16 +79,30 @@ def test_compare_cli_on_two_widths(analyzed):
     assert doc["a_best"]["ids"] == S.argmax(1).tolist() and doc["b_best"]["ids"] == S.argmax(0).tolist()
     assert max(abs(x - y) for x, y in zip(doc["a_best"]["cos"], S.max(1).values.tolist())) < 1e-3
     assert sum(doc["hist"]["a_to_b"]) == 256 and sum(doc["hist"]["b_to_a"]) == 1024
+    assert doc["same_index_best"] == int((S.argmax(1) == torch.arange(256)).sum())
+    # liveness on the corpus (the run's held-out split, which the analysis also ran on): the same dead latents
+    live_a = [c > 0 for c in json.loads((a / "analysis" / "features.json").read_text())["latents"]["count"]]
+    live_b = [c > 0 for c in json.loads((b / "analysis" / "features.json").read_text())["latents"]["count"]]
+    assert doc["map"]["dead_a"] == [i for i, v in enumerate(live_a) if not v]
+    assert doc["map"]["dead_b"] == [i for i, v in enumerate(live_b) if not v]
+    assert sum(doc["hist"]["a_to_b_live"]) == sum(live_a) and sum(doc["hist"]["b_to_a_live"]) == sum(live_b)
+    live_best = S.max(1).values[torch.tensor(live_a)]
+    assert doc["median_best_cos"]["a_to_b_live"] == pytest.approx(float(live_best.float().median()), abs=1e-3)
+    # families among live latents: a live parent and its live children at cosine >= threshold
+    assert doc["families_of"] == "latents active on the corpus"
     fams = {f["parent"]: f for f in doc["families"]}
+    n_fams = 0
     for i in range(256):
-        kids = (S[i] >= 0.5).nonzero().squeeze(1).tolist()
-        if not kids:
+        kids = [c for c in (S[i] >= 0.5).nonzero().squeeze(1).tolist() if live_b[c]]
+        if not kids or not live_a[i]:
             assert i not in fams
             continue
+        n_fams += 1
         got = sorted(c[0] for c in fams[i]["children"])
-        assert got == sorted(kids)[:16] if len(kids) <= 16 else fams[i]["capped"]
+        assert got == sorted(kids) if len(kids) <= 16 else fams[i]["capped"]
         for c in fams[i]["children"]:
             assert c[2] <= fams[i]["parent_count"] and (c[3] is None or 0 <= c[3] <= 1)
+    assert n_fams == len(fams) > 0
     assert len(doc["map"]["a"]) == 256 and len(doc["map"]["b"]) == 1024 and doc["map"]["method"] == "pca"
     for f in ("compare-L1R-32x-similarity.svg", "compare-L1R-32x-map.svg"):
         assert (a / "analysis" / f).read_text().startswith("<svg")

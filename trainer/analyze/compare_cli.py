@@ -11,7 +11,12 @@ linked from RUN_A's dashboard (and to RUN_B's latents when RUN_B has a dashboard
     parent              "a" or "b": the narrower SAE, whose latents head the families
     threshold, family_max, corpus (co-firing counts were taken on it; null with --no-cofire)
     a_best, b_best      {"ids", "cos"}: each latent's most similar decoder direction in the other SAE
-    hist                {"edges", "a_to_b", "b_to_a"}: histograms of those best cosines
+    hist                {"edges", "a_to_b", "b_to_a"}: histograms of those best cosines; with co-firing also
+                        "a_to_b_live", "b_to_a_live": over the latents active on the corpus only
+    median_best_cos     medians of the same (all latents, and "_live")
+    same_index_best     latents i of A whose best match in B is latent i (many: the SAEs share an initialisation)
+    families_of         "latents active on the corpus" (with co-firing: dead parents and children left out)
+                        or "all latents" (--no-cofire)
     families            [{"parent", "parent_count", "any_child_rate", "capped",
                           "children": [[id, cos, cofire, p_child_given_parent, p_parent_given_child]]}]
                         parents with at least one child of cosine >= threshold, largest families first
@@ -103,8 +108,15 @@ def compare(args, log=print) -> Dict[str, Any]:
     c_best = (m["b_best_id"], m["b_best_cos"])
     a_best, b_best = (p_best, c_best) if parent == "a" else (c_best, p_best)
     fam = families(m["a_top_ids"], m["a_top_cos"], args.threshold)
-    log(f"matches: {sa.cfg.d_sae} x {sb.cfg.d_sae} cosines in blocks of {block} x {4 * block} ({t_match:.1f}s); "
-        f"{int((fam['offsets'][1:] > fam['offsets'][:-1]).sum())} families at cosine >= {args.threshold}")
+    log(f"matches: {sa.cfg.d_sae} x {sb.cfg.d_sae} cosines in blocks of {block} x {4 * block} ({t_match:.1f}s)")
+    # SAEs initialised from one random stream (the same seed, one width a prefix of the other's rows) share
+    # their first rows' initial directions: latents that barely move keep a same-index twin
+    n_min = min(sa.cfg.d_sae, sb.cfg.d_sae)
+    same_index = int((a_best[0][:n_min] == torch.arange(n_min, device=a_best[0].device)).sum())
+    if same_index > max(10, 0.01 * n_min):
+        log(f"note: {same_index} of the first {n_min} latents of {ma.name} have their best match at the same index in "
+            f"{mb.name}: the two SAEs probably started from the same initial directions (the same --seed); "
+            "those pairs reflect the initialisation as much as what was learned")
 
     corpus_info = None
     cof = torch.zeros(fam["parent"].numel(), dtype=torch.int64, device=device)
@@ -145,10 +157,12 @@ def compare(args, log=print) -> Dict[str, Any]:
     fams = []
     for i in range(P.shape[0]):
         a, b = off[i], off[i + 1]
-        if a == b:
+        if a == b or (args.cofire and not n_par_l[i]):  # with co-firing measured: live parents ...
             continue
         kids = []
         for j in range(a, b):
+            if args.cofire and not n_chi_l[child[j]]:  # ... and live children only
+                continue
             pc_ = cof_l[j] / n_par_l[i] if args.cofire and n_par_l[i] else None
             cp_ = cof_l[j] / n_chi_l[child[j]] if args.cofire and n_chi_l[child[j]] else None
             kids.append([child[j], r4(cos[j]), cof_l[j] if args.cofire else None,
@@ -156,6 +170,8 @@ def compare(args, log=print) -> Dict[str, Any]:
         fams.append({"parent": i, "parent_count": n_par_l[i] if args.cofire else None,
                      "any_child_rate": r4(any_l[i] / n_par_l[i]) if args.cofire and n_par_l[i] else None,
                      "capped": bool(capped[i]), "children": kids})
+        if not kids:
+            fams.pop()
     fams.sort(key=lambda f: (-len(f["children"]), -sum(k[1] for k in f["children"]), f["parent"]))
 
     # map
@@ -182,6 +198,9 @@ def compare(args, log=print) -> Dict[str, Any]:
         return torch.histc(v.float().cpu().clamp(HIST_EDGES[0], HIST_EDGES[-1] - 1e-6), bins=len(HIST_EDGES) - 1,
                            min=HIST_EDGES[0], max=HIST_EDGES[-1]).long().tolist()
 
+    def med(v):
+        return r4(float(v.float().median())) if v.numel() else None
+
     slug = _slug(mb, ma)
     doc = {
         "format": FORMAT,
@@ -190,7 +209,14 @@ def compare(args, log=print) -> Dict[str, Any]:
         "parent": parent, "threshold": args.threshold, "family_max": args.family_max, "corpus": corpus_info,
         "a_best": {"ids": a_best[0].tolist(), "cos": [r4(c) for c in a_best[1].tolist()]},
         "b_best": {"ids": b_best[0].tolist(), "cos": [r4(c) for c in b_best[1].tolist()]},
-        "hist": {"edges": HIST_EDGES, "a_to_b": hist(a_best[1]), "b_to_a": hist(b_best[1])},
+        "hist": {"edges": HIST_EDGES, "a_to_b": hist(a_best[1]), "b_to_a": hist(b_best[1]),
+                 **({"a_to_b_live": hist(a_best[1][live_a]), "b_to_a_live": hist(b_best[1][live_b])}
+                    if live_a is not None else {})},
+        "median_best_cos": {"a_to_b": med(a_best[1]), "b_to_a": med(b_best[1]),
+                            **({"a_to_b_live": med(a_best[1][live_a]), "b_to_a_live": med(b_best[1][live_b])}
+                               if live_a is not None else {})},
+        "same_index_best": same_index,
+        "families_of": "latents active on the corpus" if args.cofire else "all latents",
         "families": fams,
         "map": {"method": method, "explained": None if explained is None else [r4(e) for e in explained.tolist()],
                 "a": [[round(x, 3), round(y, 3)] for x, y in ca.tolist()],
@@ -214,8 +240,11 @@ def compare(args, log=print) -> Dict[str, Any]:
                               [f"data/compare-{slug}.js"], f"SAECompare.start({json.dumps('compare-' + slug)});"),
                          encoding="utf-8")
     _register(dash, {"name": mb.name, "href": html_path.name})
-    log(f"{ma.name} vs {mb.name}: median best cosine A->B {float(a_best[1].median()):.3f}, B->A "
-        f"{float(b_best[1].median()):.3f}; {len(fams)} families -> {html_path.resolve().as_uri()}")
+    mc = doc["median_best_cos"]
+    live = (f" (live latents: {mc['a_to_b_live']:.3f}, {mc['b_to_a_live']:.3f})"
+            if "a_to_b_live" in mc and mc["a_to_b_live"] is not None and mc["b_to_a_live"] is not None else "")
+    log(f"{ma.name} vs {mb.name}: median best cosine A->B {mc['a_to_b']:.3f}, B->A {mc['b_to_a']:.3f}{live}; "
+        f"{len(fams)} families at cosine >= {args.threshold} among {doc['families_of']} -> {html_path.resolve().as_uri()}")
     return {"doc": doc, "json": an / f"compare-{slug}.json", "page": html_path, "figures": figs}
 
 
@@ -236,11 +265,12 @@ def _register(dash: Path, entry: Dict[str, str]) -> None:
 def write_figures(an: Path, slug: str, doc: Dict[str, Any], max_points: int) -> List[Path]:
     a, b = doc["a"]["name"], doc["b"]["name"]
     h = doc["hist"]
-    top = max(max(h["a_to_b"]), max(h["b_to_a"]), 1)
+    live = "_live" if "a_to_b_live" in h else ""  # latents dead on the corpus keep their initial directions
+    top = max(max(h["a_to_b" + live]), max(h["b_to_a" + live]), 1)
     f = Figure(f"Best decoder-cosine match: {a} vs {b}", "cosine similarity of the best match", "latents",
                (h["edges"][0], h["edges"][-1]), (0, top * 1.08))
-    f.bars(h["edges"], h["a_to_b"], PALETTE[0], f"{a} -> best in {b}", opacity=0.6)
-    f.bars(h["edges"], h["b_to_a"], PALETTE[1], f"{b} -> best in {a}", opacity=0.6)
+    f.bars(h["edges"], h["a_to_b" + live], PALETTE[0], f"{a}{' live' if live else ''} -> best in {b}", opacity=0.6)
+    f.bars(h["edges"], h["b_to_a" + live], PALETTE[1], f"{b}{' live' if live else ''} -> best in {a}", opacity=0.6)
     out1 = an / f"compare-{slug}-similarity.svg"
     out1.write_text(f.svg(), encoding="utf-8")
     pa, pb = doc["map"]["a"], doc["map"]["b"]

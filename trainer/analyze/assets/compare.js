@@ -17,8 +17,11 @@
   };
   window.SAEDash = { data: function (name, doc) { docs[name] = doc; } };
   function hist(h, key, color, W, H) {
-    var svg = svgEl("svg", { width: W, height: H + 20, viewBox: "0 0 " + W + " " + (H + 20), id: "hist-" + key });
-    var v = h[key], mx = Math.max.apply(null, v.concat([1])), bw = (W - 46) / v.length;
+    // latents dead on the corpus keep their initial directions: show the live ones' matches when known
+    var live = h[key + "_live"] !== undefined;
+    var svg = svgEl("svg", { width: W, height: H + 20, viewBox: "0 0 " + W + " " + (H + 20), id: "hist-" + key,
+                             "data-latents": live ? "live" : "all" });
+    var v = h[key + (live ? "_live" : "")], mx = Math.max.apply(null, v.concat([1])), bw = (W - 46) / v.length;
     v.forEach(function (c, i) {
       var hh = c / mx * (H - 8);
       var r = svgEl("rect", { x: 30 + i * bw, y: H - hh, width: Math.max(bw - 1, 1), height: hh, fill: color });
@@ -82,14 +85,20 @@
     if (!d) { head.textContent = "data/" + name + ".js did not load"; return; }
     head.appendChild(el("h1", { text: d.a.name + " vs " + d.b.name }));
     var par = d[d.parent], chi = d[d.parent === "a" ? "b" : "a"];
+    var med = function (key) {
+      var m = d.median_best_cos || {}, v = m[key + "_live"] != null ? m[key + "_live"] : m[key];
+      return v != null ? " (median " + v.toFixed(3) + ")" : "";
+    };
     head.appendChild(el("div", { cls: "meta", text: d.a.name + ": " + d.a.d_sae + " latents, " + d.b.name + ": " + d.b.d_sae +
       " latents \u00b7 families: a latent of " + par.name + " and the latents of " + chi.name + " at cosine \u2265 " + d.threshold +
       (d.corpus ? " \u00b7 co-firing on " + d.corpus.tokens + " tokens of " + d.corpus.dataset : "") }));
     head.appendChild(el("nav", { cls: "members" }, [el("a", { href: "index.html", text: "\u2190 " + d.a.name + " dashboard" })]));
     var s1 = el("section", {}, [el("h2", { text: "Best decoder-cosine match" }),
-      el("div", { cls: "legend", text: "each latent of " + d.a.name + " \u2192 its most similar latent of " + d.b.name }),
+      el("div", { cls: "legend", text: "each " + (d.hist.a_to_b_live ? "live " : "") + "latent of " + d.a.name +
+        " \u2192 its most similar latent of " + d.b.name + med("a_to_b") }),
       hist(d.hist, "a_to_b", "#2f6fd6", 440, 110),
-      el("div", { cls: "legend", text: "each latent of " + d.b.name + " \u2192 its most similar latent of " + d.a.name }),
+      el("div", { cls: "legend", text: "each " + (d.hist.b_to_a_live ? "live " : "") + "latent of " + d.b.name +
+        " \u2192 its most similar latent of " + d.a.name + med("b_to_a") }),
       hist(d.hist, "b_to_a", "#e8731c", 440, 110)]);
     var s2 = el("section", {}, [el("h2", { text: "Decoder directions (" + d.map.method.toUpperCase() + ")" }), map(d)]);
     var t = el("table", { id: "families" });
@@ -109,7 +118,11 @@
         el("td", { text: f.any_child_rate == null ? "" : (f.any_child_rate * 100).toFixed(1) + "%" }), kids]));
     });
     var s3 = el("section", { style: "grid-column: 1 / span 2" }, [el("h2", { text: "Feature-splitting families (" + d.families.length +
-      " parents; the largest 500 shown)" }), el("div", { cls: "tablewrap" }, [t])]);
+      " parents; the largest 500 shown)" }),
+      el("div", { cls: "legend", text: "among " + (d.families_of || "all latents") +
+        (d.same_index_best > 0.01 * Math.min(d.a.d_sae, d.b.d_sae) ? "; note: " + d.same_index_best + " latents of " + d.a.name +
+          " have their best match at the same index (the SAEs share an initialisation)" : "") }),
+      el("div", { cls: "tablewrap" }, [t])]);
     main.appendChild(s1); main.appendChild(s2); main.appendChild(s3);
   } };
 })();
