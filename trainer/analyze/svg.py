@@ -116,9 +116,14 @@ class Figure:
             out.append(f'<text transform="translate(13,{(t + h - b) / 2}) rotate(-90)" text-anchor="middle" fill="#333">'
                        f'{html.escape(self.ylabel)}</text>')
         out += self.items
-        for i, (s, c) in enumerate(self.legend):
-            y = t + 6 + 15 * i
-            out.append(f'<rect x="{w - r - 150}" y="{y}" width="10" height="10" fill="{c}"/>'
-                       f'<text x="{w - r - 136}" y="{y + 9}" fill="#333">{html.escape(s)}</text>')
+        if self.legend:  # wide enough for the longest label (~6.3 px per character at 11 px), on white
+            lw = min(max(150, 20 + 6.3 * max(len(s) for s, _ in self.legend)), w - r - l - 8)
+            x0 = w - r - lw
+            out.append(f'<rect x="{_num(x0 - 4)}" y="{t + 2}" width="{_num(lw)}" height="{15 * len(self.legend) + 6}" '
+                       'fill="#fff" fill-opacity="0.85"/>')
+            for i, (s, c) in enumerate(self.legend):
+                y = t + 6 + 15 * i
+                out.append(f'<rect x="{_num(x0)}" y="{y}" width="10" height="10" fill="{c}"/>'
+                           f'<text x="{_num(x0 + 14)}" y="{y + 9}" fill="#333">{html.escape(s)}</text>')
         out.append("</svg>\n")
         return "\n".join(out)
