@@ -41,6 +41,16 @@ def device_of(name: str) -> torch.device:
     return dev
 
 
+def show_defaults(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Appends "(default: X)" to the help of every flag with a fixed default its text does not already give
+    (None defaults are explained in the text: they come from the run)."""
+    for a in p._actions:
+        if (a.help and a.default is not None and a.default is not argparse.SUPPRESS and not isinstance(a.default, bool)
+                and "default" not in a.help and a.option_strings):
+            a.help += " (default: %(default)s)"
+    return p
+
+
 def add_corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="M", default=None,
                    help="the LM the SAEs read (default: the run's own, from train_config.json / lm_config.json; "
@@ -84,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", metavar="N", type=int, default=0, help="seed of the sampling")
     p.add_argument("--output", metavar="DIR", default=None,
                    help="write <DIR>/<name>/{analysis,dashboard} instead of into each run folder")
-    return p
+    return show_defaults(p)
 
 
 def _check(args) -> None:

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .cli import add_corpus_args, device_of, load_lm_for
+from .cli import add_corpus_args, device_of, load_lm_for, show_defaults
 from .compare import blocked_matches, cofire_counts, families, pca_2d, umap_2d, unit_rows
 from .corpus import held_out_contexts
 from .dashboard import asset, page, rel, write_data
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block", metavar="N", type=int, default=None,
                    help="latents of A per block of cosines (default 4096 on GPU, 1024 on CPU)")
     add_corpus_args(p)
-    return p
+    return show_defaults(p)
 
 
 def _one(path: str, flag: str):

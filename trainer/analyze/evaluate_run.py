@@ -21,7 +21,7 @@ import torch
 
 from ..evaluate import EV_CONVENTION, evaluate
 from ..model import load_model
-from .cli import device_of
+from .cli import device_of, show_defaults
 from .corpus import held_out_contexts
 from .export import write_json
 from .runs import RunError, resolve_run, settings_of
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON file to write (the figure goes beside it as .svg); one RUN with one SAE only")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="show a progress bar (counted in context tokens)")
-    return p
+    return show_defaults(p)
 
 
 def _slug(s: str) -> str:
