@@ -117,7 +117,7 @@ def figure(doc: Dict[str, Any]) -> str:
         d = [v for v in bp["delta_lm_loss"] if v is not None] or [0.0]
         span = max(max(d) - min(min(d), 0.0), 1e-6)
         f2 = Figure("delta LM loss by position", "token position in the context (bucket edges)", "delta LM loss (nats)",
-                    xl, (min(min(d), 0.0) - 0.08 * span, max(max(d), 0.0) + 0.15 * span), xlog=True, height=260)
+                    xl, (min(min(d), 0.0) - 0.08 * span, max(max(d), 0.0) + 0.35 * span), xlog=True, height=260)  # headroom: the legend
         f2.line(mids, bp["delta_lm_loss"], PALETTE[1], "CE(SAE) - CE(clean)")
         f2.hline(0.0)
         parts.append(f2.svg(xticks=xt))
