@@ -124,6 +124,9 @@ def test_compare_errors(analyzed, capsys):
     _, suite = analyzed
     assert main([str(suite), str(suite / "L1R-8x")]) == 2
     assert "RUN_A" in capsys.readouterr().err
+    assert main([str(suite / "L1R-8x"), str(suite / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "RUN_B" in err and "no such folder" in err
     assert main([str(suite / "L1R-8x"), str(suite / "L1R-8x")]) == 2
     assert main([str(suite / "L1R-8x"), str(suite / "L1R-32x"), "--threshold", "2"]) == 2
     assert "--threshold" in capsys.readouterr().err

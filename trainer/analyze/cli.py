@@ -13,11 +13,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from ..model import load_model
+from ..run import _device as device_of  # 'auto', 'cpu', 'cuda', 'cuda:1', with the same errors as trainer.run
 from .corpus import held_out_contexts
 from .dashboard import member_links, write_data, write_member_page, write_suite_page
 from .export import export_member, write_json
@@ -29,16 +30,18 @@ EVAL_KEYS = ("explained_variance", "explained_variance_per_token", "l0", "delta_
              "dead_latents_eval", "n_tokens")
 
 
-def device_of(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def run_cli(fn: Callable[..., object], args) -> int:
+    """Runs ``fn(args, log=...)`` for a CLI: log lines to stderr; exit 2 with the message on bad input, 130
+    on Ctrl-C, else 0."""
     try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return dev
+        fn(args, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 def show_defaults(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -199,13 +202,4 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .compare_cli import main as compare_main
 
         return compare_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    try:
-        analyze(args, log=lambda s: print(s, file=sys.stderr, flush=True))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(analyze, build_parser().parse_args(argv))

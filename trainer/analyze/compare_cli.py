@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .cli import add_corpus_args, device_of, load_lm_for, show_defaults
+from .cli import add_corpus_args, device_of, load_lm_for, run_cli, show_defaults
 from .compare import blocked_matches, cofire_counts, families, pca_2d, umap_2d, unit_rows
 from .corpus import held_out_contexts
 from .dashboard import asset, page, rel, write_data
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one(path: str, flag: str):
-    spec = resolve_run(path)
+    spec = resolve_run(path, flag)
     if len(spec.members) != 1:
         raise RunError(f"{flag} {path!r}: expected one SAE folder, got a suite of {len(spec.members)}; "
                        f"name a member, e.g. {spec.members[0].folder}")
@@ -312,12 +312,4 @@ def write_figures(an: Path, slug: str, doc: Dict[str, Any], max_points: int) -> 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     args.output = None
-    try:
-        compare(args, log=lambda s: print(s, file=sys.stderr, flush=True))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(compare, args)

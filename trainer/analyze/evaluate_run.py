@@ -21,7 +21,7 @@ import torch
 
 from ..evaluate import EV_CONVENTION, evaluate
 from ..model import load_model
-from .cli import device_of, show_defaults
+from .cli import device_of, run_cli, show_defaults
 from .corpus import held_out_contexts
 from .export import write_json
 from .runs import RunError, resolve_run, settings_of
@@ -202,13 +202,4 @@ def run_evaluation(args, log=print) -> List[Dict[str, Any]]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run_evaluation(args, log=lambda s: print(s, file=sys.stderr, flush=True))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(run_evaluation, build_parser().parse_args(argv))

@@ -162,17 +162,17 @@ class RunSpec:
     is_suite: bool
 
 
-def resolve_run(path: str | Path) -> RunSpec:
-    """A run folder (one SAE) or a suite folder (a folder of them), checked."""
+def resolve_run(path: str | Path, arg: str = "RUN") -> RunSpec:
+    """A run folder (one SAE) or a suite folder (a folder of them), checked; errors name ``arg``."""
     p = Path(path)
     if not p.is_dir():
-        raise RunError(f"RUN {str(path)!r}: no such folder")
+        raise RunError(f"{arg} {str(path)!r}: no such folder")
     if is_member(p):
         return RunSpec(p, [load_member(p)], is_suite=False)
     members = suite_members(p)
     if not members:
         raise RunError(
-            f"RUN {str(path)!r}: expected a run folder (hyperparams.json + {WEIGHTS}, as python -m trainer.run "
+            f"{arg} {str(path)!r}: expected a run folder (hyperparams.json + {WEIGHTS}, as python -m trainer.run "
             "writes it) or a suite folder holding such folders"
         )
     return RunSpec(p, [load_member(m, suite=p) for m in members], is_suite=True)
