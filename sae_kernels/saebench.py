@@ -55,6 +55,7 @@ class SAEBenchConfig:
     training_tokens: int = -100_000
     sae_lens_training_version: Optional[str] = None
     neuronpedia_id: Optional[str] = None
+    architecture_str: str = ""
     activation_fn_kwargs: Dict[str, Any] = field(default_factory=dict)
     model_from_pretrained_kwargs: Dict[str, Any] = field(default_factory=dict)
 
@@ -111,6 +112,7 @@ class SAEBenchSAE(nn.Module):
         relu = c.activation == "jumprelu" and bool((threshold == 0).all())
         self.cfg = _config_class()(model_name, d_in=d, d_sae=n, hook_layer=hook_layer, hook_name=hook_name)
         self.cfg.architecture = "topk" if c.activation == "topk" else ("standard" if relu else "jumprelu")
+        self.cfg.architecture_str = self.cfg.architecture  # what SAEBench's evaluations read (set by its loader too)
         self.cfg.activation_fn_str = "topk" if c.activation == "topk" else "relu"
         self.cfg.activation_fn_kwargs = {"k": c.k} if c.activation == "topk" else {}
         self.cfg.model_from_pretrained_kwargs = {}
