@@ -19,7 +19,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ._validate import check_finite, check_k, check_tensor
+from ._validate import as_int, check_finite, check_k, check_tensor
 from .config import SAEConfig
 from .ops import sparse_decode, topk_encode
 
@@ -266,8 +266,13 @@ class TopKSAE(nn.Module):
         if N < 1:
             raise ValueError("activations: expected at least one token")
         check_finite("activations", activations)  # a NaN would make theta NaN: no latent would ever fire
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        try:
+            bs = as_int("batch_size", batch_size)
+        except ValueError:
+            bs = 0
+        if bs < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        batch_size = bs
         out = self.folded()
         out.cfg = out.cfg.replace(activation="topk", k=k)
         total = N * k
