@@ -5,6 +5,7 @@ SAEBench (the adapter against its own checks, config class and reference SAE cla
 Each package is imported once per module through a fixture (SAELens's import alone takes ~10 s on
 two cores); a test skips when its package is absent. CI installs them (see README, "Run the tests").
 """
+import copy
 import dataclasses
 import os
 
@@ -101,16 +102,21 @@ def test_saelens_round_trip(sl, tmp_path, case):
     else:
         ref = module
     x_shape = (50, HEADS, D_HEAD) if case == "hook_z" else (200, D)
-    x = torch.randn(*x_shape, dtype=torch.float64) * 1.5
+    x = torch.randn(*x_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 1.5
     with torch.no_grad():
         want_f, want_x = ref.encode(x), ref.decode(ref.encode(x))
-    assert 0 < (want_f > 0).sum(-1).double().mean() < N / 2 + 1, "test input should give a sparse code"
+    l0 = (want_f > 0).sum(-1).double().mean()
+    assert 1 <= l0 < 0.8 * N, f"test input should give a sparse code, L0 {float(l0)}"
 
     ours = TopKSAE.from_saelens(tmp_path / "theirs")
     assert ours.dtype == torch.float64
     assert ours.cfg.model_name == "gpt2" and ours.cfg.layer == 3
     assert_close(ours.encode(x), want_f, 1e-10, f"{case}: latents")
     assert_close(ours(x), want_x, 1e-10, f"{case}: reconstruction")
+    if ours.cfg.activation == "jumprelu" and bool((ours.threshold != 0).any()):  # thresholds matter here
+        relu = copy.deepcopy(ours)
+        relu.threshold.zero_()
+        assert int((relu.encode(x) > 0).sum()) > int((ours.encode(x) > 0).sum()) + 50
 
     ours.to_saelens(tmp_path / "ours")
     back = sl.SAE.load_from_disk(tmp_path / "ours")
