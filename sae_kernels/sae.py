@@ -340,9 +340,11 @@ class TopKSAE(nn.Module):
         """Load a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``, SAELens 6 or earlier):
         architectures standard, jumprelu, gated, topk (with ``rescale_acts_by_decoder_norm``),
         batchtopk and matryoshka_batchtopk training checkpoints (as the JumpReLU SAE SAELens exports
-        from them), and transcoder / jumprelu_transcoder when ``d_in == d_out``. The result is folded
-        (unit-norm decoder rows where the selection allows) and its latents equal SAELens's
-        ``encode``. Others (abstopk, skip transcoders, temporal, matching_pursuit) are refused."""
+        from them), and transcoder / jumprelu_transcoder when ``d_in == d_out``. Its latents equal
+        SAELens's ``encode``: with ``rescale_acts_by_decoder_norm`` the SAE is loaded with weighted
+        selection and then folded (unit-norm decoder rows); ``apply_b_dec_to_input`` (SAELens's default:
+        true) is folded into ``b_enc``. Others (abstopk, skip transcoders, temporal, matching_pursuit,
+        ``normalize_activations`` other than "none") are refused with the reason."""
         from .formats import load_saelens
 
         return load_saelens(path, device=device, dtype=dtype)
