@@ -510,3 +510,21 @@ def test_misspelt_config_key_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"unknown keys 'weighted_top_k' \(did you mean 'weighted_topk'\?\)") as e:
         TopKSAE.load(tmp_path / "s")
     assert str(f) in str(e.value)
+
+
+def test_saelens_log_threshold_and_scaling_factor(tmp_path):
+    """Older SAELens files: JumpReLU ``log_threshold`` (threshold = exp), and the 5.x ``scaling_factor``
+    that multiplied the latents before decoding."""
+    g = torch.Generator().manual_seed(3)
+    log_thr = torch.randn(N_LAT, generator=g, dtype=torch.float64) * 0.3 - 1.5
+    sf = torch.rand(N_LAT, generator=g, dtype=torch.float64) + 0.5
+    cfg = {"architecture": "jumprelu", "d_in": D, "d_sae": N_LAT, "finetuning_scaling_factor": True,
+           "hook_name": "blocks.1.hook_resid_post"}
+    t = write_saelens(tmp_path / "j", cfg, extra={"log_threshold": log_thr, "scaling_factor": sf})
+    x = torch.randn(200, D, dtype=torch.float64, generator=g)
+    pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    f = torch.relu(pre) * (pre > log_thr.exp())
+    assert ((torch.relu(pre) > 0) != (f > 0)).sum() > 100, "the thresholds must matter on this data"
+    sae = TopKSAE.from_saelens(tmp_path / "j", dtype="float64")
+    assert_close(sae.encode(x), f, 1e-10, "latents")
+    assert_close(sae(x), (f * sf) @ t["W_dec"] + t["b_dec"], 1e-10, "reconstruction with scaling_factor")
