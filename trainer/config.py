@@ -104,7 +104,9 @@ class TrainConfig:
     seed: int = _help("Seed of the SAE init, data order and buffer shuffles.", default=42)
     # ---------------------------------------------------------------- activations
     lm_batch_size: Optional[int] = _help("Contexts per LM forward pass.", default=None)
-    buffer_tokens: Optional[int] = _help("Activation buffer size in tokens (recipe: 500k).", default=None)
+    buffer_tokens: Optional[int] = _help(
+        "Activation buffer size in tokens (recipe: 500k). A token's row holds every hook point of the suite: "
+        "the run refuses, before allocating, a buffer that does not fit in free memory.", default=None)
     buffer_device: str = _help("Where the buffer lives: 'auto' (the training device), 'cpu' (pinned host memory on GPU runs).",
                                default="auto")
     norm_tokens: int = _help("Non-special tokens for the dataset-wise norm estimate.", default=16384)
@@ -120,17 +122,23 @@ class TrainConfig:
     # ---------------------------------------------------------------- evaluation and outputs
     eval_tokens: Optional[int] = _help("Held-out tokens for evaluation (whole contexts).", default=None)
     eval_every: int = _help("Every eval_every-th context of the data stream is held out (up to eval_tokens).", default=10)
-    eval_lm_loss: bool = _help("Measure delta LM loss and CE score (runs the whole LM 3x on the held-out set).", default=True)
+    eval_lm_loss: bool = _help(
+        "Measure delta LM loss and CE score: one clean pass of the whole LM over the held-out set (shared "
+        "by a suite), one zero-ablated pass per hook point and one spliced pass per SAE; "
+        "--no-eval-lm-loss skips them (big suites).", default=True)
     eval_lm_tokens: Optional[int] = _help(
         "Held-out tokens (whole contexts, a prefix of the eval set) for delta LM loss and CE score. "
         "Default: all eval tokens; 4096 for the embedded model.", default=None)
     jumprelu: bool = _help("After training, also write the JumpReLU post-processing (SPEC sec. 5) to <run>/jumprelu.",
                            default=False)
     jumprelu_tokens: int = _help("Non-special training tokens for the JumpReLU threshold.", default=32768)
-    output: str = _help("Output root; the run goes to <output>/L{layer}{position}-{expansion}x/.", default="runs")
+    output: str = _help("Output root: each SAE goes to <output>/L{layer}{position}-{expansion}x/, the suite's "
+                        "summary to <output>/suite.json (.md, .csv, .png), resume state to <output>/resume/.",
+                        default="runs")
     export_dtype: str = _help("dtype of checkpoints/final.safetensors (released: bfloat16).", default="bfloat16")
     overwrite: bool = _help("Replace an existing run folder.", default=False)
-    resume: bool = _help("Continue the run in the output folder from its last checkpoint (same flags).", default=False)
+    resume: bool = _help("Continue the run (every SAE of the suite) in the output folder from its last checkpoint "
+                         "(same flags; any number of processes and --tp).", default=False)
     checkpoint_every: Optional[int] = _help("Steps between resumable checkpoints (0: none).", default=None)
     log_every: Optional[int] = _help("Steps between metrics.jsonl lines (each costs one host sync).", default=None)
     progress: bool = _help("Show the tqdm progress bar.", default=True)

@@ -214,10 +214,6 @@ class ParallelContext:
         out = t[lo:hi]  # a safetensors slice reads only these rows from disk
         return out.to(device=device if device is not None else self.device, copy=True).contiguous()
 
-    def data_shard(self) -> Tuple[int, int]:
-        """``(index, count)`` to deal the LM batches: this rank runs the LM on batches ``b % count == index``."""
-        return self.rank, self.world_size
-
     # ------------------------------------------------------------------ collectives (no-ops when alone)
 
     def _reduce(self, t: Tensor, group, size: int, op: str) -> Tensor:

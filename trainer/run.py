@@ -1,15 +1,27 @@
-"""``python -m trainer.run``: train a Llama Scope SAE end to end, then evaluate and export it.
+"""``python -m trainer.run``: train Llama Scope SAEs end to end, then evaluate and export them.
 
-With no arguments: SmolLM2-135M-Instruct (embedded GGUF) on CPython's docs, layer 12, residual
-stream, 8x, K=50, on the CPU in a few minutes. The real job, on a GPU::
+A run trains a suite of SAEs from one LM pass; a single SAE is a suite of one. With no arguments:
+SmolLM2-135M-Instruct (embedded GGUF) on CPython's docs, layer 12, residual stream, 8x, K=50, on the
+CPU in a few minutes. The real jobs, on GPUs::
 
     python -m trainer.run --model meta-llama/Llama-3.1-8B --dataset <hf dataset> \\
         --layer 15 --position R --expansion 8 --tokens 800000000
+    python -m trainer.run --hookpoints L3R,L6R,L9M,L12TC ...          # four SAEs, one LM pass
+    torchrun --nproc_per_node 8 -m trainer.run --layers 0-31:4 --positions R,M --expansion 8,32 ...
 
-Outputs in ``<output>/L{layer}{position}-{expansion}x/``: the released Llama Scope layout
-(``hyperparams.json``, ``lm_config.json``, ``checkpoints/final.safetensors``), ``metrics.jsonl``,
-``eval.json``, ``train_config.json``, ``resume/state.pt`` (while training), and with ``--jumprelu``
-a ``jumprelu/`` folder in the same layout.
+Outputs: each member in ``<output>/L{layer}{position}-{expansion}x/`` exactly as a run alone writes
+it (the released Llama Scope layout: ``hyperparams.json``, ``lm_config.json``,
+``checkpoints/final.safetensors``; ``metrics.jsonl``, ``eval.json``, ``train_config.json``, with
+``--jumprelu`` a ``jumprelu/`` folder), and ``<output>/suite.json``, ``suite.md``, ``suite.csv``,
+``suite.png``; ``<output>/resume/`` while training.
+
+The pipeline: the LM runs once per context up to the deepest member's layer, capturing every hook
+point; one activation buffer holds each token's row of all hook points (one permutation serves every
+member); each member has its own norms, initialisation (seeded by the seed and its name), Adam,
+schedules, counters and metrics. Under torchrun the producers are data-parallel over all ranks, the
+members are placed on model groups (balanced by parameter count, sharded over ``--tp``), and each
+step's rows are moved to the ranks that train on them: the same SAEs on any layout (README,
+'Training on several GPUs').
 """
 from __future__ import annotations
 
@@ -18,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -143,12 +156,15 @@ def check_buffer_memory(cfg: TrainConfig, n_hooks: int, d_model: int, elem: int,
     rows = cfg.buffer_tokens if world == 1 else -(-cfg.buffer_tokens // world) + 2 * cfg.batch_size
     need = rows * n_hooks * d_model * elem
     free = available_bytes(device)
-    if free is not None and need > 0.9 * free:
+    # host memory is shared by the ranks of a node
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) if device.type == "cpu" else 1
+    if free is not None and need * sharing > 0.9 * free:
         per = f" / {world} ranks" if world > 1 else ""
+        on = f"{device}" + (f" (shared by {sharing} ranks)" if sharing > 1 else "")
         raise ValueError(
             f"--buffer-tokens: the activation buffer needs {need / 2**30:.2f} GiB on this rank "
             f"({cfg.buffer_tokens:,} tokens{per} x {n_hooks} hook point column blocks x d_model {d_model} x "
-            f"{elem} bytes), more than the {free / 2**30:.2f} GiB free on {device}; lower --buffer-tokens "
+            f"{elem} bytes), more than the {free / 2**30:.2f} GiB free on {on}; lower --buffer-tokens "
             "or train fewer hook points per run"
         )
     return need
@@ -519,9 +535,10 @@ def summary(r: Dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m trainer.run",
-        description="Train a Llama Scope TopK SAE (or transcoder) on one layer of a causal LM, evaluate it "
-                    "and export it in the released layout. With no arguments: SmolLM2-135M on CPython's docs, "
-                    "a few minutes on a CPU.",
+        description="Train Llama Scope TopK SAEs (or transcoders) on a causal LM, evaluate them and export "
+                    "them in the released layout: one SAE (--layer, --position, --expansion) or a suite from one "
+                    "LM pass (--hookpoints, or --layers / --positions / a list of --expansion). With no "
+                    "arguments: SmolLM2-135M on CPython's docs, a few minutes on a CPU.",
     )
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):

@@ -7,8 +7,10 @@
   takes a ``Collectives`` object (single-process by default) so that a data / tensor parallel
   trainer can wrap or subclass it: override ``encode_decode`` for sharded latents and the
   ``Collectives`` methods for the all-reduces.
-* ``Trainer``: the loop around it: metrics.jsonl every ``log_every`` steps, tqdm counted in tokens,
-  atomic resumable checkpoints (SAE, Adam, buffer, RNG, counters) every ``checkpoint_every`` steps.
+* ``Member``: one SAE of a run (a suite of one or many): its step, folder and buffer columns.
+* ``Trainer``: the loop around the members' steps, one global batch per step shared by every member:
+  each member's metrics.jsonl every ``log_every`` steps, tqdm counted in tokens, atomic resumable
+  checkpoints (the buffer once; each member's SAE, Adam, counters) every ``checkpoint_every`` steps.
 """
 from __future__ import annotations
 
