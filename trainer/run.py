@@ -189,7 +189,7 @@ def _layout(specs: List[MemberSpec], placement: List[List[int]], ctx, d_model: i
 def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """The whole pipeline for a suite of one or many SAEs; returns the suite's results
     (``{"members": {name: eval.json contents}, ...}``) on rank 0, or ``{"stopped": step}``."""
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     ctx = init_parallel(cfg.tp, timeout_s=cfg.dist_timeout,
                         device=None if cfg.device == "auto" else _device(cfg.device))
     device = ctx.device if ctx.distributed else _device(cfg.device)
@@ -216,7 +216,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
     if (lm.n_layers, lm.d_model) != (n_layers, d):
         raise ValueError(f"--model {cfg.model!r}: the loaded model has {lm.n_layers} layers of width {lm.d_model}, "
                          f"its configuration said {n_layers} x {d}")
-    t_loaded = time.perf_counter()
+    t_loaded, c_loaded = time.perf_counter(), time.process_time()
     ctx.barrier()
     hooks = suite_hooks(specs)
     block = {h: i for i, h in enumerate(hooks)}
@@ -309,7 +309,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
     if state is not None:
         trainer.load_checkpoint(state)
         del state
-    t_fit = time.perf_counter()
+    t_fit, c_fit = time.perf_counter(), time.process_time()
     try:
         trainer.fit()
     except StopTraining as e:
@@ -317,7 +317,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
         return {"stopped": trainer.t}
     finally:
         buffer.close()
-    t_trained = time.perf_counter()
+    t_trained, c_trained = time.perf_counter(), time.process_time()
 
     # ---- each member's main rank gathers its SAE, exports it in the released layout, evaluates what a
     # user reloads; its members share one pass over the held-out contexts (one clean LM pass)
@@ -394,7 +394,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
             if resume_dir.is_dir():
                 shutil.rmtree(resume_dir)  # the run is complete; the final weights are in checkpoints/
             results[name] = result
-    t_done = time.perf_counter()
+    t_done, c_done = time.perf_counter(), time.process_time()
     stats = {"lm_seconds": source.lm_seconds, "lm_tokens": source.lm_tokens, "eval_seconds": t_done - t_eval0,
              "wait_seconds": trainer.wait_seconds, "rows_received_bytes": exchange.bytes_received,
              "sae_step_seconds": {m.name: m.step_seconds for m in members}}
@@ -426,6 +426,11 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
         "lm_tokens": sum(st["lm_tokens"] for _, st in gathered),
         "buffer_bytes_per_rank": buffer_bytes, "rows_received_bytes": sum(st["rows_received_bytes"] for _, st in gathered),
         "seconds": seconds,
+        # CPU time of rank 0's process (all its threads) per phase: less sensitive than wall time to other
+        # jobs on the machine; "train" holds the SAE steps and the LM forwards that overlap them
+        "cpu_seconds": {"load_model": round(c_loaded - c_start, 2), "data_and_first_fill": round(c_fit - c_loaded, 2),
+                        "train": round(c_trained - c_fit, 2), "eval_export": round(c_done - c_trained, 2),
+                        "total": round(c_done - c_start, 2)},
     }
     write_suite_files(out, suite)
     resume = out / "resume"
