@@ -57,9 +57,25 @@ def trainer_run(hookpoints, out, extra):
         "load_average_1min": [round(load0, 2), round(os.getloadavg()[0], 2)], "seconds": s,
         "cpu_phases": suite.get("cpu_seconds"),
         "lm_tokens": suite["lm_tokens"],
+        "shapes": {"model": suite.get("model"), "d_model": suite.get("d_model"), "hook_points": suite.get("hook_points"),
+                   **{k: suite["settings"].get(k) for k in ("tokens", "batch_size", "k", "context_len", "lm_batch_size",
+                                                             "buffer_tokens", "eval_tokens", "eval_lm_tokens", "dtype")
+                      if k in suite["settings"]}},
         "members": {m["name"]: {k: m[k] for k in ("explained_variance", "l0", "delta_lm_loss", "ce_score",
                                                  "dead_latents_eval", "d_sae")} for m in suite["members"]},
     }
+
+
+def _versions():
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "triton", "transformers", "safetensors", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
 
 
 def _commit():
@@ -133,7 +149,7 @@ def main(argv=None):
           f"CPU time (user+sys) suite / separate: {summary['suite_over_separate_cpu']:.2f}; CPU of the first fill "
           f"(LM forwards) suite / one SAE's: {summary['suite_first_fill_cpu_over_one']:.2f}")
     record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "python": platform.python_version(), "extra_args": extra,
+              "cpus": os.cpu_count(), "python": platform.python_version(), "versions": _versions(), "extra_args": extra,
               "load_average": os.getloadavg(), "commit": _commit(), "results": results, "summary": summary}
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"suite-cpu-{datetime.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
