@@ -19,6 +19,7 @@ setup(
         "datasets>=2.18",
         "huggingface_hub>=0.23",
         "tqdm",
+        "matplotlib",  # suite.png, the suite's figure
         # the embedded default model is a GGUF file: transformers reads it with gguf + accelerate
         "gguf>=0.10",
         "accelerate>=0.30",
