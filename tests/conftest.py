@@ -26,8 +26,9 @@ def backend(request, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_suite(tmp_path_factory):
-    """A tiny random Llama and a suite folder of two trained SAEs on its layer 1 (L1R-8x, L1R-32x, k=8),
-    as ``python -m trainer.run`` writes them (tests/test_analyze*.py)."""
+    """A tiny random Llama and a suite of two SAEs on its layer 1 (L1R-8x, L1R-32x, k=8) trained from one
+    LM pass, as ``python -m trainer.run --expansion 8,32`` writes it: member folders and suite.json
+    (tests/test_analyze*.py)."""
     from trainer.config import TrainConfig
     from trainer.run import run
     from trainer.testing import tiny_llama_folder
@@ -35,10 +36,10 @@ def tiny_suite(tmp_path_factory):
     root = tmp_path_factory.mktemp("suite")
     model = tiny_llama_folder(str(root / "model"), layers=3)
     out = root / "suite"
-    for exp in (8, 32):
-        run(TrainConfig(model=model, layer=1, context_len=64, lm_batch_size=4, tokens=4096, batch_size=256,
-                        buffer_tokens=1024, eval_tokens=512, eval_every=5, expansion=exp, k=8, lr=4e-3,
-                        progress=False, output=str(out)), log=lambda s: None)
+    run(TrainConfig(model=model, layer=1, context_len=64, lm_batch_size=4, tokens=4096, batch_size=256,
+                    buffer_tokens=1024, eval_tokens=512, eval_every=5, expansion="8,32", k=8, lr=4e-3,
+                    progress=False, output=str(out)), log=lambda s: None)
+    assert (out / "suite.json").is_file() and (out / "L1R-8x").is_dir() and (out / "L1R-32x").is_dir()
     return model, out
 
 

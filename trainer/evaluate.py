@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import LoadedModel, capture, run_capture, special_mask, splice_sae, zero_ablate
+from .model import LoadedModel, capture_hooks, position_hooks, run_capture, special_mask, splice_sae, zero_ablate
 
 
 def _ce(logits: Tensor, input_ids: Tensor, special_ids: Sequence[int]) -> Tuple[Tensor, Tensor]:
@@ -38,33 +38,42 @@ def _ce(logits: Tensor, input_ids: Tensor, special_ids: Sequence[int]) -> Tuple[
     return (lp.double() * valid).sum(0).cpu(), valid.sum(0).cpu()
 
 
+Site = Tuple[int, str]  # (layer, position)
+
+
 @torch.no_grad()
-def collect(
+def collect_sites(
     lm: LoadedModel,
     contexts: Tensor,
-    layer: int,
-    position: str,
+    sites: Sequence[Site],
     *,
     special_ids: Sequence[int],
     batch_size: int = 2,
-    saes: Optional[Dict[str, object]] = None,
+    saes: Optional[Dict[Site, Dict[str, object]]] = None,
     lm_loss: bool = True,
     lm_loss_contexts: Optional[int] = None,
     progress: bool = False,
 ) -> Dict[str, object]:
-    """Run the held-out ``contexts``: activations ``x`` (and TC targets ``y``) of non-special tokens,
-    and with ``lm_loss`` the cross-entropy ``ce_clean``, ``ce_zero`` and ``ce_<name>`` for each SAE
-    of ``saes`` spliced in, over the first ``lm_loss_contexts`` contexts (default all). Those go
-    through the whole LM once per variant; the others only up to the SAE's layer. ``progress``: a bar
+    """Run the held-out ``contexts`` once for every site (layer, position): the activations of the
+    non-special tokens at each site's hook points (``"acts"``: hook name -> ``[N, d]``), and with
+    ``lm_loss`` the cross-entropy ``ce_clean`` (one clean pass, shared), ``ce_zero@L{layer}{position}``
+    (one zero-ablated pass per site) and ``ce_<name>`` for each SAE of ``saes[site]`` spliced in at its
+    site (one pass each), over the first ``lm_loss_contexts`` contexts (default all). Those go through
+    the whole LM; the others only up to the deepest site. Also ``"pos"``: each token's position in its
+    context (the rows of every activation), and with ``lm_loss`` ``"ce_by_position"``: name -> (sum,
+    count) of the CE of predicting the token at target position t = 1 .. T-1. ``progress``: a bar
     counted in context tokens."""
     model = lm.model
     saes = saes or {}
-    xs: List[Tensor] = []
-    ys: List[Tensor] = []
+    hooks: List[str] = []
+    for layer, position in sites:
+        hooks += [h for h in position_hooks(layer, position) if h not in hooks]
+    acts: Dict[str, List[Tensor]] = {h: [] for h in hooks}
     pos: List[Tensor] = []
     ce: Dict[str, List[float]] = {}
     ce_pos: Dict[str, List[Tensor]] = {}
-    variants = [("zero", None)] + list(saes.items())
+    variants = [(f"zero@L{layer}{position}", (layer, position), None) for layer, position in sites]
+    variants += [(name, site, sae) for site in sites for name, sae in saes.get(site, {}).items()]
     n_lm = len(contexts) if lm_loss_contexts is None else min(lm_loss_contexts, len(contexts))
     starts = list(range(0, n_lm, batch_size)) + list(range(n_lm, len(contexts), batch_size))
     bar = None
@@ -76,19 +85,18 @@ def collect(
         with_lm = lm_loss and s < n_lm
         ids = contexts[s : min(s + batch_size, n_lm if s < n_lm else len(contexts))].to(lm.device)
         keep = ~special_mask(ids, special_ids)
-        with capture(model, layer, position, stop=not with_lm) as store:
+        with capture_hooks(model, hooks, stop=not with_lm) as store:
             out = run_capture(model if with_lm else getattr(model, "model", model), ids, store)
-            xs.append(store["in"][keep].float().cpu())
-            pos.append(torch.arange(ids.shape[1], device=ids.device).expand_as(ids)[keep].cpu())
-            if "out" in store:
-                ys.append(store["out"][keep].float().cpu())
+            for h in hooks:
+                acts[h].append(store[h][keep].float().cpu())
+        pos.append(torch.arange(ids.shape[1], device=ids.device).expand_as(ids)[keep].cpu())
         if not with_lm:
             if bar is not None:
                 bar.update(int(ids.numel()))
             continue
         results = {"clean": _ce(out.logits, ids, special_ids)}
         del out
-        for name, sae in variants:
+        for name, (layer, position), sae in variants:
             cm = zero_ablate(model, layer, position, special_ids) if sae is None else splice_sae(
                 model, sae, layer, position, special_ids)
             with cm:
@@ -106,14 +114,46 @@ def collect(
             bar.update(int(ids.numel()))
     if bar is not None:
         bar.close()
-    res: Dict[str, object] = {"x": torch.cat(xs) if xs else torch.empty(0), "y": torch.cat(ys) if ys else None,
+    res: Dict[str, object] = {"acts": {h: torch.cat(v) if v else torch.empty(0) for h, v in acts.items()},
                               "pos": torch.cat(pos) if pos else torch.empty(0, dtype=torch.int64)}
     for name, (sm, n) in ce.items():
         res[f"ce_{name}"] = sm / max(n, 1)
     if ce:
         res["ce_tokens"] = int(ce["clean"][1])
-        # per target position t = 1 .. T-1: (sum, count) of the CE of predicting token t
         res["ce_by_position"] = {name: (sm, n) for name, (sm, n) in ce_pos.items()}
+    return res
+
+
+@torch.no_grad()
+def collect(
+    lm: LoadedModel,
+    contexts: Tensor,
+    layer: int,
+    position: str,
+    *,
+    special_ids: Sequence[int],
+    batch_size: int = 2,
+    saes: Optional[Dict[str, object]] = None,
+    lm_loss: bool = True,
+    lm_loss_contexts: Optional[int] = None,
+    progress: bool = False,
+) -> Dict[str, object]:
+    """``collect_sites`` for one site: activations ``x`` (and TC targets ``y``) of non-special tokens,
+    their positions ``pos``, and with ``lm_loss`` the cross-entropy ``ce_clean``, ``ce_zero`` and
+    ``ce_<name>`` for each SAE of ``saes`` spliced in (and the same by target position,
+    ``ce_by_position``), over the first ``lm_loss_contexts`` contexts (default all)."""
+    site = (layer, position)
+    got = collect_sites(lm, contexts, [site], special_ids=special_ids, batch_size=batch_size,
+                        saes={site: saes or {}}, lm_loss=lm_loss, lm_loss_contexts=lm_loss_contexts,
+                        progress=progress)
+    hooks = position_hooks(layer, position)
+    res = {k: v for k, v in got.items() if k != "acts"}
+    zero = f"zero@L{layer}{position}"
+    if f"ce_{zero}" in res:
+        res["ce_zero"] = res.pop(f"ce_{zero}")
+        res["ce_by_position"]["zero"] = res["ce_by_position"].pop(zero)
+    res["x"] = got["acts"][hooks[0]]
+    res["y"] = got["acts"][hooks[1]] if len(hooks) > 1 else None
     return res
 
 
@@ -170,6 +210,47 @@ def sae_metrics(sae, x: Tensor, y: Optional[Tensor] = None, batch_size: int = 40
     }
 
 
+def evaluate_sites(
+    lm: LoadedModel,
+    saes: Dict[Site, Dict[str, object]],
+    contexts: Tensor,
+    *,
+    special_ids: Sequence[int],
+    batch_size: int = 2,
+    lm_loss: bool = True,
+    lm_loss_contexts: Optional[int] = None,
+    position_buckets: Optional[Sequence[int]] = None,
+    progress: bool = False,
+) -> Tuple[Dict[str, Dict[str, object]], Dict[str, Tensor]]:
+    """Held-out metrics of every SAE of ``saes`` ({site: {name: module}}), sharing one pass over the
+    data and one clean LM pass (a suite's members). Returns ``({name: metrics}, {hook: activations})``:
+    the metrics, and the held-out activations (raw units) they were computed on. With
+    ``position_buckets`` (bucket edges over token positions), each SAE's metrics also hold
+    ``by_position`` (``sae_metrics``, plus CE and delta LM loss per bucket: ``ce_by_position``)."""
+    got = collect_sites(lm, contexts, list(saes), special_ids=special_ids, batch_size=batch_size, saes=saes,
+                        lm_loss=lm_loss, lm_loss_contexts=lm_loss_contexts, progress=progress)
+    out: Dict[str, Dict[str, object]] = {}
+    for (layer, position), named in saes.items():
+        hooks = position_hooks(layer, position)
+        x = got["acts"][hooks[0]]
+        y = got["acts"][hooks[1]] if len(hooks) > 1 else None
+        for name, sae in named.items():
+            m: Dict[str, object] = sae_metrics(sae, x, y, positions=got["pos"], buckets=position_buckets)
+            if position_buckets is not None and lm_loss:
+                m["by_position"].update(ce_by_position(got["ce_by_position"], name, position_buckets,
+                                                       zero=f"zero@L{layer}{position}"))
+            if lm_loss:
+                clean, sae_ce, zero = got["ce_clean"], got[f"ce_{name}"], got[f"ce_zero@L{layer}{position}"]
+                m.update({
+                    "ce_clean": clean, "ce_sae": sae_ce, "ce_zero_ablation": zero,
+                    "delta_lm_loss": sae_ce - clean,
+                    "ce_score": (zero - sae_ce) / (zero - clean) if zero != clean else float("nan"),
+                    "ce_tokens": got["ce_tokens"],
+                })
+            out[name] = m
+    return out, got["acts"]
+
+
 def evaluate(
     lm: LoadedModel,
     saes: Dict[str, object],
@@ -184,30 +265,13 @@ def evaluate(
     position_buckets: Optional[Sequence[int]] = None,
     progress: bool = False,
 ) -> Tuple[Dict[str, Dict[str, object]], Tuple[Tensor, Optional[Tensor]]]:
-    """Held-out metrics of each SAE in ``saes`` (name -> module), sharing one pass over the data.
-
-    Returns ``({name: metrics}, (x, y))``: the metrics, and the held-out activations they were
-    computed on (raw units; ``y`` is None unless TC) so that a reloaded checkpoint can be checked.
-    With ``position_buckets`` (bucket edges over token positions), each SAE's metrics also hold
-    ``by_position`` (``sae_metrics``, plus CE and delta LM loss per bucket: ``ce_by_position``).
-    """
-    got = collect(lm, contexts, layer, position, special_ids=special_ids, batch_size=batch_size,
-                  saes=saes, lm_loss=lm_loss, lm_loss_contexts=lm_loss_contexts, progress=progress)
-    out: Dict[str, Dict[str, object]] = {}
-    for name, sae in saes.items():
-        m: Dict[str, object] = sae_metrics(sae, got["x"], got["y"], positions=got["pos"], buckets=position_buckets)
-        if position_buckets is not None and lm_loss:
-            m["by_position"].update(ce_by_position(got["ce_by_position"], name, position_buckets))
-        if lm_loss:
-            clean, sae_ce, zero = got["ce_clean"], got[f"ce_{name}"], got["ce_zero"]
-            m.update({
-                "ce_clean": clean, "ce_sae": sae_ce, "ce_zero_ablation": zero,
-                "delta_lm_loss": sae_ce - clean,
-                "ce_score": (zero - sae_ce) / (zero - clean) if zero != clean else float("nan"),
-                "ce_tokens": got["ce_tokens"],
-            })
-        out[name] = m
-    return out, (got["x"], got["y"])
+    """``evaluate_sites`` at one site: the metrics of each SAE in ``saes`` (name -> module), and the
+    held-out activations ``(x, y)`` they were computed on (``y`` is None unless TC)."""
+    metrics, acts = evaluate_sites(lm, {(layer, position): saes}, contexts, special_ids=special_ids,
+                                   batch_size=batch_size, lm_loss=lm_loss, lm_loss_contexts=lm_loss_contexts,
+                                   position_buckets=position_buckets, progress=progress)
+    hooks = position_hooks(layer, position)
+    return metrics, (acts[hooks[0]], acts[hooks[1]] if len(hooks) > 1 else None)
 
 
 def position_bucket(positions: Tensor, edges: Sequence[int]) -> Tensor:
@@ -217,9 +281,10 @@ def position_bucket(positions: Tensor, edges: Sequence[int]) -> Tensor:
     return torch.where((b >= 0) & (b < len(e) - 1), b, torch.full_like(b, -1))
 
 
-def ce_by_position(ce_pos: Dict[str, Tuple[Tensor, Tensor]], name: str, edges: Sequence[int]) -> Dict[str, list]:
-    """Per position bucket (of target positions): CE clean / with ``name`` spliced in / zero-ablated,
-    delta LM loss and the target count, from ``collect``'s ``ce_by_position``."""
+def ce_by_position(ce_pos: Dict[str, Tuple[Tensor, Tensor]], name: str, edges: Sequence[int],
+                   zero: str = "zero") -> Dict[str, list]:
+    """Per position bucket (of target positions): CE clean / with ``name`` spliced in / zero-ablated
+    (the entry ``zero``), delta LM loss and the target count, from ``collect_sites``'s ``ce_by_position``."""
     targets = torch.arange(1, ce_pos["clean"][0].numel() + 1)  # entry t-1 holds target position t
     b = position_bucket(targets, edges)
     ok = b >= 0
@@ -229,14 +294,14 @@ def ce_by_position(ce_pos: Dict[str, Tuple[Tensor, Tensor]], name: str, edges: S
         return torch.zeros(nb, dtype=torch.float64).index_add_(0, b[ok], v[ok].double())
 
     n = per_bucket(ce_pos["clean"][1])
-    mean = {k: per_bucket(ce_pos[k][0]) / n.clamp_min(1) for k in ("clean", name, "zero")}
+    mean = {k: per_bucket(ce_pos[k][0]) / n.clamp_min(1) for k in ("clean", name, zero)}
     has = (n > 0).tolist()
 
     def vals(t: Tensor) -> list:
         return [float(v) if h else None for v, h in zip(t, has)]
 
     return {"ce_tokens": n.long().tolist(), "ce_clean": vals(mean["clean"]), "ce_sae": vals(mean[name]),
-            "ce_zero_ablation": vals(mean["zero"]), "delta_lm_loss": vals(mean[name] - mean["clean"])}
+            "ce_zero_ablation": vals(mean[zero]), "delta_lm_loss": vals(mean[name] - mean["clean"])}
 
 
 EV_CONVENTION = (

@@ -136,13 +136,13 @@ def compare(args, log=print) -> Dict[str, Any]:
         from ..model import run_capture, special_mask
 
         bs = args.batch_size or int(settings.get("lm_batch_size") or 4)
-        with capture_points(lm.model, pts) as (stores, stopper):
+        with capture_points(lm.model, pts) as (store, hook):
             for s in range(0, len(corpus.contexts), bs):
                 ids = corpus.contexts[s:s + bs].to(lm.device)
-                run_capture(base, ids, stopper)
+                run_capture(base, ids, store)
                 keep = ~special_mask(ids, corpus.special_ids)
-                cp = _encode(sp, stores[pp]["in"][keep])
-                cc = _encode(sc, stores[pc]["in"][keep])
+                cp = _encode(sp, store[hook[pp]][keep])
+                cc = _encode(sc, store[hook[pc]][keep])
                 counts, anyc = cofire_counts(cp, cc, fam["parent"], fam["child"], n_parent=P.shape[0])
                 cof += counts
                 any_hit += anyc

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..evaluate import EV_CONVENTION, evaluate
+from ..evaluate import EV_CONVENTION, evaluate_sites
 from ..model import load_model
 from .cli import device_of, run_cli, show_defaults
 from .corpus import held_out_contexts
@@ -159,45 +159,44 @@ def run_evaluation(args, log=print) -> List[Dict[str, Any]]:
     batch = args.batch_size or max(1, min(int(settings.get("lm_batch_size") or 2), 2))  # trainer.run's eval batch
     log(f"evaluating on {corpus.info['n_contexts']} contexts x {T} tokens ({corpus.info['rule']}); delta LM loss "
         f"on {min(lm_contexts, corpus.info['n_contexts']) if lm_loss else 0} of them")
-    groups: Dict[tuple, list] = {}
+    # every member in one pass over the data and one clean LM pass, as trainer.run evaluates a suite
+    saes: Dict[tuple, Dict[str, Any]] = {}
     for m in members:
-        groups.setdefault((m.layer, m.position), []).append(m)
+        saes.setdefault((m.layer, m.position), {})[m.key] = m.load_sae(device=device)
+    t1 = time.perf_counter()
+    metrics, _ = evaluate_sites(lm, saes, corpus.contexts, special_ids=corpus.special_ids, batch_size=batch,
+                                lm_loss=lm_loss, lm_loss_contexts=lm_contexts, position_buckets=edges,
+                                progress=getattr(args, "progress", False))
+    secs = time.perf_counter() - t1  # the whole pass, shared by every member
     out = []
-    for (layer, position), ms in groups.items():
-        saes = {m.key: m.load_sae(device=device) for m in ms}
-        t1 = time.perf_counter()
-        metrics, _ = evaluate(lm, saes, corpus.contexts, layer, position, special_ids=corpus.special_ids,
-                              batch_size=batch, lm_loss=lm_loss, lm_loss_contexts=lm_contexts, position_buckets=edges,
-                              progress=getattr(args, "progress", False))
-        secs = time.perf_counter() - t1
-        for m in ms:
-            r = metrics[m.key]
-            doc = {
-                "format": "sae-kernels-evaluation/1",
-                "sae": m.name, "run": str(m.folder), "layer": layer, "position": position,
-                "model": lm.name, "model_short": args.model or settings.get("model") or lm.name,
-                "trained_on": {"model": settings.get("model"), "dataset": settings.get("dataset"),
-                               "context_len": settings.get("context_len")},
-                "dataset": corpus.info["dataset"], "context_len": T, "corpus": corpus.info,
-                "lm_loss_contexts": min(lm_contexts, corpus.info["n_contexts"]) if lm_loss else 0,
-                "batch_size": batch,
-                **{k: r[k] for k in METRIC_KEYS if k in r},
-                "by_position": r["by_position"],
-                "conventions": CONVENTIONS,
-                "seconds": {"load_and_data": round(t1 - t0, 2), "evaluate": round(secs, 2)},
-            }
-            if args.output:
-                path = Path(args.output)
-            else:
-                path = m.folder / "evaluations" / f"{_slug(doc['model_short'])}_{_slug(doc['dataset'])}_ctx{T}.json"
-            write_json(path, doc)
-            path.with_suffix(".svg").write_text(figure(doc), encoding="utf-8")
-            line = (f"{m.name}: EV {r['explained_variance']:.4f} (per token {r['explained_variance_per_token']:.4f}), "
-                    f"L0 {r['l0']:.2f}, dead {r['dead_latents_eval']}")
-            if lm_loss:
-                line += f", delta LM loss {r['delta_lm_loss']:.4f}, CE score {r['ce_score']:.4f}"
-            log(line + f" -> {path}")
-            out.append({"path": path, "doc": doc})
+    for m in members:
+        r = metrics[m.key]
+        doc = {
+            "format": "sae-kernels-evaluation/1",
+            "sae": m.name, "run": str(m.folder), "layer": m.layer, "position": m.position,
+            "model": lm.name, "model_short": args.model or settings.get("model") or lm.name,
+            "trained_on": {"model": settings.get("model"), "dataset": settings.get("dataset"),
+                           "context_len": settings.get("context_len")},
+            "dataset": corpus.info["dataset"], "context_len": T, "corpus": corpus.info,
+            "lm_loss_contexts": min(lm_contexts, corpus.info["n_contexts"]) if lm_loss else 0,
+            "batch_size": batch,
+            **{k: r[k] for k in METRIC_KEYS if k in r},
+            "by_position": r["by_position"],
+            "conventions": CONVENTIONS,
+            "seconds": {"load_and_data": round(t1 - t0, 2), "evaluate": round(secs, 2)},
+        }
+        if args.output:
+            path = Path(args.output)
+        else:
+            path = m.folder / "evaluations" / f"{_slug(doc['model_short'])}_{_slug(doc['dataset'])}_ctx{T}.json"
+        write_json(path, doc)
+        path.with_suffix(".svg").write_text(figure(doc), encoding="utf-8")
+        line = (f"{m.name}: EV {r['explained_variance']:.4f} (per token {r['explained_variance_per_token']:.4f}), "
+                f"L0 {r['l0']:.2f}, dead {r['dead_latents_eval']}")
+        if lm_loss:
+            line += f", delta LM loss {r['delta_lm_loss']:.4f}, CE score {r['ce_score']:.4f}"
+        log(line + f" -> {path}")
+        out.append({"path": path, "doc": doc})
     return out
 
 

@@ -28,7 +28,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..model import LoadedModel, capture, run_capture, special_mask
+from ..model import LoadedModel, capture_hooks, position_hooks, run_capture, special_mask
 from .stream import StreamingTopN, WindowLookup
 
 HIST_PER_OCTAVE = 4
@@ -110,15 +110,13 @@ class LatentStats:
 
 
 @contextlib.contextmanager
-def capture_points(model, points: Sequence[Tuple[int, str]]) -> Iterator[Tuple[Dict[Tuple[int, str], Dict], Dict]]:
-    """``capture`` every (layer, position) of ``points`` in one forward that stops after the deepest
-    layer: yields ``(stores, stopper)``; call ``run_capture(base, ids, stopper)``."""
-    deepest = max(layer for layer, _ in points)
-    with contextlib.ExitStack() as stack:
-        stores = {pt: stack.enter_context(capture(model, pt[0], pt[1], stop=False)) for pt in points}
-        # registered last, so it runs after every other hook of the deepest layer
-        stopper = stack.enter_context(capture(model, deepest, "R", stop=True))
-        yield stores, stopper
+def capture_points(model, points: Sequence[Tuple[int, str]]) -> Iterator[Tuple[Dict[str, Tensor], Dict[Tuple[int, str], str]]]:
+    """The SAE inputs of every (layer, position) of ``points`` from one forward that stops once they all
+    exist (``capture_hooks``): yields ``(store, hook)``, ``hook[point]`` the point's hook name; call
+    ``run_capture(base, ids, store)``, then read ``store[hook[point]]``."""
+    hook = {pt: position_hooks(pt[0], pt[1])[0] for pt in points}
+    with capture_hooks(model, list(dict.fromkeys(hook.values())), stop=True) as store:
+        yield store, hook
 
 
 def _encode(sae, x: Tensor, chunk: int = 8192) -> Tuple[Tensor, Tensor]:
@@ -169,13 +167,13 @@ def analysis_pass(
         bar = tqdm(total=int(contexts.numel()), unit="tok", desc="analysis", dynamic_ncols=True)
     t_lm = t_sae = 0.0
     n_tok = 0
-    with capture_points(lm.model, points) as (stores, stopper):
+    with capture_points(lm.model, points) as (store, hook):
         for s in range(0, len(contexts), batch_size):
             ids = contexts[s:s + batch_size].to(lm.device)
             t0 = time.perf_counter()
-            run_capture(base, ids, stopper)
+            run_capture(base, ids, store)
             keep = ~special_mask(ids, special_ids)
-            acts = {pt: (st["in"][keep]) for pt, st in stores.items()}
+            acts = {pt: store[h][keep] for pt, h in hook.items()}
             t1 = time.perf_counter()
             t_lm += t1 - t0
             n_keep = int(keep.sum())
