@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,10 +229,7 @@ def test_resume_gives_the_same_weights(tiny, position, stop, cache):
     assert not state.exists() and not (run_dir / "resume").exists()  # removed once the run completed
 
 
-def test_resume_after_sigkill(tiny):
-    """A real kill -9 of `python -m trainer.run` mid-training, then --resume."""
-    root = tiny[2]
-    cfg = tiny_cfg(tiny, root / "killed", tokens=40960, checkpoint_every=20)
+def cli_flags(cfg):
     flags = []
     for k, v in cfg.to_dict().items():
         if v is None or k in ("progress",):
@@ -241,13 +239,32 @@ def test_resume_after_sigkill(tiny):
             flags.append(flag if v else "--no-" + flag[2:])
         else:
             flags += [flag, str(v)]
+    return [sys.executable, "-m", "trainer.run", "--no-progress", *flags]
+
+
+@pytest.fixture(scope="module")
+def long_ref(tiny):
+    """The uninterrupted 160-step run that the killed and preempted runs must end at."""
+    root = tiny[2]
+    res = run(tiny_cfg(tiny, root / "killed_ref", tokens=40960, checkpoint_every=20), log=lambda s: None)
+    return weights(res["members"]["L1R-8x"]["checkpoint"])
+
+
+def start_and_wait(cmd, until):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "trainer.run", "--no-progress", *flags]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = root / "killed" / Trainer.STATE_FILE
     deadline = time.time() + 120
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
+    while not (until.exists() and until.stat().st_size) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
+    return proc
+
+
+def test_resume_after_sigkill(tiny, long_ref):
+    """A real kill -9 of `python -m trainer.run` mid-training, then --resume."""
+    root = tiny[2]
+    cfg = tiny_cfg(tiny, root / "killed", tokens=40960, checkpoint_every=20)
+    state = root / "killed" / Trainer.STATE_FILE
+    proc = start_and_wait(cli_flags(cfg), state)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     if not state.exists():
@@ -255,7 +272,130 @@ def test_resume_after_sigkill(tiny):
     assert not (root / "killed" / "L1R-8x" / "hyperparams.json").exists(), "the run finished before the kill"
     resumed = run(tiny_cfg(tiny, root / "killed", tokens=40960, checkpoint_every=20, resume=True),
                   log=lambda s: None)["members"]["L1R-8x"]
-    full = run(tiny_cfg(tiny, root / "killed_ref", tokens=40960, checkpoint_every=20), log=lambda s: None)["members"]["L1R-8x"]
-    a, b = weights(full["checkpoint"]), weights(resumed["checkpoint"])
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    b = weights(resumed["checkpoint"])
+    for key in long_ref:
+        assert torch.equal(long_ref[key], b[key]), key
+
+
+def test_sigterm_writes_a_final_checkpoint_and_exits_non_zero(tiny, long_ref):
+    """What a scheduler does: SIGTERM to `python -m trainer.run` mid-training. The run checkpoints the
+    step it is at (not the last periodic one), says so in one line, exits 143; --resume ends exactly at
+    the uninterrupted run."""
+    root = tiny[2]
+    cfg = tiny_cfg(tiny, root / "term", tokens=40960, checkpoint_every=20)
+    metrics = root / "term" / "L1R-8x" / "metrics.jsonl"
+    proc = start_and_wait(cli_flags(cfg), metrics)  # training has logged its first steps
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 143, lines[-20:]
+    m = re.fullmatch(r"stopped by SIGTERM after step (\d+) of 160: checkpoint written \((.+)\); continue with "
+                     r"the same command and --resume", lines[-1])
+    assert m, lines[-5:]
+    assert not any("Traceback" in ln for ln in lines)
+    step = int(m.group(1))
+    assert 0 < step < 160 and Path(m.group(2)) == root / "term" / Trainer.STATE_FILE
+    assert torch.load(m.group(2), weights_only=True)["step"] == step  # this step's, not the last periodic one
+    assert (root / "term" / "L1R-8x" / "resume" / f"step{step}.pt").is_file()
+    resumed = run(tiny_cfg(tiny, root / "term", tokens=40960, checkpoint_every=20, resume=True),
+                  log=lambda s: None)["members"]["L1R-8x"]
+    b = weights(resumed["checkpoint"])
+    for key in long_ref:
+        assert torch.equal(long_ref[key], b[key]), key
+
+
+# ----------------------------------------------------------------------------------- tests that could fail
+
+
+def test_clipping_leaves_a_gradient_below_the_clip_norm_alone():
+    """Three steps whose gradient norms differ by ~1000x, all far below the clip: the parameters must
+    equal those of unclipped steps. (Adam is nearly scale invariant for one gradient, so scaling every
+    gradient up to the clip norm would pass a one-step test; it changes how the steps are weighted.)"""
+    def train(clip):
+        st = make_step(clip=clip, warmup=0)
+        g = torch.Generator().manual_seed(3)
+        for t, s in enumerate((1.0, 30.0, 0.03)):
+            st(torch.randn(64, 24, generator=g) * s, None, t + 5)
+        return st
+
+    clipped, free = train(1e6), train(0.0)
+    for p, q, name in zip(clipped.params, free.params, ("W_enc", "b_enc", "W_dec", "b_dec")):
+        rel = float((p - q).detach().abs().max() / q.detach().abs().max())
+        assert rel < 1e-6, f"{name}: a gradient below the clip norm was rescaled (relative change {rel:.3g})"
+
+
+def test_k_annealing_ends_at_the_fraction_of_the_run_not_at_the_warmup():
+    cfg = TrainConfig(model="x", tokens=256 * 400, batch_size=256, buffer_tokens=1024, k=20,
+                      k_anneal_fraction=0.25).resolve(3, 64, "cpu")
+    assert cfg.total_steps == 400 and cfg.warmup_steps == 20 and cfg.k_start == 32
+    st = make_step(d=24, n=96, k=4)
+    st.cfg = StepConfig.from_train_config(cfg)
+    ks = [st.k_at(t) for t in range(400)]
+    assert ks[0] == 32 and ks[cfg.warmup_steps] > 20  # still annealing after the warmup
+    assert ks[99] == math.ceil(32 - 12 * 99 / 100) == 21 and ks[100] == 20 and set(ks[100:]) == {20}
+    assert all(a >= b for a, b in zip(ks, ks[1:]))
+
+
+class FakeBatches:
+    """A deterministic batch source with the buffer's checkpoint interface (no rows to store)."""
+
+    def __init__(self, d=24, batch=32, signal_at=None):
+        self.i, self.d, self.batch, self.signal_at = 0, d, batch, signal_at
+
+    def next_batch(self, exchange=None):
+        if self.signal_at is not None and self.i == self.signal_at:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while this step's batch is being read
+        g = torch.Generator().manual_seed(self.i)
+        self.i += 1
+        return {0: torch.randn(self.batch, self.d, generator=g)}
+
+    def state_dict(self):
+        return {"i": self.i}, {"slots": torch.zeros(0, dtype=torch.int64), "rows": torch.zeros(0, self.d)}
+
+    def load_state_dict(self, meta, read_rows):
+        self.i = int(meta["i"])
+
+
+def fake_trainer(out, total=12, checkpoint_every=4, signal_at=None):
+    from trainer.train import Member
+
+    st = make_step(total=total)
+    member = Member("m", Path(out) / "m", st)
+    return Trainer([member], FakeBatches(signal_at=signal_at), total_steps=total, batch_size=32, output=Path(out),
+                   log_every=2, checkpoint_every=checkpoint_every, progress=False, log=lambda s: None)
+
+
+def test_load_checkpoint_restores_the_rng_states(tmp_path):
+    import random
+
+    tr = fake_trainer(tmp_path, total=12, checkpoint_every=0)
+    tr.fit()
+    torch.manual_seed(123)
+    random.seed(456)
+    want_torch, want_py = torch.get_rng_state(), random.getstate()
+    tr.save_checkpoint()
+    torch.rand(5)
+    random.random()
+    tr2 = fake_trainer(tmp_path, total=12, checkpoint_every=0)
+    tr2.load_checkpoint()
+    assert torch.equal(torch.get_rng_state(), want_torch) and random.getstate() == want_py
+    assert tr2.t == 12 and tr2.batches.i == 12
+
+
+def test_ctrl_c_writes_a_final_checkpoint_then_raises(tmp_path):
+    from trainer.stop import Interrupted
+
+    tr = fake_trainer(tmp_path, total=40, checkpoint_every=10, signal_at=6)
+    with pytest.raises(Interrupted) as e:
+        tr.fit()
+    assert e.value.signum == signal.SIGINT and e.value.exit_code == 130
+    assert str(e.value).startswith("stopped by SIGINT (Ctrl-C) after step 7 of 40: checkpoint written")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+    state = torch.load(tmp_path / Trainer.STATE_FILE, weights_only=True)
+    assert state["step"] == 7 and state["buffer"] == {"i": 7}
+    assert sorted(p.name for p in (tmp_path / "m" / "resume").iterdir()) == ["step7.pt"]
+    # checkpointing off: the same stop, and the message says that nothing can be resumed
+    tr = fake_trainer(tmp_path / "off", total=40, checkpoint_every=0, signal_at=3)
+    with pytest.raises(Interrupted, match="after step 4 of 40; checkpointing is off"):
+        tr.fit()
+    assert not (tmp_path / "off" / Trainer.STATE_FILE).exists()

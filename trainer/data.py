@@ -60,6 +60,13 @@ def _column_iter(ds, text_column: str, name: str) -> Iterator[str]:
             yield text
 
 
+def looks_like_path(name: str) -> bool:
+    """A name that can only be a local path (not a Hub name such as ``org/name``): it starts with
+    ``.``, ``/`` or ``~``, has more than one ``/``, or ends with a data file extension."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1
+            or os.path.splitext(name)[1].lower() in LOCAL_BUILDERS)
+
+
 def load_documents(
     dataset: str = DEFAULT_DATASET,
     *,
@@ -80,6 +87,10 @@ def load_documents(
     except ImportError as e:  # pragma: no cover - listed as a dependency
         raise DataError(f"--dataset {dataset!r}: the 'datasets' package is needed ({e})") from None
     local = os.path.exists(dataset)
+    if not local and looks_like_path(dataset):
+        raise DataError(f"--dataset {dataset!r}: no such file or folder ({os.path.abspath(os.path.expanduser(dataset))}); "
+                        "a local dataset is a txt/json/jsonl/parquet/csv file or a folder of them, a Hub dataset "
+                        "a name such as 'org/name'")
     if streaming is None:
         streaming = not local
     if local:

@@ -229,8 +229,12 @@ def model_facts(name: str = DEFAULT_MODEL) -> Tuple[int, int]:
         if os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json")):
             cfg = json.loads(open(os.path.join(name, "config.json")).read())
         else:
-            if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
-                raise ModelError(f"--model {name!r}: no model configuration found there")
+            if os.path.exists(name):
+                raise ModelError(f"--model {name!r}: no model configuration found there (expected a folder with "
+                                 "config.json, or a .gguf file)")
+            if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf"):
+                raise ModelError(f"--model {name!r}: no such file or folder ({os.path.abspath(os.path.expanduser(name))}); "
+                                 "a Hub model is a name such as 'meta-llama/Llama-3.1-8B'")
             from transformers import AutoConfig
 
             cfg = AutoConfig.from_pretrained(name).to_dict()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,10 @@ from torch import Tensor
 
 from sae_kernels import TopKSAE, sparse_decode, topk_encode
 
+from .checkpoint import CheckpointWriteError, describe_os_error, load_state, save_state
+from .run_folder import truncate_metrics
 from .schedules import k_schedule, lr_factor
+from .stop import NAMES as SIGNAL_NAMES, Interrupted, StopSignals
 
 _DEAD_BIAS = -1e30  # large negative, finite: pushes alive latents out of the AuxK selection
 
@@ -254,18 +258,9 @@ class SAEStep:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace`` (see
+    ``trainer.checkpoint.save_state``: the umask's permissions; a failed write raises OSError naming ``path``)."""
+    save_state(obj, path)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -387,6 +382,7 @@ class Trainer:
         self.t = 0  # steps done
         self.elapsed = 0.0  # training seconds before this process (resume)
         self.wait_seconds = 0.0  # time in next_batch: waiting for rows (LM) and moving them
+        self.last_checkpoint: Optional[int] = None  # the step of the last complete checkpoint
 
     @property
     def state_path(self) -> Path:
@@ -396,30 +392,45 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """``resume/state.pt`` (the step, the buffer's global state), one buffer shard per rank and each
         member's ``<member>/resume/step{t}.pt``; state.pt is replaced last, so a kill at any moment
-        leaves the previous checkpoint complete."""
+        leaves the previous checkpoint complete. A write that fails (disk full, quota, I/O error) on any
+        rank removes this step's files and ends the run on every rank with ``CheckpointWriteError``: one
+        line naming the file and the errno; the previous checkpoint is left as it was."""
         from sae_kernels.formats import atomic_save_safetensors
 
         ctx, t = self.ctx, self.t
+        failed: List[OSError] = []
+        written: List[Path] = []
+
+        def write(fn, path: Path) -> None:
+            if failed:
+                return  # keep taking part in the collectives, write nothing more
+            try:
+                fn(path)
+                written.append(path)
+            except OSError as e:
+                failed.append(e)
+
         meta, shard = self.batches.state_dict()
         shard_name = f"buffer-step{t}-rank{ctx.rank}-of{ctx.world_size}.safetensors"
-        atomic_save_safetensors(self.output / "resume" / shard_name, shard)
+        write(lambda p: atomic_save_safetensors(p, shard), self.output / "resume" / shard_name)
         for m in self.members:
             sae_sd, opt_sd = m.full_state()
             sums = {k: m.comm.metric(v).detach().cpu() for k, v in m.sums.items()}  # global means
             if m.comm.is_main:
-                atomic_torch_save({
+                write(lambda p: save_state({
                     "version": 2, "step": t, "name": m.name, "sae_cfg": m.step.sae.cfg.to_dict(), "sae": sae_sd,
                     "optimizer": opt_sd, "step_state": m.step.state_dict(), "metric_sums": [sums, m.n_acc],
                     "extra": m.extra_state,
-                }, m.state_path(t))
-        ctx.barrier()
+                }, p), m.state_path(t))
+        self._agree_written(failed, written)  # (the barrier before state.pt)
         if ctx.is_main:
             shards = [f"buffer-step{t}-rank{r}-of{ctx.world_size}.safetensors" for r in range(ctx.world_size)]
-            atomic_torch_save({
+            write(lambda p: save_state({
                 "version": 2, "step": t, "elapsed": self.elapsed + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
                 "members": sorted(self.member_dirs), "buffer": meta, "shards": shards,
                 "world_size": ctx.world_size, "tp": ctx.tp, "rng": rng_state(), "extra": self.extra_state,
-            }, self.state_path)
+            }, p), self.state_path)
+        if ctx.is_main and not failed:
             for f in self.state_path.parent.glob("buffer-*.safetensors"):
                 if f.name not in shards:
                     f.unlink()
@@ -427,30 +438,52 @@ class Trainer:
                 for f in (Path(d) / "resume").glob("step*.pt"):
                     if f.name != f"step{t}.pt":
                         f.unlink()
-        ctx.barrier()
+        self._agree_written(failed, written)  # (the barrier after)
+        self.last_checkpoint = t
+
+    def _agree_written(self, failed: List[OSError], written: List[Path]) -> None:
+        """All ranks learn whether any rank failed to write its part; if one did, each removes what it
+        wrote of this step and raises (the failing rank with its error, the others naming that rank)."""
+        ctx = self.ctx
+        flag = torch.tensor([ctx.rank + 1 if failed else 0], dtype=torch.int64, device=ctx.device)
+        bad = int(ctx.world_all_reduce(flag, op="max").item()) if ctx.distributed else int(flag.item())
+        if not bad:
+            return
+        for p in written:
+            if p != self.state_path:
+                p.unlink(missing_ok=True)
+        what = f"could not write {describe_os_error(failed[0])}" if failed else f"rank {bad - 1} could not write its part"
+        err = failed[0].errno if failed else None
+        raise CheckpointWriteError(f"checkpoint at step {self.t}: {what}; {self._intact()}", err)
+
+    def _intact(self) -> str:
+        prev = self.last_checkpoint
+        if prev is None:
+            return "there is no earlier checkpoint of this run"
+        return (f"the previous checkpoint (step {prev}, {self.state_path}) is intact: free space and continue with "
+                "--resume")
 
     def load_checkpoint(self, state: Optional[Dict[str, Any]] = None) -> None:
         """Restore everything from ``resume/state.pt`` (written by any layout) before ``fit``."""
         if state is None:
-            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+            state = load_state(self.state_path)
         t = int(state["step"])
         if sorted(state["members"]) != sorted(self.member_dirs):
             raise ValueError(f"--resume: the checkpoint trains {state['members']}, this run {sorted(self.member_dirs)}")
         for m in self.members:
-            ms = torch.load(m.state_path(t), map_location="cpu", weights_only=True, mmap=True)
+            ms = load_state(m.state_path(t))
             m.load_full_state(ms["sae"], ms["optimizer"])
             m.step.load_state_dict(ms["step_state"])
             sums, n_acc = ms["metric_sums"]
             dev = m.step.sae.W_enc.device
             m.sums, m.n_acc = {k: v.to(dev) for k, v in sums.items()}, int(n_acc)
             # metrics.jsonl: keep the lines up to the checkpoint, drop what the killed run wrote after it
-            if m.comm.is_main and m.metrics_path.exists():
-                keep = [ln for ln in m.metrics_path.read_text().splitlines()
-                        if ln.strip() and json.loads(ln).get("step", 0) <= t]
-                m.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+            if m.comm.is_main:
+                truncate_metrics(m.metrics_path, t)
         self.batches.load_state_dict(state["buffer"], _shard_reader(self.state_path.parent, state["shards"]))
         set_rng_state(state["rng"])
         self.t = t
+        self.last_checkpoint = t
         self.elapsed = float(state.get("elapsed", 0.0))
 
     # -- the loop
@@ -464,6 +497,7 @@ class Trainer:
         self._t0 = time.perf_counter()
         t_log, steps_log = self._t0, 0
         files = {}
+        stop = StopSignals(self.ctx).__enter__()  # SIGTERM / Ctrl-C: checkpoint, then Interrupted
         for m in self.members:
             if m.comm.is_main:
                 m.run_dir.mkdir(parents=True, exist_ok=True)
@@ -494,8 +528,13 @@ class Trainer:
                                "tokens_per_s": steps_log * self.batch_size / max(now - t_log, 1e-9)}
                         m.last = rec
                         if m.name in files:
-                            files[m.name].write(json.dumps(rec) + "\n")
-                            files[m.name].flush()
+                            try:
+                                files[m.name].write(json.dumps(rec) + "\n")
+                                files[m.name].flush()
+                            except OSError as e:  # disk full: one line, not a traceback
+                                e.filename = e.filename or str(m.metrics_path)
+                                raise CheckpointWriteError(f"step {self.t}: could not write {describe_os_error(e)}; "
+                                                           f"{self._intact()}", e.errno) from None
                         m.sums, m.n_acc = {}, 0
                     if self.members:
                         rec = self.members[0].last
@@ -508,12 +547,30 @@ class Trainer:
                     if not (self.checkpoint_every and self.t % self.checkpoint_every == 0):
                         self.save_checkpoint()
                     raise StopTraining(f"stopped after {self.t} steps (--stop-after-steps); continue with --resume")
+                signum = stop.poll()  # every step on every rank (under torchrun: the job's agreed answer)
+                if signum is not None and self.t < self.total_steps:
+                    self._interrupt(signum, stop)
         finally:
             bar.close()
             for f in files.values():
                 f.close()
+            stop.__exit__(*sys.exc_info())
         self.elapsed += time.perf_counter() - self._t0
         return {m.name: m.last for m in self.members}
+
+
+    def _interrupt(self, signum: int, stop: StopSignals) -> None:
+        """A final checkpoint (when checkpointing is on and this step has none yet), then ``Interrupted``."""
+        stop.consume()
+        name = SIGNAL_NAMES.get(signum, f"signal {signum}")
+        where = f"stopped by {name} after step {self.t} of {self.total_steps}"
+        if not self.checkpoint_every:
+            raise Interrupted(f"{where}; checkpointing is off (--checkpoint-every 0), so the run cannot be "
+                              "resumed", signum)
+        if self.last_checkpoint != self.t:
+            self.save_checkpoint()
+        raise Interrupted(f"{where}: checkpoint written ({self.state_path}); continue with the same command "
+                          "and --resume", signum)
 
 
 def _shard_reader(folder: Path, shards: List[str]) -> Callable[[Tensor], Tensor]:
