@@ -23,8 +23,14 @@ import torch
 from .model import DEFAULT_MODEL
 
 
-def _is_local_or_builtin(name: Optional[str], builtin: str) -> bool:
-    return name in (builtin, "", None) or os.path.exists(str(name))
+def _needs_hub(name: Optional[str], builtin: str) -> bool:
+    """A name that only the Hub can resolve: not the built-in default, not an existing path, and not a
+    path that is missing (those are missing-file errors)."""
+    from .data import looks_like_path
+
+    if name in (builtin, "", None) or os.path.exists(str(name)):
+        return False
+    return not (looks_like_path(str(name)) or str(name).endswith(".gguf"))
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -65,7 +71,7 @@ def _set_offline(value: bool) -> None:
 
 def offline_if_unreachable(model: str, dataset: str, log: Callable[[str], None]) -> Callable[[], None]:
     """Offline mode for this run when it needs the Hub and the Hub is unreachable; returns the undo."""
-    needs = not _is_local_or_builtin(model, DEFAULT_MODEL) or not _is_local_or_builtin(dataset, "pydoc")
+    needs = _needs_hub(model, DEFAULT_MODEL) or _needs_hub(dataset, "pydoc")
     if not needs or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return lambda: None
     if hub_reachable():
@@ -178,7 +184,8 @@ def check_sae_memory(*, expansions: Sequence[int], d_model: int, rank: int, tp: 
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     on = f"{device}" + (f" (shared by {share} ranks)" if share > 1 else "")
     raise ValueError(
-        f"--expansion: the SAE{'s' if need['members'] > 1 else ''} of this rank need {gib(sae)} "
+        f"--expansion: the {'SAEs' if need['members'] > 1 else 'SAE'} of this rank "
+        f"{'need' if need['members'] > 1 else 'needs'} {gib(sae)} "
         f"({need['members']} SAE{'s' if need['members'] > 1 else ''}, {need['params'] / 1e6:,.1f}M parameters "
         f"{'on this rank ' if tp > 1 or dp > 1 else ''}x {16 + (4 if bf16 else 0)} bytes for weights, gradients "
         f"and Adam moments: {gib(need['state'])}; step activations about {gib(need['activations'])}), besides "

@@ -47,7 +47,7 @@ from sae_kernels import SAEConfig, TopKSAE
 
 from .buffer import ActivationBuffer, ProducerError
 from .checkpoint import CheckpointWriteError, load_state
-from .config import MemberSpec, TrainConfig
+from .config import EMBEDDED_DEFAULTS, RECIPE_DEFAULTS, MemberSpec, TrainConfig
 from .data import ContextData, load_documents
 from .evaluate import EV_CONVENTION, evaluate_sites
 from .model import hook_point_names, load_model, model_facts, position_hooks
@@ -561,15 +561,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "them in the released layout: one SAE (--layer, --position, --expansion) or a suite from one "
                     "LM pass (--hookpoints, or --layers / --positions / a list of --expansion). With no "
                     "arguments: SmolLM2-135M on CPython's docs, a few minutes on a CPU.",
+        epilog="The README explains each part: 'Training an SAE' (outputs, the real GPU job, resume and "
+               "preemption), 'Suites: many SAEs from one LM pass', 'Training on several GPUs' (--tp, torchrun) and "
+               "'What is loaded, and what is never unpickled' (the security model, the run-folder lock).",
     )
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         base = f.metadata.get("cli_type") or _base_type(hint)
-        text = f.metadata.get("help", "")
-        if f.default is not None and not isinstance(f.default, bool):
-            text += " (default: %(default)s)"  # None defaults are explained in the text (auto per model)
+        text = f.metadata.get("help", "") + _default_text(f, flag, base)
         kw: Dict[str, Any] = {"help": text, "default": f.default, "dest": f.name}
         if base is bool:
             kw["action"] = argparse.BooleanOptionalAction
@@ -578,6 +579,29 @@ def build_parser() -> argparse.ArgumentParser:
             kw["metavar"] = {int: "N", float: "X", str: "S"}[base]
         p.add_argument(flag, **kw)
     return p
+
+
+_RECIPE_AUTO = {"layer": "n_layers // 2", "eval_lm_tokens": "all of --eval-tokens"}
+
+
+def _default_text(f, flag: str, base: type) -> str:
+    """`` (default: ...)`` for the help of ``f``: both families for the settings that depend on the model
+    (the embedded default and the Llama Scope recipe), the flag itself for booleans."""
+    def show(v: Any) -> str:
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    if f.name in EMBEDDED_DEFAULTS or f.name in RECIPE_DEFAULTS:
+        emb = EMBEDDED_DEFAULTS.get(f.name)
+        rec = RECIPE_DEFAULTS.get(f.name)
+        emb_text = show(emb) if emb is not None else "as other models"
+        rec_text = show(rec) if rec is not None else _RECIPE_AUTO[f.name]
+        return f" (default: {emb_text} with the embedded model; {rec_text} for other models, the Llama Scope recipe)"
+    if base is bool:
+        on = f.default is True
+        return f" (default: {flag if on else '--no-' + flag[2:]})" if f.default is not None else ""
+    if f.default is not None:
+        return " (default: %(default)s)"  # None defaults are explained in the text (auto per model)
+    return ""
 
 
 def _base_type(hint) -> type:
