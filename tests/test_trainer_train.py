@@ -4,6 +4,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -399,3 +400,68 @@ def test_ctrl_c_writes_a_final_checkpoint_then_raises(tmp_path):
     with pytest.raises(Interrupted, match="after step 4 of 40; checkpointing is off"):
         tr.fit()
     assert not (tmp_path / "off" / Trainer.STATE_FILE).exists()
+
+
+AGREE_WORKER = r"""
+import json, os, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+import torch
+import torch.distributed as dist
+from sae_kernels import SAEConfig, TopKSAE
+from trainer.parallel import init_parallel
+from trainer.stop import Interrupted
+from trainer.train import Member, SAEStep, StepConfig, Trainer, make_optimizer
+
+out = Path(sys.argv[1])
+dist.init_process_group("gloo")
+ctx = init_parallel(1, timeout_s=60)
+
+class Batches:
+    i = 0
+    def next_batch(self, exchange=None):
+        if ctx.rank == 1 and self.i == 5:  # only rank 1 is preempted, while it reads the batch of step 6
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.i += 1
+        return {0: torch.randn(32, 24, generator=torch.Generator().manual_seed(self.i))}
+    def state_dict(self):
+        return {"i": self.i}, {"slots": torch.zeros(0, dtype=torch.int64), "rows": torch.zeros(0, 24)}
+
+torch.manual_seed(0)
+sae = TopKSAE(SAEConfig(24, 96, k=4))
+step = SAEStep(sae, make_optimizer(sae, 1e-3, (0.9, 0.9999)), StepConfig(k=4, k_start=4, total_steps=40, anneal_steps=0,
+               warmup_steps=2, decay_fraction=0.2, lr=1e-3, clip_grad_norm=1e-3))
+batches = Batches()
+member = Member(f"m{ctx.rank}", out / f"m{ctx.rank}", step)
+tr = Trainer([member], batches, total_steps=40, batch_size=32, output=out, ctx=ctx, checkpoint_every=25,
+             member_dirs={"m0": out / "m0", "m1": out / "m1"}, progress=False, log=lambda s: None)
+try:
+    tr.fit()
+    res = {"stopped": None}
+except Interrupted as e:
+    res = {"stopped": tr.t, "signum": e.signum, "message": str(e)}
+(out / f"rank{ctx.rank}.json").write_text(json.dumps(res))
+dist.destroy_process_group()
+"""
+
+
+def test_under_torchrun_every_rank_stops_at_the_same_step(tmp_path):
+    """SIGTERM reaches one rank only (or the ranks at different steps): the job still stops at one step,
+    with one checkpoint of every rank's part."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", AGREE_WORKER, str(tmp_path), str(REPO)], env=env,
+                                      stderr=subprocess.PIPE))
+    errs = [p.communicate(timeout=120)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert res[0]["stopped"] == res[1]["stopped"] == 7, res  # flag posted after step 6, read after step 7
+    assert res[0]["signum"] == res[1]["signum"] == signal.SIGTERM
+    state = torch.load(tmp_path / Trainer.STATE_FILE, weights_only=True)
+    assert state["step"] == 7 and state["world_size"] == 2
+    assert (tmp_path / "m0" / "resume" / "step7.pt").is_file() and (tmp_path / "m1" / "resume" / "step7.pt").is_file()
