@@ -69,23 +69,60 @@ def test_a_missing_relative_model_is_a_missing_file_error(tmp_path, monkeypatch,
 
 def test_an_unreachable_hub_fails_a_misspelt_name_without_network_retries(tmp_path, monkeypatch, capsys):
     """With the Hub unreachable, the name is looked up in the local cache only: no connection is tried
-    (huggingface_hub would retry for ~30-50 s), and the error names --model."""
+    (huggingface_hub would retry for ~30-50 s), transformers' config loader is not even reached (its
+    import alone takes seconds), and the error names --model and says why."""
+    import transformers
+
     monkeypatch.setattr(P, "hub_reachable", lambda *a, **k: False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # an empty cache, whatever this machine has
 
     def no_network(*a, **k):
         raise AssertionError("a network connection was attempted")
 
+    def no_config(*a, **k):
+        raise AssertionError("AutoConfig was asked: the local cache should have answered")
+
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_config)
     assert main(["--model", "HuggingFaceTB/SmolLM2-135M-Instruc", "--output", str(tmp_path / "o"),
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "cannot be reached" in err
-    assert err.strip().splitlines()[-1].startswith("error: --model 'HuggingFaceTB/SmolLM2-135M-Instruc': could not read")
-    import huggingface_hub.constants as hc
-
+    assert err.strip().splitlines()[-1] == (
+        "error: --model 'HuggingFaceTB/SmolLM2-135M-Instruc': not in the local Hugging Face cache, and the Hub is "
+        "offline (it cannot be reached, or HF_HUB_OFFLINE is set): check the name, or download the model where "
+        "the Hub can be reached")
+    assert not (tmp_path / "o").exists()
     assert hc.HF_HUB_OFFLINE is False  # the run's offline mode is undone when it ends
+
+
+def test_offline_a_cached_hub_model_is_still_found(tmp_path, monkeypatch):
+    """The offline cache check refuses only what the cache lacks: a cached model goes on to its config."""
+    import huggingface_hub.constants as hc
+    import transformers
+
+    from trainer.model import ModelError, model_facts
+
+    snap = tmp_path / "models--org--cached" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text('{"num_hidden_layers": 3, "hidden_size": 32}')
+    (tmp_path / "models--org--cached" / "refs").mkdir()
+    (tmp_path / "models--org--cached" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    class Cfg:
+        def to_dict(self):
+            return {"num_hidden_layers": 3, "hidden_size": 32}
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda name, *a, **k: Cfg())
+    assert model_facts("org/cached") == (3, 32)
+    with pytest.raises(ModelError, match="'org/cachd': not in the local Hugging Face cache"):
+        model_facts("org/cachd")
 
 
 def test_hub_reachable_is_false_for_a_closed_port(monkeypatch):

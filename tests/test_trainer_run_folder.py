@@ -30,11 +30,17 @@ RUN_FOLDER_PY = Path(R.__file__).with_name("run_folder.py")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("folders")
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    with open(root / "docs.jsonl", "w") as f:  # ~14k byte tokens: tokenised in milliseconds
+        for i in range(60):
+            f.write(json.dumps({"text": " ".join(words[(i * j) % len(words)] for j in range(30 + i % 7))}) + "\n")
     return tiny_llama_folder(str(root / "model"), layers=3), root
 
 
-def argv(model, out, *extra, layer=True):
-    return ["--model", model, *(["--layer", "1"] if layer else []), "--context-len", "64", "--lm-batch-size", "4",
+def argv(model, out, *extra, layer=True, data=None):
+    data = data or str(Path(model).parent / "docs.jsonl")
+    return ["--model", model, "--dataset", data, *(["--layer", "1"] if layer else []), "--context-len", "64",
+            "--lm-batch-size", "4",
             "--tokens", "4096", "--batch-size", "256", "--buffer-tokens", "1024", "--eval-tokens", "256",
             "--no-progress", "--no-eval-lm-loss", "--export-dtype", "float32", "--checkpoint-every", "3",
             "--log-every", "1", "--output", str(out), *extra]
@@ -102,7 +108,8 @@ def test_a_crafted_resume_file_is_refused_and_its_payload_never_runs(tiny, stopp
 
 def test_resume_after_kills_mid_write_from_a_moved_folder(tiny, stopped, tmp_path, monkeypatch, capsys):
     """Temporary files of killed writes are removed (ours only), a torn last metrics line is dropped, and a
-    folder that moved since the run started resumes from its new place under a relative --output."""
+    folder that moved since the run started resumes from its new place under a relative --output (and a
+    --dataset spelt relative this time: paths compare resolved)."""
     model = tiny[0]
     out = copy_of(stopped, tmp_path / "first")
     member = out / "L1R-8x"
@@ -121,7 +128,8 @@ def test_resume_after_kills_mid_write_from_a_moved_folder(tiny, stopped, tmp_pat
     capsys.readouterr()
     old = os.umask(0o027)
     try:
-        assert main(argv(model, "moved", "--resume")) == 0
+        data = os.path.relpath(Path(model).parent / "docs.jsonl", tmp_path)
+        assert main(argv(model, "moved", "--resume", data=data)) == 0
     finally:
         os.umask(old)
     err = capsys.readouterr().err

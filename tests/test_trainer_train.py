@@ -278,26 +278,37 @@ def test_resume_after_sigkill(tiny, long_ref):
         assert torch.equal(long_ref[key], b[key]), key
 
 
-def test_sigterm_writes_a_final_checkpoint_and_exits_non_zero(tiny, long_ref):
-    """What a scheduler does: SIGTERM to `python -m trainer.run` mid-training. The run checkpoints the
-    step it is at (not the last periodic one), says so in one line, exits 143; --resume ends exactly at
-    the uninterrupted run."""
+def test_sigterm_writes_a_final_checkpoint_and_exits_non_zero(tiny, long_ref, monkeypatch, capsys):
+    """What a scheduler does: SIGTERM to `python -m trainer.run` mid-training (here delivered to this process
+    while the buffer hands out the batch of step 6, the CLI's main() running in it). The run checkpoints the
+    step it is at (the first periodic one would be at step 20), says so in one line, returns exit status 143;
+    --resume ends exactly at the uninterrupted run."""
+    from trainer.buffer import ActivationBuffer
+    from trainer.run import main
+
     root = tiny[2]
     cfg = tiny_cfg(tiny, root / "term", tokens=40960, checkpoint_every=20)
-    metrics = root / "term" / "L1R-8x" / "metrics.jsonl"
-    proc = start_and_wait(cli_flags(cfg), metrics)  # training has logged its first steps
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    lines = err.decode().strip().splitlines()
-    assert proc.returncode == 143, lines[-20:]
-    m = re.fullmatch(r"stopped by SIGTERM after step (\d+) of 160: checkpoint written \((.+)\); continue with "
-                     r"the same command and --resume", lines[-1])
-    assert m, lines[-5:]
+    real, calls = ActivationBuffer.next_batch, []
+
+    def next_batch(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(ActivationBuffer, "next_batch", next_batch)
+    before = signal.getsignal(signal.SIGTERM)
+    capsys.readouterr()
+    assert main(cli_flags(cfg)[3:]) == 143
+    lines = capsys.readouterr().err.strip().splitlines()
+    state = root / "term" / Trainer.STATE_FILE
+    assert lines[-1] == (f"stopped by SIGTERM after step 6 of 160: checkpoint written ({state}); continue with "
+                         "the same command and --resume"), lines[-5:]
     assert not any("Traceback" in ln for ln in lines)
-    step = int(m.group(1))
-    assert 0 < step < 160 and Path(m.group(2)) == root / "term" / Trainer.STATE_FILE
-    assert torch.load(m.group(2), weights_only=True)["step"] == step  # this step's, not the last periodic one
-    assert (root / "term" / "L1R-8x" / "resume" / f"step{step}.pt").is_file()
+    assert signal.getsignal(signal.SIGTERM) == before  # main() put the handler back
+    assert torch.load(state, weights_only=True)["step"] == 6
+    assert sorted(p.name for p in (root / "term" / "L1R-8x" / "resume").iterdir()) == ["step6.pt"]
+    monkeypatch.setattr(ActivationBuffer, "next_batch", real)
     resumed = run(tiny_cfg(tiny, root / "term", tokens=40960, checkpoint_every=20, resume=True),
                   log=lambda s: None)["members"]["L1R-8x"]
     b = weights(resumed["checkpoint"])

@@ -1068,15 +1068,23 @@ def save_checkpoint(
     trainer_state: Optional[Dict[str, Any]] = None,
     hyperparams: Optional[Dict[str, Any]] = None,
     lm_config: Optional[Dict[str, Any]] = None,
+    model_name: Optional[str] = None,
 ) -> None:
     """Write the single-process folder from any (tp, dp): ``to_llama_scope`` (weights in the module's
     dtype), ``checkpoints/optimizer.safetensors`` (full-shape state) and ``checkpoints/trainer_state.json``
     (step, k, ... plus the optimizer's param groups). Every rank calls it; global rank 0 writes, each
     file atomically, ``trainer_state.json`` last; a barrier ends it so no rank runs ahead of the files.
+    ``lm_config.json`` names the model: ``lm_config["model_name"]``, else ``model_name``, else the SAE's
+    ``cfg.model_name``; with none of them it is a ValueError on every rank, before anything is written.
     """
     from sae_kernels.formats import atomic_save_safetensors, atomic_write_json
     from pathlib import Path
 
+    name = (lm_config or {}).get("model_name") or model_name or sae.cfg.model_name
+    if not isinstance(name, str) or not name:
+        raise ValueError("save_checkpoint: no model name for lm_config.json (the release code's reader needs "
+                         "one): pass model_name=..., lm_config={'model_name': ...} or set the SAE's cfg.model_name")
+    lm_config = dict(lm_config or {}, model_name=name)
     full = sae.to_full() if isinstance(sae, ShardedTopKSAE) else (sae if ctx.is_main else None)
     opt_sd = None
     if optimizer is not None:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import socket
+import sys
 import threading
 from typing import Callable, Dict, List, Optional, Sequence
 from urllib.parse import urlparse
@@ -55,24 +56,28 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
 
 
 def _set_offline(value: bool) -> None:
+    """The environment variable for libraries imported later (they read it at import), and the constants
+    of those already imported; nothing is imported here (``datasets`` alone takes seconds)."""
     os.environ["HF_HUB_OFFLINE"] = "1" if value else "0"
-    import huggingface_hub.constants as hc
-
-    hc.HF_HUB_OFFLINE = value
-    try:
-        import datasets.config as dc
-
+    hc = sys.modules.get("huggingface_hub.constants")
+    if hc is not None:
+        hc.HF_HUB_OFFLINE = value
+    dc = sys.modules.get("datasets.config")
+    if dc is not None:
         dc.HF_HUB_OFFLINE = value
         if hasattr(dc, "HF_DATASETS_OFFLINE"):
             dc.HF_DATASETS_OFFLINE = value
-    except ImportError:  # pragma: no cover - a dependency
-        pass
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face libraries are in their offline mode (``HF_HUB_OFFLINE``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def offline_if_unreachable(model: str, dataset: str, log: Callable[[str], None]) -> Callable[[], None]:
     """Offline mode for this run when it needs the Hub and the Hub is unreachable; returns the undo."""
     needs = _needs_hub(model, DEFAULT_MODEL) or _needs_hub(dataset, "pydoc")
-    if not needs or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if not needs or hub_offline():
         return lambda: None
     if hub_reachable():
         return lambda: None

@@ -336,8 +336,6 @@ def _run(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSta
     t_fit = time.perf_counter()
     try:
         trainer.fit()
-    except Interrupted:
-        raise
     except StopTraining as e:
         log(str(e))
         return {"stopped": trainer.t}

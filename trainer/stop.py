@@ -62,14 +62,10 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGTERM, signal.SIGINT):
                 self._old[s] = signal.signal(s, self._handler)
-        if self.distributed:
-            import torch.distributed as dist
+        if self.distributed:  # a CPU group of its own, off the training collectives' queues; every rank
+            import torch.distributed as dist  # creates it here, in the same order (all ranks enter the loop)
 
-            if getattr(self.ctx, "backend", None) == "gloo" and getattr(self.ctx, "world_group", None) is None:
-                self._group = None  # the default group already runs on the CPU
-            else:  # every rank creates it here, in the same order (all ranks enter the loop)
-                self._group = dist.new_group(backend="gloo",
-                                             timeout=datetime.timedelta(seconds=float(self.ctx.timeout_s)))
+            self._group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=float(self.ctx.timeout_s)))
         return self
 
     def poll(self) -> Optional[int]:
