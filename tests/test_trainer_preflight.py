@@ -161,3 +161,26 @@ def test_sae_memory_estimate_follows_the_placement():
 def test_bad_counts_are_refused_before_the_model_loads(tiny, tmp_path, extra, flag, capsys, no_model_load):
     assert main(small(tiny[0], tmp_path / "o") + extra) == 2
     assert last_error(capsys).startswith("error: " + flag)
+
+
+def test_sigterm_before_the_training_loop_ends_in_one_line(tiny, tmp_path, monkeypatch, capsys):
+    """SIGTERM while the model loads (outside the loop's own handler): exit status 143, one line, no
+    traceback, the run folder's lock released."""
+    import os
+    import signal
+
+    from trainer.run_folder import LOCK_NAME
+
+    def terminated_while_loading(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(R, "load_model", terminated_while_loading)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(small(tiny[0], tmp_path / "o")) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("stopped by SIGTERM outside the training loop (loading, evaluation or export); run the "
+                       "command again, with --resume if the run wrote a checkpoint"), err[-3:]
+    assert not any("Traceback" in ln for ln in err)
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert not (tmp_path / "o" / LOCK_NAME).exists()
