@@ -448,7 +448,7 @@ class Trainer:
         bad = int(ctx.world_all_reduce(flag, op="max").item()) if ctx.distributed else int(flag.item())
         if not bad:
             return
-        for p in written if self.t != self.last_checkpoint else []:  # (the same names as a complete checkpoint's)
+        for p in written:
             if p != self.state_path:
                 p.unlink(missing_ok=True)
         what = f"could not write {describe_os_error(failed[0])}" if failed else f"rank {bad - 1} could not write its part"
