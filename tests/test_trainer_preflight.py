@@ -184,3 +184,13 @@ def test_sigterm_before_the_training_loop_ends_in_one_line(tiny, tmp_path, monke
     assert not any("Traceback" in ln for ln in err)
     assert signal.getsignal(signal.SIGTERM) == before
     assert not (tmp_path / "o" / LOCK_NAME).exists()
+
+
+def test_a_buffer_that_cannot_fit_is_refused_before_the_model_loads(tiny, tmp_path, monkeypatch, capsys, no_model_load):
+    """2^24 tokens x 1 hook point x d_model 32 x 4 bytes = 2 GiB of buffer against 1 GiB free (faked)."""
+    monkeypatch.setattr(R, "available_bytes", lambda device: 2**30)
+    assert main(small(tiny[0], tmp_path / "o", "--buffer-tokens", str(2**24))) == 2
+    assert last_error(capsys).startswith(
+        "error: --buffer-tokens: the activation buffer needs 2.00 GiB on this rank (16,777,216 tokens x 1 hook point "
+        "column blocks x d_model 32 x 4 bytes), more than the 1.00 GiB free on cpu")
+    assert not (tmp_path / "o").exists()
