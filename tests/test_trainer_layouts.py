@@ -10,11 +10,13 @@ per world size runs several jobs on one process group (process start-up is the e
 world       --tp   what it shows
 ==========  =====  ====================================================================
 2           1      members placed on ranks: each rank trains one member, gets its columns
-2           2      tp=2 for R and TC (both members sharded over the one model group)
+2           2      tp=2 for R and TC (both members sharded over the one model group), launched
+                   as the user does: ``torchrun --nproc_per_node 2 -m trainer.run ... --tp 2``
 4           1      data=2 for R and TC (each member data-parallel over two groups)
 4           2      tp=2 x data=2, R alone and TC alone
 2 -> 4      1 -> 2 stopped after 7 steps on 2 ranks (tp 1), resumed on 4 (tp 2)
-4 -> 1      2 -> 1 stopped after 7 steps on 4 ranks (tp 2), resumed by one process
+4 -> 1      2 -> 1 stopped after 7 steps on 4 ranks (tp 2), resumed by one process with the
+                   user's command ``python -m trainer.run ... --resume``
 ==========  =====  ====================================================================
 """
 from __future__ import annotations
@@ -115,6 +117,25 @@ def launch(world, jobs, tmp, timeout=400.0):
         log.close()
 
 
+def _cli(cfg):
+    """The command-line flags of a job dict (what a user types)."""
+    argv = []
+    for k, v in cfg.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            argv.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            argv += [flag, str(v)]
+    return argv
+
+
+def _command(cmd, timeout=300):
+    """Run a user's command line (a fresh process; ranks on gloo under torchrun); fail with its output."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+
+
 def weights(run_dir):
     from safetensors.torch import load_file
 
@@ -137,15 +158,22 @@ def runs(tmp_path_factory):
     data = str(root / "docs.jsonl")
     cfg = lambda name, **kw: base_cfg(model, data, root / name, **kw)  # noqa: E731
     quiet = lambda s: None  # noqa: E731
-    run(TrainConfig(**cfg("single", hookpoints=SUITE, checkpoint_every=STOP)), log=quiet)
-    launch(2, [cfg("w2_tp1", hookpoints=SUITE, tp=1), cfg("w2_tp2", hookpoints=SUITE, tp=2),
-               cfg("cut_w2", hookpoints=SUITE, tp=1, stop_after_steps=STOP)], root)
+    single = cfg("single", hookpoints=SUITE, checkpoint_every=STOP)
+    run(TrainConfig(**single), log=quiet)
+    launch(2, [cfg("w2_tp1", hookpoints=SUITE, tp=1), cfg("cut_w2", hookpoints=SUITE, tp=1, stop_after_steps=STOP)],
+           root)
+    # the user's command: torchrun ... -m trainer.run --tp 2 on two gloo ranks
+    _command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(_free_port()), "-m", "trainer.run", *_cli(dict(single, output=str(root / "w2_tp2"),
+                                                                                   tp=2))])
     launch(4, [cfg("w4_tp1", hookpoints=SUITE, tp=1), cfg("w4_tp2_R", hookpoints="L1R", tp=2),
                cfg("w4_tp2_TC", hookpoints="L2TC", tp=2), cfg("cut_w2", hookpoints=SUITE, tp=2, resume=True),
                cfg("cut_w4", hookpoints=SUITE, tp=2, stop_after_steps=STOP)], root)
     state = torch.load(root / "cut_w4" / "resume" / "state.pt", weights_only=True)
     assert (state["step"], state["world_size"], state["tp"]) == (STOP, 4, 2)
-    run(TrainConfig(**cfg("cut_w4", hookpoints=SUITE, resume=True)), log=quiet)
+    assert not (root / "cut_w4" / MEMBERS[0] / "checkpoints" / "final.safetensors").exists()
+    # the user's command: python -m trainer.run --resume, one process continuing the 4-rank run
+    _command([sys.executable, "-m", "trainer.run", *_cli(cfg("cut_w4", hookpoints=SUITE, resume=True))])
     return root
 
 
@@ -188,7 +216,9 @@ def test_members_placed_on_two_ranks(runs):
 
 
 def test_tp2_for_r_and_tc(runs):
-    _compare(runs, "w2_tp2", label="2 ranks, tp 2")
+    _compare(runs, "w2_tp2", label="torchrun 2 ranks --tp 2 (CLI)")
+    suite = json.loads((runs / "w2_tp2" / "suite.json").read_text())
+    assert suite["layout"] == {"world_size": 2, "tp": 2, "dp": 1}
 
 
 def test_data2_for_r_and_tc(runs):
@@ -208,7 +238,26 @@ def test_stopped_on_two_ranks_resumed_on_four(runs):
 
 
 def test_stopped_on_four_ranks_resumed_by_one_process(runs):
-    _compare(runs, "cut_w4", label="stopped 4 ranks tp 2, resumed 1 process")
+    _compare(runs, "cut_w4", label="stopped 4 ranks tp 2, resumed by python -m trainer.run --resume (CLI)")
+
+
+def _cli(cfg):
+    """The command-line flags of a job dict (what a user types)."""
+    argv = []
+    for k, v in cfg.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            argv.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            argv += [flag, str(v)]
+    return argv
+
+
+def _command(cmd, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return r
 
 
 def test_zz_report_measured_differences(capsys):

@@ -206,7 +206,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
 
 
 def _run(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitStack) -> Dict[str, Any]:
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     ctx = init_parallel(cfg.tp, timeout_s=cfg.dist_timeout,
                         device=None if cfg.device == "auto" else _device(cfg.device))
     device = ctx.device if ctx.distributed else _device(cfg.device)
@@ -248,7 +248,7 @@ def _run(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSta
     if (lm.n_layers, lm.d_model) != (n_layers, d):
         raise ValueError(f"--model {cfg.model!r}: the loaded model has {lm.n_layers} layers of width {lm.d_model}, "
                          f"its configuration said {n_layers} x {d}")
-    t_loaded = time.perf_counter()
+    t_loaded, c_loaded = time.perf_counter(), time.process_time()
     ctx.barrier()
     names = ", ".join(m.name for m in specs[:8]) + (f", ... ({len(specs)} SAEs)" if len(specs) > 8 else "")
     log(f"{lm.name}, d_model {d}: {names}; k {cfg.k}, {cfg.tokens:,} tokens in {cfg.total_steps} steps of "
@@ -333,7 +333,7 @@ def _run(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSta
     if state is not None:
         trainer.load_checkpoint(state)
         del state
-    t_fit = time.perf_counter()
+    t_fit, c_fit = time.perf_counter(), time.process_time()
     try:
         trainer.fit()
     except StopTraining as e:
@@ -341,7 +341,7 @@ def _run(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSta
         return {"stopped": trainer.t}
     finally:
         buffer.close()
-    t_trained = time.perf_counter()
+    t_trained, c_trained = time.perf_counter(), time.process_time()
 
     # ---- each member's main rank gathers its SAE, exports it in the released layout, evaluates what a
     # user reloads; its members share one pass over the held-out contexts (one clean LM pass)
@@ -416,7 +416,7 @@ def _run(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSta
             (mem.run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
             remove_resume_files(mem.run_dir / "resume")  # the run is complete; the final weights are in checkpoints/
             results[name] = result
-    t_done = time.perf_counter()
+    t_done, c_done = time.perf_counter(), time.process_time()
     stats = {"lm_seconds": source.lm_seconds, "lm_tokens": source.lm_tokens, "eval_seconds": t_done - t_eval0,
              "wait_seconds": trainer.wait_seconds, "rows_received_bytes": exchange.bytes_received,
              "sae_step_seconds": {m.name: m.step_seconds for m in members}}
@@ -448,6 +448,11 @@ def _run(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSta
         "lm_tokens": sum(st["lm_tokens"] for _, st in gathered),
         "buffer_bytes_per_rank": buffer_bytes, "rows_received_bytes": sum(st["rows_received_bytes"] for _, st in gathered),
         "seconds": seconds,
+        # CPU time of rank 0's process (all its threads) per phase: less sensitive than wall time to other
+        # jobs on the machine; "train" holds the SAE steps and the LM forwards that overlap them
+        "cpu_seconds": {"load_model": round(c_loaded - c_start, 2), "data_and_first_fill": round(c_fit - c_loaded, 2),
+                        "train": round(c_trained - c_fit, 2), "eval_export": round(c_done - c_trained, 2),
+                        "total": round(c_done - c_start, 2)},
     }
     write_suite_files(out, suite)
     remove_resume_files(out / "resume")
