@@ -29,9 +29,11 @@ TOL = {
     torch.bfloat16: (2e-2, 2e-2),
     torch.float16: (2e-3, 2e-3),
 }
-# Scores are computed in fp32 from the (rounded) inputs for every input dtype, so the selection is
-# checked at fp32-level precision relative to the row's score scale, whatever the dtype.
-SCORE_RTOL = 1e-5
+# Selection tolerance relative to the row's score scale. The two-pass encode ranks the pre-activations
+# as cuBLAS writes them (in the weights' dtype: one rounding, 2^-9 relative in bf16, as the PyTorch
+# path does); the fused kernel ranks fp32 scores. Exactness over the materialised pre-activations
+# is checked separately (test_row_select_is_exact), without any tolerance.
+SCORE_RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
 def _gen(seed):
@@ -93,14 +95,15 @@ def _check_selection(x, W, b, norm, k, values, indices):
     kth = torch.topk(s, k, dim=1).values[:, -1]
     sel = s.gather(1, idx)
     scale = s.abs().amax(dim=1).clamp_min(1e-6)
-    short = sel.amin(dim=1) < kth - SCORE_RTOL * scale
+    rtol = SCORE_RTOL[dtype]
+    short = sel.amin(dim=1) < kth - rtol * scale
     assert int(short.sum()) == 0, (
         f"{int(short.sum())}/{n_rows} rows select a score below the reference k-th largest; "
         f"worst gap {(kth - sel.amin(dim=1)).max().item():.3e}"
     )
     # Same total: no selected score is replaced by a smaller one beyond rounding.
     total_gap = (torch.topk(s, k, dim=1).values.sum(1) - sel.sum(1)).abs()
-    assert bool((total_gap <= k * SCORE_RTOL * scale).all()), f"max total-score gap {total_gap.max():.3e}"
+    assert bool((total_gap <= k * rtol * scale).all()), f"max total-score gap {total_gap.max():.3e}"
     _assert_close(vals, z.gather(1, idx), dtype, "values vs relu(pre) at the selected indices")
     assert bool((vals >= 0).all()), "negative values"
 

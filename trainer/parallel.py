@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from sae_kernels import SAEConfig, TopKSAE
 from sae_kernels._validate import check_k, check_tensor
-from sae_kernels.ops import sparse_decode, topk_encode
+from sae_kernels.ops import decode_for_training, encode_for_training
 
 DIM_NAMES = ("data", "model")
 # all_gather_into_tensor was renamed all_gather_single (torch 2.13 deprecates the old name).
@@ -339,14 +339,14 @@ class ParallelContext:
         dec_norm = _row_norms(W_dec) if weighted else None
         if self.tp == 1:
             # Exactly TopKSAE.forward's ops (same kernels, b_dec inside sparse_decode).
-            values, idx = topk_encode(x_n, W_enc, b_enc, k, dec_norm, check_finite_input=False)
-            x_hat = sparse_decode(values, idx, W_dec, b_dec, check_indices=False)
+            values, idx = encode_for_training(x_n, W_enc, b_enc, k, dec_norm)
+            x_hat = decode_for_training(values, idx, W_dec, b_dec)
             win = torch.ones_like(idx, dtype=torch.bool)
             return ShardedTopK(x_hat, values, idx, idx, win, k)
         k_local = min(k, n_local)
         if x_n.requires_grad:  # only then: SAE training reads activations without gradient
             x_n = _CopyToGroup.apply(x_n, self.model_group)
-        values, idx = topk_encode(x_n, W_enc, b_enc, k_local, dec_norm, check_finite_input=False)
+        values, idx = encode_for_training(x_n, W_enc, b_enc, k_local, dec_norm)
         with torch.no_grad():
             v = values.detach()
             scores = v if dec_norm is None else v * dec_norm[idx]
@@ -354,7 +354,7 @@ class ParallelContext:
             win_all = self._global_winners(scores, gidx, k, n)
             own = win_all[:, self.model_rank]
         kept = torch.where(own, values, torch.zeros_like(values))
-        partial = sparse_decode(kept, idx, W_dec, None, check_indices=False)
+        partial = decode_for_training(kept, idx, W_dec, None)
         if partial.dtype in (torch.bfloat16, torch.float16):
             partial = partial.float()
         x_hat = _AllReduceSum.apply(partial, self.model_group)
