@@ -31,6 +31,8 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .h2d import PinnedStaging
+
 
 @dataclass
 class Chunk:
@@ -91,6 +93,11 @@ class ActivationBuffer:
         self.perm = torch.arange(capacity)  # generated on the CPU (seeded), mirrored on the device
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=self.device) if self._cuda else None
+        # Pinned host storage feeding a GPU: async copies through pinned staging (trainer/h2d.py),
+        # and the producer's LM on its own stream, never the training stream.
+        self._staging = PinnedStaging(self.out_device) if pin and self.out_device.type == "cuda" else None
+        if self._staging is not None:
+            self._stream = torch.cuda.Stream(device=self.out_device)
         self._perm_event = torch.cuda.Event() if self._cuda else None
         self._set_perm_dev()
         self.ptr = capacity  # consumed in this round (the initial fill frees every slot)
@@ -130,8 +137,8 @@ class ActivationBuffer:
 
     def _run(self) -> None:
         try:
-            if self._cuda:
-                with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            if self._stream is not None:
+                with torch.cuda.device(self._stream.device), torch.cuda.stream(self._stream):
                     self._produce()
             else:
                 self._produce()
@@ -161,11 +168,11 @@ class ActivationBuffer:
                     if self._cuda:
                         self._stream.wait_event(self._read_event)  # the consumer has read these slots
                         self._stream.wait_event(self._perm_event)  # and this round's permutation exists
-                    self.X.index_copy_(0, slots, chunk.x[off : off + m].to(self.device, self.X.dtype))
+                    self.X.index_copy_(0, slots, self._to_storage(chunk.x[off : off + m], self.X.dtype))
                     if self.Y is not None:
                         if chunk.y is None:
                             raise ValueError("source: the buffer has targets (d_out) but a chunk has y=None")
-                        self.Y.index_copy_(0, slots, chunk.y[off : off + m].to(self.device, self.Y.dtype))
+                        self.Y.index_copy_(0, slots, self._to_storage(chunk.y[off : off + m], self.Y.dtype))
                     if self._cuda:
                         self._write_event.record(self._stream)
                     self.written += m
@@ -185,7 +192,16 @@ class ActivationBuffer:
         if self._error is not None:
             raise ProducerError(f"activation producer failed: {type(self._error).__name__}: {self._error}") from self._error
 
+    def _to_storage(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        if self._staging is not None and t.is_cuda:
+            return self._staging.to_host(t, dtype)
+        return t.to(self.device, dtype)
+
     def _gather(self, slots: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        if self._staging is not None:
+            x = self._staging.to_device(self.X, slots)
+            y = self._staging.to_device(self.Y, slots) if self.Y is not None else None
+            return x, y
         x = self.X.index_select(0, slots)
         y = self.Y.index_select(0, slots) if self.Y is not None else None
         if self._cuda:
