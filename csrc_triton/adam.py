@@ -10,8 +10,9 @@ parameter and the moments once (torch's Adam arithmetic), and in the same pass:
 * writes the sum of squares of each new row (HAS_SUMSQ): the decoder row norms the next selection
   weights by, without another read of W_dec.
 
-The parameter is viewed as rows of ``n_cols`` elements (its real rows for a 2-D weight; chunks of a
-1-D bias), one program per row. Moments may be stored in bf16 (an option, off by default).
+The parameter is viewed as rows of ``n_cols`` elements (its real rows for a 2-D weight; 128-element
+chunks of a 1-D bias); a program updates BLOCK_R rows, BLOCK_C columns at a time. Moments may be
+stored in bf16 (an option, off by default).
 """
 
 import triton
@@ -22,20 +23,22 @@ import triton.language as tl
 def _adam_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr,        # [n_elem] fp32 parameter, gradient (any float), moments (fp32 or bf16)
     copy_ptr, sumsq_ptr, scale_ptr,    # [n_elem] compute copy, [n_rows] fp32 row sums of squares, [1] grad factor
-    n_elem, n_cols,
+    n_elem, n_rows, n_cols,
     beta1, beta2, eps, step_size, bc2_sqrt,
-    HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, HAS_SUMSQ: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, HAS_SUMSQ: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_mask = rows < n_rows
+    offs = tl.arange(0, BLOCK_C)
     scale = 1.0
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(tl.float32)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for c0 in range(0, n_cols, BLOCK):
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, n_cols, BLOCK_C):
         col = c0 + offs
-        i = row * n_cols + col
-        mask = (col < n_cols) & (i < n_elem)
+        i = rows[:, None] * n_cols + col[None, :]
+        mask = row_mask[:, None] & (col < n_cols)[None, :] & (i < n_elem)
         p = tl.load(p_ptr + i, mask=mask, other=0.0)
         g = tl.load(g_ptr + i, mask=mask, other=0.0).to(tl.float32) * scale
         m = tl.load(m_ptr + i, mask=mask, other=0.0).to(tl.float32)
@@ -51,4 +54,4 @@ def _adam_kernel(
         if HAS_SUMSQ:
             acc += p * p
     if HAS_SUMSQ:
-        tl.store(sumsq_ptr + row, tl.sum(acc, axis=0))
+        tl.store(sumsq_ptr + rows, tl.sum(acc, axis=1), mask=row_mask)

@@ -54,7 +54,7 @@ def _row_topk_kernel(
     taken = 0
     ties = 0
     for p in tl.static_range(5):
-        SHIFT: tl.constexpr = 24 - 8 * p if p < 4 else 0
+        shift = 24 - 8 * p  # compile-time: the byte this pass resolves (p < 4)
         if go | (p == 4):
             hist = tl.zeros([256], dtype=tl.int32)
             for c0 in range(0, d_sae, BLOCK):
@@ -74,7 +74,7 @@ def _row_topk_kernel(
                 key = tl.where(s != s, nan_key, key)
                 mk = key & known
                 if p < 4:
-                    digit = ((key >> SHIFT) & 0xFF).to(tl.int32)
+                    digit = ((key >> shift) & 0xFF).to(tl.int32)
                     hist += tl.histogram(digit, 256, mask=col_mask & (mk == prefix))
                 else:
                     eq = col_mask & (mk == prefix)
@@ -96,6 +96,6 @@ def _row_topk_kernel(
                 above = (both & 0xFFFFFFFF).to(tl.int32)
                 in_bin = (both >> 32).to(tl.int32) - above
                 need -= above
-                prefix = prefix | (b_star.to(tl.uint32) << SHIFT)
-                known = known | (tl.full([], 0xFF, tl.uint32) << SHIFT)
+                prefix = prefix | (b_star.to(tl.uint32) << shift)
+                known = known | (tl.full([], 0xFF, tl.uint32) << shift)
                 go = in_bin != need   # the whole bin is taken: the lower bytes need no resolving

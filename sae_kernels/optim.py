@@ -167,16 +167,23 @@ class SAEAdam(torch.optim.Adam):
         )
         if sumsq is not None:
             sumsq.sqrt_()
+        # The kernel's writes bump no version counter: bump them as torch's in-place update would
+        # (autograd then rejects a graph that saved the old values), then mark the copies current.
+        torch.autograd.graph.increment_version(p)
+        if copy is not None:
+            torch.autograd.graph.increment_version(copy)
         if t_rec is not None:
-            t_rec.version, t_rec.ptr = p._version, p.data_ptr()  # the kernel's writes bump no counter
+            t_rec.version, t_rec.ptr = p._version, p.data_ptr()
 
     def _torch_step(self, params, grad_scale: Optional[Tensor]) -> None:
         if grad_scale is not None:
             for p in params:
                 p.grad.mul_(grad_scale.to(p.grad.dtype))
-        if self.moments_dtype not in (None, torch.float32):
+        low = self.moments_dtype not in (None, torch.float32)
+        if low:  # torch's Adam needs moments of the parameter's dtype: widen, step, narrow back
             for p in params:
-                self._state(p)
+                st = self._state(p)
+                st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].to(p.dtype), st["exp_avg_sq"].to(p.dtype)
         keep = {id(p) for p in params}
         saved = []
         for group in self.param_groups:  # torch's Adam over just these parameters
@@ -187,6 +194,11 @@ class SAEAdam(torch.optim.Adam):
         finally:
             for group, ps in zip(self.param_groups, saved):
                 group["params"] = ps
+            if low:
+                for p in params:
+                    st = self.state[p]
+                    st["exp_avg"] = st["exp_avg"].to(self.moments_dtype)
+                    st["exp_avg_sq"] = st["exp_avg_sq"].to(self.moments_dtype)
         for p in params:
             t = self._tracked.get(id(p))
             if t is not None:

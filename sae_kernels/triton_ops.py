@@ -69,9 +69,11 @@ def dense_k_threshold(d_sae: int) -> int:
 _ENC_BLOCK_M, _ENC_BLOCK_K, _ENC_WARPS = 64, 32, 8
 # Stage 2 of the fused path: one row of up to 4096 candidates per program.
 _MAX_CAND_WIDTH = 4096
-# Row select: 4096 entries of a row per step, 8 warps (16 per thread): a bf16 row of 32768 latents
-# is 8 steps per pass.
-_SELECT_BLOCK, _SELECT_WARPS = 4096, 8
+# Row select: 2048 entries of a row per step, 8 warps (8 per thread, one 16 B load of bf16): sm_90
+# ptxas gives 100 registers, no spills, 16 KiB shared (two programs per SM); 4096 x 16 warps was 88
+# registers but one program per SM, 4096 x 8 warps 173. A bf16 row of 32768 latents is 16 steps
+# per pass.
+_SELECT_BLOCK, _SELECT_WARPS = 2048, 8
 # Sparse row kernels: BLOCK_D = 128 elements = 256 B of a bf16 row per program (full 128 B
 # transactions, 4 warps x 32 lanes); BLOCK_J = 16 rows of W in flight per step hides gather latency.
 _ROW_BLOCK_D, _ROW_BLOCK_J, _ROW_WARPS = 128, 16, 4
@@ -81,8 +83,9 @@ _DOT_BLOCK_J, _DOT_BLOCK_D = 16, 128
 # 32 at a time (one 32 x 32 x 128 MMA per tile): 1024 x 32 programs at d_sae 32768, d_model 4096,
 # instead of one program per (latent, 128 columns).
 _SCAT_BLOCK_L, _SCAT_BLOCK_E, _SCAT_BLOCK_D = 32, 32, 128
-# Adam: 1024 elements per step, rows of the weight (or 1024-element chunks of a bias) per program.
-_ADAM_BLOCK, _ADAM_WARPS, _ADAM_CHUNK = 1024, 4, 1024
+# Adam: [8 rows, 128 columns] per step (512 B fp32 row segments, 1024 elements), 4 warps; a 1-D
+# parameter is viewed as rows of 128. 4096 programs for W [32768, 4096].
+_ADAM_BLOCK_R, _ADAM_BLOCK_C, _ADAM_WARPS, _ADAM_CHUNK = 8, 128, 4, 128
 
 
 def _interpreting() -> bool:
@@ -160,7 +163,8 @@ def _scatter_config(dtype: torch.dtype, interpret: Optional[bool] = None) -> Dic
 
 
 def _adam_config(has_copy: bool) -> Dict[str, Any]:
-    return dict(HAS_SCALE=True, HAS_COPY=has_copy, HAS_SUMSQ=True, BLOCK=_ADAM_BLOCK, num_warps=_ADAM_WARPS)
+    return dict(HAS_SCALE=True, HAS_COPY=has_copy, HAS_SUMSQ=True, BLOCK_R=_ADAM_BLOCK_R,
+                BLOCK_C=_ADAM_BLOCK_C, num_warps=_ADAM_WARPS)
 
 
 # ---------------------------------------------------------------------------------------- encode
@@ -439,9 +443,9 @@ def adam_step(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, b
     if scale is None:
         scale = torch.ones((), device=device, dtype=torch.float32)
     with _on_device(device):
-        _adam_kernel[(n_rows,)](
+        _adam_kernel[(triton.cdiv(n_rows, _ADAM_BLOCK_R),)](
             p, grad, exp_avg, exp_avg_sq, copy if copy is not None else p, row_sumsq, scale,
-            n_elem, n_cols, beta1, beta2, eps, step_size, bc2_sqrt, **_adam_config(copy is not None),
+            n_elem, n_rows, n_cols, beta1, beta2, eps, step_size, bc2_sqrt, **_adam_config(copy is not None),
         )
 
 
@@ -481,7 +485,7 @@ def launch_configs() -> Iterator[Tuple[str, Any, List[Any], Dict[str, Any]]]:
     for mdt in (f32, torch.bfloat16):
         for cdt in (None, torch.bfloat16, torch.float16):
             yield (f"adam[moments={_dn(mdt)},copy={_dn(cdt) if cdt else 'none'}]", _adam_kernel,
-                   [f32, f32, mdt, mdt, cdt or f32, f32, f32, n * d, d, 0.9, 0.9999, 1e-8, 1e-3, 0.5],
+                   [f32, f32, mdt, mdt, cdt or f32, f32, f32, n * d, n, d, 0.9, 0.9999, 1e-8, 1e-3, 0.5],
                    _adam_config(cdt is not None))
 
 

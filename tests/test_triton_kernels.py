@@ -354,6 +354,7 @@ ROW_SELECT_CASES = [
     pytest.param(5, 129, 129, torch.float16, True, "randn", id="fp16-k=n"),
     pytest.param(7, 40, 1, torch.bfloat16, True, "negative-norm", id="bf16-k1-negative-norms"),
     pytest.param(4, 257, 20, torch.float32, True, "nan", id="fp32-nan-entries"),
+    pytest.param(3, 2500, 300, torch.bfloat16, False, "ties", id="bf16-two-blocks-ties"),  # d_sae > BLOCK
 ]
 
 
