@@ -1,0 +1,67 @@
+"""--buffer-device cpu on a GPU run: pinned host storage, asynchronous copies (trainer/h2d.py).
+
+Needs CUDA (pinned memory and streams); skipped on the CPU-only CI, run by benchmarks/gpu_check.py.
+"""
+import pytest
+import torch
+
+from trainer.buffer import ActivationBuffer, Chunk
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned memory, streams)")
+
+
+class GpuSource:
+    """Chunks produced on the GPU, as the LM produces them."""
+
+    def __init__(self, n_chunks=12, rows=48, d=24, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.data = [torch.randn(rows, d, generator=g) for _ in range(n_chunks)]
+
+    def __iter__(self):
+        for i, x in enumerate(self.data):
+            yield Chunk(x=x.cuda(), cursor={"i": i})
+
+    def load_state_dict(self, sd):
+        pass
+
+
+def _batches(buffer_device, pin):
+    buf = ActivationBuffer(GpuSource(), 192, 32, 24, device=buffer_device, pin_memory=pin, seed=3, out_device="cuda")
+    try:
+        return [x.clone() for x, _ in buf]
+    finally:
+        buf.close()
+
+
+def test_cpu_buffer_serves_the_same_batches_as_a_gpu_buffer():
+    a = _batches("cuda", False)
+    b = _batches("cpu", True)
+    assert len(a) == len(b) == 12 * 48 // 32
+    for x, y in zip(a, b):
+        assert x.is_cuda and y.is_cuda and torch.equal(x, y)
+
+
+def test_cpu_buffer_copies_are_async_from_pinned_memory_on_side_streams():
+    """Every host-to-device copy of a batch comes from pinned memory, on a stream other than the
+    training stream (the old code copied from pageable index_select output, synchronously); the
+    producer's device-to-host copies land in pinned memory."""
+    from torch.profiler import ProfilerActivity, profile
+
+    buf = ActivationBuffer(GpuSource(), 192, 32, 24, device="cpu", pin_memory=True, seed=3, out_device="cuda")
+    try:
+        buf.next_batch()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                x, _ = buf.next_batch()
+                (x * 2).sum()
+            torch.cuda.synchronize()
+    finally:
+        buf.close()
+    main = torch.cuda.current_stream().stream_id
+    copies = [e for e in prof.events() if "Memcpy HtoD" in e.name]
+    assert copies, [e.name for e in prof.events()][:50]
+    assert all("Pinned" in e.name for e in copies), sorted({e.name for e in copies})
+    streams = {getattr(e, "device_resource_id", None) for e in copies}
+    assert main not in streams, (main, streams)
+    d2h = [e for e in prof.events() if "Memcpy DtoH" in e.name]
+    assert all("Pinned" in e.name for e in d2h), sorted({e.name for e in d2h})
