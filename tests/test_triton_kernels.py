@@ -127,23 +127,29 @@ def _check_selection(x, W, b, norm, k, values, indices):
 
 ENCODE_CASES = [
     # (n_tokens, d_model, d_sae, k, dtype, with_norm, bias_shift)
-    pytest.param(37, 123, 1000, 7, torch.float32, True, 0.0, id="fused-d123-n1000-k7-fp32"),
-    pytest.param(37, 123, 1000, 7, torch.bfloat16, True, 0.0, id="fused-d123-n1000-k7-bf16"),
-    pytest.param(1, 123, 1000, 1, torch.float32, False, 0.0, id="fused-N1-k1-nonorm"),
-    pytest.param(19, 48, 300, 50, torch.bfloat16, True, 0.0, id="fused-k50-bf16"),
-    pytest.param(11, 33, 200, 64, torch.float16, False, 0.0, id="fused-k64-fp16"),
-    pytest.param(9, 123, 40, 40, torch.float32, True, 0.0, id="fused-k=n"),
-    pytest.param(23, 123, 1000, 7, torch.float32, True, -3.0, id="fused-few-positive"),
-    pytest.param(7, 128, 300, 64, torch.bfloat16, False, -3.0, id="fused-few-positive-k64-bf16"),
-    pytest.param(6, 130, 260, 65, torch.float32, True, 0.0, id="dense-k=d/2-fp32"),
-    pytest.param(6, 256, 300, 128, torch.bfloat16, True, 0.0, id="dense-k=d/2-bf16"),
-    pytest.param(5, 123, 100, 100, torch.float32, True, 0.0, id="dense-k=n"),
-    pytest.param(8, 64, 150, 90, torch.bfloat16, False, -3.0, id="dense-few-positive-nonorm"),
+    pytest.param(37, 123, 1000, 7, torch.float32, True, 0.0, id="d123-n1000-k7-fp32"),
+    pytest.param(37, 123, 1000, 7, torch.bfloat16, True, 0.0, id="d123-n1000-k7-bf16"),
+    pytest.param(1, 123, 1000, 1, torch.float32, False, 0.0, id="N1-k1-nonorm"),
+    pytest.param(19, 48, 300, 50, torch.bfloat16, True, 0.0, id="k50-bf16"),
+    pytest.param(11, 33, 200, 64, torch.float16, False, 0.0, id="k64-fp16"),
+    pytest.param(9, 123, 40, 40, torch.float32, True, 0.0, id="k=n"),
+    pytest.param(23, 123, 1000, 7, torch.float32, True, -3.0, id="few-positive"),
+    pytest.param(7, 128, 300, 64, torch.bfloat16, False, -3.0, id="few-positive-k64-bf16"),
+    pytest.param(6, 130, 260, 65, torch.float32, True, 0.0, id="k=d/2-fp32"),
+    pytest.param(6, 256, 300, 128, torch.bfloat16, True, 0.0, id="k=d/2-bf16"),
+    pytest.param(5, 123, 100, 100, torch.float32, True, 0.0, id="k=n-100"),
+    pytest.param(8, 64, 150, 90, torch.bfloat16, False, -3.0, id="few-positive-nonorm-k90"),
 ]
 
 
+@pytest.mark.parametrize("encode_path", ["two_pass", "fused"])
 @pytest.mark.parametrize("n_tokens,d_model,d_sae,k,dtype,with_norm,bias_shift", ENCODE_CASES)
-def test_encode_select(n_tokens, d_model, d_sae, k, dtype, with_norm, bias_shift):
+def test_encode_select(n_tokens, d_model, d_sae, k, dtype, with_norm, bias_shift, encode_path, monkeypatch):
+    """Both encode paths (the launcher picks two-pass at every shape here; the fused kernel is forced)
+    against float64, with a sentinel latent past d_sae that would win every row if it were read."""
+    if encode_path == "fused" and k > triton_ops.FUSED_MAX_K:
+        pytest.skip(f"the fused encode takes k <= {triton_ops.FUSED_MAX_K}")
+    monkeypatch.setattr(triton_ops, "ENCODE_METHOD", encode_path)
     x, W, b, norm = _encode_inputs(1000 + k, n_tokens, d_model, d_sae, dtype, with_norm, bias_shift)
     if bias_shift:
         # Make sure the case is what it claims: some rows have fewer than k positive pre-activations.
@@ -171,7 +177,7 @@ def test_encode_select_leading_dims_and_zero_rows():
     _check_selection(x, W, b, norm, 7, values, indices)
 
 
-@pytest.mark.parametrize("k", [7, 70], ids=["fused", "dense"])
+@pytest.mark.parametrize("k", [7, 70], ids=["k7", "k70"])
 def test_encode_select_nan_row_stays_in_range(k):
     """A NaN token row must not produce out-of-range or repeated indices (later gathers would fault)."""
     x, W, b, norm = _encode_inputs(17, 3, 40, 200, torch.float32, True)
@@ -427,12 +433,33 @@ def test_encode_negative_and_infinite_norms_stay_in_range(method):
         assert bool((s.gather(1, idx) >= kth - 1e-5 * kth.abs()).all()), "a selected score is below the k-th"
 
 
+def _record_launches(monkeypatch, record):
+    """Call ``record(kernel name, positional args, keyword args)`` at every Triton launch: the
+    interpreter's grid executor under TRITON_INTERPRET=1, ``JITFunction.run`` on a GPU."""
+    if DEVICE == "cpu":
+        from triton.runtime.interpreter import GridExecutor as launcher
+
+        real = launcher.__call__
+        attr = "__call__"
+    else:
+        from triton.runtime.jit import JITFunction as launcher
+
+        real = launcher.run
+        attr = "run"
+
+    def launch(self, *a, **k):
+        record(self.fn.__name__, a, k)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(launcher, attr, launch)
+
+
 def test_every_launch_runs_under_the_tensors_device(monkeypatch):
     """Triton launches on the current CUDA device unless told otherwise: every launcher must enter its
-    tensors' device (torch.cuda.device) around its kernels. Recorded on CPU tensors in the interpreter."""
-    from triton.runtime import interpreter
-
-    entered, inside, outside = [], [0], []
+    tensors' device (torch.cuda.device) around its kernels. Recorded on CPU tensors in the interpreter
+    (the guard is a no-op there, but each launch must happen inside it); on a GPU the current device at
+    each launch must also be the tensors' device."""
+    entered, inside, outside, wrong = [], [0], [], []
     real_guard = triton_ops._on_device
 
     class Guard:
@@ -448,15 +475,15 @@ def test_every_launch_runs_under_the_tensors_device(monkeypatch):
             inside[0] -= 1
             return self.inner.__exit__(*a)
 
-    real_call = interpreter.GridExecutor.__call__
-
-    def launch(self, *a, **k):
+    def record(name, args, kwargs):
         if inside[0] == 0:
-            outside.append(self.fn.__name__)
-        return real_call(self, *a, **k)
+            outside.append(name)
+        dev = next((t.device for t in args if isinstance(t, torch.Tensor)), None)
+        if dev is not None and dev.type == "cuda" and torch.cuda.current_device() != dev.index:
+            wrong.append(name)
 
     monkeypatch.setattr(triton_ops, "_on_device", Guard)
-    monkeypatch.setattr(interpreter.GridExecutor, "__call__", launch)
+    _record_launches(monkeypatch, record)
     x, W, b, norm = _encode_inputs(3, 5, 16, 64, torch.float32, True)
     v, i = triton_ops.encode_select(x, W, b, 3, norm)
     monkeypatch.setattr(triton_ops, "ENCODE_METHOD", "fused")
@@ -464,15 +491,17 @@ def test_every_launch_runs_under_the_tensors_device(monkeypatch):
     v2, i2, pre = triton_ops.encode_select(x, W, b, 3, norm, return_pre=True)
     monkeypatch.setattr(triton_ops, "ENCODE_METHOD", "auto")
     _, _, pre = triton_ops.encode_select(x, W, b, 3, norm, return_pre=True)
-    triton_ops.select_from_pre(pre, 3, norm, torch.ones(64, dtype=torch.bool))
+    triton_ops.select_from_pre(pre, 3, norm, torch.ones(64, dtype=torch.bool, device=DEVICE))
     triton_ops.gather_rows(v, i, W)
     triton_ops.gather_dot(x, i, W)
     triton_ops.scatter_outer(v, i, x, 64, True)
-    p = torch.randn(7, 5)
-    triton_ops.adam_step(p, torch.randn(7, 5), torch.zeros(7, 5), torch.zeros(7, 5), beta1=0.9, beta2=0.99,
+    p = torch.randn(7, 5).to(DEVICE)
+    z = torch.zeros(7, 5, device=DEVICE)
+    triton_ops.adam_step(p, torch.randn(7, 5).to(DEVICE), z, z.clone(), beta1=0.9, beta2=0.99,
                          eps=1e-8, step_size=1e-3, bc2_sqrt=0.1)
     assert len(entered) >= 9 and all(d == x.device for d in entered), entered
     assert not outside, f"kernels launched outside the device guard: {outside}"
+    assert not wrong, f"kernels launched with another current device: {wrong}"
 
 
 @pytest.mark.parametrize("method", METHODS, indirect=True)
@@ -480,16 +509,9 @@ def test_mixed_dtypes_compute_in_exact_fp32(method, monkeypatch):
     """bf16 x with fp32 W: the kernels get fp32 operands and an IEEE dot (on the GPU the default
     would be TF32, in the interpreter exact fp32: the two disagreed), so the result equals the fp32
     encode of x.float(). Checked on the arguments the kernels are launched with."""
-    from triton.runtime import interpreter
-
     seen = []
-    real_call = interpreter.GridExecutor.__call__
-
-    def launch(self, *a, **k):
-        seen.append((self.fn.__name__, [t.dtype for t in a if isinstance(t, torch.Tensor)], k))
-        return real_call(self, *a, **k)
-
-    monkeypatch.setattr(interpreter.GridExecutor, "__call__", launch)
+    _record_launches(monkeypatch, lambda name, a, k: seen.append(
+        (name, [t.dtype for t in a if isinstance(t, torch.Tensor)], k)))
     x, W, b, norm = _encode_inputs(11, 6, 48, 300, torch.float32, True)
     xb = x.to(torch.bfloat16)
     values, indices = triton_ops.encode_select(xb, W, b, 7, norm)
@@ -498,24 +520,30 @@ def test_mixed_dtypes_compute_in_exact_fp32(method, monkeypatch):
         assert torch.bfloat16 not in dtypes, f"{name} got a bf16 operand: {dtypes}"
         if "IEEE" in k:
             assert k["IEEE"], f"{name} launched without the IEEE (exact fp32) dot"
+    assert seen, "no launch recorded"
     v32, i32 = triton_ops.encode_select(xb.float(), W, b, 7, norm)
     assert torch.equal(indices, i32) and torch.equal(values, v32.to(torch.bfloat16))
     _check_selection(xb.float(), W, b, norm, 7, v32, i32)
 
 
-def test_select_from_pre_matches_a_masked_encode():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_select_from_pre_matches_a_masked_encode(dtype):
     """AuxK's second selection from the kept pre-activations equals an encode whose disallowed
-    latents are pushed to zero, without a second GEMM."""
-    x, W, b, norm = _encode_inputs(23, 9, 40, 300, torch.float32, True)
+    latents are pushed to zero, without a second GEMM (float64 reference; bf16 pre-activations
+    are rounded once, as cuBLAS writes them)."""
+    x, W, b, norm = _encode_inputs(23, 9, 40, 300, dtype, True)
     allowed = torch.rand(300, generator=_gen(1)) < 0.3
     _, _, pre = triton_ops.encode_select(x, W, b, 5, norm, return_pre=True)
-    assert pre is not None and pre.shape == (9, 300)
+    assert pre is not None and pre.shape == (9, 300) and pre.dtype == dtype
     v, i = triton_ops.select_from_pre(pre, 12, norm, allowed.to(DEVICE))
+    assert v.dtype == dtype and int(((i < 0) | (i >= 300)).sum()) == 0
+    assert all(torch.unique(r).numel() == 12 for r in i.cpu()), "repeated ids"
     z = (x.double().cpu() @ W.double().cpu().T + b.double().cpu()).clamp_min(0) * allowed
     s = z * norm.double().cpu()
     kth = torch.topk(s, 12, dim=1).values[:, -1:]
-    assert bool((s.gather(1, i.cpu()) >= kth - 1e-5 * s.amax(1, keepdim=True)).all())
-    _assert_close(v, z.gather(1, i.cpu()), torch.float32, "values")
+    assert bool((s.gather(1, i.cpu()) >= kth - SCORE_RTOL[dtype] * s.amax(1, keepdim=True)).all())
+    _assert_close(v, z.gather(1, i.cpu()), dtype, "values")
+    assert bool((v.cpu()[~allowed[i.cpu()]] == 0).all()), "a disallowed latent kept a value"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
