@@ -360,6 +360,7 @@ ROW_SELECT_CASES = [
     pytest.param(5, 129, 129, torch.float16, True, "randn", id="fp16-k=n"),
     pytest.param(7, 40, 1, torch.bfloat16, True, "negative-norm", id="bf16-k1-negative-norms"),
     pytest.param(4, 257, 20, torch.float32, True, "nan", id="fp32-nan-entries"),
+    pytest.param(6, 300, 40, torch.float32, True, "signed-zeros", id="fp32-k-th-in-a-run-of-+0-and--0"),
     pytest.param(3, 2500, 300, torch.bfloat16, False, "ties", id="bf16-two-blocks-ties"),  # d_sae > BLOCK
 ]
 
@@ -377,6 +378,8 @@ def test_row_select_is_exact(n_rows, d_sae, k, dtype, with_norm, kind):
     if kind == "negative-norm":
         norm = norm - 1.0
         norm[::5] = float("-inf")
+    if kind == "signed-zeros":  # ~15 positive scores per row: the k-th lies among z = 0 times norms of
+        norm = norm - 1.15          # either sign, +0.0 and -0.0, which must tie (to the smaller id)
     if kind == "nan":
         pre[1, 3] = pre[1, 100] = float("nan")
         pre[2] = float("nan")
