@@ -9,11 +9,15 @@ pytest: ``datasets``, ``gguf`` and the embedded model's package are made unimpor
 (``benchmarks/absent_modules.py``, here and in its pytest run), so a run where they are installed
 fails wherever a device image without them would.
 
+``--budget-s`` (default 450): once the run has taken that long, the measurements still to come are
+skipped and listed under ``skipped_for_time``, so the whole run stays within 8 minutes.
+
 Sections (figures at d_model 4096, d_sae 32768 and 131072, 4096 tokens, bf16):
 
 1. ``env``: device, driver, torch, triton, commit.
 2. ``tests``: the kernel, op, optimizer and staging tests (``tests/test_triton_kernels.py``,
-   ``test_ops.py``, ``test_optim.py``, ``test_trainer_h2d.py``) compiled for real, fp32 and bf16.
+   ``test_ops.py``, ``test_optim.py``, ``test_trainer_h2d.py``) compiled for real, fp32 and bf16, in
+   four concurrent pytest processes (compilation is CPU-bound); their output in ``OUTDIR/tests_*.log``.
 3. ``kernels``: ``triton.testing.do_bench`` medians of the bare cuBLAS GEMM (``addmm``, bf16
    out), the two-pass encode and its select alone, ``torch.topk`` on the same pre-activations, the
    fused encode, the gathers and the backward reduction at k 50 and 2048, a sparse-vs-dense sweep
@@ -56,14 +60,25 @@ GPU_PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
 class Check:
     """Results, the log and the time budget of one run."""
 
-    def __init__(self, out: Path, tiny: bool) -> None:
-        self.out, self.tiny = out, tiny
+    def __init__(self, out: Path, tiny: bool, budget_s: float = 450.0) -> None:
+        self.out, self.tiny, self.budget_s = out, tiny, budget_s
         out.mkdir(parents=True, exist_ok=True)
         self.json_path = out / "gpu_check.json"
         self.log_file = open(out / "gpu_check.log", "w")
         self.results: Dict[str, Any] = {"tiny": tiny, "errors": {}}
         self.t0 = time.perf_counter()
         self.cuda = torch.cuda.is_available() and not tiny
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def out_of_time(self, what: str) -> bool:
+        """True (and ``what`` recorded as skipped) once the run has used its time budget."""
+        if self.elapsed() < self.budget_s:
+            return False
+        self.results.setdefault("skipped_for_time", []).append(what)
+        self.log(f"-- skipped for time: {what}")
+        return True
 
     def log(self, msg: str) -> None:
         line = f"[{time.perf_counter() - self.t0:7.1f}s] {msg}"
@@ -137,23 +152,53 @@ def env_info(c: Check) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------------- tests
 
 
+# The device run's test groups, run as concurrent pytest processes: compiling the kernels for each
+# specialisation the tests reach is CPU-bound and single-threaded per process, the GPU work is tiny.
+TEST_GROUPS = [
+    ["tests/test_triton_kernels.py", "-k", "encode or select"],
+    ["tests/test_triton_kernels.py", "-k", "not (encode or select)"],
+    ["tests/test_ops.py"],
+    ["tests/test_optim.py", "tests/test_trainer_h2d.py"],
+]
+TESTS_TIMEOUT_S = 270
+
+
 def run_tests(c: Check) -> Dict[str, Any]:
-    files = ["tests/test_triton_kernels.py", "tests/test_ops.py", "tests/test_optim.py", "tests/test_trainer_h2d.py"]
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.absent_modules",
-            "--durations=10"] + files
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.absent_modules",
+            "--durations=5"]
     env = dict(os.environ)
     if c.tiny:  # the mechanism only: every file collected (imported), one quick test run, interpreted
-        args += ["-k", "test_gather_rows"]
+        groups = [["tests/test_triton_kernels.py", "tests/test_ops.py", "tests/test_optim.py",
+                   "tests/test_trainer_h2d.py", "-k", "test_gather_rows"]]
         env["TRITON_INTERPRET"] = "1"
     else:
+        groups = TEST_GROUPS
         env.pop("TRITON_INTERPRET", None)
     t = time.perf_counter()
-    r = subprocess.run(args, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300)
-    tail = (r.stdout + r.stderr)[-6000:]
-    c.log(tail[-1500:])
-    summary = [ln for ln in tail.splitlines() if " passed" in ln or " failed" in ln or " error" in ln]
-    return {"returncode": r.returncode, "summary": summary[-1] if summary else None,
-            "seconds": round(time.perf_counter() - t, 1), "tail": tail}
+    procs = []
+    for i, g in enumerate(groups):
+        log = open(c.out / f"tests_{i}.log", "w")
+        procs.append((g, log, subprocess.Popen(base + g, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)))
+    results = []
+    for g, log, pr in procs:
+        try:
+            limit = min(TESTS_TIMEOUT_S, max(60.0, c.budget_s - 180.0))  # leave time for the measurements
+            rc = pr.wait(timeout=max(1.0, limit - (time.perf_counter() - t)))
+        except subprocess.TimeoutExpired:
+            pr.kill()
+            pr.wait()
+            rc = "timeout"
+        log.close()
+        tail = Path(log.name).read_text()[-4000:]
+        summary = [ln for ln in tail.splitlines() if " passed" in ln or " failed" in ln or " error" in ln]
+        results.append({"args": g, "returncode": rc, "summary": summary[-1] if summary else None, "tail": tail})
+        c.log(f"tests {' '.join(g)}: {rc}, {summary[-1] if summary else tail[-300:]}")
+    bad = [r for r in results if r["returncode"] != 0]
+    if bad:  # recorded as this section's error; the groups' output stays in the results
+        c.results["errors"]["tests"] = "; ".join(f"{' '.join(r['args'])}: {r['summary'] or r['returncode']}"
+                                                 for r in bad)
+    return {"returncode": 1 if bad else 0, "summary": "; ".join(r["summary"] or "" for r in results),
+            "seconds": round(time.perf_counter() - t, 1), "groups": results}
 
 
 # ------------------------------------------------------------------------------------------- kernels
@@ -209,6 +254,8 @@ def kernels(c: Check) -> Dict[str, Any]:
     g = torch.Generator(device="cpu").manual_seed(0)
     x = (torch.randn(B, d, generator=g) + torch.randn(d, generator=g)).to(dev, bf)
     for n in sh["widths"]:
+        if c.out_of_time(f"kernels n{n}"):
+            break
         r: Dict[str, Any] = {}
         W = (torch.randn(n, d, generator=g) / math.sqrt(d)).to(dev, bf)
         b = torch.zeros(n, device=dev, dtype=bf)
@@ -331,6 +378,8 @@ def step(c: Check) -> Dict[str, Any]:
     x = (torch.randn(B, d, generator=g) + torch.randn(d, generator=g)).to(dev, torch.bfloat16 if c.cuda else torch.float32)
     for n in sh["widths"]:
         for k in sh["ks"]:
+            if c.out_of_time(f"step n{n} k{k}"):
+                continue
             variants = [("saeadam", "auto")]
             if k <= T.FUSED_MAX_K and not c.tiny:
                 variants += [("saeadam", "fused"), ("torch_adam_casts", "auto")]
@@ -442,6 +491,8 @@ def e2e(c: Check) -> Dict[str, Any]:
     capacity = max(2 * batch, 16 * batch if not c.tiny else 4 * batch)
     for label, members, buf_dev in (("one_sae", 1, dev), ("suite_of_four", sh["members"], dev),
                                     ("one_sae_buffer_cpu", 1, torch.device("cpu"))):
+        if c.out_of_time(f"e2e {label}"):
+            continue
         if buf_dev.type == "cpu" and not c.cuda and label.endswith("cpu"):
             buf_dev = torch.device("cpu")
         saes = [_make_step(n, d, k, dev, seed=m) for m in range(members)]
@@ -479,6 +530,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("outdir", type=Path, help="folder for gpu_check.json and gpu_check.log")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU under the Triton interpreter (CI)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip (tests,kernels,step,e2e)")
+    ap.add_argument("--budget-s", type=float, default=450.0,
+                    help="seconds after which the remaining measurements are skipped and listed in the JSON "
+                         "as skipped_for_time (default 450: the run ends within 8 minutes)")
     a = ap.parse_args(argv)
     if a.tiny:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -495,11 +549,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif not torch.cuda.is_available():
         print("gpu_check: no CUDA device; use --tiny for the interpreter run", file=sys.stderr)
         return 2
-    c = Check(a.outdir, a.tiny)
+    c = Check(a.outdir, a.tiny, a.budget_s)
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     c.section("env", lambda: env_info(c))
     for name, fn in (("tests", run_tests), ("kernels", kernels), ("step", step), ("e2e", e2e)):
-        if name in skip:
+        if name in skip or c.out_of_time(name):
             continue
         c.section(name, lambda fn=fn: fn(c))
     # what the device image lacks must never be needed (datasets, gguf, the embedded model)
