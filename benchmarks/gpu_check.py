@@ -458,6 +458,7 @@ class _LMSource:
 
 def e2e(c: Check) -> Dict[str, Any]:
     from trainer.buffer import ActivationBuffer
+    from trainer.parallel import RowExchange, RowNeed, init_parallel
 
     dev = _device()
     sh = shapes(c)
@@ -499,14 +500,16 @@ def e2e(c: Check) -> Dict[str, Any]:
         src = _LMSource(model, cfg, layer, ctx, lm_batch, dev)
         buf = ActivationBuffer(src, capacity, batch, d, dtype=torch.bfloat16 if c.cuda else torch.float32,
                                device=buf_dev, pin_memory=c.cuda, seed=0, out_device=dev)
+        # the trainer's route: one buffer column block (one hook point), the row exchange of one process
+        exchange = RowExchange(init_parallel(1, device=dev), d, [RowNeed(0, 1, (0,))], out_device=dev)
         try:
-            x, _ = buf.next_batch()  # waits for the first fill
+            x = buf.next_batch(exchange)[0]  # waits for the first fill
             for st in saes:
                 st(x, None, 0)
             sync()
             t = time.perf_counter()
             for s in range(1, steps + 1):
-                x, _ = buf.next_batch()
+                x = buf.next_batch(exchange)[0]
                 for st in saes:
                     st(x, None, s)
             sync()

@@ -251,16 +251,17 @@ def trainer_step_reference():
 
 
 def step_worker(ctx, out_dir):
-    """The trainer's step through ParallelSAEStep (each rank feeds its own slice of the batch)."""
+    """The trainer's step through ParallelSAEStep (each model group feeds its share of the batch, as the
+    trainer's RowExchange delivers it)."""
     from trainer.parallel_step import ParallelSAEStep
     from trainer.train import make_optimizer
 
     sae = P.ShardedTopKSAE.from_full(make_sae(), ctx)
     step = ParallelSAEStep(sae, make_optimizer(sae, LR, BETAS), step_config(), ctx)
-    b = BATCH // ctx.world_size
+    b = BATCH // ctx.dp
     metrics = []
     for t in range(STEPS):
-        m = step(make_batch(t)[ctx.rank * b:(ctx.rank + 1) * b], None, t)
+        m = step(make_batch(t)[ctx.data_rank * b:(ctx.data_rank + 1) * b], None, t)
         metrics.append({k: float(step.comm.metric(v)) for k, v in m.items()})
     sae_sd, opt_sd = step.full_state()
     if ctx.is_main:

@@ -27,20 +27,41 @@ class GpuSource:
         pass
 
 
-def _batches(buffer_device, pin):
+def _exchange():
+    """The trainer's route in one process: the row exchange, two of the three 8-column blocks."""
+    from trainer.parallel import RowExchange, RowNeed, init_parallel
+
+    return RowExchange(init_parallel(1, device="cuda"), 8, [RowNeed(0, 1, (0, 2))], out_device="cuda")
+
+
+def _batches(buffer_device, pin, exchange=None):
     buf = ActivationBuffer(GpuSource(), 192, 32, 24, device=buffer_device, pin_memory=pin, seed=3, out_device="cuda")
+    out = []
     try:
-        return [x.clone() for x, _ in buf]
+        while True:
+            try:
+                got = buf.next_batch(exchange)
+            except StopIteration:
+                return out
+            out.append({c: t.clone() for c, t in got.items()} if isinstance(got, dict) else got.clone())
     finally:
         buf.close()
 
 
 def test_cpu_buffer_serves_the_same_batches_as_a_gpu_buffer():
+    """Same rows, same order: the default gather and the trainer's row exchange."""
     a = _batches("cuda", False)
     b = _batches("cpu", True)
     assert len(a) == len(b) == 12 * 48 // 32
     for x, y in zip(a, b):
         assert x.is_cuda and y.is_cuda and torch.equal(x, y)
+    ea = _batches("cuda", False, _exchange())
+    eb = _batches("cpu", True, _exchange())
+    assert len(ea) == len(eb) == len(a)
+    for x, da, db in zip(a, ea, eb):
+        assert set(da) == set(db) == {0, 2}
+        for c in (0, 2):
+            assert db[c].is_cuda and torch.equal(da[c], db[c]) and torch.equal(db[c], x[:, 8 * c : 8 * c + 8])
 
 
 def test_cpu_buffer_copies_are_async_from_pinned_memory_on_side_streams():
@@ -52,9 +73,10 @@ def test_cpu_buffer_copies_are_async_from_pinned_memory_on_side_streams():
     buf = ActivationBuffer(GpuSource(), 192, 32, 24, device="cpu", pin_memory=True, seed=3, out_device="cuda")
     try:
         buf.next_batch()
+        ex = _exchange()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                x, _ = buf.next_batch()
+            for i in range(6):
+                x = buf.next_batch() if i % 2 else buf.next_batch(ex)[2]
                 (x * 2).sum()
             torch.cuda.synchronize()
     finally:

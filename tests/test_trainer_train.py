@@ -206,14 +206,20 @@ def weights(run_dir):
 def test_resume_gives_the_same_weights(tiny, position, stop, cache):
     root = tiny[2]
     quiet = lambda s: None
+    name = f"L1{position}-8x"
     full = run(tiny_cfg(tiny, root / f"full{position}", position=position, cache_activations_gb=cache), log=quiet)
+    full = full["members"][name]
     stopped = run(tiny_cfg(tiny, root / f"cut{position}", position=position, cache_activations_gb=cache,
                            stop_after_steps=stop), log=quiet)
     assert stopped == {"stopped": stop}
-    run_dir = root / f"cut{position}" / f"L1{position}-8x"
-    assert (run_dir / Trainer.STATE_FILE).is_file() and not (run_dir / "hyperparams.json").exists()
+    run_dir = root / f"cut{position}" / name
+    state = root / f"cut{position}" / Trainer.STATE_FILE
+    assert state.is_file() and not (run_dir / "hyperparams.json").exists()
+    # the resume state loads without unpickling code (tensors, numbers, strings, lists, dicts)
+    meta = torch.load(state, weights_only=True)
+    torch.load(run_dir / "resume" / f"step{meta['step']}.pt", weights_only=True)
     resumed = run(tiny_cfg(tiny, root / f"cut{position}", position=position, cache_activations_gb=cache,
-                           resume=True), log=quiet)
+                           resume=True), log=quiet)["members"][name]
     a, b = weights(full["checkpoint"]), weights(resumed["checkpoint"])
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key}: max diff {(a[key] - b[key]).abs().max()}"
@@ -221,7 +227,7 @@ def test_resume_gives_the_same_weights(tiny, position, stop, cache):
     lines = lambda p: [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"}
                        for ln in (Path(p) / "metrics.jsonl").read_text().splitlines()]
     assert lines(full["checkpoint"]) == lines(resumed["checkpoint"])
-    assert not (run_dir / Trainer.STATE_FILE).exists()  # removed once the run completed
+    assert not state.exists() and not (run_dir / "resume").exists()  # removed once the run completed
 
 
 def test_resume_after_sigkill(tiny):
@@ -240,7 +246,7 @@ def test_resume_after_sigkill(tiny):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "trainer.run", "--no-progress", *flags]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = root / "killed" / "L1R-8x" / Trainer.STATE_FILE
+    state = root / "killed" / Trainer.STATE_FILE
     deadline = time.time() + 120
     while not state.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -249,8 +255,9 @@ def test_resume_after_sigkill(tiny):
     if not state.exists():
         pytest.fail(f"no checkpoint before the kill: {proc.stderr.read().decode()[-2000:]}")
     assert not (root / "killed" / "L1R-8x" / "hyperparams.json").exists(), "the run finished before the kill"
-    resumed = run(tiny_cfg(tiny, root / "killed", tokens=40960, checkpoint_every=20, resume=True), log=lambda s: None)
-    full = run(tiny_cfg(tiny, root / "killed_ref", tokens=40960, checkpoint_every=20), log=lambda s: None)
+    resumed = run(tiny_cfg(tiny, root / "killed", tokens=40960, checkpoint_every=20, resume=True),
+                  log=lambda s: None)["members"]["L1R-8x"]
+    full = run(tiny_cfg(tiny, root / "killed_ref", tokens=40960, checkpoint_every=20), log=lambda s: None)["members"]["L1R-8x"]
     a, b = weights(full["checkpoint"]), weights(resumed["checkpoint"])
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -3,9 +3,9 @@
 
 ``ParallelSAEStep`` is a drop-in ``SAEStep`` for a ``ShardedTopKSAE``:
 
-* ``__call__`` takes this rank's batch (``batch_size / world`` tokens from its own buffer), gathers the
-  model group's batches (every rank of the group then trains on the same ``batch_size / dp`` tokens)
-  and runs the single-process step on them;
+* ``__call__`` takes the model group's share of the step's global batch (``batch_size / dp`` tokens,
+  the same on every rank of the group: ``trainer.parallel.RowExchange`` delivers it) and runs the
+  single-process step on it;
 * ``encode_decode`` / ``auxk_loss`` run the exact global (weighted) TopK over the row shards;
 * ``ParallelCollectives`` averages gradients over the data dimension (``b_dec`` over the world),
   computes the global gradient norm for clipping, averages logged metrics over data ranks and
@@ -108,8 +108,6 @@ class ParallelSAEStep(SAEStep):
     def __call__(self, x: Tensor, y: Optional[Tensor], t: int) -> Dict[str, Tensor]:
         if not self.ctx.distributed:
             return super().__call__(x, y, t)
-        x = self.ctx.all_gather_batch(x)
-        y = None if y is None else self.ctx.all_gather_batch(y)
         since, count = self.since_fired.clone(), self.fire_count.clone()
         out = super().__call__(x, y, t)
         # The step counted this rank's winners on its group's tokens; redo the counter update with

@@ -7,8 +7,10 @@
   takes a ``Collectives`` object (single-process by default) so that a data / tensor parallel
   trainer can wrap or subclass it: override ``encode_decode`` for sharded latents and the
   ``Collectives`` methods for the all-reduces.
-* ``Trainer``: the loop around it: metrics.jsonl every ``log_every`` steps, tqdm counted in tokens,
-  atomic resumable checkpoints (SAE, Adam, buffer, RNG, counters) every ``checkpoint_every`` steps.
+* ``Member``: one SAE of a run (a suite of one or many): its step, folder and buffer columns.
+* ``Trainer``: the loop around the members' steps, one global batch per step shared by every member:
+  each member's metrics.jsonl every ``log_every`` steps, tqdm counted in tokens, atomic resumable
+  checkpoints (the buffer once; each member's SAE, Adam, counters) every ``checkpoint_every`` steps.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -341,27 +343,82 @@ class StopTraining(Exception):
 # ----------------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class Member:
+    """One SAE of a run (a suite of one or many): its name, output folder, step and the columns of the
+    buffer it reads (``block_in``; ``block_out`` for targets, None when the targets are the inputs).
+    ``extra_state``: JSON-able facts stored in its checkpoints (the dataset norms)."""
+
+    name: str
+    run_dir: Path
+    step: SAEStep
+    block_in: int = 0
+    block_out: Optional[int] = None
+    extra_state: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.sums: Dict[str, Tensor] = {}  # metrics summed since the last log line
+        self.n_acc = 0
+        self.last: Dict[str, Any] = {}  # the last metrics.jsonl record
+        self.step_seconds = 0.0  # time in this member's steps (without device syncs: launch time on GPUs)
+
+    @property
+    def comm(self) -> Collectives:
+        return self.step.comm
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def state_path(self, step: int) -> Path:
+        return self.run_dir / "resume" / f"step{step}.pt"
+
+    def full_state(self) -> Tuple[Optional[Dict[str, Tensor]], Optional[Dict[str, Any]]]:
+        """SAE and Adam state dicts in single-process shapes (on the member's main rank)."""
+        if hasattr(self.step, "full_state"):  # sharded: gathered
+            return self.step.full_state()
+        return {k: v.detach().cpu() for k, v in self.step.sae.state_dict().items()}, self.step.opt.state_dict()
+
+    def load_full_state(self, sae_sd: Dict[str, Tensor], opt_sd: Dict[str, Any]) -> None:
+        if hasattr(self.step, "load_full_state"):  # re-shards to this run's tp
+            self.step.load_full_state(sae_sd, opt_sd)
+        else:
+            sae = self.step.sae
+            sae.load_state_dict({k: v.to(sae.W_enc.device) for k, v in sae_sd.items()})
+            self.step.opt.load_state_dict(opt_sd)
+
+
 class Trainer:
-    """Runs ``SAEStep`` over a batch source with logging, progress and resumable checkpoints.
+    """Runs the members' steps over one batch source, with logging, progress and resumable checkpoints.
+
+    Every step takes the next global batch (``batches.next_batch(exchange)``: ``{block: rows}`` of this
+    rank's share) and steps each member of this rank on its columns, in a fixed order. Each member
+    logs its own ``metrics.jsonl``; a checkpoint holds the buffer once and every member's state.
 
     Args:
-        step: the ``SAEStep`` (holds the SAE and the optimiser).
-        batches: object with ``next_batch() -> (x, y)`` (``ActivationBuffer``); its
-            ``state_dict``/``load_state_dict`` go into checkpoints when present.
-        total_steps, batch_size: the run's length. run_dir: where metrics.jsonl and the resume
-            state go. extra_state: JSON-able facts stored in checkpoints (config, norms).
+        members: the members trained on this rank (a rank may train none: it still produces rows).
+        batches: ``ActivationBuffer`` (``next_batch``, ``state_dict``, ``load_state_dict``).
+        total_steps, batch_size: the run's length (global tokens per step). output: the run's output
+            folder (``resume/`` goes there). exchange: moves a step's rows to the ranks that train on
+            them (``trainer.parallel.RowExchange``). ctx: the job's ``ParallelContext`` (default: one
+            process). member_dirs: every member's folder, on every rank (checkpoint clean-up).
+            extra_state: JSON-able facts stored in ``resume/state.pt`` (the members' dataset norms).
     """
 
-    STATE_FILE = "resume/state.pt"
+    STATE_FILE = "resume/state.pt"  # under the output folder: the step, the buffer, the members
 
     def __init__(
         self,
-        step: SAEStep,
+        members: List[Member],
         batches,
         *,
         total_steps: int,
         batch_size: int,
-        run_dir: Path,
+        output: Path,
+        exchange: Optional[Callable] = None,
+        ctx=None,
+        member_dirs: Optional[Dict[str, Path]] = None,
         log_every: int = 100,
         checkpoint_every: int = 0,
         stop_after_steps: Optional[int] = None,
@@ -369,126 +426,136 @@ class Trainer:
         extra_state: Optional[Dict[str, Any]] = None,
         log: Callable[[str], None] = print,
     ) -> None:
-        self.step_fn, self.batches = step, batches
+        from .parallel import ParallelContext
+
+        self.members, self.batches, self.exchange = list(members), batches, exchange
+        self.ctx = ctx if ctx is not None else ParallelContext()
         self.total_steps, self.batch_size = total_steps, batch_size
-        self.run_dir = Path(run_dir)
+        self.output = Path(output)
+        self.member_dirs = dict(member_dirs) if member_dirs is not None else {m.name: m.run_dir for m in members}
         self.log_every, self.checkpoint_every = max(1, log_every), checkpoint_every
         self.stop_after_steps = stop_after_steps
-        self.progress = progress and step.comm.is_main
+        self.progress = progress and self.ctx.is_main
         self.extra_state = dict(extra_state or {})
         self.log = log
         self.t = 0  # steps done
-        self.metrics_path = self.run_dir / "metrics.jsonl"
         self.elapsed = 0.0  # training seconds before this process (resume)
-        self._sums: Dict[str, Tensor] = {}  # metrics summed since the last log line
-        self._n_acc = 0
+        self.wait_seconds = 0.0  # time in next_batch: waiting for rows (LM) and moving them
 
-    # -- checkpoints
     @property
     def state_path(self) -> Path:
-        return self.run_dir / self.STATE_FILE
+        return self.output / self.STATE_FILE
 
+    # -- checkpoints
     def save_checkpoint(self) -> None:
-        step, comm = self.step_fn, self.step_fn.comm
-        if hasattr(step, "full_state"):  # sharded: single-process shapes, gathered on rank 0
-            sae_sd, opt_sd = step.full_state()
-        else:
-            sae_sd = {k: v.detach().cpu() for k, v in step.sae.state_dict().items()}
-            opt_sd = step.opt.state_dict()
-        buffer = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
-        if comm.world_size > 1:
-            # every rank has its own buffer and data position: one file per rank, before state.pt
-            atomic_torch_save({"buffer": buffer, "rng": rng_state()}, self.run_dir / f"resume/rank{comm.rank}.pt")
-            buffer = None
-            comm.barrier()
-        if comm.is_main:
-            state = {
-                "version": 1,
-                "step": self.t,
-                "elapsed": self.elapsed + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
-                "sae_cfg": step.sae.cfg.to_dict(),
-                "sae": sae_sd,
-                "optimizer": opt_sd,
-                "step_state": step.state_dict(),
-                "buffer": buffer,
-                "rng": rng_state(),
-                "world_size": comm.world_size,
-                "extra": self.extra_state,
-                "metric_sums": ({k: v.detach().cpu() for k, v in self._sums.items()}, self._n_acc),
-            }
-            atomic_torch_save(state, self.state_path)
-        comm.barrier()
+        """``resume/state.pt`` (the step, the buffer's global state), one buffer shard per rank and each
+        member's ``<member>/resume/step{t}.pt``; state.pt is replaced last, so a kill at any moment
+        leaves the previous checkpoint complete."""
+        from sae_kernels.formats import atomic_save_safetensors
 
-    def load_checkpoint(self, state: Dict[str, Any]) -> None:
-        """Restore everything from ``state`` (``torch.load`` of ``state_path``) before ``fit``."""
-        step, comm = self.step_fn, self.step_fn.comm
-        if hasattr(step, "load_full_state"):  # re-shards to this run's tp
-            step.load_full_state(state["sae"], state["optimizer"])
-        else:
-            sae = step.sae
-            sae.load_state_dict({k: v.to(sae.W_enc.device) for k, v in state["sae"].items()})
-            step.opt.load_state_dict(state["optimizer"])
-        step.load_state_dict(state["step_state"])
-        rank_file = self.run_dir / f"resume/rank{comm.rank}.pt"
-        if comm.world_size > 1 or state.get("buffer") is None:
-            same = int(state.get("world_size", 1)) == comm.world_size and rank_file.is_file()
-            own = torch.load(rank_file, map_location="cpu", weights_only=False) if same else None
-            if own is None:
-                self.log(f"rank {comm.rank}: no buffer state for this world size; the data stream restarts")
-            elif own["buffer"] is not None:
-                self.batches.load_state_dict(own["buffer"])
-            set_rng_state(own["rng"] if own is not None else state["rng"])
-        else:
-            if state.get("buffer") is not None:
-                self.batches.load_state_dict(state["buffer"])
-            set_rng_state(state["rng"])
-        self.t = int(state["step"])
+        ctx, t = self.ctx, self.t
+        meta, shard = self.batches.state_dict()
+        shard_name = f"buffer-step{t}-rank{ctx.rank}-of{ctx.world_size}.safetensors"
+        atomic_save_safetensors(self.output / "resume" / shard_name, shard)
+        for m in self.members:
+            sae_sd, opt_sd = m.full_state()
+            sums = {k: m.comm.metric(v).detach().cpu() for k, v in m.sums.items()}  # global means
+            if m.comm.is_main:
+                atomic_torch_save({
+                    "version": 2, "step": t, "name": m.name, "sae_cfg": m.step.sae.cfg.to_dict(), "sae": sae_sd,
+                    "optimizer": opt_sd, "step_state": m.step.state_dict(), "metric_sums": [sums, m.n_acc],
+                    "extra": m.extra_state,
+                }, m.state_path(t))
+        ctx.barrier()
+        if ctx.is_main:
+            shards = [f"buffer-step{t}-rank{r}-of{ctx.world_size}.safetensors" for r in range(ctx.world_size)]
+            atomic_torch_save({
+                "version": 2, "step": t, "elapsed": self.elapsed + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
+                "members": sorted(self.member_dirs), "buffer": meta, "shards": shards,
+                "world_size": ctx.world_size, "tp": ctx.tp, "rng": rng_state(), "extra": self.extra_state,
+            }, self.state_path)
+            for f in self.state_path.parent.glob("buffer-*.safetensors"):
+                if f.name not in shards:
+                    f.unlink()
+            for d in self.member_dirs.values():
+                for f in (Path(d) / "resume").glob("step*.pt"):
+                    if f.name != f"step{t}.pt":
+                        f.unlink()
+        ctx.barrier()
+
+    def load_checkpoint(self, state: Optional[Dict[str, Any]] = None) -> None:
+        """Restore everything from ``resume/state.pt`` (written by any layout) before ``fit``."""
+        if state is None:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        t = int(state["step"])
+        if sorted(state["members"]) != sorted(self.member_dirs):
+            raise ValueError(f"--resume: the checkpoint trains {state['members']}, this run {sorted(self.member_dirs)}")
+        for m in self.members:
+            ms = torch.load(m.state_path(t), map_location="cpu", weights_only=True, mmap=True)
+            m.load_full_state(ms["sae"], ms["optimizer"])
+            m.step.load_state_dict(ms["step_state"])
+            sums, n_acc = ms["metric_sums"]
+            dev = m.step.sae.W_enc.device
+            m.sums, m.n_acc = {k: v.to(dev) for k, v in sums.items()}, int(n_acc)
+            # metrics.jsonl: keep the lines up to the checkpoint, drop what the killed run wrote after it
+            if m.comm.is_main and m.metrics_path.exists():
+                keep = [ln for ln in m.metrics_path.read_text().splitlines()
+                        if ln.strip() and json.loads(ln).get("step", 0) <= t]
+                m.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+        self.batches.load_state_dict(state["buffer"], _shard_reader(self.state_path.parent, state["shards"]))
+        set_rng_state(state["rng"])
+        self.t = t
         self.elapsed = float(state.get("elapsed", 0.0))
-        sums, n_acc = state.get("metric_sums", ({}, 0))
-        dev = step.sae.W_enc.device
-        self._sums, self._n_acc = {k: v.to(dev) for k, v in sums.items()}, n_acc
-        # metrics.jsonl: keep the lines up to the checkpoint, drop what the killed run wrote after it
-        if comm.is_main and self.metrics_path.exists():
-            keep = [ln for ln in self.metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= self.t]
-            self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
 
     # -- the loop
-    def fit(self) -> Dict[str, float]:
+    def fit(self) -> Dict[str, Dict[str, Any]]:
+        """Train to ``total_steps``; returns each member's last metrics record."""
         from tqdm.auto import tqdm
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         total_tokens = self.total_steps * self.batch_size
         bar = tqdm(total=total_tokens, initial=self.t * self.batch_size, unit="tok", unit_scale=True,
                    dynamic_ncols=True, disable=not self.progress, desc="train", smoothing=0.1)
-        last: Dict[str, float] = {}
         self._t0 = time.perf_counter()
-        t_log, tok_log = self._t0, 0
-        mf = open(self.metrics_path, "a") if self.step_fn.comm.is_main else None
+        t_log, steps_log = self._t0, 0
+        files = {}
+        for m in self.members:
+            if m.comm.is_main:
+                m.run_dir.mkdir(parents=True, exist_ok=True)
+                files[m.name] = open(m.metrics_path, "a")
         try:
             while self.t < self.total_steps:
-                x, y = self.batches.next_batch()
-                m = self.step_fn(x, y, self.t)
-                for key, v in m.items():
-                    self._sums[key] = self._sums[key] + v if key in self._sums else v.clone()
-                self._n_acc += 1
+                t_wait = time.perf_counter()
+                rows = self.batches.next_batch(self.exchange)
+                self.wait_seconds += time.perf_counter() - t_wait
+                for m in self.members:
+                    x = rows[m.block_in]
+                    y = rows[m.block_out] if m.block_out is not None else None
+                    t_step = time.perf_counter()
+                    out = m.step(x, y, self.t)
+                    m.step_seconds += time.perf_counter() - t_step
+                    for key, v in out.items():
+                        m.sums[key] = m.sums[key] + v if key in m.sums else v.clone()
+                    m.n_acc += 1
                 self.t += 1
+                steps_log += 1
                 bar.update(self.batch_size)
-                tok_log += x.shape[0]
                 if self.t % self.log_every == 0 or self.t == self.total_steps:
-                    vals = {key: float(self.step_fn.comm.metric(v / self._n_acc))  # host sync
-                            for key, v in self._sums.items()}
                     now = time.perf_counter()
-                    rec = {"step": self.t, "tokens": self.t * self.batch_size, **vals,
-                           "k": self.step_fn.k_at(self.t - 1), "lr": self.step_fn.lr_at(self.t - 1),
-                           "tokens_per_s": tok_log * self.step_fn.comm.world_size / max(now - t_log, 1e-9)}
-                    last = rec
-                    if mf is not None:
-                        mf.write(json.dumps(rec) + "\n")
-                        mf.flush()
-                    bar.set_postfix(loss=f"{rec['loss']:.4g}", ev=f"{rec['explained_variance']:.3f}",
-                                    l0=f"{rec['l0']:.1f}", k=rec["k"], tok_s=f"{rec['tokens_per_s']:.0f}")
-                    self._sums, self._n_acc, t_log, tok_log = {}, 0, now, 0
+                    for m in self.members:
+                        vals = {key: float(m.comm.metric(v / m.n_acc)) for key, v in m.sums.items()}  # host sync
+                        rec = {"step": self.t, "tokens": self.t * self.batch_size, **vals,
+                               "k": m.step.k_at(self.t - 1), "lr": m.step.lr_at(self.t - 1),
+                               "tokens_per_s": steps_log * self.batch_size / max(now - t_log, 1e-9)}
+                        m.last = rec
+                        if m.name in files:
+                            files[m.name].write(json.dumps(rec) + "\n")
+                            files[m.name].flush()
+                        m.sums, m.n_acc = {}, 0
+                    if self.members:
+                        rec = self.members[0].last
+                        bar.set_postfix(loss=f"{rec['loss']:.4g}", ev=f"{rec['explained_variance']:.3f}",
+                                        l0=f"{rec['l0']:.1f}", k=rec["k"], tok_s=f"{rec['tokens_per_s']:.0f}")
+                    t_log, steps_log = now, 0
                 if self.checkpoint_every and self.t % self.checkpoint_every == 0 and self.t < self.total_steps:
                     self.save_checkpoint()
                 if self.stop_after_steps is not None and self.t >= self.stop_after_steps and self.t < self.total_steps:
@@ -497,7 +564,31 @@ class Trainer:
                     raise StopTraining(f"stopped after {self.t} steps (--stop-after-steps); continue with --resume")
         finally:
             bar.close()
-            if mf is not None:
-                mf.close()
+            for f in files.values():
+                f.close()
         self.elapsed += time.perf_counter() - self._t0
-        return last
+        return {m.name: m.last for m in self.members}
+
+
+def _shard_reader(folder: Path, shards: List[str]) -> Callable[[Tensor], Tensor]:
+    """``read_rows(slots)`` over the buffer shards of a checkpoint: the rows of the sorted global
+    ``slots``, each shard read only where it holds them (safetensors slices)."""
+    from safetensors import safe_open
+
+    def read_rows(slots: Tensor) -> Tensor:
+        pieces_s, pieces_r = [], []
+        for name in shards:
+            with safe_open(str(folder / name), framework="pt", device="cpu") as f:
+                have = f.get_tensor("slots")
+                lo = int(torch.searchsorted(have, slots[0]))
+                hi = int(torch.searchsorted(have, slots[-1], right=True))
+                if hi > lo:
+                    pieces_s.append(have[lo:hi])
+                    pieces_r.append(f.get_slice("rows")[lo:hi])
+        got = torch.cat(pieces_s) if pieces_s else torch.empty(0, dtype=torch.int64)
+        order = got.argsort()
+        if not torch.equal(got[order], slots):
+            raise ValueError(f"checkpoint {folder}: the buffer shards do not hold the rows of {slots.numel()} slots")
+        return torch.cat(pieces_r)[order]
+
+    return read_rows
