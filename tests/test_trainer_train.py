@@ -105,7 +105,9 @@ def test_step_clip_really_bounds_the_update_direction():
     real_step = st.opt.step
 
     def step_spy(*a, **k):
-        captured["norm"] = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in st.params])))
+        # SAEAdam applies the clip factor inside the update (grad_scale), not to .grad beforehand
+        scale = float(k["grad_scale"]) if k.get("grad_scale") is not None else 1.0
+        captured["norm"] = scale * float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in st.params])))
         return real_step(*a, **k)
 
     st.opt.step = step_spy

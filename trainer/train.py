@@ -25,7 +25,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from sae_kernels import TopKSAE, sparse_decode, topk_encode
+from sae_kernels import TopKSAE
+from sae_kernels.ops import decode_for_training, encode_for_training
+from sae_kernels.optim import SAEAdam
 
 from .checkpoint import CheckpointWriteError, describe_os_error, load_state, save_state
 from .run_folder import truncate_metrics
@@ -132,12 +134,15 @@ class StepConfig:
         )
 
 
-def make_optimizer(sae: TopKSAE, lr: float, betas: Tuple[float, float]) -> torch.optim.Adam:
-    """Adam, no weight decay (fused on CUDA, foreach on CPU)."""
+def make_optimizer(sae: TopKSAE, lr: float, betas: Tuple[float, float],
+                   moments_dtype: Optional[torch.dtype] = None) -> SAEAdam:
+    """Adam, no weight decay: ``SAEAdam`` (one fused Triton kernel per parameter on CUDA that also
+    applies the clip factor and rewrites the bf16 compute copies and decoder norms; torch's foreach
+    Adam on CPU). ``moments_dtype=torch.bfloat16``: bf16 moments (off by default)."""
     params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
     cuda = sae.W_enc.device.type == "cuda"
-    return torch.optim.Adam(params, lr=lr, betas=betas, eps=1e-8, fused=True if cuda else None,
-                            foreach=None if cuda else True)
+    return SAEAdam(params, lr=lr, betas=betas, eps=1e-8, moments_dtype=moments_dtype,
+                   foreach=None if cuda else True)
 
 
 class SAEStep:
@@ -157,6 +162,8 @@ class SAEStep:
         # tokens since each latent last fired (dead-latent tracking, AuxK)
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=dev)
         self.fire_count = torch.zeros(sae.d_sae, dtype=torch.int64, device=dev)
+        self._tracking = False  # SAEAdam keeps the compute copies / decoder norms once asked
+        self._scores = None  # the encode's pre-activations, kept for AuxK within one step
 
     # -- schedules
     def k_at(self, t: int) -> int:
@@ -167,29 +174,70 @@ class SAEStep:
         c = self.cfg
         return c.lr * lr_factor(t, c.total_steps, c.warmup_steps, c.decay_fraction)
 
-    # -- the math; a tensor-parallel version overrides this
+    # -- the math; a tensor-parallel version overrides encode_decode / auxk_loss
     def weights(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Differentiable weights in the compute dtype (casts of the fp32 masters): what a subclass
+        that runs its own ops (the tensor-parallel step) reads. The single-process step does not
+        cast: it reads ``compute_weights()`` and writes fp32 master gradients directly."""
         dt = self.cfg.compute_dtype
         W = (self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec)
         if dt is None or dt == self.sae.W_enc.dtype:
             return W
         return tuple(w.to(dt) for w in W)  # differentiable casts: fp32 master weights get the grads
 
+    def compute_weights(self) -> Tuple[Tuple[Tensor, Tensor, Tensor, Tensor], Optional[Tensor]]:
+        """``((W_enc, b_enc, W_dec, b_dec) as the math reads them, decoder row norms or None)``.
+
+        With ``SAEAdam`` the compute-dtype copies and the fp32 decoder norms are rewritten by the
+        optimizer's step (and recomputed if the masters were changed outside it): no cast, no norm
+        pass per step. With another optimizer they are computed here (no autograd: the ops route
+        the gradients to the masters)."""
+        sae, dt = self.sae, self.cfg.compute_dtype
+        masters = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+        weighted = sae.cfg.weighted_topk
+        if isinstance(self.opt, SAEAdam):
+            if not self._tracking:
+                for p in masters:
+                    self.opt.track(p, copy_dtype=dt, row_norms=weighted and p is sae.W_dec)
+                self._tracking = True
+            copies = tuple(self.opt.compute_copy(p) for p in masters)
+            return copies, (self.opt.row_norms(sae.W_dec) if weighted else None)
+        with torch.no_grad():
+            copies = masters if dt is None else tuple(p.detach().to(dt) for p in masters)
+            norms = sae.W_dec.detach().float().norm(dim=1) if weighted else None
+        return copies, norms
+
     def encode_decode(self, x_n: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor]:
-        """``(values [B, k], indices [B, k], x_hat_n [B, d])`` in normalised space."""
-        W_enc, b_enc, W_dec, b_dec = self.weights()
-        dec_norm = W_dec.detach().float().norm(dim=1).to(W_dec.dtype) if self.sae.cfg.weighted_topk else None
-        values, indices = topk_encode(x_n, W_enc, b_enc, k, dec_norm, check_finite_input=False)
-        x_hat = sparse_decode(values, indices, W_dec, b_dec, check_indices=False)
+        """``(values [B, k], indices [B, k], x_hat_n [B, d])`` in normalised space.
+
+        The trainer's route of the ops (``encode_for_training`` / ``decode_for_training``): no host
+        sync, indices trusted only because the encode made them, fp32 master gradients. With AuxK
+        on, the encode keeps its pre-activations (``self._scores``) for ``auxk_loss``."""
+        sae = self.sae
+        (W_enc, b_enc, W_dec, _), dec_norm = self.compute_weights()
+        out = encode_for_training(x_n, sae.W_enc, sae.b_enc, k, dec_norm, compute=(W_enc, b_enc),
+                                  keep_pre=self.cfg.auxk)
+        values, indices = out[0], out[1]
+        self._scores = out[2] if self.cfg.auxk else None
+        x_hat = decode_for_training(values, indices, sae.W_dec, sae.b_dec, compute=W_dec)
         return values, indices, x_hat
 
     def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor) -> Tensor:
-        """Gao et al.: the top-``k_aux`` dead latents reconstruct the detached residual (FVU)."""
-        W_enc, b_enc, W_dec, _ = self.weights()
-        dead_bias = torch.where(dead, 0.0, _DEAD_BIAS).to(b_enc.dtype)
-        dec_norm = W_dec.detach().float().norm(dim=1).to(W_dec.dtype) if self.sae.cfg.weighted_topk else None
-        v, i = topk_encode(x_n, W_enc, b_enc + dead_bias, self.cfg.k_aux, dec_norm, check_finite_input=False)
-        e_hat = sparse_decode(v, i, W_dec, None, check_indices=False).float()
+        """Gao et al.: the top-``k_aux`` dead latents reconstruct the detached residual (FVU).
+
+        The selection reuses the forward's pre-activations when the encode kept them (two-pass path:
+        no second encoder GEMM); otherwise a second encode with the alive latents pushed to zero."""
+        sae = self.sae
+        (W_enc, b_enc, W_dec, _), dec_norm = self.compute_weights()
+        scores = getattr(self, "_scores", None)
+        if scores is not None and scores.pre is not None:
+            v, i = scores.select(self.cfg.k_aux, allowed=dead)
+        else:
+            dead_bias = torch.where(dead, 0.0, _DEAD_BIAS).to(b_enc.dtype)
+            v, i = encode_for_training(x_n, sae.W_enc, sae.b_enc, self.cfg.k_aux, dec_norm,
+                                       compute=(W_enc, b_enc + dead_bias))
+        self._scores = None
+        e_hat = decode_for_training(v, i, sae.W_dec, None, compute=W_dec).float()
         aux = fvu_loss(e_hat, residual)
         return torch.nan_to_num(aux, 0.0) * dead.any()
 
@@ -215,14 +263,20 @@ class SAEStep:
             aux = self.auxk_loss(x_n, (y_n - x_hat).detach(), dead)
             total = loss + c.auxk_coef * aux
         total.backward()
+        self._scores = None
         self.comm.all_reduce_grads(self.params)
+        scale = None
         if c.clip_grad_norm > 0:
             norm = self.comm.grad_norm(self.params)
             scale = (c.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(scale.to(p.grad.dtype))
-        self.opt.step()
+        if isinstance(self.opt, SAEAdam):
+            self.opt.step(grad_scale=scale)  # the clip factor is applied inside the fused update
+        else:
+            if scale is not None:
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(scale.to(p.grad.dtype))
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             fired = values > 0
