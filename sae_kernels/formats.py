@@ -10,13 +10,14 @@ import json
 import math
 import os
 import re
-import tempfile
+import secrets
+import stat
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ._validate import as_int
@@ -51,13 +52,23 @@ def atomic_path(path: PathLike) -> Iterator[str]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # a new file created with mode 0666 gets the umask's permissions like any other file (mkstemp: 0600)
+    while True:
+        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # e.g. a full disk during write(): name the file being written
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -73,7 +84,15 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
 def atomic_save_safetensors(path: PathLike, tensors: Dict[str, torch.Tensor], metadata=None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        umask_mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask (see atomic_path)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.chmod(tmp, umask_mode)  # safetensors writes its files with mode 0600
+        except SafetensorError as e:  # an I/O error (disk full) as the OSError it is, naming the file
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 # ------------------------------------------------------------------------------ reading helpers

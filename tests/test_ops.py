@@ -186,3 +186,137 @@ def test_float64_takes_the_pytorch_path(monkeypatch):
     monkeypatch.setenv("SAE_KERNELS_BACKEND", "triton")
     with pytest.raises(ValueError, match="got float64"):
         topk_encode(torch.randn(2, 8).double(), torch.randn(16, 8).double(), torch.randn(16).double(), 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# One NaN semantics, validated inputs, trusted indices, and the trainer's route (both backends).
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_nan_semantics_are_the_same_on_both_backends(backend):
+    """With the finite check off, NaN propagates: a NaN input row gives k NaN values at distinct
+    in-range latents and a NaN reconstruction row; the other rows are untouched. (The Triton path
+    used to return zero codes for such a row, the PyTorch path NaN.)"""
+    (x, W_enc, b_enc, W_dec, b_dec), _ = make_inputs(6, 24, 90, torch.float32, 8, few_positive_rows=False)
+    x = x.detach().clone()
+    x[2, 7] = float("nan")
+    values, indices = topk_encode(x, W_enc.detach(), b_enc.detach(), 5, W_dec.detach().norm(dim=1),
+                                  check_finite_input=False)
+    v, idx = values.cpu(), indices.cpu()
+    assert bool(v[2].isnan().all()), f"NaN row gave values {v[2].tolist()}"
+    assert not bool(v[[0, 1, 3, 4, 5]].isnan().any())
+    assert int(((idx < 0) | (idx >= 90)).sum()) == 0 and all(torch.unique(r).numel() == 5 for r in idx)
+    out = sparse_decode(values, indices, W_dec.detach(), b_dec.detach()).cpu()
+    assert bool(out[2].isnan().all()) and bool(torch.isfinite(out[[0, 1, 3, 4, 5]]).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_negative_decoder_norms_are_rejected_or_safe(backend):
+    (x, W_enc, b_enc, _, _), _ = make_inputs(5, 24, 90, torch.float32, 9, few_positive_rows=False)
+    x, W_enc, b_enc = x.detach(), W_enc.detach(), b_enc.detach()
+    norm = torch.rand(90, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    norm[7] = -0.5
+    with pytest.raises(ValueError, match="dec_norm: expected finite values >= 0"):
+        topk_encode(x, W_enc, b_enc, 5, norm)
+    norm[:] = float("-inf")
+    _, idx = topk_encode(x, W_enc, b_enc, 5, norm, check_finite_input=False)
+    assert int(((idx < 0) | (idx >= 90)).sum()) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_sparse_decode_has_no_unchecked_path(backend):
+    """check_indices=False no longer skips the range check for indices of unknown origin (an id of
+    2^40 crashed the process on the Triton path); indices straight from topk_encode are trusted
+    without a host sync, and lose that trust once modified in place."""
+    g = torch.Generator().manual_seed(2)
+    W, b = torch.randn(64, 20, generator=g).to(DEVICE), torch.randn(20, generator=g).to(DEVICE)
+    v = torch.randn(4, 3, generator=g).to(DEVICE)
+    bad = torch.randint(0, 64, (4, 3), generator=g).to(DEVICE)
+    bad[1, 2] = 2 ** 40
+    for flag in (True, False):
+        with pytest.raises(ValueError, match=r"indices: expected values in \[0, 64\)"):
+            sparse_decode(v, bad, W, b, check_indices=flag)
+    x = torch.randn(4, 20, generator=g).to(DEVICE)
+    values, idx = topk_encode(x, W, b.new_zeros(64), 3)
+    from sae_kernels.ops import _trusted
+
+    assert _trusted(idx, 64) and not _trusted(idx, 63) and not _trusted(idx.clone(), 64)
+    sparse_decode(values, idx, W, b)
+    idx[0, 0] = 64  # in place: the version counter moves, the tensor is checked again
+    assert not _trusted(idx, 64)
+    with pytest.raises(ValueError, match="indices: expected values in"):
+        sparse_decode(values, idx, W, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_decode_for_training_takes_only_encoded_indices(backend):
+    from sae_kernels.ops import decode_for_training, encode_for_training
+
+    (x, W_enc, b_enc, W_dec, b_dec), _ = make_inputs(4, 24, 90, torch.float32, 10, few_positive_rows=False)
+    values, idx = encode_for_training(x.detach(), W_enc, b_enc, 3, None)
+    decode_for_training(values, idx, W_dec, b_dec)
+    with pytest.raises(ValueError, match="only indices returned by an encode"):
+        decode_for_training(values, idx.clone(), W_dec, b_dec)
+    with pytest.raises(ValueError, match="only indices returned by an encode"):
+        decode_for_training(values, torch.zeros_like(idx), W_dec, b_dec)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("N,d,n,k", [(13, 40, 130, 7), (5, 33, 64, 64)])
+def test_training_route_bf16_copies_give_fp32_master_gradients(backend, N, d, n, k):
+    """The trainer's route with bf16 compute copies of fp32 masters: the math reads the copies, the
+    gradients arrive in fp32 on the masters. With bf16 upstream gradients every product is exact
+    in fp32, so they match float64 at fp32 precision (the old differentiable casts produced bf16
+    gradients, 2^-9 relative error, then cast them to fp32)."""
+    from sae_kernels.ops import decode_for_training, encode_for_training
+
+    (x, W_enc, b_enc, W_dec, b_dec), _ = make_inputs(N, d, n, torch.float32, 11 + k)
+    bf = torch.bfloat16
+    g = torch.Generator().manual_seed(k)
+    We, be, Wd = (t.detach().to(bf) for t in (W_enc, b_enc, W_dec))
+    x_n = x.detach().to(bf)
+    norm = W_dec.detach().norm(dim=1)
+    values, idx = encode_for_training(x_n, W_enc, b_enc, k, norm, compute=(We, be))
+    check_selection(x_n.float(), We.float(), be.float(), W_dec, k, True, values.float(), idx, 3e-2)
+    gv = torch.randn(N, k, generator=g).to(DEVICE, bf)
+    (values.float() * gv.float()).sum().backward()
+    out = decode_for_training(values.detach(), idx, W_dec, b_dec, compute=Wd)
+    go = torch.randn(N, d, generator=g).to(DEVICE, bf)
+    out.backward(go)
+    for t in (W_enc, b_enc, W_dec, b_dec):
+        assert t.grad is not None and t.grad.dtype == torch.float32
+    # float64 from the same bf16 operands
+    coef = torch.zeros(N, n, dtype=torch.float64).scatter_(1, idx.cpu(), gv.double().cpu() * (values.cpu() > 0))
+    assert_close(W_enc.grad, coef.T @ x_n.double().cpu(), 2e-5, "dW_enc")
+    assert_close(b_enc.grad, coef.sum(0), 2e-5, "db_enc")
+    f = torch.zeros(N, n, dtype=torch.float64).scatter_(1, idx.cpu(), values.double().cpu())
+    assert_close(W_dec.grad, f.T @ go.double().cpu(), 2e-5, "dW_dec")
+    assert_close(b_dec.grad, go.double().cpu().sum(0), 2e-5, "db_dec")
+    ref = f @ Wd.double().cpu() + b_dec.detach().double().cpu()
+    assert_close(out, ref, 3e-2, "x_hat")
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_encode_scores_select_equals_a_masked_encode(backend):
+    """AuxK from the forward's kept pre-activations (no second GEMM) selects, values and gradients
+    as an encode whose disallowed latents are pushed to zero by a -1e30 bias."""
+    from sae_kernels.ops import encode_for_training
+
+    (x, W_enc, b_enc, W_dec, _), grad = make_inputs(11, 24, 90, torch.float32, 12, few_positive_rows=False)
+    x = x.detach()
+    norm = W_dec.detach().norm(dim=1)
+    allowed = (torch.rand(90, generator=torch.Generator().manual_seed(3)) < 0.4).to(DEVICE)
+    _, _, scores = encode_for_training(x, W_enc, b_enc, 4, norm, keep_pre=True)
+    v1, i1 = scores.select(9, allowed)
+    g1 = torch.autograd.grad((v1 * grad[:, :9]).sum(), (W_enc, b_enc))
+    bias = b_enc + torch.where(allowed, 0.0, -1e30)
+    v2, i2 = topk_encode(x, W_enc, bias, 9, norm)
+    g2 = torch.autograd.grad((v2 * grad[:, :9]).sum(), (W_enc, b_enc))
+    for r in range(11):  # the latents with a positive value agree; zero-valued slots may differ
+        a, b_ = i1[r][v1[r] > 0].sort().values, i2[r][v2[r] > 0].sort().values
+        assert torch.equal(a, b_), (r, a.tolist(), b_.tolist())
+    assert bool(allowed[i1[v1 > 0]].all()), "a disallowed latent has a positive value"
+    assert_close(torch.sort(v1, 1).values, torch.sort(v2, 1).values, 1e-5, "values")
+    for a, b_ in zip(g1, g2):
+        assert_close(a, b_, 1e-5, "gradient")

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from helpers import assert_close
+from helpers import BACKENDS, assert_close
 from sae_kernels import SAEConfig, TopKSAE
 
 
@@ -64,6 +64,25 @@ def test_forward_pieces_match_formula(weighted):
     f3, x_hat3 = formula(sae, x, k=11)
     assert_close(sae(x, k=11), x_hat3, 1e-10, "forward with k override")
     assert (sae.encode(x, k=11) > 0).sum(-1).max() <= 11
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_decode_sparse_validates_indices_whatever_check_indices_says(backend):
+    """Issue 14.13 where a user meets it: ``TopKSAE.decode_sparse(..., check_indices=False)`` with ids
+    out of range (-1, d_sae, 2^40, which once crashed the process on the Triton path) is a ValueError
+    naming the indices; the module's own forward (indices straight from its encode) still works."""
+    sae = random_sae(dtype="float32")
+    x = torch.randn(4, 37, generator=torch.Generator().manual_seed(3))
+    values, indices = sae.encode_sparse(x)
+    want = sae.decode_sparse(values, indices)
+    for bad_id in (-1, 100, 2 ** 40):
+        bad = indices.clone()
+        bad[2, 1] = bad_id
+        for flag in (True, False):
+            with pytest.raises(ValueError, match=r"indices: expected values in \[0, 100\)"):
+                sae.decode_sparse(values, bad, check_indices=flag)
+    assert_close(sae(x), want, 1e-6, "forward after the rejected calls")
+    assert_close(sae.decode_sparse(values, indices.clone(), check_indices=False), want, 1e-6, "checked copy")
 
 
 def test_weighting_changes_selection():

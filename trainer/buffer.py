@@ -45,6 +45,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .h2d import gather_rows, staging
+
 
 @dataclass
 class Chunk:
@@ -67,9 +69,10 @@ class ProducerError(RuntimeError):
     """The producer thread failed; the original exception is the ``__cause__``."""
 
 
-def local_gather(X: Tensor, owners: Tensor, lids: Tensor) -> Tensor:
-    """The one-process exchange: every row is local; the batch ``[b, width]`` in batch order."""
-    return X.index_select(0, lids.to(X.device))
+def local_gather(X: Tensor, owners: Tensor, lids: Tensor, out_device: Optional[torch.device] = None) -> Tensor:
+    """The one-process exchange: every row is local; the batch ``[b, width]`` in batch order, on
+    ``out_device`` (default X's device; from host storage to a GPU through pinned staging, trainer/h2d.py)."""
+    return gather_rows([X], lids, X.device if out_device is None else out_device)[0]
 
 
 class ActivationBuffer:
@@ -139,6 +142,13 @@ class ActivationBuffer:
         self._thread: Optional[threading.Thread] = None
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=self.device) if self._cuda else None
+        # Host storage feeding a GPU (--buffer-device cpu): the LM's chunks reach the storage through
+        # pinned staging (trainer/h2d.py), and the producer runs the LM on its own stream there too,
+        # never on the training stream. No events on the storage: its host reads and writes are done
+        # when the copies are issued.
+        self._staging = staging(self.out_device) if not self._cuda and self.out_device.type == "cuda" else None
+        self._producer_stream = (self._stream if self._cuda else
+                                 torch.cuda.Stream(device=self.out_device) if self._staging is not None else None)
         self._write_event = torch.cuda.Event() if self._cuda else None
         self._read_event = torch.cuda.Event() if self._cuda else None
         self._x_version = self._seen_version = 0
@@ -187,8 +197,8 @@ class ActivationBuffer:
 
     def _run(self) -> None:
         try:
-            if self._cuda:
-                with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            if self._producer_stream is not None:
+                with torch.cuda.device(self._producer_stream.device), torch.cuda.stream(self._producer_stream):
                     self._produce()
             else:
                 self._produce()
@@ -224,7 +234,7 @@ class ActivationBuffer:
                         if self._cuda:
                             self._stream.wait_event(self._read_event)  # the consumer has read those rows
                         dev_rows = rows.to(self.device, non_blocking=True)
-                        self.X.index_copy_(0, dev_rows, chunk.x[j - row0 : j - row0 + m].to(self.device, self.dtype))
+                        self.X.index_copy_(0, dev_rows, self._to_storage(chunk.x[j - row0 : j - row0 + m]))
                         if self._cuda:
                             self._write_event.record(self._stream)
                         self.lidx[slots] = rows
@@ -241,6 +251,12 @@ class ActivationBuffer:
         with self._cond:
             self.exhausted = True
             self._cond.notify_all()
+
+    def _to_storage(self, t: Tensor) -> Tensor:
+        """A chunk's rows on the storage's device and dtype (GPU to host: through pinned staging)."""
+        if self._staging is not None and t.is_cuda:
+            return self._staging.to_host(t, self.dtype)
+        return t.to(self.device, self.dtype)
 
     # ------------------------------------------------------------------ consumer
 
@@ -310,8 +326,7 @@ class ActivationBuffer:
             if self._x_version != self._seen_version:
                 self._sync_reads()
         # Outside the lock: the producer never writes storage rows that unconsumed slots hold.
-        out = local_gather(X, owners, lids).to(self.out_device, non_blocking=True) if exchange is None \
-            else exchange(X, owners, lids)
+        out = local_gather(X, owners, lids, self.out_device) if exchange is None else exchange(X, owners, lids)
         with self._cond:
             if self._cuda:
                 self._read_event.record(torch.cuda.current_stream(self.device))

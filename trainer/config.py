@@ -56,7 +56,7 @@ class TrainConfig:
     streaming: Optional[bool] = _help(
         "Stream the dataset (default: yes for Hub datasets, no for local files).", default=None)
     layer: Optional[int] = _help(
-        "Decoder layer L (0-based). Default: 12 for the embedded model, n_layers // 2 otherwise.", default=None)
+        "Decoder layer L (0-based).", default=None)
     position: str = _help(
         "Where the SAE reads/writes: R (residual after layer L), A (attention output), M (MLP output), "
         "TC (transcoder: normalised MLP input -> MLP output).", default="R")
@@ -70,7 +70,7 @@ class TrainConfig:
     positions: Optional[str] = _help(
         "Positions of a suite, comma-separated, e.g. 'R,M' (with --layer or --layers; default: --position).",
         default=None)
-    context_len: Optional[int] = _help("Tokens per context, BOS included (recipe: 1024).", default=None)
+    context_len: Optional[int] = _help("Tokens per context, BOS included.", default=None)
     use_bos: bool = _help("Start every context with BOS (when the tokenizer has one).", default=True)
     # ---------------------------------------------------------------- SAE
     expansion: Union[int, List[int]] = field(default=8, metadata={
@@ -80,9 +80,9 @@ class TrainConfig:
     k: int = _help("Latents kept per token (K).", default=50)
     plain_topk: bool = _help("Select by relu(pre) instead of relu(pre) x ||W_dec[i]|| (weighted TopK).", default=False)
     # ---------------------------------------------------------------- optimisation
-    tokens: Optional[int] = _help("Training tokens (SAE inputs). Recipe: 800M; embedded: 300k.", default=None)
-    batch_size: Optional[int] = _help("Tokens per SAE step (recipe: 2048).", default=None)
-    lr: Optional[float] = _help("Adam learning rate (recipe: 8e-4; embedded: 2e-3).", default=None)
+    tokens: Optional[int] = _help("Training tokens (SAE inputs).", default=None)
+    batch_size: Optional[int] = _help("Tokens per SAE step.", default=None)
+    lr: Optional[float] = _help("Adam learning rate.", default=None)
     beta1: float = _help("Adam beta1.", default=0.9)
     beta2: float = _help("Adam beta2.", default=0.9999)
     warmup_steps: Optional[int] = _help(
@@ -90,7 +90,7 @@ class TrainConfig:
     decay_fraction: float = _help("Linear lr decay to 1%% over this final fraction of the steps.", default=0.2)
     k_anneal_fraction: float = _help("K-annealing from k_start down to K over this fraction of the steps.", default=0.1)
     k_start: Optional[int] = _help("K at step 0 (default d_model / 2).", default=None)
-    clip_grad_norm: float = _help("Gradient-norm clip (recipe: 0.001; 0 disables).", default=0.001)
+    clip_grad_norm: float = _help("Gradient-norm clip (the recipe's 0.001; 0 disables).", default=0.001)
     loss: str = _help("'llama_scope': sum (x_hat-y)^2 / ||y - mean_batch(y)|| per token, averaged; 'fvu': normalised MSE.",
                       default="llama_scope")
     auxk: bool = _help("Add the AuxK loss (Gao et al.): dead latents reconstruct the residual.", default=False)
@@ -105,7 +105,7 @@ class TrainConfig:
     # ---------------------------------------------------------------- activations
     lm_batch_size: Optional[int] = _help("Contexts per LM forward pass.", default=None)
     buffer_tokens: Optional[int] = _help(
-        "Activation buffer size in tokens (recipe: 500k). A token's row holds every hook point of the suite: "
+        "Activation buffer size in tokens. A token's row holds every hook point of the suite: "
         "the run refuses, before allocating, a buffer that does not fit in free memory.", default=None)
     buffer_device: str = _help("Where the buffer lives: 'auto' (the training device), 'cpu' (pinned host memory on GPU runs).",
                                default="auto")
@@ -127,16 +127,15 @@ class TrainConfig:
         "by a suite), one zero-ablated pass per hook point and one spliced pass per SAE; "
         "--no-eval-lm-loss skips them (big suites).", default=True)
     eval_lm_tokens: Optional[int] = _help(
-        "Held-out tokens (whole contexts, a prefix of the eval set) for delta LM loss and CE score. "
-        "Default: all eval tokens; 4096 for the embedded model.", default=None)
-    jumprelu: bool = _help("After training, also write the JumpReLU post-processing (SPEC sec. 5) to <run>/jumprelu.",
+        "Held-out tokens (whole contexts, a prefix of the eval set) for delta LM loss and CE score.", default=None)
+    jumprelu: bool = _help("After training, also write the JumpReLU post-processing (README, 'Outputs') to <run>/jumprelu.",
                            default=False)
     jumprelu_tokens: int = _help("Non-special training tokens for the JumpReLU threshold.", default=32768)
     output: str = _help("Output root: each SAE goes to <output>/L{layer}{position}-{expansion}x/, the suite's "
                         "summary to <output>/suite.json (.md, .csv, .png), resume state to <output>/resume/.",
                         default="runs")
     export_dtype: str = _help("dtype of checkpoints/final.safetensors (released: bfloat16).", default="bfloat16")
-    overwrite: bool = _help("Replace an existing run folder.", default=False)
+    overwrite: bool = _help("Replace an existing run (the files the trainer writes; other files in the folder stay).", default=False)
     resume: bool = _help("Continue the run (every SAE of the suite) in the output folder from its last checkpoint "
                          "(same flags; any number of processes and --tp).", default=False)
     checkpoint_every: Optional[int] = _help("Steps between resumable checkpoints (0: none).", default=None)

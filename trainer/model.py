@@ -229,8 +229,22 @@ def model_facts(name: str = DEFAULT_MODEL) -> Tuple[int, int]:
         if os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json")):
             cfg = json.loads(open(os.path.join(name, "config.json")).read())
         else:
-            if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
-                raise ModelError(f"--model {name!r}: no model configuration found there")
+            if os.path.exists(name):
+                raise ModelError(f"--model {name!r}: no model configuration found there (expected a folder with "
+                                 "config.json, or a .gguf file)")
+            if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf"):
+                raise ModelError(f"--model {name!r}: no such file or folder ({os.path.abspath(os.path.expanduser(name))}); "
+                                 "a Hub model is a name such as 'meta-llama/Llama-3.1-8B'")
+            if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+                # offline (set by the user, or by the run when the Hub cannot be reached): the local cache
+                # answers at once, without importing transformers (seconds)
+                from huggingface_hub import try_to_load_from_cache
+
+                if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+                    raise ModelError(
+                        f"--model {name!r}: not in the local Hugging Face cache, and the Hub is offline (it cannot "
+                        "be reached, or HF_HUB_OFFLINE is set): check the name, or download the model where the "
+                        "Hub can be reached")
             from transformers import AutoConfig
 
             cfg = AutoConfig.from_pretrained(name).to_dict()

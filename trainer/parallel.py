@@ -61,7 +61,9 @@ from torch import Tensor, nn
 
 from sae_kernels import SAEConfig, TopKSAE
 from sae_kernels._validate import check_k, check_tensor
-from sae_kernels.ops import sparse_decode, topk_encode
+from sae_kernels.ops import decode_for_training, encode_for_training
+
+from .h2d import gather_rows
 
 DIM_NAMES = ("data", "model")
 # all_gather_into_tensor was renamed all_gather_single (torch 2.13 deprecates the old name).
@@ -353,14 +355,14 @@ class ParallelContext:
         dec_norm = _row_norms(W_dec) if weighted else None
         if self.tp == 1:
             # Exactly TopKSAE.forward's ops (same kernels, b_dec inside sparse_decode).
-            values, idx = topk_encode(x_n, W_enc, b_enc, k, dec_norm, check_finite_input=False)
-            x_hat = sparse_decode(values, idx, W_dec, b_dec, check_indices=False)
+            values, idx = encode_for_training(x_n, W_enc, b_enc, k, dec_norm)
+            x_hat = decode_for_training(values, idx, W_dec, b_dec)
             win = torch.ones_like(idx, dtype=torch.bool)
             return ShardedTopK(x_hat, values, idx, idx, win, k)
         k_local = min(k, n_local)
         if x_n.requires_grad:  # only then: SAE training reads activations without gradient
             x_n = _CopyToGroup.apply(x_n, self.model_group)
-        values, idx = topk_encode(x_n, W_enc, b_enc, k_local, dec_norm, check_finite_input=False)
+        values, idx = encode_for_training(x_n, W_enc, b_enc, k_local, dec_norm)
         with torch.no_grad():
             v = values.detach()
             scores = v if dec_norm is None else v * dec_norm[idx]
@@ -368,7 +370,7 @@ class ParallelContext:
             win_all = self._global_winners(scores, gidx, k, n)
             own = win_all[:, self.model_rank]
         kept = torch.where(own, values, torch.zeros_like(values))
-        partial = sparse_decode(kept, idx, W_dec, None, check_indices=False)
+        partial = decode_for_training(kept, idx, W_dec, None)
         if partial.dtype in (torch.bfloat16, torch.float16):
             partial = partial.float()
         x_hat = _AllReduceSum.apply(partial, self.model_group)
@@ -775,10 +777,11 @@ class RowExchange:
         out: Dict[int, Tensor] = {}
         # rows this rank holds itself
         pos = (mine_owner == me).nonzero().squeeze(1)
-        local = lids[lo:hi][pos].to(X.device)
+        local = lids[lo:hi][pos]
         whole = pos.numel() == hi - lo
-        for c in need.blocks:
-            rows = self._block(X, c).index_select(0, local).to(self.out_device, non_blocking=True)
+        # host storage to a GPU: one asynchronous copy from pinned staging (trainer/h2d.py)
+        got = gather_rows([self._block(X, c) for c in need.blocks], local, self.out_device)
+        for c, rows in zip(need.blocks, got):
             if whole:
                 out[c] = rows
             else:
@@ -788,6 +791,7 @@ class RowExchange:
             return out
         # everything else in one all_to_all of raw bytes
         elem = X.element_size()
+        dev = self.ctx.device
         parts, send_sizes = [], []
         for q in range(world):
             nq = self.needs[q]
@@ -795,17 +799,15 @@ class RowExchange:
             if q == me or not nq.blocks or qhi <= qlo:
                 send_sizes.append(0)
                 continue
-            sel = lids[qlo:qhi][owners[qlo:qhi] == me].to(X.device)
-            for c in nq.blocks:
-                parts.append(self._block(X, c).index_select(0, sel).reshape(-1))
+            sel = lids[qlo:qhi][owners[qlo:qhi] == me]
+            parts += [p.reshape(-1) for p in gather_rows([self._block(X, c) for c in nq.blocks], sel, dev)]
             send_sizes.append(sel.numel() * len(nq.blocks) * self.d * elem)
         recv_pos, recv_sizes = [], []
         for p in range(world):
             pp = (mine_owner == p).nonzero().squeeze(1) if p != me and need.blocks else pos[:0]
             recv_pos.append(pp)
             recv_sizes.append(pp.numel() * len(need.blocks) * self.d * elem)
-        dev = self.ctx.device
-        send = torch.cat(parts).view(torch.uint8).to(dev) if parts else torch.empty(0, dtype=torch.uint8, device=dev)
+        send = torch.cat(parts).view(torch.uint8) if parts else torch.empty(0, dtype=torch.uint8, device=dev)
         recv = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=dev)
         dist.all_to_all_single(recv, send, recv_sizes, send_sizes)
         self.bytes_received += int(recv.numel())
@@ -1068,15 +1070,23 @@ def save_checkpoint(
     trainer_state: Optional[Dict[str, Any]] = None,
     hyperparams: Optional[Dict[str, Any]] = None,
     lm_config: Optional[Dict[str, Any]] = None,
+    model_name: Optional[str] = None,
 ) -> None:
     """Write the single-process folder from any (tp, dp): ``to_llama_scope`` (weights in the module's
     dtype), ``checkpoints/optimizer.safetensors`` (full-shape state) and ``checkpoints/trainer_state.json``
     (step, k, ... plus the optimizer's param groups). Every rank calls it; global rank 0 writes, each
     file atomically, ``trainer_state.json`` last; a barrier ends it so no rank runs ahead of the files.
+    ``lm_config.json`` names the model: ``lm_config["model_name"]``, else ``model_name``, else the SAE's
+    ``cfg.model_name``; with none of them it is a ValueError on every rank, before anything is written.
     """
     from sae_kernels.formats import atomic_save_safetensors, atomic_write_json
     from pathlib import Path
 
+    name = (lm_config or {}).get("model_name") or model_name or sae.cfg.model_name
+    if not isinstance(name, str) or not name:
+        raise ValueError("save_checkpoint: no model name for lm_config.json (the release code's reader needs "
+                         "one): pass model_name=..., lm_config={'model_name': ...} or set the SAE's cfg.model_name")
+    lm_config = dict(lm_config or {}, model_name=name)
     full = sae.to_full() if isinstance(sae, ShardedTopKSAE) else (sae if ctx.is_main else None)
     opt_sd = None
     if optimizer is not None:

@@ -26,14 +26,16 @@ step's rows are moved to the ranks that train on them: the same SAEs on any layo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import random
-import shutil
+import signal
 import sys
+import threading
 import time
 import typing
 from pathlib import Path
@@ -44,13 +46,19 @@ import torch
 from sae_kernels import SAEConfig, TopKSAE
 
 from .buffer import ActivationBuffer, ProducerError
-from .config import MemberSpec, TrainConfig
+from .checkpoint import CheckpointWriteError, load_state
+from .config import EMBEDDED_DEFAULTS, RECIPE_DEFAULTS, MemberSpec, TrainConfig
 from .data import ContextData, load_documents
 from .evaluate import EV_CONVENTION, evaluate_sites
 from .model import hook_point_names, load_model, model_facts, position_hooks
 from .parallel import RowExchange, RowNeed, ShardedTopKSAE, init_parallel, member_contexts, place_members
 from .parallel_step import ParallelSAEStep
+from .preflight import available_bytes, check_sae_memory, model_weight_bytes, offline_if_unreachable
 from .producer import ActivationSource
+from .run_folder import (
+    clear_run_files, describe_removed, locked_run_folders, remove_resume_files, remove_stale_temps, same_path,
+)
+from .stop import Interrupted
 from .train import Member, SAEStep, StepConfig, StopTraining, Trainer, make_optimizer
 
 
@@ -66,23 +74,27 @@ def _device(name: str) -> torch.device:
     return dev
 
 
-def check_run_dirs(cfg: TrainConfig, specs: List[MemberSpec]) -> None:
+def check_run_dirs(cfg: TrainConfig, specs: List[MemberSpec]) -> Optional[str]:
     """Refuses to replace a finished or resumable run unless ``--overwrite``; with ``--resume`` the
-    output folder must hold a checkpoint of a run with the same flags. Read-only (every rank checks)."""
+    output folder must hold a checkpoint of a run with the same flags (paths compared resolved; the
+    folder itself may have moved: returns where it was). Read-only (every rank checks)."""
     out = Path(cfg.output)
     state = out / Trainer.STATE_FILE
     if cfg.resume:
         if not state.is_file():
             raise ValueError(f"--resume: no checkpoint {state} to resume from")
-        saved = json.loads((out / RESUME_CONFIG).read_text())
+        from sae_kernels.formats import _read_json
+
+        saved = _read_json(out / RESUME_CONFIG, "--resume")
         diff = [
             f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}"
             for k, v in cfg.to_dict().items()
-            if k not in TrainConfig.RUNTIME_FIELDS and saved.get(k) != v
+            if k not in TrainConfig.RUNTIME_FIELDS + ("output",) and not same_path(saved.get(k), v)
         ]
         if diff:
             raise ValueError("--resume: the flags differ from the run being resumed: " + "; ".join(diff))
-        return
+        was = saved.get("output")
+        return was if isinstance(was, str) and not same_path(was, str(out)) else None
     if state.exists() and not cfg.overwrite:
         raise ValueError(f"--output: {out} holds an unfinished run ({state}); pass --resume to continue it "
                          "or --overwrite to replace it")
@@ -92,20 +104,33 @@ def check_run_dirs(cfg: TrainConfig, specs: List[MemberSpec]) -> None:
         if precious and not cfg.overwrite:
             raise ValueError(f"--output: the run folder {run_dir} already holds a run ({', '.join(precious)}); "
                              "pass --overwrite to replace it")
+    return None
 
 
 RESUME_CONFIG = "resume/train_config.json"
 
 
-def create_run_dirs(cfg: TrainConfig, specs: List[MemberSpec], d_model: int) -> None:
-    """Every member's folder with its train_config.json (exactly a run alone's), and ``resume/``."""
-    if cfg.resume:
-        return
+def create_run_dirs(cfg: TrainConfig, specs: List[MemberSpec], d_model: int, moved_from: Optional[str] = None,
+                    log: Callable[[str], None] = print) -> None:
+    """Every member's folder with its train_config.json (exactly a run alone's), and ``resume/``. Removes
+    the temporary files of a killed run, and (a new run) the files of an earlier run of this trainer
+    that check_run_dirs allowed to replace; never anything else. Rank 0, holding the folders' locks."""
     out = Path(cfg.output)
-    for folder in [out / "resume"] + [out / m.name for m in specs]:
-        if folder.exists():
-            shutil.rmtree(folder)  # checked by check_run_dirs: --overwrite, or leftovers of a failed start
-        folder.mkdir(parents=True)
+    member_dirs = [out / m.name for m in specs]
+    gone, size = remove_stale_temps(out, member_dirs)
+    if gone:
+        log(describe_removed(gone, size))
+    if cfg.resume:
+        if moved_from is not None:  # a moved run folder: its configs name where it is now
+            log(f"--resume: the run folder moved from {moved_from} to {out}")
+            (out / RESUME_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            for m in specs:
+                (out / m.name / "train_config.json").write_text(
+                    json.dumps(cfg.solo(m, d_model).to_dict(), indent=2) + "\n")
+        return
+    clear_run_files(out, member_dirs)  # --overwrite, or leftovers of a failed start (checked by check_run_dirs)
+    for folder in [out / "resume"] + member_dirs:
+        folder.mkdir(parents=True, exist_ok=True)
     (out / RESUME_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     for m in specs:
         (out / m.name / "train_config.json").write_text(json.dumps(cfg.solo(m, d_model).to_dict(), indent=2) + "\n")
@@ -134,20 +159,6 @@ def suite_hooks(specs: List[MemberSpec]) -> List[str]:
     for m in specs:
         hooks += [h for h in position_hooks(m.layer, m.position) if h not in hooks]
     return hooks
-
-
-def available_bytes(device: torch.device) -> Optional[int]:
-    """Free memory on ``device`` (CUDA: free device memory; CPU: the kernel's MemAvailable), or None."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def check_buffer_memory(cfg: TrainConfig, n_hooks: int, d_model: int, elem: int, world: int,
@@ -188,7 +199,13 @@ def _layout(specs: List[MemberSpec], placement: List[List[int]], ctx, d_model: i
 
 def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """The whole pipeline for a suite of one or many SAEs; returns the suite's results
-    (``{"members": {name: eval.json contents}, ...}``) on rank 0, or ``{"stopped": step}``."""
+    (``{"members": {name: eval.json contents}, ...}``) on rank 0, or ``{"stopped": step}``. Holds the
+    run folders' locks (rank 0) for the whole run."""
+    with contextlib.ExitStack() as stack:
+        return _run(cfg, log, stack)
+
+
+def _run(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitStack) -> Dict[str, Any]:
     t_start, c_start = time.perf_counter(), time.process_time()
     ctx = init_parallel(cfg.tp, timeout_s=cfg.dist_timeout,
                         device=None if cfg.device == "auto" else _device(cfg.device))
@@ -198,6 +215,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
     if ctx.distributed:
         log(f"torch.distributed: {ctx.world_size} ranks = {ctx.dp} data-parallel x {ctx.tp} tensor-parallel, "
             f"{ctx.backend}")
+    stack.callback(offline_if_unreachable(cfg.model, cfg.dataset, log))  # a Hub name fails fast offline
     # every flag that names layers is checked against the model's configuration before the model loads
     n_layers, d = model_facts(cfg.model)
     cfg = cfg.resolve(n_layers, d, device.type)
@@ -205,11 +223,25 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
     for m in specs:
         ctx.check_width(m.expansion * d)
     out = Path(cfg.output)
-    check_run_dirs(cfg, specs)  # read-only: every rank checks, then rank 0 creates
+    stack.enter_context(locked_run_folders(out, [out / m.name for m in specs], ctx, log))  # one run at a time
+    moved_from = check_run_dirs(cfg, specs)  # read-only: every rank checks, then rank 0 creates
     bf16 = cfg.precision == "bf16"
     lm_dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    # the data and the memory are checked before the model loads
+    docs = load_documents(cfg.dataset, split=cfg.split, text_column=cfg.text_column,
+                          dataset_config=cfg.dataset_config, streaming=cfg.streaming)
+    hooks = suite_hooks(specs)
+    block = {h: i for i, h in enumerate(hooks)}
+    store_dtype = torch.bfloat16 if bf16 else torch.float32
+    buf_device = torch.device("cpu") if cfg.buffer_device == "cpu" else device
+    elem = torch.empty((), dtype=store_dtype).element_size()
+    buffer_bytes = check_buffer_memory(cfg, len(hooks), d, elem, ctx.world_size, buf_device)
+    check_sae_memory(expansions=[m.expansion for m in specs], d_model=d, rank=ctx.rank, tp=ctx.tp, dp=ctx.dp,
+                     batch_size=cfg.batch_size, bf16=bf16, device=device,
+                     model_bytes=model_weight_bytes(cfg.model, 2 if bf16 else 4), buffer_bytes=buffer_bytes,
+                     buffer_device=buf_device, sharing=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
 
     log(f"loading model {cfg.model!r} ...")
     lm = load_model(cfg.model, device=device, dtype=lm_dtype)
@@ -218,24 +250,16 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
                          f"its configuration said {n_layers} x {d}")
     t_loaded, c_loaded = time.perf_counter(), time.process_time()
     ctx.barrier()
-    hooks = suite_hooks(specs)
-    block = {h: i for i, h in enumerate(hooks)}
     names = ", ".join(m.name for m in specs[:8]) + (f", ... ({len(specs)} SAEs)" if len(specs) > 8 else "")
     log(f"{lm.name}, d_model {d}: {names}; k {cfg.k}, {cfg.tokens:,} tokens in {cfg.total_steps} steps of "
         f"{cfg.batch_size}; the LM runs once up to layer {max(m.layer for m in specs)}, reading {len(hooks)} "
         f"hook point{'s' if len(hooks) > 1 else ''} -> {out}")
 
-    docs = load_documents(cfg.dataset, split=cfg.split, text_column=cfg.text_column,
-                          dataset_config=cfg.dataset_config, streaming=cfg.streaming)
     data = ContextData(docs, lm.tokenizer, cfg.context_len, cfg.lm_batch_size, eval_every=cfg.eval_every,
                        eval_contexts=max(1, math.ceil(cfg.eval_tokens / cfg.context_len)), seed=cfg.seed,
                        use_bos=cfg.use_bos)
-    store_dtype = torch.bfloat16 if bf16 else torch.float32
-    buf_device = torch.device("cpu") if cfg.buffer_device == "cpu" else device
-    elem = torch.empty((), dtype=store_dtype).element_size()
-    buffer_bytes = check_buffer_memory(cfg, len(hooks), d, elem, ctx.world_size, buf_device)
     if ctx.is_main:
-        create_run_dirs(cfg, specs, d)
+        create_run_dirs(cfg, specs, d, moved_from, log)
     ctx.barrier()
     source = ActivationSource(lm, data, hooks, store_dtype=store_dtype,
                               cache_max_bytes=int(cfg.cache_activations_gb * 2**30),
@@ -255,7 +279,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
 
     state = None
     if cfg.resume:
-        state = torch.load(out / Trainer.STATE_FILE, map_location="cpu", weights_only=True)
+        state = load_state(out / Trainer.STATE_FILE)
         norms = state["extra"]["norms"]
         log(f"resuming at step {state['step']} (checkpoint of {state['world_size']} rank(s), tp {state['tp']})")
     else:
@@ -390,9 +414,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
                 result["jumprelu"] = dict(metrics[name + "/jumprelu"], checkpoint=str(mem.run_dir / "jumprelu"),
                                           threshold=float(jsae.threshold[0]))
             (mem.run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-            resume_dir = mem.run_dir / "resume"
-            if resume_dir.is_dir():
-                shutil.rmtree(resume_dir)  # the run is complete; the final weights are in checkpoints/
+            remove_resume_files(mem.run_dir / "resume")  # the run is complete; the final weights are in checkpoints/
             results[name] = result
     t_done, c_done = time.perf_counter(), time.process_time()
     stats = {"lm_seconds": source.lm_seconds, "lm_tokens": source.lm_tokens, "eval_seconds": t_done - t_eval0,
@@ -433,9 +455,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
                         "total": round(c_done - c_start, 2)},
     }
     write_suite_files(out, suite)
-    resume = out / "resume"
-    if resume.is_dir():
-        shutil.rmtree(resume)
+    remove_resume_files(out / "resume")
     for name in list(ordered)[:8]:
         log(f"{name}: " + summary(ordered[name]).replace("\n", f"\n{name}: "))
     log(suite_table(suite))
@@ -544,15 +564,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "them in the released layout: one SAE (--layer, --position, --expansion) or a suite from one "
                     "LM pass (--hookpoints, or --layers / --positions / a list of --expansion). With no "
                     "arguments: SmolLM2-135M on CPython's docs, a few minutes on a CPU.",
+        epilog="The README explains each part: 'Training an SAE' (outputs, the real GPU job, resume and "
+               "preemption), 'Suites: many SAEs from one LM pass', 'Training on several GPUs' (--tp, torchrun) and "
+               "'What is loaded, and what is never unpickled' (the security model, the run-folder lock).",
     )
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         base = f.metadata.get("cli_type") or _base_type(hint)
-        text = f.metadata.get("help", "")
-        if f.default is not None and not isinstance(f.default, bool):
-            text += " (default: %(default)s)"  # None defaults are explained in the text (auto per model)
+        text = f.metadata.get("help", "") + _default_text(f, flag, base)
         kw: Dict[str, Any] = {"help": text, "default": f.default, "dest": f.name}
         if base is bool:
             kw["action"] = argparse.BooleanOptionalAction
@@ -563,13 +584,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_RECIPE_AUTO = {"layer": "n_layers // 2", "eval_lm_tokens": "all of --eval-tokens"}
+
+
+def _default_text(f, flag: str, base: type) -> str:
+    """`` (default: ...)`` for the help of ``f``: both families for the settings that depend on the model
+    (the embedded default and the Llama Scope recipe), the flag itself for booleans."""
+    def show(v: Any) -> str:
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    if f.name in EMBEDDED_DEFAULTS or f.name in RECIPE_DEFAULTS:
+        emb = EMBEDDED_DEFAULTS.get(f.name)
+        rec = RECIPE_DEFAULTS.get(f.name)
+        emb_text = show(emb) if emb is not None else "as other models"
+        rec_text = show(rec) if rec is not None else _RECIPE_AUTO[f.name]
+        return f" (default: {emb_text} with the embedded model; {rec_text} for other models, the Llama Scope recipe)"
+    if base is bool:
+        on = f.default is True
+        return f" (default: {flag if on else '--no-' + flag[2:]})" if f.default is not None else ""
+    if f.default is not None:
+        return " (default: %(default)s)"  # None defaults are explained in the text (auto per model)
+    return ""
+
+
 def _base_type(hint) -> type:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
 
 
+def _terminated(signum, frame):
+    raise Interrupted("stopped by SIGTERM outside the training loop (loading, evaluation or export); run the "
+                      "command again, with --resume if the run wrote a checkpoint", signum)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _terminated) if main_thread else None  # the loop handles its own
     try:
         cfg = TrainConfig(**vars(args))
         result = run(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
@@ -580,9 +631,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_term)
     return 0 if result else 1
 
 

@@ -15,8 +15,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +25,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from sae_kernels import TopKSAE, sparse_decode, topk_encode
+from sae_kernels import TopKSAE
+from sae_kernels.ops import decode_for_training, encode_for_training
+from sae_kernels.optim import SAEAdam
 
+from .checkpoint import CheckpointWriteError, describe_os_error, load_state, save_state
+from .run_folder import truncate_metrics
 from .schedules import k_schedule, lr_factor
+from .stop import NAMES as SIGNAL_NAMES, Interrupted, StopSignals
 
 _DEAD_BIAS = -1e30  # large negative, finite: pushes alive latents out of the AuxK selection
 
@@ -129,12 +134,15 @@ class StepConfig:
         )
 
 
-def make_optimizer(sae: TopKSAE, lr: float, betas: Tuple[float, float]) -> torch.optim.Adam:
-    """Adam, no weight decay (fused on CUDA, foreach on CPU)."""
+def make_optimizer(sae: TopKSAE, lr: float, betas: Tuple[float, float],
+                   moments_dtype: Optional[torch.dtype] = None) -> SAEAdam:
+    """Adam, no weight decay: ``SAEAdam`` (one fused Triton kernel per parameter on CUDA that also
+    applies the clip factor and rewrites the bf16 compute copies and decoder norms; torch's foreach
+    Adam on CPU). ``moments_dtype=torch.bfloat16``: bf16 moments (off by default)."""
     params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
     cuda = sae.W_enc.device.type == "cuda"
-    return torch.optim.Adam(params, lr=lr, betas=betas, eps=1e-8, fused=True if cuda else None,
-                            foreach=None if cuda else True)
+    return SAEAdam(params, lr=lr, betas=betas, eps=1e-8, moments_dtype=moments_dtype,
+                   foreach=None if cuda else True)
 
 
 class SAEStep:
@@ -154,6 +162,8 @@ class SAEStep:
         # tokens since each latent last fired (dead-latent tracking, AuxK)
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=dev)
         self.fire_count = torch.zeros(sae.d_sae, dtype=torch.int64, device=dev)
+        self._tracking = False  # SAEAdam keeps the compute copies / decoder norms once asked
+        self._scores = None  # the encode's pre-activations, kept for AuxK within one step
 
     # -- schedules
     def k_at(self, t: int) -> int:
@@ -164,29 +174,70 @@ class SAEStep:
         c = self.cfg
         return c.lr * lr_factor(t, c.total_steps, c.warmup_steps, c.decay_fraction)
 
-    # -- the math; a tensor-parallel version overrides this
+    # -- the math; a tensor-parallel version overrides encode_decode / auxk_loss
     def weights(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Differentiable weights in the compute dtype (casts of the fp32 masters): what a subclass
+        that runs its own ops (the tensor-parallel step) reads. The single-process step does not
+        cast: it reads ``compute_weights()`` and writes fp32 master gradients directly."""
         dt = self.cfg.compute_dtype
         W = (self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec)
         if dt is None or dt == self.sae.W_enc.dtype:
             return W
         return tuple(w.to(dt) for w in W)  # differentiable casts: fp32 master weights get the grads
 
+    def compute_weights(self) -> Tuple[Tuple[Tensor, Tensor, Tensor, Tensor], Optional[Tensor]]:
+        """``((W_enc, b_enc, W_dec, b_dec) as the math reads them, decoder row norms or None)``.
+
+        With ``SAEAdam`` the compute-dtype copies and the fp32 decoder norms are rewritten by the
+        optimizer's step (and recomputed if the masters were changed outside it): no cast, no norm
+        pass per step. With another optimizer they are computed here (no autograd: the ops route
+        the gradients to the masters)."""
+        sae, dt = self.sae, self.cfg.compute_dtype
+        masters = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+        weighted = sae.cfg.weighted_topk
+        if isinstance(self.opt, SAEAdam):
+            if not self._tracking:
+                for p in masters:
+                    self.opt.track(p, copy_dtype=dt, row_norms=weighted and p is sae.W_dec)
+                self._tracking = True
+            copies = tuple(self.opt.compute_copy(p) for p in masters)
+            return copies, (self.opt.row_norms(sae.W_dec) if weighted else None)
+        with torch.no_grad():
+            copies = masters if dt is None else tuple(p.detach().to(dt) for p in masters)
+            norms = sae.W_dec.detach().float().norm(dim=1) if weighted else None
+        return copies, norms
+
     def encode_decode(self, x_n: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor]:
-        """``(values [B, k], indices [B, k], x_hat_n [B, d])`` in normalised space."""
-        W_enc, b_enc, W_dec, b_dec = self.weights()
-        dec_norm = W_dec.detach().float().norm(dim=1).to(W_dec.dtype) if self.sae.cfg.weighted_topk else None
-        values, indices = topk_encode(x_n, W_enc, b_enc, k, dec_norm, check_finite_input=False)
-        x_hat = sparse_decode(values, indices, W_dec, b_dec, check_indices=False)
+        """``(values [B, k], indices [B, k], x_hat_n [B, d])`` in normalised space.
+
+        The trainer's route of the ops (``encode_for_training`` / ``decode_for_training``): no host
+        sync, indices trusted only because the encode made them, fp32 master gradients. With AuxK
+        on, the encode keeps its pre-activations (``self._scores``) for ``auxk_loss``."""
+        sae = self.sae
+        (W_enc, b_enc, W_dec, _), dec_norm = self.compute_weights()
+        out = encode_for_training(x_n, sae.W_enc, sae.b_enc, k, dec_norm, compute=(W_enc, b_enc),
+                                  keep_pre=self.cfg.auxk)
+        values, indices = out[0], out[1]
+        self._scores = out[2] if self.cfg.auxk else None
+        x_hat = decode_for_training(values, indices, sae.W_dec, sae.b_dec, compute=W_dec)
         return values, indices, x_hat
 
     def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor) -> Tensor:
-        """Gao et al.: the top-``k_aux`` dead latents reconstruct the detached residual (FVU)."""
-        W_enc, b_enc, W_dec, _ = self.weights()
-        dead_bias = torch.where(dead, 0.0, _DEAD_BIAS).to(b_enc.dtype)
-        dec_norm = W_dec.detach().float().norm(dim=1).to(W_dec.dtype) if self.sae.cfg.weighted_topk else None
-        v, i = topk_encode(x_n, W_enc, b_enc + dead_bias, self.cfg.k_aux, dec_norm, check_finite_input=False)
-        e_hat = sparse_decode(v, i, W_dec, None, check_indices=False).float()
+        """Gao et al.: the top-``k_aux`` dead latents reconstruct the detached residual (FVU).
+
+        The selection reuses the forward's pre-activations when the encode kept them (two-pass path:
+        no second encoder GEMM); otherwise a second encode with the alive latents pushed to zero."""
+        sae = self.sae
+        (W_enc, b_enc, W_dec, _), dec_norm = self.compute_weights()
+        scores = getattr(self, "_scores", None)
+        if scores is not None and scores.pre is not None:
+            v, i = scores.select(self.cfg.k_aux, allowed=dead)
+        else:
+            dead_bias = torch.where(dead, 0.0, _DEAD_BIAS).to(b_enc.dtype)
+            v, i = encode_for_training(x_n, sae.W_enc, sae.b_enc, self.cfg.k_aux, dec_norm,
+                                       compute=(W_enc, b_enc + dead_bias))
+        self._scores = None
+        e_hat = decode_for_training(v, i, sae.W_dec, None, compute=W_dec).float()
         aux = fvu_loss(e_hat, residual)
         return torch.nan_to_num(aux, 0.0) * dead.any()
 
@@ -212,14 +263,20 @@ class SAEStep:
             aux = self.auxk_loss(x_n, (y_n - x_hat).detach(), dead)
             total = loss + c.auxk_coef * aux
         total.backward()
+        self._scores = None
         self.comm.all_reduce_grads(self.params)
+        scale = None
         if c.clip_grad_norm > 0:
             norm = self.comm.grad_norm(self.params)
             scale = (c.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(scale.to(p.grad.dtype))
-        self.opt.step()
+        if isinstance(self.opt, SAEAdam):
+            self.opt.step(grad_scale=scale)  # the clip factor is applied inside the fused update
+        else:
+            if scale is not None:
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(scale.to(p.grad.dtype))
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             fired = values > 0
@@ -254,18 +311,9 @@ class SAEStep:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace`` (see
+    ``trainer.checkpoint.save_state``: the umask's permissions; a failed write raises OSError naming ``path``)."""
+    save_state(obj, path)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -387,6 +435,7 @@ class Trainer:
         self.t = 0  # steps done
         self.elapsed = 0.0  # training seconds before this process (resume)
         self.wait_seconds = 0.0  # time in next_batch: waiting for rows (LM) and moving them
+        self.last_checkpoint: Optional[int] = None  # the step of the last complete checkpoint
 
     @property
     def state_path(self) -> Path:
@@ -396,30 +445,45 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """``resume/state.pt`` (the step, the buffer's global state), one buffer shard per rank and each
         member's ``<member>/resume/step{t}.pt``; state.pt is replaced last, so a kill at any moment
-        leaves the previous checkpoint complete."""
+        leaves the previous checkpoint complete. A write that fails (disk full, quota, I/O error) on any
+        rank removes this step's files and ends the run on every rank with ``CheckpointWriteError``: one
+        line naming the file and the errno; the previous checkpoint is left as it was."""
         from sae_kernels.formats import atomic_save_safetensors
 
         ctx, t = self.ctx, self.t
+        failed: List[OSError] = []
+        written: List[Path] = []
+
+        def write(fn, path: Path) -> None:
+            if failed:
+                return  # keep taking part in the collectives, write nothing more
+            try:
+                fn(path)
+                written.append(path)
+            except OSError as e:
+                failed.append(e)
+
         meta, shard = self.batches.state_dict()
         shard_name = f"buffer-step{t}-rank{ctx.rank}-of{ctx.world_size}.safetensors"
-        atomic_save_safetensors(self.output / "resume" / shard_name, shard)
+        write(lambda p: atomic_save_safetensors(p, shard), self.output / "resume" / shard_name)
         for m in self.members:
             sae_sd, opt_sd = m.full_state()
             sums = {k: m.comm.metric(v).detach().cpu() for k, v in m.sums.items()}  # global means
             if m.comm.is_main:
-                atomic_torch_save({
+                write(lambda p: save_state({
                     "version": 2, "step": t, "name": m.name, "sae_cfg": m.step.sae.cfg.to_dict(), "sae": sae_sd,
                     "optimizer": opt_sd, "step_state": m.step.state_dict(), "metric_sums": [sums, m.n_acc],
                     "extra": m.extra_state,
-                }, m.state_path(t))
-        ctx.barrier()
+                }, p), m.state_path(t))
+        self._agree_written(failed, written)  # (the barrier before state.pt)
         if ctx.is_main:
             shards = [f"buffer-step{t}-rank{r}-of{ctx.world_size}.safetensors" for r in range(ctx.world_size)]
-            atomic_torch_save({
+            write(lambda p: save_state({
                 "version": 2, "step": t, "elapsed": self.elapsed + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
                 "members": sorted(self.member_dirs), "buffer": meta, "shards": shards,
                 "world_size": ctx.world_size, "tp": ctx.tp, "rng": rng_state(), "extra": self.extra_state,
-            }, self.state_path)
+            }, p), self.state_path)
+        if ctx.is_main and not failed:
             for f in self.state_path.parent.glob("buffer-*.safetensors"):
                 if f.name not in shards:
                     f.unlink()
@@ -427,30 +491,52 @@ class Trainer:
                 for f in (Path(d) / "resume").glob("step*.pt"):
                     if f.name != f"step{t}.pt":
                         f.unlink()
-        ctx.barrier()
+        self._agree_written(failed, written)  # (the barrier after)
+        self.last_checkpoint = t
+
+    def _agree_written(self, failed: List[OSError], written: List[Path]) -> None:
+        """All ranks learn whether any rank failed to write its part; if one did, each removes what it
+        wrote of this step and raises (the failing rank with its error, the others naming that rank)."""
+        ctx = self.ctx
+        flag = torch.tensor([ctx.rank + 1 if failed else 0], dtype=torch.int64, device=ctx.device)
+        bad = int(ctx.world_all_reduce(flag, op="max").item()) if ctx.distributed else int(flag.item())
+        if not bad:
+            return
+        for p in written:
+            if p != self.state_path:
+                p.unlink(missing_ok=True)
+        what = f"could not write {describe_os_error(failed[0])}" if failed else f"rank {bad - 1} could not write its part"
+        err = failed[0].errno if failed else None
+        raise CheckpointWriteError(f"checkpoint at step {self.t}: {what}; {self._intact()}", err)
+
+    def _intact(self) -> str:
+        prev = self.last_checkpoint
+        if prev is None:
+            return "there is no earlier checkpoint of this run"
+        return (f"the previous checkpoint (step {prev}, {self.state_path}) is intact: free space and continue with "
+                "--resume")
 
     def load_checkpoint(self, state: Optional[Dict[str, Any]] = None) -> None:
         """Restore everything from ``resume/state.pt`` (written by any layout) before ``fit``."""
         if state is None:
-            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+            state = load_state(self.state_path)
         t = int(state["step"])
         if sorted(state["members"]) != sorted(self.member_dirs):
             raise ValueError(f"--resume: the checkpoint trains {state['members']}, this run {sorted(self.member_dirs)}")
         for m in self.members:
-            ms = torch.load(m.state_path(t), map_location="cpu", weights_only=True, mmap=True)
+            ms = load_state(m.state_path(t))
             m.load_full_state(ms["sae"], ms["optimizer"])
             m.step.load_state_dict(ms["step_state"])
             sums, n_acc = ms["metric_sums"]
             dev = m.step.sae.W_enc.device
             m.sums, m.n_acc = {k: v.to(dev) for k, v in sums.items()}, int(n_acc)
             # metrics.jsonl: keep the lines up to the checkpoint, drop what the killed run wrote after it
-            if m.comm.is_main and m.metrics_path.exists():
-                keep = [ln for ln in m.metrics_path.read_text().splitlines()
-                        if ln.strip() and json.loads(ln).get("step", 0) <= t]
-                m.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+            if m.comm.is_main:
+                truncate_metrics(m.metrics_path, t)
         self.batches.load_state_dict(state["buffer"], _shard_reader(self.state_path.parent, state["shards"]))
         set_rng_state(state["rng"])
         self.t = t
+        self.last_checkpoint = t
         self.elapsed = float(state.get("elapsed", 0.0))
 
     # -- the loop
@@ -464,6 +550,7 @@ class Trainer:
         self._t0 = time.perf_counter()
         t_log, steps_log = self._t0, 0
         files = {}
+        stop = StopSignals(self.ctx).__enter__()  # SIGTERM / Ctrl-C: checkpoint, then Interrupted
         for m in self.members:
             if m.comm.is_main:
                 m.run_dir.mkdir(parents=True, exist_ok=True)
@@ -494,8 +581,13 @@ class Trainer:
                                "tokens_per_s": steps_log * self.batch_size / max(now - t_log, 1e-9)}
                         m.last = rec
                         if m.name in files:
-                            files[m.name].write(json.dumps(rec) + "\n")
-                            files[m.name].flush()
+                            try:
+                                files[m.name].write(json.dumps(rec) + "\n")
+                                files[m.name].flush()
+                            except OSError as e:  # disk full: one line, not a traceback
+                                e.filename = e.filename or str(m.metrics_path)
+                                raise CheckpointWriteError(f"step {self.t}: could not write {describe_os_error(e)}; "
+                                                           f"{self._intact()}", e.errno) from None
                         m.sums, m.n_acc = {}, 0
                     if self.members:
                         rec = self.members[0].last
@@ -508,12 +600,30 @@ class Trainer:
                     if not (self.checkpoint_every and self.t % self.checkpoint_every == 0):
                         self.save_checkpoint()
                     raise StopTraining(f"stopped after {self.t} steps (--stop-after-steps); continue with --resume")
+                signum = stop.poll()  # every step on every rank (under torchrun: the job's agreed answer)
+                if signum is not None and self.t < self.total_steps:
+                    self._interrupt(signum, stop)
         finally:
             bar.close()
             for f in files.values():
                 f.close()
+            stop.__exit__(*sys.exc_info())
         self.elapsed += time.perf_counter() - self._t0
         return {m.name: m.last for m in self.members}
+
+
+    def _interrupt(self, signum: int, stop: StopSignals) -> None:
+        """A final checkpoint (when checkpointing is on and this step has none yet), then ``Interrupted``."""
+        stop.consume()
+        name = SIGNAL_NAMES.get(signum, f"signal {signum}")
+        where = f"stopped by {name} after step {self.t} of {self.total_steps}"
+        if not self.checkpoint_every:
+            raise Interrupted(f"{where}; checkpointing is off (--checkpoint-every 0), so the run cannot be "
+                              "resumed", signum)
+        if self.last_checkpoint != self.t:
+            self.save_checkpoint()
+        raise Interrupted(f"{where}: checkpoint written ({self.state_path}); continue with the same command "
+                          "and --resume", signum)
 
 
 def _shard_reader(folder: Path, shards: List[str]) -> Callable[[Tensor], Tensor]:
