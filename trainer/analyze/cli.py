@@ -46,10 +46,14 @@ def run_cli(fn: Callable[..., object], args) -> int:
 
 def show_defaults(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Appends "(default: X)" to the help of every flag with a fixed default its text does not already give
-    (None defaults are explained in the text: they come from the run)."""
+    (None defaults are explained in the text: they come from the run); for booleans, the flag in effect."""
     for a in p._actions:
-        if (a.help and a.default is not None and a.default is not argparse.SUPPRESS and not isinstance(a.default, bool)
-                and "default" not in a.help and a.option_strings):
+        if not a.help or a.default is None or a.default is argparse.SUPPRESS or "default" in a.help or not a.option_strings:
+            continue
+        if isinstance(a.default, bool):  # as trainer.run writes it: the flag that is in effect
+            flag = a.option_strings[0]
+            a.help += f" (default: {flag if a.default else '--no-' + flag[2:]})"
+        else:
             a.help += " (default: %(default)s)"
     return p
 
