@@ -160,3 +160,118 @@ def sparse_decode(
         raise ValueError(f"indices: expected values in [0, {n}) (d_sae of W_dec), got [{int(idx2.min())}, {int(idx2.max())}]")
     out = _SparseDecode.apply(values.reshape(-1, k).contiguous(), idx2.contiguous(), W_dec, b_dec)
     return out.reshape(*lead, d)
+
+
+# --------------------------------------------------------------------------------------------------
+# A second selection from the same pre-activations (AuxK over dead latents)
+# --------------------------------------------------------------------------------------------------
+
+
+def _encode_select_aux(impl, x, W_enc, b_enc, k, dec_norm, aux_latents, k_aux):
+    """The backend's ``encode_select_aux`` when it has one (the PyTorch path: one GEMM, the auxiliary
+    top-k read from the same pre-activations); otherwise composed from two ``encode_select`` calls,
+    the second over the ``m`` rows of ``aux_latents`` only (an ``N x m x d`` GEMM)."""
+    fused = getattr(impl, "encode_select_aux", None)
+    if fused is not None:
+        return fused(x, W_enc, b_enc, k, dec_norm, aux_latents, k_aux)
+    values, indices = impl.encode_select(x, W_enc, b_enc, k, dec_norm)
+    sub_norm = None if dec_norm is None else dec_norm.index_select(0, aux_latents).contiguous()
+    aux_values, j = impl.encode_select(x, W_enc.index_select(0, aux_latents).contiguous(),
+                                       b_enc.index_select(0, aux_latents).contiguous(), k_aux, sub_norm)
+    return values, indices, aux_values, aux_latents[j]
+
+
+class _TopKEncodeAux(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, k, dec_norm, aux_latents, k_aux):
+        impl = get_impl(x.device, W_enc.dtype)
+        values, indices, aux_values, aux_indices = _encode_select_aux(
+            impl, x, W_enc, b_enc, k, dec_norm, aux_latents, k_aux)
+        ctx.save_for_backward(x, W_enc, values, indices, aux_values, aux_indices)
+        ctx.impl = impl
+        ctx.mark_non_differentiable(indices, aux_indices)
+        return values, indices, aux_values, aux_indices
+
+    @staticmethod
+    def backward(ctx, grad_values, _gi, grad_aux, _gai):
+        x, W_enc, values, indices, aux_values, aux_indices = ctx.saved_tensors
+        impl = ctx.impl
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dW = db = None
+        # Each selection's own reductions (the decoders' backward passes built the same latent maps).
+        for v, i, g in ((values, indices, grad_values), (aux_values, aux_indices, grad_aux)):
+            if g is None:
+                continue
+            g = torch.where(v > 0, g, torch.zeros_like(g)).to(W_enc.dtype)
+            if need_x:
+                part = impl.gather_rows(g, i, W_enc).to(x.dtype)
+                dx = part if dx is None else dx + part
+            if need_w or need_b:
+                pw, pb = impl.scatter_outer(g, i, x.to(W_enc.dtype), W_enc.shape[0], with_sum=need_b)
+                dW = pw if dW is None else dW.add_(pw)
+                if need_b:
+                    db = pb if db is None else db.add_(pb)
+        return dx, (dW if need_w else None), db, None, None, None, None
+
+
+def topk_encode_aux(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    dec_norm: Optional[Tensor] = None,
+    *,
+    aux_latents: Tensor,
+    k_aux: int,
+    check_finite_input: bool = True,
+    check_aux_latents: bool = True,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``topk_encode`` plus an auxiliary selection restricted to a subset of latents (AuxK).
+
+    The main selection is exactly ``topk_encode(x, W_enc, b_enc, k, dec_norm)``. The auxiliary one
+    takes, per row, the ``min(k_aux, m)`` latents of ``aux_latents`` with the largest scores (the same
+    score, ``relu(pre) * dec_norm``, or ``relu(pre)`` when ``dec_norm`` is None), from the same
+    pre-activations: on the PyTorch path the ``N x d_sae`` pre-activations are computed once; elsewhere
+    the second selection multiplies ``x`` by the ``m`` rows of ``aux_latents`` only.
+
+    Args:
+        aux_latents: ``[m]`` int64 latent ids, distinct, ``m >= 1`` (e.g. the dead latents).
+        k_aux: auxiliary latents kept per row (``>= 1``; at most ``m`` are kept).
+        check_finite_input: as in ``topk_encode``. check_aux_latents: check that the ids are in range
+            (one host sync; pass False for ids the caller built from ``arange(d_sae)``).
+
+    Returns:
+        ``(values, indices, aux_values, aux_indices)``: the first two as ``topk_encode``; the last two
+        ``[..., min(k_aux, m)]``, values ``relu(pre)`` (zero where a row has fewer positive auxiliary
+        latents) and global int64 ids. Gradients of both value tensors flow to ``x``, ``W_enc`` and
+        ``b_enc`` through their selected latents only.
+    """
+    check_tensor("W_enc", W_enc, ndim=2)
+    n, d = W_enc.shape
+    x2 = _flatten("x", x, d)
+    lead = x.shape[:-1]
+    check_tensor("b_enc", b_enc, shape=(n,), device=W_enc.device)
+    if x2.device != W_enc.device:
+        raise ValueError(f"x: expected a tensor on {W_enc.device} (where W_enc is), got {x2.device}")
+    if x2.dtype != W_enc.dtype:
+        raise ValueError(f"x: expected dtype {W_enc.dtype} (the dtype of W_enc), got {x2.dtype}")
+    if dec_norm is not None:
+        check_tensor("dec_norm", dec_norm, shape=(n,), device=W_enc.device)
+        dec_norm = dec_norm.detach()
+    k = check_k(k, n)
+    check_tensor("aux_latents", aux_latents, dtypes=(torch.int64,), device=W_enc.device, ndim=1)
+    m = aux_latents.shape[0]
+    if m == 0:
+        raise ValueError("aux_latents: expected at least one latent id, got none")
+    if isinstance(k_aux, bool) or not isinstance(k_aux, int) or k_aux < 1:
+        raise ValueError(f"k_aux: expected an int >= 1, got {k_aux!r}")
+    if check_finite_input:
+        check_finite("x", x2)
+    if check_aux_latents:
+        if int(aux_latents.min()) < 0 or int(aux_latents.max()) >= n:
+            raise ValueError(f"aux_latents: expected ids in [0, {n}), got [{int(aux_latents.min())}, "
+                             f"{int(aux_latents.max())}]")
+    k_aux = min(k_aux, m)
+    v, i, av, ai = _TopKEncodeAux.apply(x2.contiguous(), W_enc, b_enc.to(W_enc.dtype), k, dec_norm,
+                                        aux_latents.contiguous(), k_aux)
+    return v.reshape(*lead, k), i.reshape(*lead, k), av.reshape(*lead, k_aux), ai.reshape(*lead, k_aux)

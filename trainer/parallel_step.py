@@ -94,8 +94,13 @@ class ParallelSAEStep(SAEStep):
         self._selection = (out.values.detach(), out.indices)
         return out.values, out.indices, out.x_hat
 
-    def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor) -> Tensor:
-        """AuxK with the exact global top-``k_aux`` over the dead latents of all shards."""
+    def encode_decode_auxk(self, x_n: Tensor, k: int, dead: Tensor):
+        """The sharded forward; the AuxK selection is made by ``auxk_loss`` (a second sharded top-k)."""
+        return (*self.encode_decode(x_n, k), None)
+
+    def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor, selection=None) -> Tensor:
+        """AuxK with the exact global top-``k_aux`` over the dead latents of all shards: the same
+        loss as the single-process step (its non-dead picks hold 0 and add nothing)."""
         W_enc, b_enc, W_dec, _ = self.weights()
         sae = self.sae
         dead_local = dead[sae.offset: sae.offset + sae.n_local]

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from sae_kernels import TopKSAE, sparse_decode, topk_encode
+from sae_kernels.ops import topk_encode_aux
 
 from .schedules import k_schedule, lr_factor
 
@@ -115,6 +116,9 @@ class StepConfig:
     k_aux: int = 256
     dead_window_tokens: int = 10_000_000
     compute_dtype: Optional[torch.dtype] = None  # bf16: cast weights and inputs for the SAE math
+    data_init: str = "none"  # EXPERIMENT: none | center | center_scale
+    bdec_init: bool = False  # EXPERIMENT
+    dec_unit: bool = False  # EXPERIMENT
 
     @classmethod
     def from_train_config(cls, c, compute_dtype: Optional[torch.dtype] = None) -> "StepConfig":
@@ -178,18 +182,40 @@ class SAEStep:
         x_hat = sparse_decode(values, indices, W_dec, b_dec, check_indices=False)
         return values, indices, x_hat
 
-    def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor) -> Tensor:
-        """Gao et al.: the top-``k_aux`` dead latents reconstruct the detached residual (FVU)."""
-        W_enc, b_enc, W_dec, _ = self.weights()
-        dead_bias = torch.where(dead, 0.0, _DEAD_BIAS).to(b_enc.dtype)
+    def encode_decode_auxk(self, x_n: Tensor, k: int, dead: Tensor
+                           ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tuple[Tensor, Tensor, Tensor]]]:
+        """``encode_decode`` plus the AuxK selection from the same pre-activations: per token the
+        top-``k_aux`` of the dead latents (by the same score). Returns ``(values, indices, x_hat_n,
+        (aux_values, aux_indices, W_dec) or None when no latent is dead)``. The dead-latent ids size
+        the auxiliary selection: one host sync per step."""
+        ids = dead.nonzero().squeeze(1)
+        if ids.numel() == 0:
+            return (*self.encode_decode(x_n, k), None)
+        W_enc, b_enc, W_dec, b_dec = self.weights()
         dec_norm = W_dec.detach().float().norm(dim=1).to(W_dec.dtype) if self.sae.cfg.weighted_topk else None
-        v, i = topk_encode(x_n, W_enc, b_enc + dead_bias, self.cfg.k_aux, dec_norm, check_finite_input=False)
-        e_hat = sparse_decode(v, i, W_dec, None, check_indices=False).float()
-        aux = fvu_loss(e_hat, residual)
-        return torch.nan_to_num(aux, 0.0) * dead.any()
+        values, indices, aux_v, aux_i = topk_encode_aux(
+            x_n, W_enc, b_enc, k, dec_norm, aux_latents=ids, k_aux=self.cfg.k_aux,
+            check_finite_input=False, check_aux_latents=False)
+        x_hat = sparse_decode(values, indices, W_dec, b_dec, check_indices=False)
+        return values, indices, x_hat, (aux_v, aux_i, W_dec)
+
+    def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor,
+                  selection: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:
+        """Gao et al.: the top-``k_aux`` dead latents reconstruct the detached residual (FVU).
+        ``selection``: what ``encode_decode_auxk`` returned (None: no latent is dead, the loss is 0)."""
+        if selection is None:
+            return torch.zeros((), device=residual.device)
+        aux_v, aux_i, W_dec = selection
+        e_hat = sparse_decode(aux_v, aux_i, W_dec, None, check_indices=False).float()
+        return torch.nan_to_num(fvu_loss(e_hat, residual), 0.0)
 
     def __call__(self, x: Tensor, y: Optional[Tensor], t: int) -> Dict[str, Tensor]:
         c, sae = self.cfg, self.sae
+        if t == 0 and c.dec_unit:
+            with torch.no_grad():
+                sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
+        if t == 0 and (c.data_init != "none" or c.bdec_init):
+            self._data_init(x, y)
         k = self.k_at(t)
         lr = self.lr_at(t)
         for g in self.opt.param_groups:
@@ -198,16 +224,20 @@ class SAEStep:
         x_n = (x.to(dt) * sae.cfg.norm_in) if sae.cfg.norm_in != 1.0 else x.to(dt)
         y_src = x if y is None else y
         y_n = y_src.float() * sae.cfg.norm_out
-        values, indices, x_hat = self.encode_decode(x_n, k)
+        dead = self.since_fired >= c.dead_window_tokens
+        aux_sel = None
+        if c.auxk:
+            values, indices, x_hat, aux_sel = self.encode_decode_auxk(x_n, k, dead)
+        else:
+            values, indices, x_hat = self.encode_decode(x_n, k)
         x_hat = x_hat.float()
         mean = self.comm.batch_mean(y_n)
         loss = (llama_scope_loss(x_hat, y_n, mean) if c.loss == "llama_scope"
                 else fvu_loss(x_hat, y_n, mean, self.comm.data_mean))
         total = loss
         aux = None
-        dead = self.since_fired >= c.dead_window_tokens
         if c.auxk:
-            aux = self.auxk_loss(x_n, (y_n - x_hat).detach(), dead)
+            aux = self.auxk_loss(x_n, (y_n - x_hat).detach(), dead, aux_sel)
             total = loss + c.auxk_coef * aux
         total.backward()
         self.comm.all_reduce_grads(self.params)
@@ -217,7 +247,15 @@ class SAEStep:
             for p in self.params:
                 if p.grad is not None:
                     p.grad.mul_(scale.to(p.grad.dtype))
+        if c.dec_unit:
+            with torch.no_grad():
+                W = sae.W_dec
+                u = W / W.norm(dim=1, keepdim=True)
+                W.grad -= (W.grad * u).sum(1, keepdim=True) * u
         self.opt.step()
+        if c.dec_unit:
+            with torch.no_grad():
+                sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             fired = values > 0
@@ -238,6 +276,23 @@ class SAEStep:
             if aux is not None:
                 out["auxk_loss"] = aux.detach()
         return out
+
+    @torch.no_grad()
+    def _data_init(self, x, y):
+        c, sae = self.cfg, self.sae
+        x_n = x.float() * sae.cfg.norm_in
+        y_n = (x if y is None else y).float() * sae.cfg.norm_out
+        mx = self.comm.batch_mean(x_n)
+        if c.data_init in ("center", "center_scale"):
+            W = sae.W_enc.float()
+            if c.data_init == "center_scale":
+                sd = ((x_n - mx) @ W.t()).std(0)
+                scale = sd.mean() / sd.clamp_min(1e-8)
+                sae.W_enc.mul_(scale[:, None].to(sae.W_enc.dtype))
+                W = sae.W_enc.float()
+            sae.b_enc.copy_(-(W @ mx[0]))
+        if c.bdec_init:
+            sae.b_dec.copy_(self.comm.batch_mean(y_n)[0])
 
     def state_dict(self) -> Dict[str, Tensor]:
         return {"since_fired": self.since_fired.cpu(), "fire_count": self.fire_count.cpu()}
