@@ -167,50 +167,56 @@ def sparse_decode(
 # --------------------------------------------------------------------------------------------------
 
 
-def _encode_select_aux(impl, x, W_enc, b_enc, k, dec_norm, aux_latents, k_aux):
-    """The backend's ``encode_select_aux`` when it has one (the PyTorch path: one GEMM, the auxiliary
-    top-k read from the same pre-activations); otherwise composed from two ``encode_select`` calls,
-    the second over the ``m`` rows of ``aux_latents`` only (an ``N x m x d`` GEMM)."""
+def _encode_select_aux(impl, x, W_enc, b_enc, k, dec_norm, aux_latents):
+    """``(values, indices, z_aux [N, m], score_aux [N, m])``: the main selection and, for the ``m``
+    latents ``aux_latents``, ``relu(pre)`` and its selection score. The PyTorch path reads the last two
+    from the forward's own pre-activations; other backends compute them with one ``N x m x d`` GEMM
+    over those rows only."""
     fused = getattr(impl, "encode_select_aux", None)
     if fused is not None:
-        return fused(x, W_enc, b_enc, k, dec_norm, aux_latents, k_aux)
+        return fused(x, W_enc, b_enc, k, dec_norm, aux_latents)
     values, indices = impl.encode_select(x, W_enc, b_enc, k, dec_norm)
-    sub_norm = None if dec_norm is None else dec_norm.index_select(0, aux_latents).contiguous()
-    aux_values, j = impl.encode_select(x, W_enc.index_select(0, aux_latents).contiguous(),
-                                       b_enc.index_select(0, aux_latents).contiguous(), k_aux, sub_norm)
-    return values, indices, aux_values, aux_latents[j]
+    acc = torch.float32 if W_enc.dtype != torch.float64 else torch.float64
+    z_aux = torch.addmm(b_enc.index_select(0, aux_latents).to(acc), x.to(acc),
+                        W_enc.index_select(0, aux_latents).to(acc).t()).relu_().to(W_enc.dtype)
+    score_aux = z_aux if dec_norm is None else z_aux * dec_norm.index_select(0, aux_latents).to(z_aux.dtype)
+    return values, indices, z_aux, score_aux
 
 
 class _TopKEncodeAux(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, k, dec_norm, aux_latents, k_aux):
         impl = get_impl(x.device, W_enc.dtype)
-        values, indices, aux_values, aux_indices = _encode_select_aux(
-            impl, x, W_enc, b_enc, k, dec_norm, aux_latents, k_aux)
-        ctx.save_for_backward(x, W_enc, values, indices, aux_values, aux_indices)
+        values, indices, z_aux, score_aux = _encode_select_aux(impl, x, W_enc, b_enc, k, dec_norm, aux_latents)
+        if k_aux < z_aux.shape[1]:  # keep each row's top k_aux of the m latents, zero the rest
+            keep = torch.topk(score_aux, k_aux, dim=1, sorted=False).indices
+            z_aux = torch.zeros_like(z_aux).scatter_(1, keep, z_aux.gather(1, keep))
+        ctx.save_for_backward(x, W_enc, values, indices, z_aux, aux_latents)
         ctx.impl = impl
-        ctx.mark_non_differentiable(indices, aux_indices)
-        return values, indices, aux_values, aux_indices
+        ctx.mark_non_differentiable(indices)
+        return values, indices, z_aux
 
     @staticmethod
-    def backward(ctx, grad_values, _gi, grad_aux, _gai):
-        x, W_enc, values, indices, aux_values, aux_indices = ctx.saved_tensors
+    def backward(ctx, grad_values, _grad_indices, grad_aux):
+        x, W_enc, values, indices, z_aux, aux_latents = ctx.saved_tensors
         impl = ctx.impl
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dW = db = None
-        # Each selection's own reductions (the decoders' backward passes built the same latent maps).
-        for v, i, g in ((values, indices, grad_values), (aux_values, aux_indices, grad_aux)):
-            if g is None:
-                continue
-            g = torch.where(v > 0, g, torch.zeros_like(g)).to(W_enc.dtype)
+        g = torch.where(values > 0, grad_values, torch.zeros_like(grad_values)).to(W_enc.dtype)
+        if need_x:
+            dx = impl.gather_rows(g, indices, W_enc).to(x.dtype)
+        if need_w or need_b:
+            dW, db = impl.scatter_outer(g, indices, x.to(W_enc.dtype), W_enc.shape[0], with_sum=need_b)
+        if grad_aux is not None:
+            # the auxiliary selection is dense over its m latents: three m-column GEMMs
+            acc = torch.float32 if W_enc.dtype != torch.float64 else torch.float64
+            ga = torch.where(z_aux > 0, grad_aux, torch.zeros_like(grad_aux)).to(acc)
             if need_x:
-                part = impl.gather_rows(g, i, W_enc).to(x.dtype)
-                dx = part if dx is None else dx + part
-            if need_w or need_b:
-                pw, pb = impl.scatter_outer(g, i, x.to(W_enc.dtype), W_enc.shape[0], with_sum=need_b)
-                dW = pw if dW is None else dW.add_(pw)
-                if need_b:
-                    db = pb if db is None else db.add_(pb)
+                dx = dx + (ga @ W_enc.index_select(0, aux_latents).to(acc)).to(x.dtype)
+            if need_w:
+                dW.index_add_(0, aux_latents, (ga.t() @ x.to(acc)).to(dW.dtype))
+            if need_b:
+                db.index_add_(0, aux_latents, ga.sum(0).to(db.dtype))
         return dx, (dW if need_w else None), db, None, None, None, None
 
 
@@ -225,26 +231,27 @@ def topk_encode_aux(
     k_aux: int,
     check_finite_input: bool = True,
     check_aux_latents: bool = True,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor]:
     """``topk_encode`` plus an auxiliary selection restricted to a subset of latents (AuxK).
 
     The main selection is exactly ``topk_encode(x, W_enc, b_enc, k, dec_norm)``. The auxiliary one
-    takes, per row, the ``min(k_aux, m)`` latents of ``aux_latents`` with the largest scores (the same
-    score, ``relu(pre) * dec_norm``, or ``relu(pre)`` when ``dec_norm`` is None), from the same
-    pre-activations: on the PyTorch path the ``N x d_sae`` pre-activations are computed once; elsewhere
-    the second selection multiplies ``x`` by the ``m`` rows of ``aux_latents`` only.
+    keeps, per row, the ``min(k_aux, m)`` latents of ``aux_latents`` with the largest scores (the same
+    score, ``relu(pre) * dec_norm``, or ``relu(pre)`` when ``dec_norm`` is None). It is returned dense
+    over those ``m`` latents, so that decoding it is one GEMM with their decoder rows:
+    ``aux_acts @ W_dec[aux_latents]``. On the PyTorch path the columns come from the forward's own
+    ``N x d_sae`` pre-activations; elsewhere from one ``N x m x d`` GEMM over the ``m`` rows.
 
     Args:
         aux_latents: ``[m]`` int64 latent ids, distinct, ``m >= 1`` (e.g. the dead latents).
-        k_aux: auxiliary latents kept per row (``>= 1``; at most ``m`` are kept).
+        k_aux: auxiliary latents kept per row (``>= 1``; all ``m`` when ``k_aux >= m``).
         check_finite_input: as in ``topk_encode``. check_aux_latents: check that the ids are in range
             (one host sync; pass False for ids the caller built from ``arange(d_sae)``).
 
     Returns:
-        ``(values, indices, aux_values, aux_indices)``: the first two as ``topk_encode``; the last two
-        ``[..., min(k_aux, m)]``, values ``relu(pre)`` (zero where a row has fewer positive auxiliary
-        latents) and global int64 ids. Gradients of both value tensors flow to ``x``, ``W_enc`` and
-        ``b_enc`` through their selected latents only.
+        ``(values, indices, aux_acts)``: the first two as ``topk_encode``; ``aux_acts [..., m]`` with
+        ``aux_acts[t, j] = relu(pre[t, aux_latents[j]])`` where latent ``aux_latents[j]`` is among row
+        ``t``'s auxiliary selection, else 0. Gradients of ``values`` and ``aux_acts`` flow to ``x``,
+        ``W_enc`` and ``b_enc`` through the selected latents (positive values) only.
     """
     check_tensor("W_enc", W_enc, ndim=2)
     n, d = W_enc.shape
@@ -271,7 +278,8 @@ def topk_encode_aux(
         if int(aux_latents.min()) < 0 or int(aux_latents.max()) >= n:
             raise ValueError(f"aux_latents: expected ids in [0, {n}), got [{int(aux_latents.min())}, "
                              f"{int(aux_latents.max())}]")
-    k_aux = min(k_aux, m)
-    v, i, av, ai = _TopKEncodeAux.apply(x2.contiguous(), W_enc, b_enc.to(W_enc.dtype), k, dec_norm,
-                                        aux_latents.contiguous(), k_aux)
-    return v.reshape(*lead, k), i.reshape(*lead, k), av.reshape(*lead, k_aux), ai.reshape(*lead, k_aux)
+        if int(torch.unique(aux_latents).numel()) != m:
+            raise ValueError("aux_latents: expected distinct ids, got repeats")
+    v, i, a = _TopKEncodeAux.apply(x2.contiguous(), W_enc, b_enc.to(W_enc.dtype), k, dec_norm,
+                                   aux_latents.contiguous(), k_aux)
+    return v.reshape(*lead, k), i.reshape(*lead, k), a.reshape(*lead, m)

@@ -60,33 +60,33 @@ def encode_select(
     The ``N x d_sae`` pre-activations (and, with ``dec_norm``, the scores) are the one unavoidable
     dense intermediate of this path; on CPU they live in per-thread scratch buffers.
     """
-    N, n = x.shape[0], W_enc.shape[0]
-    z = torch.addmm(b_enc, x, W_enc.t(), out=_scratch_buffer("pre", N, n, x)).relu_()
-    score = z
-    if dec_norm is not None:
-        score = torch.mul(z, dec_norm.to(z.dtype), out=_scratch_buffer("score", N, n, x))
+    z, score = _pre_and_score(x, W_enc, b_enc, dec_norm)
     _, indices = torch.topk(score, k, dim=1, sorted=False)
     return z.gather(1, indices), indices
 
 
-@torch.no_grad()
-def encode_select_aux(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dec_norm: Optional[Tensor], aux_latents: Tensor, k_aux: int
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``encode_select`` plus, per row, the ``k_aux`` latents of ``aux_latents`` with the largest scores,
-    read from the same pre-activations (no second GEMM): ``(values, indices, aux_values, aux_indices)``.
-    The extra work is a column gather of ``N x m`` scores and their top-k (``m = len(aux_latents)``)."""
+def _pre_and_score(x: Tensor, W_enc: Tensor, b_enc: Tensor, dec_norm: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``relu(x @ W_enc.T + b_enc)`` and the selection score, in this thread's scratch buffers."""
     N, n = x.shape[0], W_enc.shape[0]
     z = torch.addmm(b_enc, x, W_enc.t(), out=_scratch_buffer("pre", N, n, x)).relu_()
     score = z
     if dec_norm is not None:
         score = torch.mul(z, dec_norm.to(z.dtype), out=_scratch_buffer("score", N, n, x))
+    return z, score
+
+
+@torch.no_grad()
+def encode_select_aux(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dec_norm: Optional[Tensor], aux_latents: Tensor
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``encode_select`` plus the columns ``aux_latents`` of the same ``N x d_sae`` pre-activations
+    (no second GEMM): ``(values, indices, z_aux, score_aux)``, the last two ``[N, m]`` fresh tensors
+    holding ``relu(pre)`` and the selection score (``relu(pre) * dec_norm``, or ``z_aux`` itself)."""
+    z, score = _pre_and_score(x, W_enc, b_enc, dec_norm)
     _, indices = torch.topk(score, k, dim=1, sorted=False)
-    m = aux_latents.shape[0]
-    sub = torch.index_select(score, 1, aux_latents, out=_scratch_buffer("aux", N, m, x))
-    _, j = torch.topk(sub, k_aux, dim=1, sorted=False)
-    aux_indices = aux_latents[j]
-    return z.gather(1, indices), indices, z.gather(1, aux_indices), aux_indices
+    z_aux = z.index_select(1, aux_latents)
+    score_aux = z_aux if dec_norm is None else score.index_select(1, aux_latents)
+    return z.gather(1, indices), indices, z_aux, score_aux
 
 
 def gather_rows(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
@@ -117,19 +117,17 @@ def gather_dot(grad_out: Tensor, indices: Tensor, W: Tensor) -> Tensor:
     return out.values().view(N, k).to(grad_out.dtype)
 
 
-# The last two latent_csr results per thread, returned again for the same unmodified indices: both
-# backward reductions of a step (decoder dW_dec, then encoder dW_enc and db) use one map, and with an
-# auxiliary selection (AuxK) the step has two such selections. Holds strong references to those
-# indices, so a data_ptr match cannot be a new tensor reusing freed memory, and views share the
-# version counter, so an in-place write since is seen.
+# The last latent_csr result per thread, returned again for the same unmodified indices: both backward
+# reductions of a step (decoder dW_dec, then encoder dW_enc and db) use one map. Holds a strong
+# reference to those indices, so a data_ptr match cannot be a new tensor reusing freed memory, and
+# views share the version counter, so an in-place write since is seen.
 _csr_cache = threading.local()
-_CSR_CACHE_SIZE = 2
 
 
 def release_scratch() -> None:
     """Free this thread's cached buffers: ``encode_select``'s CPU scratch and the last ``latent_csr``."""
     _scratch.__dict__.pop("bufs", None)
-    _csr_cache.__dict__.pop("entries", None)
+    _csr_cache.__dict__.pop("entry", None)
 
 
 def latent_csr(indices: Tensor, n_rows: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -142,9 +140,9 @@ def latent_csr(indices: Tensor, n_rows: int) -> Tuple[Tensor, Tensor, Tensor]:
     if not indices.is_inference():  # inference tensors have no version counter: never cached
         key = (indices.data_ptr(), indices.shape, indices.stride(), indices.dtype, indices.device,
                indices._version, n_rows)
-        for cached in getattr(_csr_cache, "entries", ()):
-            if cached[1] == key:
-                return cached[2]
+        cached = getattr(_csr_cache, "entry", None)
+        if cached is not None and cached[1] == key:
+            return cached[2]
     flat = indices.reshape(-1)
     # Sorted as one row of a 2-D tensor: a single-threaded stable sort (~13 ms on one core at N*k =
     # 204800) rather than the parallel radix sort used for 1-D integer tensors (~3 ms on idle cores),
@@ -155,8 +153,7 @@ def latent_csr(indices: Tensor, n_rows: int) -> Tuple[Tensor, Tensor, Tensor]:
     crow = torch.searchsorted(keys.view(-1), torch.arange(n_rows + 1, dtype=flat.dtype, device=flat.device))
     token = torch.div(order, indices.shape[1], rounding_mode="floor")
     if key is not None:
-        entries = getattr(_csr_cache, "entries", [])
-        _csr_cache.entries = [(indices, key, (crow, order, token))] + entries[: _CSR_CACHE_SIZE - 1]
+        _csr_cache.entry = (indices, key, (crow, order, token))
     return crow, order, token
 
 

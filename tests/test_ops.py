@@ -188,7 +188,7 @@ def test_float64_takes_the_pytorch_path(monkeypatch):
         topk_encode(torch.randn(2, 8).double(), torch.randn(16, 8).double(), torch.randn(16).double(), 2)
 
 
-# (N, d_model, d_sae, k, m aux latents, k_aux): k_aux < m, k_aux > m (clipped to m), m = 1, m = d_sae.
+# (N, d_model, d_sae, k, m aux latents, k_aux): k_aux < m, k_aux > m (all m kept), m = 1, m = d_sae.
 AUX_SHAPES = [
     (21, 40, 97, 5, 31, 8),
     (9, 33, 64, 7, 5, 12),
@@ -197,19 +197,20 @@ AUX_SHAPES = [
 ]
 
 
-# Every case on the PyTorch path; on the Triton path (the composed second selection, slow in the
-# interpreter) one shape with k_aux > m, weighted, fp32.
+# Every case on the PyTorch path; on the Triton path (the main selection by the kernels, the auxiliary
+# columns by one GEMM over the aux rows; slow in the interpreter) one shape with k_aux < m, weighted, fp32.
 AUX_CASES = [
     pytest.param("torch", dt, tol, *shape, w, id=f"torch-{name}-{'weighted' if w else 'plain'}-{shape}")
     for dt, tol, name in ((*DTYPE_TOLS[0], "fp32"), (*DTYPE_TOLS[1], "bf16"))
     for shape in AUX_SHAPES for w in (True, False)
-] + [pytest.param(BACKENDS[1].values[0], *DTYPE_TOLS[0], *AUX_SHAPES[1], True, marks=BACKENDS[1].marks, id="triton-fp32")]
+] + [pytest.param(BACKENDS[1].values[0], *DTYPE_TOLS[0], *AUX_SHAPES[0], True, marks=BACKENDS[1].marks, id="triton-fp32")]
 
 
 @pytest.mark.parametrize("backend,dtype,tol,N,d,n,k,m,k_aux,weighted", AUX_CASES, indirect=["backend"])
 def test_topk_encode_aux_forward_and_all_gradients(backend, dtype, tol, N, d, n, k, m, k_aux, weighted):
-    """The main selection is topk_encode's; the auxiliary one is a valid top-k over the given latents
-    only; gradients through both equal float64 dense autograd on the same supports."""
+    """The main selection is topk_encode's; the auxiliary one, dense over the m given latents, holds
+    a valid per-row top-min(k_aux, m) of them (zeros elsewhere); gradients through both equal float64
+    dense autograd on the same supports."""
     from sae_kernels.ops import topk_encode_aux
 
     seed = hash((N, d, n, k, m, k_aux, weighted, str(dtype))) % 2**31
@@ -219,28 +220,34 @@ def test_topk_encode_aux_forward_and_all_gradients(backend, dtype, tol, N, d, n,
     grad_aux = torch.randn(N, d, generator=g).to(DEVICE, dtype)
     dec_norm = W_dec.detach().float().norm(dim=1).to(dtype) if weighted else None
 
-    v, i, av, ai = topk_encode_aux(x, W_enc, b_enc, k, dec_norm, aux_latents=aux, k_aux=k_aux)
-    ka = min(k_aux, m)
-    assert av.shape == (N, ka) and ai.shape == (N, ka) and av.dtype == dtype and ai.dtype == torch.int64
+    v, i, a = topk_encode_aux(x, W_enc, b_enc, k, dec_norm, aux_latents=aux, k_aux=k_aux)
+    assert a.shape == (N, m) and a.dtype == dtype
     v0, i0 = topk_encode(x.detach(), W_enc.detach(), b_enc.detach(), k, dec_norm)
     assert torch.equal(i.sort(1).values, i0.sort(1).values), "main selection differs from topk_encode"
     check_selection(x, W_enc, b_enc, W_dec, k, weighted, v, i, tol)
-    # the auxiliary selection: only ids of `aux`, and a valid top-k of the scores restricted to them
-    assert torch.isin(ai, aux).all(), "auxiliary selection left aux_latents"
-    sub = torch.full((n,), -1, dtype=torch.int64)
-    sub[aux.cpu()] = torch.arange(m)
-    j = sub[ai.cpu()]
-    check_selection(x, W_enc[aux], b_enc[aux], W_dec[aux], ka, weighted, av, j.to(DEVICE), tol)
+    # the auxiliary selection: at most min(k_aux, m) non-zeros per row, each at a valid top-k_aux
+    # position of the scores restricted to `aux`, holding relu(pre) there
+    ka = min(k_aux, m)
+    x64, We, be, Wd = (t.detach().double().cpu() for t in (x, W_enc, b_enc, W_dec))
+    z_sub = torch.relu(x64 @ We[aux.cpu()].t() + be[aux.cpu()])
+    score = z_sub * Wd[aux.cpu()].norm(dim=1) if weighted else z_sub
+    nz = a.detach().cpu() != 0
+    assert (nz.sum(1) <= ka).all()
+    kth = torch.topk(score, ka, dim=1).values[:, -1:]
+    slack = tol * (score.abs().max() + 1e-12)
+    assert not (nz & (score < kth - slack)).any(), "an auxiliary latent outside the row's top k_aux"
+    assert (nz | (score <= kth + slack) | (score == 0)).all(), "a top-k_aux auxiliary latent was dropped"
+    assert_close(a[nz.to(DEVICE)], z_sub[nz], tol, "aux values = relu(pre)")
 
     out = sparse_decode(v, i, W_dec, b_dec)
-    out_aux = sparse_decode(av, ai, W_dec)
+    out_aux = a @ W_dec[aux]
     ((out.float() * grad.float()).sum() + (out_aux.float() * grad_aux.float()).sum()).backward()
 
     leaves = [t.detach().double().cpu().requires_grad_() for t in (x, W_enc, b_enc, W_dec, b_dec)]
     x64, We, be, Wd, bd = leaves
     x_hat, _, _ = dense_topk_sae(x64, We, be, Wd, bd, k=k, weighted=weighted, indices=i.cpu())
-    z = torch.relu(x64 @ We.t() + be)
-    x_aux = (z * torch.zeros_like(z).scatter(1, ai.cpu(), 1.0)) @ Wd
+    z_aux = torch.relu(x64 @ We[aux.cpu()].t() + be[aux.cpu()]) * nz
+    x_aux = z_aux @ Wd[aux.cpu()]
     assert_close(out, x_hat, tol, "x_hat")
     assert_close(out_aux, x_aux, tol, "auxiliary reconstruction")
     ((x_hat * grad.double().cpu()).sum() + (x_aux * grad_aux.double().cpu()).sum()).backward()
@@ -257,6 +264,8 @@ def test_topk_encode_aux_rejects_bad_input():
         topk_encode_aux(x, W, b, 3, aux_latents=torch.empty(0, dtype=torch.int64), k_aux=2)
     with pytest.raises(ValueError, match=r"aux_latents: expected ids in \[0, 64\)"):
         topk_encode_aux(x, W, b, 3, aux_latents=torch.tensor([3, 64]), k_aux=2)
+    with pytest.raises(ValueError, match="aux_latents: expected distinct ids"):
+        topk_encode_aux(x, W, b, 3, aux_latents=torch.tensor([3, 3]), k_aux=2)
     with pytest.raises(ValueError, match="aux_latents: expected dtype"):
         topk_encode_aux(x, W, b, 3, aux_latents=torch.tensor([1.0]), k_aux=2)
     with pytest.raises(ValueError, match="k_aux: expected an int >= 1"):

@@ -79,7 +79,17 @@ class TrainConfig:
     clip_grad_norm: float = _help("Gradient-norm clip (recipe: 0.001; 0 disables).", default=0.001)
     loss: str = _help("'llama_scope': sum (x_hat-y)^2 / ||y - mean_batch(y)|| per token, averaged; 'fvu': normalised MSE.",
                       default="llama_scope")
-    auxk: bool = _help("Add the AuxK loss (Gao et al.): dead latents reconstruct the residual.", default=False)
+    released_recipe: bool = _help(
+        "Train with Llama Scope's released recipe exactly: zero biases at init and no AuxK (what the trainer did "
+        "before it kept latents alive; README, 'Dead latents'). Changes only the defaults of --data-init and --auxk.",
+        default=False)
+    data_init: Optional[bool] = _help(
+        "At step 0 set b_dec to the mean of the first batch's targets and b_enc to -W_enc @ mean(inputs), so "
+        "every latent's pre-activation starts centred on the data. Default: on (off with --released-recipe).",
+        default=None)
+    auxk: Optional[bool] = _help(
+        "Add the AuxK loss (Gao et al.): the top --k-aux dead latents reconstruct the residual, in the main loss's "
+        "units. Default: on (off with --released-recipe).", default=None)
     auxk_coef: float = _help("AuxK coefficient.", default=1 / 32)
     k_aux: Optional[int] = _help("Latents in the AuxK reconstruction (default d_model / 2).", default=None)
     dead_window_tokens: Optional[int] = _help(
@@ -200,6 +210,10 @@ class TrainConfig:
         if c.k_start is None:
             c.k_start = max(c.k, d_model // 2)
         c.k_start = min(c.k_start, d_sae)
+        if c.data_init is None:
+            c.data_init = not c.released_recipe
+        if c.auxk is None:
+            c.auxk = not c.released_recipe
         if c.k_aux is None:
             c.k_aux = d_model // 2
         c.k_aux = min(c.k_aux, d_sae)

@@ -33,7 +33,7 @@ from torch import Tensor
 from sae_kernels import TopKSAE
 
 from .parallel import ParallelContext, ShardedTopKSAE, gather_full_state, shard_state
-from .train import _DEAD_BIAS, Collectives, SAEStep, StepConfig
+from .train import _DEAD_BIAS, Collectives, SAEStep, StepConfig, _normalised_sq_error
 
 
 class ParallelCollectives(Collectives):
@@ -98,7 +98,8 @@ class ParallelSAEStep(SAEStep):
         """The sharded forward; the AuxK selection is made by ``auxk_loss`` (a second sharded top-k)."""
         return (*self.encode_decode(x_n, k), None)
 
-    def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor, selection=None) -> Tensor:
+    def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor, selection=None,
+                  den: Optional[Tensor] = None) -> Tensor:
         """AuxK with the exact global top-``k_aux`` over the dead latents of all shards: the same
         loss as the single-process step (its non-dead picks hold 0 and add nothing)."""
         W_enc, b_enc, W_dec, _ = self.weights()
@@ -107,8 +108,7 @@ class ParallelSAEStep(SAEStep):
         dead_bias = torch.where(dead_local, 0.0, _DEAD_BIAS).to(b_enc.dtype)
         out = self.ctx.sharded_forward(x_n, W_enc, b_enc + dead_bias, W_dec, None, self.cfg.k_aux,
                                        sae.cfg.weighted_topk, d_sae=sae.cfg.d_sae)
-        aux = _fvu(out.x_hat.float(), residual, self.comm)
-        return torch.nan_to_num(aux, 0.0) * dead.any()
+        return _normalised_sq_error(out.x_hat.float(), residual, den, self.cfg.loss) * dead.any()
 
     def __call__(self, x: Tensor, y: Optional[Tensor], t: int) -> Dict[str, Tensor]:
         if not self.ctx.distributed:
@@ -145,12 +145,3 @@ class ParallelSAEStep(SAEStep):
     def full_sae(self) -> Optional[TopKSAE]:
         """The gathered ``TopKSAE`` on global rank 0 (None elsewhere), for export and evaluation."""
         return self.sae.to_full()
-
-
-def _fvu(x_hat: Tensor, y: Tensor, comm) -> Tensor:
-    """FVU over the global batch: ``sum (x_hat - y)^2 / sum (y - mean)^2`` with the numerator of
-    this group and the denominator averaged over data-parallel groups, so that the data-parallel
-    gradient average equals the single-process gradient."""
-    mean = comm.batch_mean(y)
-    den = comm.data_mean((y - mean).pow(2).sum()).clamp_min(1e-12)
-    return (x_hat - y).pow(2).sum() / den

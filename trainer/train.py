@@ -50,6 +50,14 @@ def llama_scope_loss(x_hat: Tensor, y: Tensor, mean: Optional[Tensor] = None) ->
     return ((x_hat - y).pow(2) / den).mean()
 
 
+def _normalised_sq_error(x_hat: Tensor, target: Tensor, den: Tensor, loss: str) -> Tensor:
+    """The main loss's form for any (prediction, target) pair with given denominators ``den``
+    (``SAEStep.loss_denominator``): ``mean((x_hat - target)^2 / den)`` or ``sum(...) / den``."""
+    if loss == "llama_scope":
+        return ((x_hat - target).pow(2) / den).mean()
+    return (x_hat - target).pow(2).sum() / den
+
+
 def fvu_loss(x_hat: Tensor, y: Tensor, mean: Optional[Tensor] = None, reduce=None) -> Tensor:
     """``sum (x_hat - y)^2 / sum (y - mean_batch(y))^2`` (fraction of variance unexplained).
     ``mean`` / ``reduce``: global batch mean and denominator average under data parallelism."""
@@ -116,9 +124,9 @@ class StepConfig:
     k_aux: int = 256
     dead_window_tokens: int = 10_000_000
     compute_dtype: Optional[torch.dtype] = None  # bf16: cast weights and inputs for the SAE math
-    data_init: str = "none"  # EXPERIMENT: none | center | center_scale
-    bdec_init: bool = False  # EXPERIMENT
-    dec_unit: bool = False  # EXPERIMENT
+    # At step 0, before the update: b_dec = mean of the batch's (normalised) targets and
+    # b_enc = -W_enc @ mean of its inputs (``SAEStep.init_from_data``). Off in the released recipe.
+    data_init: bool = False
 
     @classmethod
     def from_train_config(cls, c, compute_dtype: Optional[torch.dtype] = None) -> "StepConfig":
@@ -127,7 +135,7 @@ class StepConfig:
             anneal_steps=int(c.k_anneal_fraction * c.total_steps), warmup_steps=c.warmup_steps,
             decay_fraction=c.decay_fraction, lr=c.lr, clip_grad_norm=c.clip_grad_norm, loss=c.loss,
             auxk=c.auxk, auxk_coef=c.auxk_coef, k_aux=c.k_aux, dead_window_tokens=c.dead_window_tokens,
-            compute_dtype=compute_dtype,
+            compute_dtype=compute_dtype, data_init=c.data_init,
         )
 
 
@@ -186,36 +194,43 @@ class SAEStep:
                            ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tuple[Tensor, Tensor, Tensor]]]:
         """``encode_decode`` plus the AuxK selection from the same pre-activations: per token the
         top-``k_aux`` of the dead latents (by the same score). Returns ``(values, indices, x_hat_n,
-        (aux_values, aux_indices, W_dec) or None when no latent is dead)``. The dead-latent ids size
-        the auxiliary selection: one host sync per step."""
+        (aux_acts [B, m], dead ids [m], W_dec) or None when no latent is dead)``. The dead-latent ids
+        size the auxiliary selection: one host sync per step (only with AuxK on)."""
         ids = dead.nonzero().squeeze(1)
         if ids.numel() == 0:
             return (*self.encode_decode(x_n, k), None)
         W_enc, b_enc, W_dec, b_dec = self.weights()
         dec_norm = W_dec.detach().float().norm(dim=1).to(W_dec.dtype) if self.sae.cfg.weighted_topk else None
-        values, indices, aux_v, aux_i = topk_encode_aux(
+        values, indices, aux_acts = topk_encode_aux(
             x_n, W_enc, b_enc, k, dec_norm, aux_latents=ids, k_aux=self.cfg.k_aux,
             check_finite_input=False, check_aux_latents=False)
         x_hat = sparse_decode(values, indices, W_dec, b_dec, check_indices=False)
-        return values, indices, x_hat, (aux_v, aux_i, W_dec)
+        return values, indices, x_hat, (aux_acts, ids, W_dec)
+
+    def loss_denominator(self, y_n: Tensor, mean: Tensor) -> Tensor:
+        """What the reconstruction loss divides by: ``||y_t - mean||`` per token (``[B, 1]``, the Llama
+        Scope loss) or ``sum_t ||y_t - mean||^2`` over the global batch (FVU)."""
+        if self.cfg.loss == "llama_scope":
+            return (y_n - mean).norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        return self.comm.data_mean((y_n - mean).pow(2).sum()).clamp_min(1e-12)
 
     def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor,
-                  selection: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:
-        """Gao et al.: the top-``k_aux`` dead latents reconstruct the detached residual (FVU).
+                  selection: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
+                  den: Optional[Tensor] = None) -> Tensor:
+        """Gao et al.'s AuxK: the top-``k_aux`` dead latents reconstruct the detached residual
+        ``y_n - x_hat_n``, measured like the main loss and divided by the *target's* statistics
+        (``den``, from ``loss_denominator``): per element ``(e_hat - e)^2 / ||y_t - mean||`` averaged
+        (Llama Scope loss) or ``sum (e_hat - e)^2 / sum (y - mean)^2`` (FVU). So ``auxk_coef`` (1/32)
+        weighs it against the main loss as in Gao et al., whatever the main loss.
         ``selection``: what ``encode_decode_auxk`` returned (None: no latent is dead, the loss is 0)."""
         if selection is None:
             return torch.zeros((), device=residual.device)
-        aux_v, aux_i, W_dec = selection
-        e_hat = sparse_decode(aux_v, aux_i, W_dec, None, check_indices=False).float()
-        return torch.nan_to_num(fvu_loss(e_hat, residual), 0.0)
+        aux_acts, ids, W_dec = selection
+        e_hat = (aux_acts @ W_dec.index_select(0, ids)).float()  # dense over the m dead latents: one GEMM
+        return _normalised_sq_error(e_hat, residual, den, self.cfg.loss)
 
     def __call__(self, x: Tensor, y: Optional[Tensor], t: int) -> Dict[str, Tensor]:
         c, sae = self.cfg, self.sae
-        if t == 0 and c.dec_unit:
-            with torch.no_grad():
-                sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
-        if t == 0 and (c.data_init != "none" or c.bdec_init):
-            self._data_init(x, y)
         k = self.k_at(t)
         lr = self.lr_at(t)
         for g in self.opt.param_groups:
@@ -224,6 +239,8 @@ class SAEStep:
         x_n = (x.to(dt) * sae.cfg.norm_in) if sae.cfg.norm_in != 1.0 else x.to(dt)
         y_src = x if y is None else y
         y_n = y_src.float() * sae.cfg.norm_out
+        if t == 0 and c.data_init:
+            self.init_from_data(x_n, y_n)
         dead = self.since_fired >= c.dead_window_tokens
         aux_sel = None
         if c.auxk:
@@ -237,7 +254,7 @@ class SAEStep:
         total = loss
         aux = None
         if c.auxk:
-            aux = self.auxk_loss(x_n, (y_n - x_hat).detach(), dead, aux_sel)
+            aux = self.auxk_loss(x_n, (y_n - x_hat).detach(), dead, aux_sel, self.loss_denominator(y_n, mean))
             total = loss + c.auxk_coef * aux
         total.backward()
         self.comm.all_reduce_grads(self.params)
@@ -247,15 +264,7 @@ class SAEStep:
             for p in self.params:
                 if p.grad is not None:
                     p.grad.mul_(scale.to(p.grad.dtype))
-        if c.dec_unit:
-            with torch.no_grad():
-                W = sae.W_dec
-                u = W / W.norm(dim=1, keepdim=True)
-                W.grad -= (W.grad * u).sum(1, keepdim=True) * u
         self.opt.step()
-        if c.dec_unit:
-            with torch.no_grad():
-                sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             fired = values > 0
@@ -278,21 +287,20 @@ class SAEStep:
         return out
 
     @torch.no_grad()
-    def _data_init(self, x, y):
-        c, sae = self.cfg, self.sae
-        x_n = x.float() * sae.cfg.norm_in
-        y_n = (x if y is None else y).float() * sae.cfg.norm_out
-        mx = self.comm.batch_mean(x_n)
-        if c.data_init in ("center", "center_scale"):
-            W = sae.W_enc.float()
-            if c.data_init == "center_scale":
-                sd = ((x_n - mx) @ W.t()).std(0)
-                scale = sd.mean() / sd.clamp_min(1e-8)
-                sae.W_enc.mul_(scale[:, None].to(sae.W_enc.dtype))
-                W = sae.W_enc.float()
-            sae.b_enc.copy_(-(W @ mx[0]))
-        if c.bdec_init:
-            sae.b_dec.copy_(self.comm.batch_mean(y_n)[0])
+    def init_from_data(self, x_n: Tensor, y_n: Tensor) -> None:
+        """Data-dependent biases (``StepConfig.data_init``; the step calls it at ``t == 0``): ``b_dec``
+        = the batch mean of the normalised targets, ``b_enc = -W_enc @ mean(x_n)``. Every latent's
+        pre-activation is then centred on the data: none starts negative on nearly every token
+        because its random encoder row points away from the inputs' mean, and the decoder does
+        not have to spend latents on the mean while ``b_dec`` learns it (Adam moves a bias by
+        about ``lr`` per step). At init this is what subtracting ``b_dec`` before the encoder
+        (sparsify) gives, without changing the architecture or the checkpoint format. The means
+        are over the global batch (``Collectives.batch_mean``), so every layout sets the same biases."""
+        sae = self.sae
+        mx = self.comm.batch_mean(x_n.float())[0]
+        my = self.comm.batch_mean(y_n.float())[0]
+        sae.b_enc.copy_((-(sae.W_enc.float() @ mx)).to(sae.b_enc.dtype))
+        sae.b_dec.copy_(my.to(sae.b_dec.dtype))
 
     def state_dict(self) -> Dict[str, Tensor]:
         return {"since_fired": self.since_fired.cpu(), "fire_count": self.fire_count.cpu()}

@@ -1,0 +1,146 @@
+"""Why latents die and what keeps them alive (README, 'Dead latents'): the data-dependent biases at
+step 0, AuxK in the main loss's units, and the mechanism on a small case, released recipe against the
+default."""
+import math
+
+import pytest
+import torch
+
+from sae_kernels import SAEConfig, TopKSAE
+from trainer.config import TrainConfig
+from trainer.train import SAEStep, StepConfig, estimate_norm, make_optimizer
+
+
+def _step(d=24, n=96, k=4, transcoder=False, dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d, n, k=k, dtype="float64" if dtype == torch.float64 else "float32"),
+                  transcoder=transcoder)
+    sae.check_inputs = False
+    opt = make_optimizer(sae, 1e-3, (0.9, 0.9999))
+    sc = StepConfig(k=k, k_start=k, total_steps=40, anneal_steps=0, warmup_steps=2, decay_fraction=0.2, lr=1e-3,
+                    clip_grad_norm=1e-3, **kw)
+    return SAEStep(sae, opt, sc)
+
+
+@pytest.mark.parametrize("transcoder", [False, True], ids=["sae", "transcoder"])
+def test_data_init_centres_every_latent_on_the_data(transcoder):
+    """b_dec = mean of the targets, b_enc = -W_enc @ mean(inputs): each latent's pre-activation has
+    mean 0 over the batch (none starts negative on nearly every token), applied once, at step 0."""
+    st = _step(transcoder=transcoder, data_init=True)
+    g = torch.Generator().manual_seed(1)
+    offset = torch.randn(24, generator=g) * 4  # inputs far from the origin, like a residual stream
+    x = torch.randn(64, 24, generator=g) + offset
+    y = torch.randn(64, 24, generator=g) * 0.5 + 1.0 if transcoder else None
+    y_n = (x if y is None else y) * st.sae.cfg.norm_out
+    pre0 = x @ st.sae.W_enc.detach().t()
+    assert (pre0.mean(0).abs() > 2 * pre0.std(0)).float().mean() > 0.1, "the offset should bias many latents"
+    st.init_from_data(x * st.sae.cfg.norm_in, y_n)
+    pre = x @ st.sae.W_enc.detach().t() + st.sae.b_enc.detach()
+    assert pre.mean(0).abs().max() <= 1e-5 * pre.std(0).max()
+    torch.testing.assert_close(st.sae.b_dec.detach(), y_n.mean(0), rtol=0, atol=1e-6)
+
+    # through the step: at t = 0 (before its update; Adam then moves b_dec by at most ~lr) and never again
+    st = _step(transcoder=transcoder, data_init=True)
+    calls = []
+    real = st.init_from_data
+    st.init_from_data = lambda *a: (calls.append(1), real(*a))
+    st(x, y, 0)
+    assert len(calls) == 1
+    assert (st.sae.b_dec.detach() - y_n.mean(0)).abs().max() <= 1.5e-3
+    st(x, y, 1)
+    assert len(calls) == 1
+    released = _step(transcoder=transcoder)  # data_init off: biases start at zero
+    released(x, y, 0)
+    assert released.sae.b_dec.detach().abs().max() <= 1.5e-3
+
+
+@pytest.mark.parametrize("loss", ["llama_scope", "fvu"])
+def test_auxk_loss_is_measured_like_the_main_loss(loss):
+    """float64 weights: the top-k_aux dead latents (by the weighted score) reconstruct the residual, and the
+    error is divided by the *target's* statistics, as the main loss is (not by the residual's own
+    variance, which made AuxK outweigh a Llama Scope main loss by ~two orders of magnitude)."""
+    st = _step(dtype=torch.float64, loss=loss, auxk=True, k_aux=6, dead_window_tokens=1)
+    sae = st.sae
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(96, 1, generator=g, dtype=torch.float64) + 0.5)  # unequal decoder norms
+    x = torch.randn(33, 24, generator=g, dtype=torch.float64) + 1
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[torch.randperm(96, generator=g)[:40]] = True
+    values, indices, x_hat, sel = st.encode_decode_auxk(x, 4, dead)
+    mean = x.mean(0, keepdim=True)
+    residual = (x - x_hat).detach()
+    got = st.auxk_loss(x, residual, dead, sel, st.loss_denominator(x, mean))
+
+    W_enc, b_enc, W_dec = (t.detach() for t in (sae.W_enc, sae.b_enc, sae.W_dec))
+    z = torch.relu(x @ W_enc.t() + b_enc)
+    score = torch.where(dead, z * W_dec.norm(dim=1), torch.full_like(z, -1.0))
+    idx = score.topk(6, dim=1).indices
+    e_hat = (z.gather(1, idx)[..., None] * W_dec[idx]).sum(1)
+    if loss == "llama_scope":
+        want = ((e_hat - residual) ** 2 / (x - mean).norm(dim=1, keepdim=True)).mean()
+    else:
+        want = ((e_hat - residual) ** 2).sum() / ((x - mean) ** 2).sum()
+    assert float(got.detach()) == pytest.approx(float(want), rel=1e-6)  # the step's losses are fp32
+    assert torch.equal(sel[1], dead.nonzero().squeeze(1))  # the auxiliary selection is over the dead only
+
+
+def _synthetic(seed=1, d=32, n_true=1024, mean_scale=3.0):
+    """Sparse sums of 4 of n_true unit features (Zipf frequencies) on top of a common offset."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.nn.functional.normalize(torch.randn(n_true, d, generator=g), dim=1)
+    mu = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0) * mean_scale
+    p = 1.0 / torch.arange(1, n_true + 1).float()
+
+    def batch(b):
+        idx = torch.multinomial(p.expand(b, -1), 4, replacement=False, generator=g)
+        return torch.einsum("bk,bkd->bd", torch.rand(b, 4, generator=g) * 2 + 0.5, D[idx]) + mu
+
+    return batch
+
+
+def _train_and_count_dead(released: bool, steps=120, batch=256, d=32, n=256, k=4):
+    """Train through the trainer's own configuration (TrainConfig -> StepConfig) with the default
+    recipe or --released-recipe; return (dead latents on held-out samples, held-out EV)."""
+    data = _synthetic()
+    cfg = TrainConfig(released_recipe=released, tokens=steps * batch, batch_size=batch, lr=5e-3, k=k,
+                      expansion=n // d, k_start=16).resolve(30, d, "cpu")
+    torch.manual_seed(cfg.seed)
+    sae = TopKSAE(SAEConfig(d, n, k=k))
+    sae.check_inputs = False
+    s = math.sqrt(d) / estimate_norm(data(2048))
+    sae.cfg = sae.cfg.replace(norm_in=s, norm_out=s)
+    step = SAEStep(sae, make_optimizer(sae, cfg.lr, (cfg.beta1, cfg.beta2)), StepConfig.from_train_config(cfg))
+    for t in range(cfg.total_steps):
+        step(data(batch), None, t)
+    with torch.no_grad():
+        xe = data(4096)
+        v, i = sae.encode_sparse(xe)
+        fired = torch.zeros(n, dtype=torch.bool)
+        fired[i[v > 0]] = True
+        ev = 1 - float(((sae(xe) - xe) ** 2).sum() / ((xe - xe.mean(0)) ** 2).sum())
+    return int((~fired).sum()), ev
+
+
+def test_latents_that_die_under_the_released_recipe_stay_alive_by_default():
+    """The mechanism on a small case: inputs with a common offset. Under the released recipe (zero
+    biases, no AuxK) latents whose random encoder row points away from the offset are negative on
+    nearly every input, never win the top-k, get no gradient and stay dead; the default (centred
+    biases at step 0, AuxK) keeps them alive and explains more of the held-out variance."""
+    dead_released, ev_released = _train_and_count_dead(released=True)
+    dead_default, ev_default = _train_and_count_dead(released=False)
+    assert dead_released >= 80, dead_released  # ~40% of 256 latents never fire on held-out samples
+    assert dead_default <= dead_released // 3, (dead_default, dead_released)
+    assert ev_default > ev_released + 0.01, (ev_default, ev_released)
+
+
+def test_released_recipe_flag_restores_the_released_defaults():
+    c = TrainConfig().resolve(30, 576, "cpu")
+    r = TrainConfig(released_recipe=True).resolve(30, 576, "cpu")
+    assert (c.data_init, c.auxk) == (True, True)
+    assert (r.data_init, r.auxk) == (False, False)
+    sc, sr = StepConfig.from_train_config(c), StepConfig.from_train_config(r)
+    assert (sc.data_init, sc.auxk) == (True, True) and (sr.data_init, sr.auxk) == (False, False)
+    # an explicit flag still wins over either default
+    assert TrainConfig(released_recipe=True, auxk=True).resolve(30, 576, "cpu").auxk is True
+    assert TrainConfig(data_init=False).resolve(30, 576, "cpu").data_init is False
