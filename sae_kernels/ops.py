@@ -283,3 +283,41 @@ def topk_encode_aux(
     v, i, a = _TopKEncodeAux.apply(x2.contiguous(), W_enc, b_enc.to(W_enc.dtype), k, dec_norm,
                                    aux_latents.contiguous(), k_aux)
     return v.reshape(*lead, k), i.reshape(*lead, k), a.reshape(*lead, m)
+
+
+class _SubsetDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, acts, W, ids):
+        W_sub = W.index_select(0, ids)
+        ctx.save_for_backward(acts, W_sub, ids)
+        ctx.n_rows = W.shape[0]
+        return acts @ W_sub
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        acts, W_sub, ids = ctx.saved_tensors
+        d_acts = dW = None
+        g = grad_out.to(W_sub.dtype)
+        if ctx.needs_input_grad[0]:
+            d_acts = (g @ W_sub.t()).to(acts.dtype)
+        if ctx.needs_input_grad[1]:
+            # index_add_ with distinct ids: index_select's own backward goes through a scatter_add over
+            # an expanded index, ~40 ms for 1382 x 576 rows on one CPU core against ~1 ms here
+            dW = torch.zeros((ctx.n_rows, W_sub.shape[1]), dtype=W_sub.dtype, device=W_sub.device)
+            dW.index_add_(0, ids, acts.to(W_sub.dtype).t() @ g)
+        return d_acts, dW, None
+
+
+def subset_decode(acts: Tensor, W_dec: Tensor, ids: Tensor) -> Tensor:
+    """``acts @ W_dec[ids]``: a decode that is dense over the ``m`` latents ``ids`` (the AuxK
+    reconstruction from ``topk_encode_aux``'s ``aux_acts``), with gradients to ``acts`` and to the rows
+    ``ids`` of ``W_dec``.
+
+    Args:
+        acts: ``[N, m]``. W_dec: ``[d_sae, d]``. ids: ``[m]`` int64, distinct (not checked).
+    """
+    check_tensor("W_dec", W_dec, ndim=2)
+    check_tensor("acts", acts, ndim=2)
+    if ids.dtype != torch.int64 or ids.ndim != 1 or ids.shape[0] != acts.shape[1]:
+        raise ValueError(f"ids: expected an int64 [{acts.shape[1]}] tensor, got {ids.dtype} {list(ids.shape)}")
+    return _SubsetDecode.apply(acts, W_dec, ids)

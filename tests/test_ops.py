@@ -211,7 +211,7 @@ def test_topk_encode_aux_forward_and_all_gradients(backend, dtype, tol, N, d, n,
     """The main selection is topk_encode's; the auxiliary one, dense over the m given latents, holds
     a valid per-row top-min(k_aux, m) of them (zeros elsewhere); gradients through both equal float64
     dense autograd on the same supports."""
-    from sae_kernels.ops import topk_encode_aux
+    from sae_kernels.ops import subset_decode, topk_encode_aux
 
     seed = hash((N, d, n, k, m, k_aux, weighted, str(dtype))) % 2**31
     (x, W_enc, b_enc, W_dec, b_dec), grad = make_inputs(N, d, n, dtype, seed)
@@ -240,7 +240,7 @@ def test_topk_encode_aux_forward_and_all_gradients(backend, dtype, tol, N, d, n,
     assert_close(a[nz.to(DEVICE)], z_sub[nz], tol, "aux values = relu(pre)")
 
     out = sparse_decode(v, i, W_dec, b_dec)
-    out_aux = a @ W_dec[aux]
+    out_aux = subset_decode(a, W_dec, aux)
     ((out.float() * grad.float()).sum() + (out_aux.float() * grad_aux.float()).sum()).backward()
 
     leaves = [t.detach().double().cpu().requires_grad_() for t in (x, W_enc, b_enc, W_dec, b_dec)]
@@ -254,6 +254,30 @@ def test_topk_encode_aux_forward_and_all_gradients(backend, dtype, tol, N, d, n,
     for name, got, want in zip(("dx", "dW_enc", "db_enc", "dW_dec", "db_dec"), (x, W_enc, b_enc, W_dec, b_dec), leaves):
         assert got.grad is not None and got.grad.dtype == dtype, name
         assert_close(got.grad, want.grad, tol, name)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPE_TOLS, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N,d,n,m", [(17, 23, 61, 29), (5, 9, 7, 1), (3, 40, 12, 12)])
+def test_subset_decode_forward_and_gradients(dtype, tol, N, d, n, m):
+    """acts @ W_dec[ids] and both gradients (acts; W_dec, zero outside the rows ids) equal float64 autograd."""
+    from sae_kernels.ops import subset_decode
+
+    g = torch.Generator().manual_seed(N * 1000 + m)
+    acts = torch.relu(torch.randn(N, m, generator=g)).to(DEVICE, dtype).requires_grad_()
+    W = torch.randn(n, d, generator=g).to(DEVICE, dtype).requires_grad_()
+    ids = torch.randperm(n, generator=g)[:m].to(DEVICE)
+    grad = torch.randn(N, d, generator=g).to(DEVICE, dtype)
+    out = subset_decode(acts, W, ids)
+    (out.float() * grad.float()).sum().backward()
+    a64, W64 = (t.detach().double().cpu().requires_grad_() for t in (acts, W))
+    want = a64 @ W64[ids.cpu()]
+    (want * grad.double().cpu()).sum().backward()
+    assert out.dtype == dtype and acts.grad.dtype == dtype and W.grad.dtype == dtype
+    assert_close(out, want, tol, "out")
+    assert_close(acts.grad, a64.grad, tol, "d_acts")
+    assert_close(W.grad, W64.grad, tol, "dW_dec")
+    with pytest.raises(ValueError, match="ids: expected an int64"):
+        subset_decode(acts, W, ids[:-1] if m > 1 else ids.float())
 
 
 def test_topk_encode_aux_rejects_bad_input():

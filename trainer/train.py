@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from sae_kernels import TopKSAE, sparse_decode, topk_encode
-from sae_kernels.ops import topk_encode_aux
+from sae_kernels.ops import subset_decode, topk_encode_aux
 
 from .schedules import k_schedule, lr_factor
 
@@ -226,7 +226,7 @@ class SAEStep:
         if selection is None:
             return torch.zeros((), device=residual.device)
         aux_acts, ids, W_dec = selection
-        e_hat = (aux_acts @ W_dec.index_select(0, ids)).float()  # dense over the m dead latents: one GEMM
+        e_hat = subset_decode(aux_acts, W_dec, ids).float()  # dense over the m dead latents: one GEMM
         return _normalised_sq_error(e_hat, residual, den, self.cfg.loss)
 
     def __call__(self, x: Tensor, y: Optional[Tensor], t: int) -> Dict[str, Tensor]:
