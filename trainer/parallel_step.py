@@ -98,6 +98,9 @@ class ParallelSAEStep(SAEStep):
         """The sharded forward; the AuxK selection is made by ``auxk_loss`` (a second sharded top-k)."""
         return (*self.encode_decode(x_n, k), None)
 
+    def tokens_per_step(self, x_n: Tensor) -> int:
+        return x_n.shape[0] * self.ctx.dp
+
     def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor, selection=None,
                   den: Optional[Tensor] = None) -> Tensor:
         """AuxK with the exact global top-``k_aux`` over the dead latents of all shards: the same

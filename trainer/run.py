@@ -215,7 +215,8 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
         "context_size": cfg.context_len, "dataset": cfg.dataset, "layer": cfg.layer, "position": cfg.position,
         "loss": cfg.loss, "clip_grad_norm": cfg.clip_grad_norm, "lr_warm_up_steps": cfg.warmup_steps,
         "auxk": cfg.auxk, "k_aux": cfg.k_aux, "dead_window_tokens": cfg.dead_window_tokens,
-        "data_init": cfg.data_init, "released_recipe": cfg.released_recipe, "dtype": f"torch.{cfg.export_dtype}", "tp_size": ctx.tp, "ddp_size": ctx.dp,
+        "data_init": cfg.data_init, "b_dec_init_fraction": cfg.b_dec_init_fraction,
+        "recentre_dead": cfg.recentre_dead, "auxk_coef": cfg.auxk_coef, "released_recipe": cfg.released_recipe, "dtype": f"torch.{cfg.export_dtype}", "tp_size": ctx.tp, "ddp_size": ctx.dp,
     }
     sae.to_llama_scope(run_dir, hyperparams=hyper, lm_config=lm.lm_config(), dtype=cfg.export_dtype)
     reloaded = TopKSAE.from_llama_scope(run_dir, device=device)

@@ -127,6 +127,10 @@ class StepConfig:
     # At step 0, before the update: b_dec = mean of the batch's (normalised) targets and
     # b_enc = -W_enc @ mean of its inputs (``SAEStep.init_from_data``). Off in the released recipe.
     data_init: bool = False
+    b_dec_init: float = 1.0  # with data_init: b_dec starts at this fraction of the target mean
+    # Once per dead window, latents dead for two windows whose pre-activation is <= 0 on every token
+    # of the batch (out of AuxK's reach) get b_enc = -W_enc @ mean(x_n) (``SAEStep.recentre_unreachable``).
+    recentre_dead: bool = False
 
     @classmethod
     def from_train_config(cls, c, compute_dtype: Optional[torch.dtype] = None) -> "StepConfig":
@@ -135,7 +139,8 @@ class StepConfig:
             anneal_steps=int(c.k_anneal_fraction * c.total_steps), warmup_steps=c.warmup_steps,
             decay_fraction=c.decay_fraction, lr=c.lr, clip_grad_norm=c.clip_grad_norm, loss=c.loss,
             auxk=c.auxk, auxk_coef=c.auxk_coef, k_aux=c.k_aux, dead_window_tokens=c.dead_window_tokens,
-            compute_dtype=compute_dtype, data_init=c.data_init,
+            compute_dtype=compute_dtype, data_init=c.data_init, b_dec_init=c.b_dec_init_fraction,
+            recentre_dead=c.recentre_dead,
         )
 
 
@@ -241,6 +246,8 @@ class SAEStep:
         y_n = y_src.float() * sae.cfg.norm_out
         if t == 0 and c.data_init:
             self.init_from_data(x_n, y_n)
+        if c.recentre_dead and t > 0:
+            self.recentre_unreachable(x_n)
         dead = self.since_fired >= c.dead_window_tokens
         aux_sel = None
         if c.auxk:
@@ -289,18 +296,49 @@ class SAEStep:
     @torch.no_grad()
     def init_from_data(self, x_n: Tensor, y_n: Tensor) -> None:
         """Data-dependent biases (``StepConfig.data_init``; the step calls it at ``t == 0``): ``b_dec``
-        = the batch mean of the normalised targets, ``b_enc = -W_enc @ mean(x_n)``. Every latent's
+        = ``b_dec_init`` x the batch mean of the normalised targets, ``b_enc = -W_enc @ mean(x_n)``. Every latent's
         pre-activation is then centred on the data: none starts negative on nearly every token
         because its random encoder row points away from the inputs' mean, and the decoder does
         not have to spend latents on the mean while ``b_dec`` learns it (Adam moves a bias by
         about ``lr`` per step). At init this is what subtracting ``b_dec`` before the encoder
         (sparsify) gives, without changing the architecture or the checkpoint format. The means
-        are over the global batch (``Collectives.batch_mean``), so every layout sets the same biases."""
+        are over the global batch (``Collectives.batch_mean``), so every layout sets the same biases.
+        ``b_dec_init < 1`` leaves part of the mean to the latents: at layer 12 of the embedded model the
+        latents that carry it are also what reconstructs the rare massive-activation tokens (README)."""
         sae = self.sae
         mx = self.comm.batch_mean(x_n.float())[0]
         my = self.comm.batch_mean(y_n.float())[0]
         sae.b_enc.copy_((-(sae.W_enc.float() @ mx)).to(sae.b_enc.dtype))
-        sae.b_dec.copy_(my.to(sae.b_dec.dtype))
+        sae.b_dec.copy_((self.cfg.b_dec_init * my).to(sae.b_dec.dtype))
+
+    def tokens_per_step(self, x_n: Tensor) -> int:
+        """Tokens the dead-latent counters advance by per step (the global batch)."""
+        return x_n.shape[0]
+
+    @torch.no_grad()
+    def recentre_unreachable(self, x_n: Tensor) -> None:
+        """Revive latents that AuxK cannot reach (``StepConfig.recentre_dead``). AuxK trains dead
+        latents through ``relu(pre)``; a latent that died with ``pre <= 0`` on every token gets no
+        gradient from it either, and stays dead. Once per dead window, the latents dead for at least
+        two windows with no positive pre-activation on this batch get ``b_enc = -W_enc @ mean(x_n)``,
+        the centred value of ``init_from_data``: positive on part of the data, so AuxK trains them.
+        The decision uses the global counters and the global batch (mean over data groups), so every
+        layout revives the same latents; one host sync when some are due."""
+        c, sae = self.cfg, self.sae
+        w, B = c.dead_window_tokens, self.tokens_per_step(x_n)
+        sf = self.since_fired
+        due = (sf >= 2 * w) & (sf % w < B)
+        off, n = getattr(sae, "offset", 0), sae.W_enc.shape[0]
+        due = due[off: off + n]  # this shard's rows (all of them in one process)
+        if not bool(due.any()):
+            return
+        ids = due.nonzero().squeeze(1)
+        W, b = sae.W_enc.index_select(0, ids).float(), sae.b_enc.index_select(0, ids).float()
+        reach = (torch.addmm(b, x_n.float(), W.t()) > 0).any(0).float()
+        unreachable = self.comm.data_mean(reach) == 0  # no positive pre on any data group's tokens
+        mx = self.comm.batch_mean(x_n.float())[0]
+        new = torch.where(unreachable, -(W @ mx), b)
+        sae.b_enc.index_copy_(0, ids, new.to(sae.b_enc.dtype))
 
     def state_dict(self) -> Dict[str, Tensor]:
         return {"since_fired": self.since_fired.cpu(), "fire_count": self.fire_count.cpu()}
