@@ -19,12 +19,15 @@ setup(
         "datasets>=2.18",
         "huggingface_hub>=0.23",
         "tqdm",
+        "matplotlib",  # suite.png, the suite's figure
         # the embedded default model is a GGUF file: transformers reads it with gguf + accelerate
         "gguf>=0.10",
         "accelerate>=0.30",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        # The real peer packages the interop tests run against (tests/test_interop.py). sae-bench is
+        # installed separately with --no-deps (its own pins pull a CUDA torch): see the README.
+        "test": ["pytest>=7", "pytest-benchmark>=4", "sae-lens>=6", "eai-sparsify", "tabulate"],
         "bench": ["pytest>=7", "pytest-benchmark>=4", "eai-sparsify"],
     },
     entry_points={"console_scripts": ["sae-train=trainer.run:main"]},

@@ -1,12 +1,16 @@
 """Sparse row kernels over a latent-major matrix W [d_sae, d_model] and k selected latents per token.
 
 * ``_gather_rows_kernel``:   out[t] = sum_j val[t, j] * W[idx[t, j]]          (decoder forward, encoder dx)
-* ``_gather_dot_kernel``:    out[t, j] = <g[t], W[idx[t, j]]> (+ b[idx], relu)  (decoder d(values))
-* ``_scatter_outer_kernel``: dW[i] = sum_{(t, j): idx[t, j] = i} val[t, j] * Y[t] (dW_dec, dW_enc, db_enc)
+* ``_gather_dot_kernel``:    out[t, j] = <g[t], W[idx[t, j]]>                 (decoder d(values))
+* ``_scatter_rows_kernel``:  dW[i] = sum_{(t, j): idx[t, j] = i} val[t, j] * Y[t] (dW_dec, dW_enc, db_enc)
 
-The scatter is a deterministic per-latent reduction over a CSR reverse map (entries sorted by latent,
-built by the launcher): one program per (latent, d-block), plain stores, no float atomics, so it is
-bitwise reproducible and correct in bf16. None of them materialises an N x k x d tensor.
+The scatter is a deterministic latent-major reduction over a CSR reverse map (entries sorted by
+latent, built once per step by the launcher and shared by the decoder's and the encoder's backward):
+one program per (block of BLOCK_L consecutive latents, d-block) walks the block's entries in order
+and reduces them with one MMA per tile, ``acc[L, D] += onehot(latent)[L, E] * val @ Y[tok][E, D]``.
+Plain stores, no float atomics: bitwise reproducible, fp32 accumulation, any output dtype. None of
+them materialises an N x k x d tensor. Ids outside [0, d_sae) contribute nothing (masked loads), so
+no index can make a kernel read outside W; the public ops reject such ids before launching.
 """
 
 import triton
@@ -18,7 +22,7 @@ def _gather_rows_kernel(
     out_ptr, out_row_stride,          # [n_tokens, d_model] output, W dtype
     val_ptr, idx_ptr, k_row_stride,   # [n_tokens, K] coefficients / latent ids (int64)
     w_ptr, w_row_stride,              # [d_sae, d_model] latent-major
-    d_model, K,
+    d_sae, d_model, K,
     BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)   # n_tokens * K and d_sae * d_model can overflow int32
@@ -29,9 +33,10 @@ def _gather_rows_kernel(
     for j0 in range(0, K, BLOCK_J):
         j_mask = (j0 + offs_j) < K
         # BLOCK_J rows of W in flight at once instead of one dependent row load per step.
-        idx = tl.load(idx_ptr + row * k_row_stride + j0 + offs_j, mask=j_mask, other=0)
+        idx = tl.load(idx_ptr + row * k_row_stride + j0 + offs_j, mask=j_mask, other=0).to(tl.int64)
+        j_mask = j_mask & (idx >= 0) & (idx < d_sae)
         val = tl.load(val_ptr + row * k_row_stride + j0 + offs_j, mask=j_mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + idx.to(tl.int64)[:, None] * w_row_stride + offs_d[None, :],
+        w = tl.load(w_ptr + idx[:, None] * w_row_stride + offs_d[None, :],
                     mask=j_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(val[:, None] * w, axis=0)
     tl.store(out_ptr + row * out_row_stride + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
@@ -43,62 +48,74 @@ def _gather_dot_kernel(
     g_ptr, g_row_stride,              # [n_tokens, d_model]
     idx_ptr, k_row_stride,            # [n_tokens, K] latent ids (int64)
     w_ptr, w_row_stride,              # [d_sae, d_model] latent-major
-    b_ptr,                            # [d_sae] added to the dot when HAS_BIAS
-    d_model, K,
-    HAS_BIAS: tl.constexpr, APPLY_RELU: tl.constexpr,
+    d_sae, d_model, K,
     BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     j_mask = offs_j < K
     idx = tl.load(idx_ptr + row * k_row_stride + offs_j, mask=j_mask, other=0).to(tl.int64)
+    w_mask = j_mask & (idx >= 0) & (idx < d_sae)
     offs_d = tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_J], dtype=tl.float32)
     for d0 in range(0, d_model, BLOCK_D):
         d_mask = (d0 + offs_d) < d_model
         g = tl.load(g_ptr + row * g_row_stride + d0 + offs_d, mask=d_mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + idx[:, None] * w_row_stride + d0 + offs_d[None, :],
-                    mask=j_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                    mask=w_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(w * g[None, :], axis=1)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + idx, mask=j_mask, other=0.0).to(tl.float32)
-    if APPLY_RELU:
-        acc = tl.maximum(acc, 0.0)
     tl.store(out_ptr + row * K + offs_j, acc.to(out_ptr.dtype.element_ty), mask=j_mask)
 
 
 @triton.jit
-def _scatter_outer_kernel(
-    dw_ptr, dw_row_stride,            # [d_sae, d_model] output, Y dtype
-    dsum_ptr,                         # [d_sae] output, values dtype (written when WITH_SUM)
+def _scatter_rows_kernel(
+    dw_ptr, dw_row_stride,            # [n_rows, d_model] output (any float dtype)
+    dsum_ptr,                         # [n_rows] fp32 output: the sums of each latent's coefficients
     val_ptr,                          # [n_tokens * K] flattened coefficients
-    order_ptr, offsets_ptr,           # CSR: entries of latent i are order[offsets[i]:offsets[i+1]]
+    crow_ptr, order_ptr, tok_ptr,     # CSR: latent i's entries are order[crow[i]:crow[i+1]], tokens tok[...]
     y_ptr, y_row_stride,              # [n_tokens, d_model]
-    d_model, K,
-    WITH_SUM: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    n_rows, d_model,
+    CAST_FP32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    latent = tl.program_id(0).to(tl.int64)
+    pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
+    slots = tl.arange(0, BLOCK_L)
+    lat = pid_l * BLOCK_L + slots
+    lat_mask = lat < n_rows
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < d_model
     offs_e = tl.arange(0, BLOCK_E)
-    start = tl.load(offsets_ptr + latent)
-    end = tl.load(offsets_ptr + latent + 1)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_sum = tl.zeros([BLOCK_E], dtype=tl.float32)
-    # Fixed traversal order (stable sort by latent, then a fixed-shape tree reduction): deterministic.
+    # The block's entries are one contiguous range of the map; run ends locate each entry's latent.
+    start = tl.load(crow_ptr + pid_l * BLOCK_L)
+    end = tl.load(crow_ptr + tl.minimum(pid_l * BLOCK_L + BLOCK_L, n_rows))
+    run_end = tl.load(crow_ptr + lat + 1, mask=lat_mask, other=end)          # [BLOCK_L] int64
+    acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+    acc_sum = tl.zeros([BLOCK_L], dtype=tl.float32)
+    # Fixed traversal order (stable sort by latent, fixed tiles, fixed MMA shape): deterministic.
     for e0 in range(start, end, BLOCK_E):
-        e_mask = (e0 + offs_e) < end
-        pos = tl.load(order_ptr + e0 + offs_e, mask=e_mask, other=0)   # flat (token, j) position
-        tok = pos // K
-        val = tl.load(val_ptr + pos, mask=e_mask, other=0.0).to(tl.float32)
+        e = e0 + offs_e
+        e_mask = e < end
+        pos = tl.load(order_ptr + e, mask=e_mask, other=0)                  # flat (token, j) position
+        tok = tl.load(tok_ptr + e, mask=e_mask, other=0)
+        val = tl.load(val_ptr + pos, mask=e_mask, other=0.0)
+        slot = tl.sum((run_end[:, None] <= e[None, :]).to(tl.int32), axis=0)  # [BLOCK_E] latent - l0
+        hit = (slots[:, None] == slot[None, :]) & e_mask[None, :]            # [BLOCK_L, BLOCK_E]
         y = tl.load(y_ptr + tok[:, None] * y_row_stride + offs_d[None, :],
-                    mask=e_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(val[:, None] * y, axis=0)
-        acc_sum += val
-    # Latents with no entries fall through the loop and store zeros.
-    tl.store(dw_ptr + latent * dw_row_stride + offs_d, acc.to(dw_ptr.dtype.element_ty), mask=d_mask)
-    if WITH_SUM:
-        if pid_d == 0:
-            tl.store(dsum_ptr + latent, tl.sum(acc_sum, axis=0).to(dsum_ptr.dtype.element_ty))
+                    mask=e_mask[:, None] & d_mask[None, :], other=0.0)      # [BLOCK_E, BLOCK_D]
+        if CAST_FP32:
+            # Interpreter (tl.dot on bf16 is wrong there) or coefficients wider than Y: fp32 MMA.
+            coef = tl.where(hit, val.to(tl.float32)[None, :], 0.0)
+            y = y.to(tl.float32)
+        else:
+            coef = tl.where(hit, val[None, :], 0.0).to(y.dtype)              # exact: val has y's dtype
+        if IEEE:
+            acc = tl.dot(coef, y, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(coef, y, acc)
+        acc_sum += tl.sum(coef.to(tl.float32), axis=1)
+    # Latents with no entries store zeros.
+    tl.store(dw_ptr + lat.to(tl.int64)[:, None] * dw_row_stride + offs_d[None, :],
+             acc.to(dw_ptr.dtype.element_ty), mask=lat_mask[:, None] & d_mask[None, :])
+    if pid_d == 0:
+        tl.store(dsum_ptr + lat, acc_sum, mask=lat_mask)

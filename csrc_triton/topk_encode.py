@@ -1,18 +1,20 @@
-"""Fused TopK encoder kernels: encoder GEMM + bias + ReLU + decoder-norm weighting + selection.
+"""Fused TopK encoder kernel: encoder GEMM + bias + ReLU + decoder-norm weighting + selection.
 
-Two algorithms (the launcher in ``sae_kernels/triton_ops.py`` picks one by k):
+The launcher in ``sae_kernels/triton_ops.py`` uses it for k <= 64 when the pre-activations would not
+fit the memory budget of the two-pass encode (``csrc_triton/topk_select.py``), and the device check
+(``benchmarks/gpu_check.py``) times it against the two-pass path.
 
-* small k (two-stage, exact): ``_encode_topk_candidates_kernel`` runs the GEMM for one token tile
-  and one chunk of latents, and keeps a running per-row top-K' (K' = next power of two >= k) of
-  (score, value, latent) in registers, so the N x n pre-activations never reach memory. It writes
-  ``[N, n_chunks, K']`` candidates; ``_select_candidates_kernel`` then selects the exact top-k over
-  the candidates. Exact because every member of the global top-k is in the top-k of its chunk.
-* large k (dense fallback): ``_encode_scores_kernel`` writes the weighted scores ``relu(x W^T + b) * n``
-  densely in fp32; the launcher runs ``torch.topk`` and recomputes the selected values with a
-  gather-dot (see ``sparse_decode._gather_dot_kernel``).
+Two stages, exact: ``_encode_topk_candidates_kernel`` runs the GEMM for one token tile and one chunk
+of latents, and keeps a running per-row top-K' (K' = next power of two >= k) of (score, value,
+latent) in registers, so the N x n pre-activations never reach memory. It writes
+``[N, n_chunks, K']`` candidates; ``_select_candidates_kernel`` then selects the exact top-k over
+the candidates. Exact because every member of the global top-k is in the top-k of its chunk.
 
 Selection uses comparisons and reductions only (``tl.max(..., return_indices=True)`` / ``tl.argmin``
 with masking), never ``tl.topk`` / ``tl.sort``: those take minutes under ``TRITON_INTERPRET=1``.
+Semantics as in ``topk_select``: NaN pre-activations rank first and keep the value NaN; any float
+score (negative norms, -inf) is ranked below NaN/inf and above the empty-slot marker, so the
+selected ids are always real latents.
 """
 
 import triton
@@ -51,14 +53,18 @@ def _encode_tile(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     bias = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    z = tl.maximum(acc + bias[None, :], 0.0)
+    h = acc + bias[None, :]
+    z = tl.where((h > 0.0) | (h != h), h, 0.0)   # ReLU keeping NaN (tl.maximum drops it)
     if HAS_NORM:
         norm = tl.load(norm_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         score = z * norm[None, :]
     else:
         score = z
-    # NaN ranks first (as in torch.topk): rows with NaN inputs still get k distinct in-range latents.
+    # NaN ranks first (as in torch.topk), and every real score sits strictly above the -inf that
+    # marks empty slots and columns past d_sae (a -inf score, from a -inf or negative overflowing
+    # norm, becomes -FLT_MAX): rows get k distinct in-range latents whatever the inputs.
     score = tl.where(score != score, float("inf"), score)
+    score = tl.maximum(score, -3.4028234663852886e38)
     score = tl.where(row_mask[:, None] & col_mask[None, :], score, float("-inf"))
     return z, score
 
@@ -147,7 +153,8 @@ def _select_candidates_kernel(
     n_tokens, width, K,
     BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """Exact top-K over each row's candidates by K rounds of max extraction (sorted, descending)."""
+    """Exact top-K over each row's candidates by K rounds of max extraction (sorted, descending).
+    At least K candidates per row are real latents with a score above -inf (see _encode_tile)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_mask = rows < n_tokens
     cols = tl.arange(0, BLOCK_W)
@@ -155,36 +162,9 @@ def _select_candidates_kernel(
     s = tl.load(cand_s_ptr + base[:, None] + cols[None, :],
                 mask=row_mask[:, None] & (cols[None, :] < width), other=float("-inf"))
     for j in range(0, K):
-        # At least K candidates per row are finite (>= 0), so the max is always a real latent.
         _, pos = tl.max(s, axis=1, return_indices=True)
         v = tl.load(cand_v_ptr + base + pos, mask=row_mask, other=0.0)
         i = tl.load(cand_i_ptr + base + pos, mask=row_mask, other=0)
         tl.store(val_ptr + rows * K + j, v.to(val_ptr.dtype.element_ty), mask=row_mask)
         tl.store(idx_ptr + rows * K + j, i.to(tl.int64), mask=row_mask)
         s = tl.where(cols[None, :] == pos[:, None], float("-inf"), s)
-
-
-@triton.jit
-def _encode_scores_kernel(
-    x_ptr, x_row_stride,              # [n_tokens, d_model]
-    w_ptr, w_row_stride,              # [d_sae, d_model] latent-major
-    b_ptr, norm_ptr,                  # [d_sae], [d_sae]
-    score_ptr, score_row_stride,      # [n_tokens, d_sae] fp32 weighted scores
-    n_tokens, d_model, d_sae,
-    HAS_NORM: tl.constexpr, CAST_FP32: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Dense fallback for large k: GEMM + bias + ReLU + norm weighting epilogue, scores to memory."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_mask = rows < n_tokens
-    col_mask = cols < d_sae
-    _, s = _encode_tile(
-        x_ptr, x_row_stride, w_ptr, w_row_stride, b_ptr, norm_ptr,
-        rows, cols, row_mask, col_mask, d_model,
-        HAS_NORM, CAST_FP32, IEEE, BLOCK_M, BLOCK_N, BLOCK_K,
-    )
-    tl.store(score_ptr + rows[:, None] * score_row_stride + cols[None, :], s,
-             mask=row_mask[:, None] & col_mask[None, :])

@@ -1,6 +1,7 @@
 """Argument checks shared by the ops and the module: every error names the argument and what was expected."""
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -38,11 +39,23 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected finite values, found NaN or Inf")
 
 
+def as_int(name: str, v) -> int:
+    """``v`` as a Python int when it is an integer of any type (int, numpy integer, one-element torch
+    integer tensor); bools, floats (even 2.0) and strings are refused with a ValueError naming ``name``."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+            raise ValueError(f"{name}: expected an integer, got a {v.dtype} tensor of shape {list(v.shape)}")
+        return int(v.item())
+    if isinstance(v, bool) or type(v).__name__ == "bool_":  # numpy.bool_ has __index__ on old numpy
+        raise ValueError(f"{name}: expected an integer, got the bool {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise ValueError(f"{name}: expected an integer, got {type(v).__name__} {v!r}") from None
+
+
 def check_k(k, n: int, name: str = "k") -> int:
-    if isinstance(k, torch.Tensor) and k.numel() == 1:
-        k = int(k)
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise ValueError(f"{name}: expected an int, got {type(k).__name__}")
+    k = as_int(name, k)
     if not 1 <= k <= n:
         raise ValueError(f"{name}: expected 1 <= {name} <= d_sae={n}, got {k}")
     return k

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
 
+from ._validate import as_int
+
 ACTIVATIONS = ("topk", "jumprelu")
+RESHAPES = ("none", "hook_z")
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -34,6 +38,9 @@ class SAEConfig:
         norm_out: ``s_out``: the decoder output is divided by ``norm_out`` to return to raw units.
         hook_point_in / hook_point_out: TransformerLens-style names of where the SAE reads / writes.
         model_name, layer, position: provenance of the activations (position in R, A, M, TC).
+        reshape_activations: "none", or "hook_z" for an SAE on attention heads' outputs (TransformerLens
+            ``hook_z``, ``[..., n_heads, d_head]``): the module flattens the last two dimensions of
+            its input (``n_heads * d_head == d_model``) and ``forward`` returns the input's shape.
     """
 
     d_model: int
@@ -49,12 +56,18 @@ class SAEConfig:
     model_name: Optional[str] = None
     layer: Optional[int] = None
     position: Optional[str] = None
+    reshape_activations: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_sae", "k"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            try:
+                v = as_int(name, v)  # numpy and torch integers are ints too
+            except ValueError:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}") from None
+            if v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
+            setattr(self, name, v)
         if self.k > self.d_sae:
             raise ValueError(f"k: expected 1 <= k <= d_sae={self.d_sae}, got {self.k}")
         if self.activation not in ACTIVATIONS:
@@ -72,8 +85,20 @@ class SAEConfig:
             raise ValueError(f"weighted_topk: expected a bool, got {self.weighted_topk!r}")
         if self.position is not None and self.position not in POSITIONS:
             raise ValueError(f"position: expected one of {POSITIONS} or None, got {self.position!r}")
-        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
-            raise ValueError(f"layer: expected a non-negative int or None, got {self.layer!r}")
+        if self.layer is not None:
+            try:
+                layer = as_int("layer", self.layer)
+            except ValueError:
+                layer = -1
+            if layer < 0:
+                raise ValueError(f"layer: expected a non-negative int or None, got {self.layer!r}")
+            self.layer = layer
+        if self.reshape_activations not in RESHAPES:
+            raise ValueError(f"reshape_activations: expected one of {RESHAPES}, got {self.reshape_activations!r}")
+        for name in ("hook_point_in", "hook_point_out", "model_name"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"{name}: expected a string or None, got {v!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -87,14 +112,26 @@ class SAEConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "SAEConfig":
+    def from_dict(cls, d: Dict[str, Any], source: str = "config") -> "SAEConfig":
+        """Build from ``to_dict()``'s output. Unknown keys are an error (a misspelt ``weighted_topk``
+        must not silently fall back to its default); ``source`` names the file in messages."""
         if not isinstance(d, dict):
-            raise ValueError(f"config: expected a JSON object, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in d if k not in names]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(str(k), names, n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"{source}: unknown keys {', '.join(hints)}; expected keys from {names}")
         missing = [n for n in ("d_model", "d_sae") if n not in d]
         if missing:
-            raise ValueError(f"config: missing required keys {missing}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+            raise ValueError(f"{source}: missing required keys {missing}")
+        try:
+            return cls(**d)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def replace(self, **changes: Any) -> "SAEConfig":
         return dataclasses.replace(self, **changes)

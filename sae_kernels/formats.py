@@ -9,14 +9,18 @@ import contextlib
 import json
 import math
 import os
-import tempfile
+import re
+import secrets
+import stat
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ._validate import as_int
 from .config import DTYPES, SAEConfig
 from .sae import TopKSAE
 
@@ -48,13 +52,23 @@ def atomic_path(path: PathLike) -> Iterator[str]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # a new file created with mode 0666 gets the umask's permissions like any other file (mkstemp: 0600)
+    while True:
+        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # e.g. a full disk during write(): name the file being written
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -70,42 +84,64 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
 def atomic_save_safetensors(path: PathLike, tensors: Dict[str, torch.Tensor], metadata=None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        umask_mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask (see atomic_path)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.chmod(tmp, umask_mode)  # safetensors writes its files with mode 0600
+        except SafetensorError as e:  # an I/O error (disk full) as the OSError it is, naming the file
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 # ------------------------------------------------------------------------------ reading helpers
 
 
 def _read_json(path: Path, what: str) -> Dict[str, Any]:
+    """A JSON object from ``path``; every failure is a ValueError naming the file and the problem."""
     if not path.is_file():
         raise ValueError(f"{what}: expected a file {path}, but it does not exist")
     try:
-        with open(path) as f:
-            obj = json.load(f)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{what}: {path} is not UTF-8 text (byte {e.start}: {e.reason}); expected a JSON file"
+        ) from None
+    except OSError as e:
+        raise ValueError(f"{what}: could not read {path} ({e.strerror or e})") from None
+    try:
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{what}: {path} is not valid JSON ({e})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{what}: expected a JSON object in {path}")
+        raise ValueError(f"{what}: expected a JSON object in {path}, got {type(obj).__name__}")
     return obj
 
 
 def _read_tensors(path: Path, what: str, required: Dict[str, Optional[tuple]]) -> Dict[str, torch.Tensor]:
-    """Read ``path`` and check that each required key exists with the expected shape (None = any)."""
+    """Read ``path`` and check that each required key exists with the expected shape (None = any).
+
+    Only safetensors are read (never a pickle); a truncated or corrupt file is a ValueError naming it.
+    """
     if not path.is_file():
         raise ValueError(f"{what}: expected a file {path}, but it does not exist")
-    out = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        keys = set(f.keys())
-        for key, shape in required.items():
-            if key not in keys:
-                raise ValueError(f"{what}: {path} has no tensor {key!r} (has {sorted(keys)})")
-            t = f.get_tensor(key)
-            if shape is not None and tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{what}: tensor {key!r} in {path}: expected shape {list(shape)}, got {list(t.shape)}")
-            out[key] = t
-        for key in keys - set(required):
-            out[key] = f.get_tensor(key)
-    return out
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # SafetensorError (header, truncation), OSError, ...
+        raise ValueError(
+            f"{what}: {path} is not a readable safetensors file ({type(e).__name__}: {e})"
+        ) from None
+    for key, shape in required.items():
+        if key not in tensors:
+            raise ValueError(f"{what}: {path} has no tensor {key!r} (has {sorted(tensors)})")
+        t = tensors[key]
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{what}: tensor {key!r} in {path}: expected shape {list(shape)}, got {list(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{what}: tensor {key!r} in {path}: expected floating-point values, got {t.dtype}")
+    return tensors
 
 
 def _require(obj: Dict[str, Any], keys, what: str) -> None:
@@ -114,14 +150,58 @@ def _require(obj: Dict[str, Any], keys, what: str) -> None:
         raise ValueError(f"{what}: missing keys {missing}")
 
 
+_MISSING = object()
+
+
+def _get_int(obj: Dict[str, Any], key: str, where: str, lo: int = 1, hi: Optional[int] = None,
+             default: Any = _MISSING, hi_name: str = "") -> int:
+    """``obj[key]`` as an int in [lo, hi]; anything else (null, 2.7, "5", true, out of range) is refused."""
+    if key not in obj:
+        if default is _MISSING:
+            raise ValueError(f"{where}: missing key {key!r}")
+        return default
+    v = obj[key]
+    bound = f"{lo} <= {key}" + (f" <= {hi_name or hi}" if hi is not None else "")
+    try:
+        i = as_int(key, v)
+    except ValueError:
+        raise ValueError(f"{where}: {key}: expected an integer {bound}, got {v!r}") from None
+    if i < lo or (hi is not None and i > hi):
+        raise ValueError(f"{where}: {key}: expected an integer {bound}, got {i}")
+    return i
+
+
+def _get_bool(obj: Dict[str, Any], key: str, where: str, default: bool) -> bool:
+    """``obj[key]`` as a JSON bool: the string "false" is not false, so it is refused."""
+    v = obj.get(key, default)
+    if not isinstance(v, bool):
+        raise ValueError(f"{where}: {key}: expected true or false, got {v!r}")
+    return v
+
+
+def _get_float(obj: Dict[str, Any], key: str, where: str, positive: bool = False) -> float:
+    v = obj.get(key, None)
+    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or not positive)
+    if not ok:
+        want = "a finite positive number" if positive else "a finite number"
+        raise ValueError(f"{where}: {key}: expected {want}, got {v!r}")
+    return float(v)
+
+
+def _get_str(obj: Dict[str, Any], key: str, where: str, default: Optional[str] = None) -> Optional[str]:
+    v = obj.get(key, default)
+    if v is not None and not isinstance(v, str):
+        raise ValueError(f"{where}: {key}: expected a string or null, got {v!r}")
+    return v
+
+
 def _finish(sae: TopKSAE, dtype: Optional[str], device) -> TopKSAE:
     """Cast a module assembled in float64 to ``dtype`` (name) and move it to ``device``."""
     if dtype is not None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
         sae.cfg = sae.cfg.replace(dtype=dtype)
-        for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
-            p.data = p.data.to(DTYPES[dtype])
+        sae.to(DTYPES[dtype])  # parameters and the threshold buffer
     if device is not None:
         sae.to(device)
     return sae
@@ -139,6 +219,23 @@ def _assemble(cfg: SAEConfig, W_enc, b_enc, W_dec, b_dec, threshold=None) -> Top
     return sae
 
 
+def _tensor_dtype_name(t: torch.Tensor) -> str:
+    name = str(t.dtype).replace("torch.", "")
+    return name if name in DTYPES else "float32"
+
+
+def _layer_position(hook_in: Optional[str], hook_out: Optional[str]):
+    """(layer, position) of TransformerLens hook names written by ``hook_points``, else (layer or None, None)."""
+    m = re.match(r"blocks\.(\d+)\.", hook_in or "")
+    if not m:
+        return None, None
+    layer = int(m.group(1))
+    for pos in HOOK_NAMES:
+        if hook_points(layer, pos) == (hook_in, hook_out or hook_in):
+            return layer, pos
+    return layer, None
+
+
 # ------------------------------------------------------------------------------ our own format
 
 
@@ -152,11 +249,33 @@ def save_sae(sae: TopKSAE, path: PathLike) -> None:
     atomic_write_json(path / "config.json", sae.cfg.to_dict())
 
 
+def _other_format_hint(path: Path) -> str:
+    """Which loader a folder that is not ours belongs to ('' if none is recognised)."""
+    if (path / "hyperparams.json").is_file():
+        return f"it is a Llama Scope folder (hyperparams.json): load it with TopKSAE.from_llama_scope({str(path)!r})"
+    if (path / "cfg.json").is_file() and (path / "sae_weights.safetensors").is_file():
+        return f"it is a SAELens folder (cfg.json + sae_weights.safetensors): load it with TopKSAE.from_saelens({str(path)!r})"
+    if (path / "cfg.json").is_file() and (path / "sae.safetensors").is_file():
+        return f"it is a sparsify folder (cfg.json + sae.safetensors): load it with TopKSAE.from_sparsify({str(path)!r})"
+    if path.is_dir() and next(iter(path.glob("*/hyperparams.json")), None) is not None:
+        names = sorted(p.parent.name for p in path.glob("*/hyperparams.json"))[:4]
+        return (f"it holds Llama Scope folders ({', '.join(names)}, ...): load one with "
+                f"TopKSAE.from_llama_scope({str(path)!r}, name=...)")
+    return ""
+
+
 def load_sae(path: PathLike, device=None) -> TopKSAE:
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"path: expected a folder written by TopKSAE.save, got {str(path)!r}")
-    cfg = SAEConfig.from_dict(_read_json(path / "config.json", "path"))
+    if not (path / "config.json").is_file():
+        hint = _other_format_hint(path)
+        raise ValueError(
+            f"path: {str(path)!r} has no config.json, so it was not written by TopKSAE.save"
+            + (f"; {hint}" if hint else "")
+        )
+    cfg_file = path / "config.json"
+    cfg = SAEConfig.from_dict(_read_json(cfg_file, "config.json"), source=f"config.json ({cfg_file})")
     n, d = cfg.d_sae, cfg.d_model
     t = _read_tensors(
         path / "sae.safetensors", "path",
@@ -223,27 +342,40 @@ def load_llama_scope(
     dtype: Optional[str] = "float32", device=None,
 ) -> TopKSAE:
     folder = _resolve_llama_scope(path_or_repo, name)
-    hp = _read_json(folder / "hyperparams.json", "hyperparams.json")
-    _require(hp, ("d_model", "d_sae", "act_fn"), f"hyperparams.json in {folder}")
-    d, n = int(hp["d_model"]), int(hp["d_sae"])
-    act = str(hp["act_fn"]).lower()
-    if act not in ("jumprelu", "topk"):
-        raise ValueError(f"hyperparams.json: act_fn: expected 'jumprelu' or 'topk', got {hp['act_fn']!r}")
+    hp_file = folder / "hyperparams.json"
+    hp = _read_json(hp_file, "hyperparams.json")
+    where = f"hyperparams.json ({hp_file})"
+    d = _get_int(hp, "d_model", where)
+    n = _get_int(hp, "d_sae", where)
+    act = hp.get("act_fn")
+    if not isinstance(act, str) or act.lower() not in ("jumprelu", "topk"):
+        raise ValueError(f"{where}: act_fn: expected 'jumprelu' or 'topk', got {act!r}")
+    act = act.lower()
     norm = hp.get("norm_activation", "dataset-wise")
     if norm == "dataset-wise":
-        _require(hp, ("dataset_average_activation_norm",), f"hyperparams.json in {folder}")
+        _require(hp, ("dataset_average_activation_norm",), where)
         mu = hp["dataset_average_activation_norm"]
         if not isinstance(mu, dict) or "in" not in mu or "out" not in mu:
-            raise ValueError("hyperparams.json: dataset_average_activation_norm: expected {'in': mu_in, 'out': mu_out}")
-        s_in, s_out = math.sqrt(d) / float(mu["in"]), math.sqrt(d) / float(mu["out"])
+            raise ValueError(f"{where}: dataset_average_activation_norm: expected {{'in': mu_in, 'out': mu_out}}, got {mu!r}")
+        mu_in = _get_float(mu, "in", f"{where}: dataset_average_activation_norm", positive=True)
+        mu_out = _get_float(mu, "out", f"{where}: dataset_average_activation_norm", positive=True)
+        s_in, s_out = math.sqrt(d) / mu_in, math.sqrt(d) / mu_out
     elif norm in (None, "none", "None"):
         s_in = s_out = 1.0
     else:
         raise ValueError(
-            f"hyperparams.json: norm_activation: expected 'dataset-wise' or 'none', got {norm!r} "
+            f"{where}: norm_activation: expected 'dataset-wise' or 'none', got {norm!r} "
             "(token-wise normalisation cannot be folded into fixed weights)"
         )
-    weighted = bool(hp.get("sparsity_include_decoder_norm", True))
+    weighted = _get_bool(hp, "sparsity_include_decoder_norm", where, True)
+    use_b_dec = _get_bool(hp, "use_decoder_bias", where, True)
+    pre_b_dec = _get_bool(hp, "apply_decoder_bias_to_pre_encoder", where, False)
+    # top_k is the TopK's k, or the target L0 of a JumpReLU SAE (informational there): either way
+    # an integer in [1, d_sae]; a JumpReLU folder may leave it out.
+    k = _get_int(hp, "top_k", where, lo=1, hi=n, hi_name=f"d_sae={n}",
+                 default=_MISSING if act == "topk" else min(50, n))
+    hook_in = _get_str(hp, "hook_point_in", where)
+    hook_out = _get_str(hp, "hook_point_out", where, hook_in)
     t = _read_tensors(
         folder / LLAMA_SCOPE_WEIGHTS, f"checkpoint of {folder.name}",
         {"encoder.weight": (n, d), "encoder.bias": (n,), "decoder.weight": (d, n), "decoder.bias": (d,)},
@@ -252,21 +384,20 @@ def load_llama_scope(
     b_enc = t["encoder.bias"].double()
     W_dec = t["decoder.weight"].double().t()
     b_dec = t["decoder.bias"].double()
-    if not hp.get("use_decoder_bias", True):
+    if not use_b_dec:
         b_dec = torch.zeros_like(b_dec)
-    if hp.get("apply_decoder_bias_to_pre_encoder", False):
+    if pre_b_dec:
         b_enc = b_enc - W_enc @ b_dec  # W_enc (x_n - b_dec) + b_enc, in normalised space
-    k = int(hp.get("top_k", 50) or 50)
+    layer, position = _layer_position(hook_in, hook_out)
     cfg = SAEConfig(
-        d_model=d, d_sae=n, k=min(max(k, 1), n), weighted_topk=weighted, activation=act,
-        dtype="float64", norm_in=s_in, norm_out=s_out,
-        hook_point_in=hp.get("hook_point_in"), hook_point_out=hp.get("hook_point_out"),
-        model_name=_read_model_name(folder),
+        d_model=d, d_sae=n, k=k, weighted_topk=weighted, activation=act,
+        dtype="float64", norm_in=s_in, norm_out=s_out, hook_point_in=hook_in, hook_point_out=hook_out,
+        model_name=_read_model_name(folder), layer=layer, position=position,
     )
     theta = None
     if act == "jumprelu":
-        _require(hp, ("jump_relu_threshold",), f"hyperparams.json in {folder}")
-        theta = float(hp["jump_relu_threshold"])
+        _require(hp, ("jump_relu_threshold",), where)
+        theta = _get_float(hp, "jump_relu_threshold", where)
     # Threshold in the module's score units: the method gates h' = z * n / s_out (weighted) or z / s_in.
     factor = s_out if weighted else s_in
     sae = _assemble(cfg, W_enc, b_enc, W_dec, b_dec, None if theta is None else theta * factor)
@@ -279,12 +410,10 @@ def load_llama_scope(
 
 def _read_model_name(folder: Path) -> Optional[str]:
     f = folder / "lm_config.json"
-    if f.is_file():
-        try:
-            return json.load(open(f)).get("model_name")
-        except (json.JSONDecodeError, AttributeError):
-            return None
-    return None
+    if not f.is_file():
+        return None
+    lm = _read_json(f, "lm_config.json")
+    return _get_str(lm, "model_name", f"lm_config.json ({f})")
 
 
 def save_llama_scope(
@@ -303,9 +432,12 @@ def save_llama_scope(
                 "thresholds (use save() or to_saelens() instead)"
             )
         theta = float(th[0]) / factor
+    hook_in, hook_out = cfg.hook_point_in, cfg.hook_point_out
+    if hook_in is None and cfg.layer is not None and cfg.position is not None:
+        hook_in, hook_out = hook_points(cfg.layer, cfg.position)
     hp = {
         "d_model": d, "d_sae": n, "expansion_factor": n // d if n % d == 0 else n / d,
-        "hook_point_in": cfg.hook_point_in, "hook_point_out": cfg.hook_point_out,
+        "hook_point_in": hook_in, "hook_point_out": hook_out or hook_in,
         "act_fn": cfg.activation, "jump_relu_threshold": theta, "top_k": cfg.k,
         "norm_activation": "dataset-wise",
         "dataset_average_activation_norm": {"in": math.sqrt(d) / cfg.norm_in, "out": math.sqrt(d) / cfg.norm_out},
@@ -317,6 +449,14 @@ def save_llama_scope(
     hp.update(hyperparams or {})
     lm = {"model_name": cfg.model_name, "d_model": d}
     lm.update(lm_config or {})
+    if not isinstance(lm.get("model_name"), str) or not lm["model_name"]:
+        # The release code's reader needs a string here (null breaks it). Say so instead of guessing.
+        warnings.warn(
+            "to_llama_scope: the SAE has no model name (cfg.model_name is None); lm_config.json gets "
+            "model_name 'unknown'. Set cfg.model_name or pass lm_config={'model_name': ...}.",
+            stacklevel=3,
+        )
+        lm["model_name"] = "unknown"
     dt = DTYPES[dtype] if dtype else sae.W_enc.dtype
     path = Path(path)
     atomic_save_safetensors(path / LLAMA_SCOPE_WEIGHTS, {
@@ -329,54 +469,187 @@ def save_llama_scope(
 
 # ------------------------------------------------------------------------------ SAELens
 
+# Architectures of SAELens (6.x, and the configs of 5.x) whose inference TopKSAE reproduces exactly.
+SAELENS_ARCHITECTURES = (
+    "standard", "jumprelu", "gated", "topk", "batchtopk", "matryoshka_batchtopk",
+    "transcoder", "jumprelu_transcoder",
+)
+_SAELENS_REFUSED = {
+    "abstopk": "its TopK selects by |pre-activation| and keeps negative values",
+    "skip_transcoder": "it adds a skip matrix W_skip x",
+    "jumprelu_skip_transcoder": "it adds a skip matrix W_skip x",
+    "temporal": "its encoder attends over previous tokens",
+    "matching_pursuit": "its encoder is iterative matching pursuit",
+}
+# The SAELens config layout to_saelens writes (SAELens >= 6 reads metadata only from such configs).
+SAELENS_FORMAT_VERSION = "6.0.0"
+
 
 def load_saelens(path: PathLike, device=None, dtype: Optional[str] = None) -> TopKSAE:
     path = Path(path)
-    c = _read_json(path / "cfg.json", "cfg.json")
-    _require(c, ("d_in", "d_sae"), f"cfg.json in {path}")
-    d, n = int(c["d_in"]), int(c["d_sae"])
+    if not path.is_dir():
+        raise ValueError(f"path: expected a SAELens folder (cfg.json + sae_weights.safetensors), got {str(path)!r}")
+    cfg_file = path / "cfg.json"
+    c = _read_json(cfg_file, "cfg.json")
+    where = f"cfg.json ({cfg_file})"
+    meta = c.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: metadata: expected a JSON object, got {meta!r}")
+
+    def field(*keys):  # SAELens 6 keeps provenance under "metadata"; 5.x at the top level
+        for key in keys:
+            for src in (c, meta):
+                if src.get(key) is not None:
+                    return src[key]
+        return None
+
     arch = c.get("architecture", "standard")
-    if arch not in ("standard", "jumprelu", "topk"):
-        raise ValueError(f"cfg.json: architecture: expected 'standard', 'jumprelu' or 'topk', got {arch!r}")
-    if c.get("normalize_activations") not in (None, "none"):
+    act_fn = c.get("activation_fn", c.get("activation_fn_str"))  # 5.x configs
+    kwargs = c.get("activation_fn_kwargs") or {}
+    if arch == "standard" and act_fn == "topk":
+        arch = "topk"  # how SAELens reads a 5.x TopK config
+    if arch in _SAELENS_REFUSED:
+        raise ValueError(f"{where}: architecture {arch!r} cannot be loaded as a TopKSAE: {_SAELENS_REFUSED[arch]}")
+    if arch not in SAELENS_ARCHITECTURES:
+        raise ValueError(f"{where}: architecture: expected one of {SAELENS_ARCHITECTURES}, got {arch!r}")
+    if act_fn not in (None, "relu", "topk"):
+        raise ValueError(f"{where}: activation_fn: expected 'relu' or 'topk', got {act_fn!r}")
+    d = _get_int(c, "d_in", where)
+    n = _get_int(c, "d_sae", where)
+    transcoder = arch in ("transcoder", "jumprelu_transcoder")
+    if transcoder and _get_int(c, "d_out", where, default=d) != d:
+        raise ValueError(f"{where}: d_out={c['d_out']} != d_in={d}: a TopKSAE reads and writes one width")
+    norm = c.get("normalize_activations", "none")
+    if norm in (None, False):
+        norm = "none"
+    if norm != "none":
         raise ValueError(
-            f"cfg.json: normalize_activations={c['normalize_activations']!r} is not supported "
-            "(its scaling factor is not stored with the weights)"
+            f"{where}: normalize_activations={norm!r} is not supported (its scaling is not stored with the "
+            "weights, or is computed per token); fold it into the weights first"
         )
-    req = {"W_enc": (d, n), "W_dec": (n, d), "b_enc": (n,), "b_dec": (d,)}
-    if arch == "jumprelu":
-        req["threshold"] = (n,)
+    # SAELens subtracts b_dec from the input unless told otherwise, for every architecture
+    # (transcoders never do: their b_dec lives in the output space).
+    apply_b_dec = False if transcoder else _get_bool(c, "apply_b_dec_to_input", where, True)
+    rescale = _get_bool(c, "rescale_acts_by_decoder_norm", where, False)
+    hook_name = field("hook_name", "hook_point")
+    hook_out = field("hook_name_out") or hook_name
+    for key, v in (("hook_name", hook_name), ("hook_name_out", hook_out), ("model_name", field("model_name"))):
+        if v is not None and not isinstance(v, str):
+            raise ValueError(f"{where}: {key}: expected a string, got {v!r}")
+    reshape = c.get("reshape_activations")
+    if reshape is None:  # 5.x: an SAE on hook_z flattened the heads
+        reshape = "hook_z" if "hook_z" in (hook_name or "") else "none"
+    if reshape not in ("none", "hook_z"):
+        raise ValueError(f"{where}: reshape_activations: expected 'none' or 'hook_z', got {reshape!r}")
+    layer = field("hook_layer")
+    if layer is not None:
+        layer = _get_int({"hook_layer": layer}, "hook_layer", where, lo=0)
+    _, position = _layer_position(hook_name, hook_out)
+    if layer is None:
+        layer = _layer_position(hook_name, hook_out)[0]
+
+    req = {"W_enc": (d, n), "W_dec": (n, d), "b_dec": (d,)}
+    req.update({"b_gate": (n,), "b_mag": (n,), "r_mag": (n,)} if arch == "gated" else {"b_enc": (n,)})
     t = _read_tensors(path / "sae_weights.safetensors", f"SAELens weights in {path}", req)
-    W_enc, b_enc = t["W_enc"].double().t(), t["b_enc"].double()
-    W_dec, b_dec = t["W_dec"].double(), t["b_dec"].double()
-    if c.get("apply_b_dec_to_input", arch != "topk"):
+    W_enc, W_dec, b_dec = t["W_enc"].double().t(), t["W_dec"].double(), t["b_dec"].double()
+    weighted, threshold, activation = False, None, "jumprelu"
+    k = min(50, n)  # the target L0 of a JumpReLU SAE: informational
+    if arch == "gated":
+        # f = [W x + b_gate > 0] * relu(e^r W x + b_mag): with W' = e^r W and b' = b_mag this is
+        # relu(W' x + b') gated at W' x + b' > b_mag - e^r b_gate (a per-latent JumpReLU threshold;
+        # where that is negative the gate passes exactly what relu passes).
+        r = t["r_mag"].double().exp()
+        W_enc = W_enc * r[:, None]
+        b_enc = t["b_mag"].double()
+        threshold = b_enc - r * t["b_gate"].double()
+    else:
+        b_enc = t["b_enc"].double()
+    if arch in ("standard", "transcoder"):
+        threshold = torch.zeros(n, dtype=torch.float64)  # ReLU: relu(pre) > 0 passes all of relu
+    elif arch in ("jumprelu", "jumprelu_transcoder"):
+        if "threshold" in t:
+            threshold = _checked(t, "threshold", (n,), path).double()
+        elif "log_threshold" in t:  # older JumpReLU checkpoints
+            threshold = _checked(t, "log_threshold", (n,), path).double().exp()
+        else:
+            raise ValueError(f"SAELens weights in {path}: {arch} needs a tensor 'threshold' (has {sorted(t)})")
+    elif arch == "topk":
+        activation, weighted = "topk", rescale
+        k = _get_int({"k": c.get("k", kwargs.get("k", 100))}, "k", where, hi=n, hi_name=f"d_sae={n}")
+    elif arch in ("batchtopk", "matryoshka_batchtopk"):
+        # A training checkpoint; SAELens exports it as a JumpReLU SAE with the learned batch threshold,
+        # compared with relu(pre) * ||W_dec[i]|| when rescale_acts_by_decoder_norm is on.
+        weighted = rescale
+        threshold = float(_checked(t, "topk_threshold", (), path).double())
+        kf = c.get("k", 100)
+        if isinstance(kf, bool) or not isinstance(kf, (int, float)) or not math.isfinite(kf) or kf <= 0:
+            raise ValueError(f"{where}: k: expected a positive number, got {kf!r}")
+        k = min(n, max(1, round(kf)))
+    if "scaling_factor" in t:  # SAELens < 6 scaled the latents before decoding: fold into W_dec rows
+        W_dec = W_dec * _checked(t, "scaling_factor", (n,), path).double()[:, None]
+    if apply_b_dec:
         b_enc = b_enc - W_enc @ b_dec
-    k = (c.get("activation_fn_kwargs") or {}).get("k", c.get("k", 50))
     cfg = SAEConfig(
-        d_model=d, d_sae=n, k=min(int(k), n), weighted_topk=False,
-        activation="topk" if arch == "topk" else "jumprelu", dtype="float64",
-        hook_point_in=c.get("hook_name"), hook_point_out=c.get("hook_name"),
-        model_name=c.get("model_name"), layer=c.get("hook_layer"),
+        d_model=d, d_sae=n, k=k, weighted_topk=weighted, activation=activation, dtype="float64",
+        hook_point_in=hook_name, hook_point_out=hook_out, model_name=field("model_name"), layer=layer,
+        position=position, reshape_activations=reshape,
     )
-    threshold = t["threshold"].double() if arch == "jumprelu" else None  # "standard" is ReLU: threshold 0
     sae = _assemble(cfg, W_enc, b_enc, W_dec, b_dec, threshold)
-    return _finish(sae, dtype or str(t["W_enc"].dtype).replace("torch.", ""), device)
+    if weighted:
+        sae.fold_decoder_norm()  # latents = SAELens's encode (relu(pre) * ||W_dec[i]||), unit-norm rows
+    if dtype is None:
+        dtype = c.get("dtype")
+        dtype = dtype.replace("torch.", "") if isinstance(dtype, str) else None
+        if dtype not in DTYPES:
+            dtype = _tensor_dtype_name(t["W_enc"])
+    return _finish(sae, dtype, device)
+
+
+def _checked(t: Dict[str, torch.Tensor], key: str, shape: tuple, path: Path) -> torch.Tensor:
+    if key not in t:
+        raise ValueError(f"SAELens weights in {path}: no tensor {key!r} (has {sorted(t)})")
+    v = t[key]
+    if tuple(v.shape) != tuple(shape):
+        raise ValueError(f"SAELens weights in {path}: tensor {key!r}: expected shape {list(shape)}, got {list(v.shape)}")
+    return v
 
 
 def save_saelens(sae: TopKSAE, path: PathLike) -> None:
     """Write SAELens' layout from a folded copy (SAELens selects and gates on the plain pre-activation)."""
     f = sae.folded()
     cfg = f.cfg
-    arch = cfg.activation
+    hook_in = cfg.hook_point_in
+    hook_out = cfg.hook_point_out or hook_in
+    transcoder = hook_out != hook_in
     tensors = {"W_enc": f.W_enc.t(), "W_dec": f.W_dec, "b_enc": f.b_enc, "b_dec": f.b_dec}
-    if arch == "jumprelu":
-        tensors["threshold"] = f.threshold.to(f.W_enc.dtype)
+    if cfg.activation == "topk":
+        arch = "topk"  # SAELens has no TopK transcoder: metadata.hook_name_out records the target
+    else:
+        relu = bool((f.threshold == 0).all())
+        arch = ("transcoder" if relu else "jumprelu_transcoder") if transcoder else ("standard" if relu else "jumprelu")
+        if not relu:
+            tensors["threshold"] = f.threshold.to(f.W_enc.dtype)
+    layer = cfg.layer if cfg.layer is not None else _layer_position(hook_in, hook_out)[0]
+    metadata = {
+        "sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
+        "model_name": cfg.model_name, "hook_name": hook_in, "hook_layer": layer, "hook_head_index": None,
+        "prepend_bos": True, "written_by": "sae-kernels",
+    }
+    if transcoder:
+        metadata["hook_name_out"] = hook_out
     c = {
         "architecture": arch, "d_in": cfg.d_model, "d_sae": cfg.d_sae, "dtype": cfg.dtype, "device": "cpu",
         "apply_b_dec_to_input": False, "normalize_activations": "none",
-        "activation_fn_kwargs": {"k": cfg.k} if arch == "topk" else {}, "k": cfg.k,
-        "hook_name": cfg.hook_point_in, "hook_layer": cfg.layer, "model_name": cfg.model_name,
+        "reshape_activations": cfg.reshape_activations, "metadata": metadata,
+        # Read by SAELens 5.x and by SAEBench, which look at the top level first.
+        "model_name": cfg.model_name, "hook_name": hook_in, "hook_layer": layer,
+        "activation_fn_str": "topk" if arch == "topk" else "relu",
+        "activation_fn_kwargs": {"k": cfg.k} if arch == "topk" else {},
     }
+    if arch == "topk":
+        c.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
+    if arch in ("transcoder", "jumprelu_transcoder"):
+        c["d_out"] = cfg.d_model
     path = Path(path)
     atomic_save_safetensors(path / "sae_weights.safetensors", tensors)
     atomic_write_json(path / "cfg.json", c)
@@ -387,22 +660,55 @@ def save_saelens(sae: TopKSAE, path: PathLike) -> None:
 
 def load_sparsify(path: PathLike, device=None, dtype: Optional[str] = None) -> TopKSAE:
     path = Path(path)
-    c = _read_json(path / "cfg.json", "cfg.json")
-    _require(c, ("d_in", "k"), f"cfg.json in {path}")
+    if not path.is_dir():
+        raise ValueError(f"path: expected a sparsify folder (cfg.json + sae.safetensors), got {str(path)!r}")
+    cfg_file = path / "cfg.json"
+    c = _read_json(cfg_file, "cfg.json")
+    where = f"cfg.json ({cfg_file})"
     if c.get("activation", "topk") != "topk":
-        raise ValueError(f"cfg.json: activation: expected 'topk', got {c['activation']!r}")
-    if c.get("skip_connection"):
-        raise ValueError("cfg.json: skip_connection=true is not supported (TopKSAE has no skip matrix)")
-    d = int(c["d_in"])
-    n = int(c.get("num_latents") or d * int(c.get("expansion_factor", 32)))
+        raise ValueError(f"{where}: activation: expected 'topk', got {c['activation']!r}")
+    if _get_bool(c, "skip_connection", where, False):
+        raise ValueError(f"{where}: skip_connection=true is not supported (TopKSAE has no skip matrix)")
+    d = _get_int(c, "d_in", where)
+    n = _get_int(c, "num_latents", where, lo=0, default=0) or d * _get_int(c, "expansion_factor", where, default=32)
+    k = _get_int(c, "k", where, hi=n, hi_name=f"num_latents={n}")
+    transcode = _get_bool(c, "transcode", where, False)
     t = _read_tensors(
         path / "sae.safetensors", f"sparsify weights in {path}",
         {"encoder.weight": (n, d), "encoder.bias": (n,), "W_dec": (n, d), "b_dec": (d,)},
     )
     W_enc, b_enc = t["encoder.weight"].double(), t["encoder.bias"].double()
     W_dec, b_dec = t["W_dec"].double(), t["b_dec"].double()
-    if not c.get("transcode", False):
+    if not transcode:
         b_enc = b_enc - W_enc @ b_dec  # sparsify encodes x - b_dec
-    cfg = SAEConfig(d_model=d, d_sae=n, k=min(int(c["k"]), n), weighted_topk=False, dtype="float64")
+    cfg = SAEConfig(d_model=d, d_sae=n, k=k, weighted_topk=False, dtype="float64")
     sae = _assemble(cfg, W_enc, b_enc, W_dec, b_dec)
-    return _finish(sae, dtype or str(t["encoder.weight"].dtype).replace("torch.", ""), device)
+    return _finish(sae, dtype or _tensor_dtype_name(t["encoder.weight"]), device)
+
+
+def save_sparsify(sae: TopKSAE, path: PathLike) -> None:
+    """sparsify's layout, from a folded copy: ``relu(encoder(x - b_dec))``, TopK, ``W_dec``, ``b_dec``."""
+    if sae.cfg.activation != "topk":
+        raise ValueError(
+            "sae: sparsify stores TopK SAEs only; this SAE is JumpReLU (use to_saelens() or save() instead)"
+        )
+    f = sae.folded()
+    cfg = f.cfg
+    transcode = cfg.hook_point_out is not None and cfg.hook_point_in != cfg.hook_point_out
+    dt = f.W_enc.dtype
+    bias = f.b_enc.double()
+    if not transcode:
+        bias = bias + f.W_enc.double() @ f.b_dec.double()  # undo sparsify's x - b_dec
+    n, d = cfg.d_sae, cfg.d_model
+    norms = f.W_dec.detach().double().norm(dim=1)
+    tol = 1e-2 if dt in (torch.bfloat16, torch.float16) else 1e-5
+    c = {
+        "activation": "topk", "expansion_factor": max(1, n // d), "num_latents": n, "k": cfg.k,
+        "normalize_decoder": bool(torch.allclose(norms, torch.ones_like(norms), atol=tol)),
+        "multi_topk": False, "skip_connection": False, "transcode": transcode, "d_in": d,
+    }
+    path = Path(path)
+    atomic_save_safetensors(path / "sae.safetensors", {
+        "encoder.weight": f.W_enc, "encoder.bias": bias.to(dt), "W_dec": f.W_dec, "b_dec": f.b_dec,
+    })
+    atomic_write_json(path / "cfg.json", c)

@@ -1,72 +1,174 @@
-"""The public functional ops: ``topk_encode`` and ``sparse_decode``, with autograd.
+"""The public functional ops, ``topk_encode`` and ``sparse_decode``, with autograd; and the trainer's route.
 
-The autograd Functions only save tensors and call the four primitives of the chosen backend
+The autograd Functions only save tensors and call the primitives of the chosen backend
 (``backend.get_impl``): the math lives in the kernels and in ``reference.py``.
+
+Two routes reach the same Functions:
+
+* the public ops validate everything a user can get wrong: shapes, dtypes, devices, k, and (one host
+  sync each, on by default) non-finite inputs, negative decoder norms and out-of-range indices.
+  Indices that ``topk_encode`` returned are in range by construction, so ``sparse_decode`` trusts
+  exactly those tensors (unmodified since: their version counter is checked) and checks any other;
+  there is no way to skip the check for indices of unknown origin.
+* ``encode_for_training`` / ``decode_for_training``: the trainer's hot loop. No host sync at all:
+  inputs may hold NaN (the documented NaN semantics apply and every index stays in range), and
+  ``decode_for_training`` accepts only indices an encode produced (anything else is a ValueError).
+  Both take an optional compute copy of the weights (bf16 copies of fp32 masters, kept current by
+  ``sae_kernels.optim.SAEAdam``): the math reads the copy, the gradients are written in the
+  masters' dtype directly (no bf16 gradient, no cast of the weights in the step).
+
+NaN semantics (both backends): a latent whose pre-activation or score is NaN ranks above every
+number and keeps the value NaN; a NaN input row gives k NaN values at distinct, in-range latents,
+and NaN reconstructions. Nothing is silently zeroed.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import weakref
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._validate import check_finite, check_k, check_tensor
+from ._validate import check_k, check_tensor
 from .backend import get_impl
 
 Tensor = torch.Tensor
 
 
+# -------------------------------------------------------------------------------- trusted indices
+# id(indices) -> (weak reference, version counter at creation, d_sae they were selected from)
+_TRUSTED: Dict[int, Tuple["weakref.ref[Tensor]", int, int]] = {}
+
+
+def _trust(indices: Tensor, n: int) -> None:
+    """Remember ``indices`` (just selected out of ``n`` latents) as in range."""
+    if indices.is_inference():  # no version counter: cannot tell later writes apart; checked instead
+        return
+    key = id(indices)
+
+    def _drop(ref, key=key):
+        entry = _TRUSTED.get(key)
+        if entry is not None and entry[0] is ref:
+            _TRUSTED.pop(key, None)
+
+    _TRUSTED[key] = (weakref.ref(indices, _drop), indices._version, n)
+
+
+def _trusted(indices: Tensor, n: int) -> bool:
+    """True for a tensor an encode returned, unmodified since, selected from at most ``n`` latents."""
+    entry = _TRUSTED.get(id(indices))
+    return (entry is not None and entry[0]() is indices and not indices.is_inference()
+            and entry[1] == indices._version and entry[2] <= n)
+
+
+def _check_index_range(idx: Tensor, n: int) -> None:
+    if idx.numel() and bool(((idx < 0) | (idx >= n)).any()):  # one host sync
+        raise ValueError(f"indices: expected values in [0, {n}) (d_sae of W_dec), "
+                         f"got [{int(idx.min())}, {int(idx.max())}]")
+
+
+def _check_encode_inputs(x: Tensor, dec_norm: Optional[Tensor]) -> None:
+    """Finite x, finite non-negative dec_norm: one host sync for both."""
+    bad = ~torch.isfinite(x).all()
+    if dec_norm is not None:
+        bad_norm = ~(torch.isfinite(dec_norm) & (dec_norm >= 0)).all()
+        bad_x, bad_norm = torch.stack([bad, bad_norm]).tolist()
+    else:
+        bad_x, bad_norm = bool(bad), False
+    if bad_x:
+        raise ValueError("x: expected finite values, found NaN or Inf")
+    if bad_norm:
+        raise ValueError("dec_norm: expected finite values >= 0 (decoder row norms)")
+
+
+# -------------------------------------------------------------------------------- autograd
+
+
+def _encode_backward(ctx, grad_values):
+    """Gradients of x, W_enc, b_enc through the selected values (shared by both encode Functions)."""
+    x, W_c, values, indices = ctx.saved_tensors
+    impl = ctx.impl
+    # ReLU: only selected latents with a positive pre-activation pass gradient.
+    g = torch.where(values > 0, grad_values, torch.zeros_like(grad_values)).to(W_c.dtype)
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx = dW = db = None
+    if need_x:
+        dx = impl.gather_rows(g, indices, W_c).to(x.dtype)
+    if need_w or need_b:
+        dW, db = impl.scatter_outer(g, indices, x.to(W_c.dtype), W_c.shape[0], with_sum=need_b,
+                                    out_dtype=ctx.w_dtype)
+        dW = dW if need_w else None
+        db = db.to(ctx.b_dtype) if need_b else None
+    return dx, dW, db
+
+
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k, dec_norm):
-        impl = get_impl(x.device, W_enc.dtype)
-        values, indices = impl.encode_select(x, W_enc, b_enc, k, dec_norm)
-        ctx.save_for_backward(x, W_enc, values, indices)
-        ctx.impl = impl
+    def forward(ctx, x, W_enc, b_enc, k, dec_norm, W_c, b_c, keep):
+        # W_enc / b_enc receive the gradients; W_c / b_c (the same tensors, or compute copies) are read.
+        # keep: None, or a dict that receives the pre-activations (for EncodeScores, not for backward).
+        impl = get_impl(x.device, W_c.dtype)
+        out = impl.encode_select(x, W_c, b_c, k, dec_norm, return_pre=keep is not None)
+        values, indices = out[0], out[1]
+        if keep is not None:
+            keep["pre"] = out[2]
+        ctx.save_for_backward(x, W_c, values, indices)
+        ctx.impl, ctx.w_dtype, ctx.b_dtype = impl, W_enc.dtype, b_enc.dtype
         ctx.mark_non_differentiable(indices)
         return values, indices
 
     @staticmethod
     def backward(ctx, grad_values, _grad_indices):
-        x, W_enc, values, indices = ctx.saved_tensors
-        impl = ctx.impl
-        # ReLU: only selected latents with a positive pre-activation pass gradient.
-        g = torch.where(values > 0, grad_values, torch.zeros_like(grad_values)).to(W_enc.dtype)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = dW = db = None
-        if need_x:
-            dx = impl.gather_rows(g, indices, W_enc).to(x.dtype)
-        if need_w or need_b:
-            dW, db = impl.scatter_outer(g, indices, x.to(W_enc.dtype), W_enc.shape[0], with_sum=need_b)
-            dW = dW if need_w else None
-        return dx, dW, db, None, None
+        dx, dW, db = _encode_backward(ctx, grad_values)
+        return dx, dW, db, None, None, None, None, None
+
+
+class _SelectFromPre(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, k, pre, dec_norm, allowed, W_c):
+        impl = get_impl(x.device, W_c.dtype)
+        values, indices = impl.select_from_pre(pre, k, dec_norm, allowed)
+        ctx.save_for_backward(x, W_c, values, indices)
+        ctx.impl, ctx.w_dtype, ctx.b_dtype = impl, W_enc.dtype, b_enc.dtype
+        ctx.mark_non_differentiable(indices)
+        return values, indices
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_indices):
+        dx, dW, db = _encode_backward(ctx, grad_values)
+        return dx, dW, db, None, None, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, indices, W_dec, b_dec):
-        impl = get_impl(values.device, W_dec.dtype)
-        out = impl.gather_rows(values.to(W_dec.dtype), indices, W_dec)
+    def forward(ctx, values, indices, W_dec, b_dec, W_c):
+        # W_dec / b_dec receive the gradients; W_c (W_dec or its compute copy) is read.
+        impl = get_impl(values.device, W_c.dtype)
+        out = impl.gather_rows(values.to(W_c.dtype), indices, W_c)
         if b_dec is not None:
-            out = out + b_dec
-        ctx.save_for_backward(values, indices, W_dec)
-        ctx.impl = impl
-        ctx.has_bias = b_dec is not None
+            out = out + b_dec.to(W_c.dtype)
+        ctx.save_for_backward(values, indices, W_c)
+        ctx.impl, ctx.w_dtype = impl, W_dec.dtype
+        ctx.b_dtype = b_dec.dtype if b_dec is not None else None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        values, indices, W_dec = ctx.saved_tensors
+        values, indices, W_c = ctx.saved_tensors
         impl = ctx.impl
         grad_out = grad_out.contiguous()
         dvalues = dW = db = None
         if ctx.needs_input_grad[0]:
-            dvalues = impl.gather_dot(grad_out, indices, W_dec).to(values.dtype)
+            dvalues = impl.gather_dot(grad_out, indices, W_c).to(values.dtype)
         if ctx.needs_input_grad[2]:
-            dW, _ = impl.scatter_outer(values.to(W_dec.dtype), indices, grad_out.to(W_dec.dtype), W_dec.shape[0], False)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            db = grad_out.sum(0, dtype=torch.float32 if grad_out.dtype != torch.float64 else torch.float64)
-            db = db.to(grad_out.dtype)
-        return dvalues, None, dW, db
+            dW, _ = impl.scatter_outer(values.to(W_c.dtype), indices, grad_out.to(W_c.dtype), W_c.shape[0],
+                                       False, out_dtype=ctx.w_dtype)
+        if ctx.b_dtype is not None and ctx.needs_input_grad[3]:
+            acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+            db = grad_out.sum(0, dtype=acc).to(ctx.b_dtype)
+        return dvalues, None, dW, db, None
+
+
+# -------------------------------------------------------------------------------- public ops
 
 
 def _flatten(name: str, t: Tensor, d: int) -> Tensor:
@@ -74,6 +176,23 @@ def _flatten(name: str, t: Tensor, d: int) -> Tensor:
     if t.dim() < 1 or t.shape[-1] != d:
         raise ValueError(f"{name}: expected shape [..., {d}], got {list(t.shape)}")
     return t.reshape(-1, d)
+
+
+def _encode_args(x, W_enc, b_enc, k, dec_norm):
+    """Host-side checks shared by both routes; returns (x [N, d], lead dims, b_enc, k, dec_norm)."""
+    check_tensor("W_enc", W_enc, ndim=2)
+    n, d = W_enc.shape
+    lead = x.shape[:-1] if isinstance(x, torch.Tensor) else None
+    x2 = _flatten("x", x, d)
+    check_tensor("b_enc", b_enc, shape=(n,), device=W_enc.device)
+    if x2.device != W_enc.device:
+        raise ValueError(f"x: expected a tensor on {W_enc.device} (where W_enc is), got {x2.device}")
+    if x2.dtype != W_enc.dtype:
+        raise ValueError(f"x: expected dtype {W_enc.dtype} (the dtype of W_enc), got {x2.dtype}")
+    if dec_norm is not None:
+        check_tensor("dec_norm", dec_norm, shape=(n,), device=W_enc.device)
+        dec_norm = dec_norm.detach()
+    return x2, lead, b_enc, check_k(k, n), dec_norm
 
 
 def topk_encode(
@@ -94,31 +213,42 @@ def topk_encode(
         k: latents kept per row, ``1 <= k <= d_sae``.
         dec_norm: ``[d_sae]`` decoder row norms weighting the selection, or None for plain TopK.
             Treated as a constant: no gradient flows into it.
-        check_finite_input: reject NaN/Inf in ``x`` with a ValueError. Costs one host sync: training
-            loops that validated their data pass False.
+        check_finite_input: reject NaN/Inf in ``x``, and NaN/Inf or negative ``dec_norm``, with a
+            ValueError (one host sync). With False, NaN follows the package's NaN semantics (a NaN
+            pre-activation ranks first and keeps the value NaN) and every index is still in range.
 
     Returns:
         ``(values, indices)``, both ``[..., k]``: ``relu(x @ W_enc.T + b_enc)`` at the k latents with
         the largest ``relu(pre) * dec_norm`` per row (any order within a row), and int64 indices.
         Differentiable w.r.t. ``x``, ``W_enc`` and ``b_enc``; only the selected latents get gradient.
     """
-    check_tensor("W_enc", W_enc, ndim=2)
-    n, d = W_enc.shape
-    lead = x.shape[:-1] if isinstance(x, torch.Tensor) else None
-    x2 = _flatten("x", x, d)
-    check_tensor("b_enc", b_enc, shape=(n,), device=W_enc.device)
-    if x2.device != W_enc.device:
-        raise ValueError(f"x: expected a tensor on {W_enc.device} (where W_enc is), got {x2.device}")
-    if x2.dtype != W_enc.dtype:
-        raise ValueError(f"x: expected dtype {W_enc.dtype} (the dtype of W_enc), got {x2.dtype}")
-    if dec_norm is not None:
-        check_tensor("dec_norm", dec_norm, shape=(n,), device=W_enc.device)
-        dec_norm = dec_norm.detach()
-    k = check_k(k, n)
+    x2, lead, b_enc, k, dec_norm = _encode_args(x, W_enc, b_enc, k, dec_norm)
     if check_finite_input:
-        check_finite("x", x2)
-    values, indices = _TopKEncode.apply(x2.contiguous(), W_enc, b_enc.to(W_enc.dtype), k, dec_norm)
-    return values.reshape(*lead, k), indices.reshape(*lead, k)
+        _check_encode_inputs(x2, dec_norm)
+    b = b_enc.to(W_enc.dtype)
+    values, indices = _TopKEncode.apply(x2.contiguous(), W_enc, b, k, dec_norm, W_enc, b, None)
+    values, indices = values.reshape(*lead, k), indices.reshape(*lead, k)
+    _trust(indices, W_enc.shape[0])
+    return values, indices
+
+
+def _decode_args(values, indices, W_dec, b_dec):
+    check_tensor("W_dec", W_dec, ndim=2)
+    n, d = W_dec.shape
+    check_tensor("values", values)
+    check_tensor("indices", indices, dtypes=(torch.int64, torch.int32), device=values.device)
+    if indices.shape != values.shape or values.dim() < 1:
+        raise ValueError(
+            f"indices: expected the shape of values {list(values.shape)}, got {list(indices.shape)}"
+        )
+    if values.device != W_dec.device:
+        raise ValueError(f"values: expected a tensor on {W_dec.device} (where W_dec is), got {values.device}")
+    if b_dec is not None:
+        check_tensor("b_dec", b_dec, shape=(d,), device=W_dec.device)
+    k = values.shape[-1]
+    if k == 0:
+        raise ValueError("values: expected at least one latent per row (k >= 1), got k = 0")
+    return n, d, k
 
 
 def sparse_decode(
@@ -134,163 +264,172 @@ def sparse_decode(
     Args:
         values: ``[..., k]`` latent values. indices: ``[..., k]`` int64 latent ids in ``[0, d_sae)``.
         W_dec: ``[d_sae, d_model]`` decoder, latent-major. b_dec: ``[d_model]`` or None.
+        check_indices: kept for compatibility; there is no unchecked path. Indices exactly as
+            ``topk_encode`` returned them (same tensor, not modified since) are in range by
+            construction and never re-checked; any other indices are range-checked (one host sync)
+            and out-of-range ids raise a ValueError.
 
     Returns ``[..., d_model]`` in ``W_dec.dtype``; differentiable w.r.t. values, W_dec and b_dec.
-    Repeated indices within a row add up. ``check_indices=False`` skips the range check (a host
-    sync); pass it only for indices that ``topk_encode`` produced.
+    Repeated indices within a row add up.
     """
-    check_tensor("W_dec", W_dec, ndim=2)
-    n, d = W_dec.shape
-    check_tensor("values", values)
-    check_tensor("indices", indices, dtypes=(torch.int64, torch.int32), device=values.device)
-    if indices.shape != values.shape or values.dim() < 1:
-        raise ValueError(
-            f"indices: expected the shape of values {list(values.shape)}, got {list(indices.shape)}"
-        )
-    if values.device != W_dec.device:
-        raise ValueError(f"values: expected a tensor on {W_dec.device} (where W_dec is), got {values.device}")
-    if b_dec is not None:
-        check_tensor("b_dec", b_dec, shape=(d,), device=W_dec.device)
-        b_dec = b_dec.to(W_dec.dtype)
-    lead, k = values.shape[:-1], values.shape[-1]
-    if k == 0:
-        raise ValueError("values: expected at least one latent per row (k >= 1), got k = 0")
+    n, d, k = _decode_args(values, indices, W_dec, b_dec)
+    lead = values.shape[:-1]
     idx2 = indices.reshape(-1, k).long()
-    if check_indices and idx2.numel() and (int(idx2.min()) < 0 or int(idx2.max()) >= n):
-        raise ValueError(f"indices: expected values in [0, {n}) (d_sae of W_dec), got [{int(idx2.min())}, {int(idx2.max())}]")
-    out = _SparseDecode.apply(values.reshape(-1, k).contiguous(), idx2.contiguous(), W_dec, b_dec)
+    if not _trusted(indices, n):
+        _check_index_range(idx2, n)
+    b = b_dec.to(W_dec.dtype) if b_dec is not None else None
+    out = _SparseDecode.apply(values.reshape(-1, k).contiguous(), idx2.contiguous(), W_dec, b, W_dec)
     return out.reshape(*lead, d)
 
 
-# --------------------------------------------------------------------------------------------------
-# A second selection from the same pre-activations (AuxK over dead latents)
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------- the trainer's route
 
 
-def _encode_select_aux(impl, x, W_enc, b_enc, k, dec_norm, aux_latents):
-    """``(values, indices, z_aux [N, m], score_aux [N, m])``: the main selection and, for the ``m``
-    latents ``aux_latents``, ``relu(pre)`` and its selection score. The PyTorch path reads the last two
-    from the forward's own pre-activations; other backends compute them with one ``N x m x d`` GEMM
-    over those rows only."""
-    fused = getattr(impl, "encode_select_aux", None)
-    if fused is not None:
-        return fused(x, W_enc, b_enc, k, dec_norm, aux_latents)
-    values, indices = impl.encode_select(x, W_enc, b_enc, k, dec_norm)
-    acc = torch.float32 if W_enc.dtype != torch.float64 else torch.float64
-    z_aux = torch.addmm(b_enc.index_select(0, aux_latents).to(acc), x.to(acc),
-                        W_enc.index_select(0, aux_latents).to(acc).t()).relu_().to(W_enc.dtype)
-    score_aux = z_aux if dec_norm is None else z_aux * dec_norm.index_select(0, aux_latents).to(z_aux.dtype)
-    return values, indices, z_aux, score_aux
+class EncodeScores:
+    """What ``encode_for_training(..., keep_pre=True)`` kept of the forward: its pre-activations,
+    so that a second selection (AuxK's top-k_aux among dead latents) needs no second GEMM.
+    ``pre`` is None when the encode did not materialise them (fused kernel, or several row slabs);
+    ``select`` then runs a masked encode instead. Holds N x d_sae elements until dropped."""
+
+    def __init__(self, x, W_enc, b_enc, dec_norm, W_c, b_c, pre):
+        self._args = (x, W_enc, b_enc, dec_norm, W_c, b_c)
+        self.pre = pre
+
+    def select(self, k: int, allowed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """``(values, indices)`` of the top-k of ``relu(pre) * dec_norm`` where latents with
+        ``allowed`` False count as zero; differentiable w.r.t. x, W_enc, b_enc like the encode."""
+        x, W_enc, b_enc, dec_norm, W_c, b_c = self._args
+        n = W_c.shape[0]
+        k = check_k(k, n)
+        if allowed is not None:
+            check_tensor("allowed", allowed, shape=(n,), dtypes=(torch.bool,), device=W_c.device)
+        if self.pre is not None:
+            values, indices = _SelectFromPre.apply(x, W_enc, b_enc, k, self.pre, dec_norm, allowed, W_c)
+        else:
+            bias = b_c if allowed is None else b_c + torch.where(allowed, 0.0, -1e30).to(b_c.dtype)
+            values, indices = _TopKEncode.apply(x, W_enc, b_enc, k, dec_norm, W_c, bias, None)
+        _trust(indices, n)
+        return values, indices
 
 
-class _TopKEncodeAux(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k, dec_norm, aux_latents, k_aux):
-        impl = get_impl(x.device, W_enc.dtype)
-        values, indices, z_aux, score_aux = _encode_select_aux(impl, x, W_enc, b_enc, k, dec_norm, aux_latents)
-        if k_aux < z_aux.shape[1]:  # keep each row's top k_aux of the m latents, zero the rest
-            keep = torch.topk(score_aux, k_aux, dim=1, sorted=False).indices
-            z_aux = torch.zeros_like(z_aux).scatter_(1, keep, z_aux.gather(1, keep))
-        ctx.save_for_backward(x, W_enc, values, indices, z_aux, aux_latents)
-        ctx.impl = impl
-        ctx.mark_non_differentiable(indices)
-        return values, indices, z_aux
-
-    @staticmethod
-    def backward(ctx, grad_values, _grad_indices, grad_aux):
-        x, W_enc, values, indices, z_aux, aux_latents = ctx.saved_tensors
-        impl = ctx.impl
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = dW = db = None
-        g = torch.where(values > 0, grad_values, torch.zeros_like(grad_values)).to(W_enc.dtype)
-        if need_x:
-            dx = impl.gather_rows(g, indices, W_enc).to(x.dtype)
-        if need_w or need_b:
-            dW, db = impl.scatter_outer(g, indices, x.to(W_enc.dtype), W_enc.shape[0], with_sum=need_b)
-        if grad_aux is not None:
-            # the auxiliary selection is dense over its m latents: three m-column GEMMs
-            acc = torch.float32 if W_enc.dtype != torch.float64 else torch.float64
-            ga = torch.where(z_aux > 0, grad_aux, torch.zeros_like(grad_aux)).to(acc)
-            if need_x:
-                dx = dx + (ga @ W_enc.index_select(0, aux_latents).to(acc)).to(x.dtype)
-            if need_w:
-                dW.index_add_(0, aux_latents, (ga.t() @ x.to(acc)).to(dW.dtype))
-            if need_b:
-                db.index_add_(0, aux_latents, ga.sum(0).to(db.dtype))
-        return dx, (dW if need_w else None), db, None, None, None, None
-
-
-def topk_encode_aux(
+def encode_for_training(
     x: Tensor,
     W_enc: Tensor,
     b_enc: Tensor,
     k: int,
     dec_norm: Optional[Tensor] = None,
     *,
-    aux_latents: Tensor,
-    k_aux: int,
-    check_finite_input: bool = True,
-    check_aux_latents: bool = True,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """``topk_encode`` plus an auxiliary selection restricted to a subset of latents (AuxK).
+    compute: Optional[Tuple[Tensor, Tensor]] = None,
+    keep_pre: bool = False,
+):
+    """``topk_encode`` for a training loop: no host sync, fp32 master gradients.
 
-    The main selection is exactly ``topk_encode(x, W_enc, b_enc, k, dec_norm)``. The auxiliary one
-    keeps, per row, the ``min(k_aux, m)`` latents of ``aux_latents`` with the largest scores (the same
-    score, ``relu(pre) * dec_norm``, or ``relu(pre)`` when ``dec_norm`` is None). It is returned dense
-    over those ``m`` latents, so that decoding it is one GEMM with their decoder rows:
-    ``aux_acts @ W_dec[aux_latents]``. On the PyTorch path the columns come from the forward's own
-    ``N x d_sae`` pre-activations; elsewhere from one ``N x m x d`` GEMM over the ``m`` rows.
+    ``compute``: ``(W_enc_c, b_enc_c)`` read by the math instead of ``W_enc`` / ``b_enc`` (bf16 copies
+    of fp32 masters; x must have their dtype); the gradients still go to ``W_enc`` / ``b_enc``, in
+    their dtype. ``keep_pre``: also return an ``EncodeScores`` for a second selection.
+    Returns ``(values, indices)`` or ``(values, indices, EncodeScores)``.
+    """
+    W_c, b_c = compute if compute is not None else (W_enc, b_enc)
+    x2, lead, b_c, k, dec_norm = _encode_args(x, W_c, b_c, k, dec_norm)
+    if W_enc.shape != W_c.shape or b_enc.shape != b_c.shape:
+        raise ValueError(f"compute: expected copies of W_enc {list(W_enc.shape)} and b_enc {list(b_enc.shape)}")
+    b_c = b_c.to(W_c.dtype)
+    x2 = x2.contiguous()
+    holder = {} if keep_pre else None
+    values, indices = _TopKEncode.apply(x2, W_enc, b_enc, k, dec_norm, W_c, b_c, holder)
+    values, indices = values.reshape(*lead, k), indices.reshape(*lead, k)
+    _trust(indices, W_c.shape[0])
+    if not keep_pre:
+        return values, indices
+    return values, indices, EncodeScores(x2, W_enc, b_enc, dec_norm, W_c, b_c, holder.get("pre"))
+
+
+def decode_for_training(
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    b_dec: Optional[Tensor] = None,
+    *,
+    compute: Optional[Tensor] = None,
+) -> Tensor:
+    """``sparse_decode`` for a training loop: no host sync. ``indices`` must be a tensor an encode
+    returned (``topk_encode``, ``encode_for_training`` or ``EncodeScores.select``), unmodified since:
+    anything else is a ValueError, so no unchecked index reaches a kernel. ``compute``: the copy of
+    ``W_dec`` the math reads (gradients still go to ``W_dec`` in its dtype)."""
+    W_c = compute if compute is not None else W_dec
+    n, d, k = _decode_args(values, indices, W_c, b_dec)
+    if W_dec.shape != W_c.shape:
+        raise ValueError(f"compute: expected a copy of W_dec {list(W_dec.shape)}, got {list(W_c.shape)}")
+    if not _trusted(indices, n):
+        raise ValueError("indices: decode_for_training takes only indices returned by an encode "
+                         "(unmodified); use sparse_decode for indices of other origin")
+    lead = values.shape[:-1]
+    out = _SparseDecode.apply(values.reshape(-1, k), indices.reshape(-1, k), W_dec, b_dec, W_c)
+    return out.reshape(*lead, d)
+
+
+# ------------------------------------------------------------- AuxK dense over a few latents (CPU route)
+
+
+class _DenseFromPre(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, pre, dec_norm, ids, k_aux, W_c):
+        z = pre.index_select(1, ids).relu()
+        if k_aux < z.shape[1]:  # keep each row's top k_aux of the m latents, zero the rest
+            score = z if dec_norm is None else z * dec_norm.index_select(0, ids).to(z.dtype)
+            keep = torch.topk(score, k_aux, dim=1, sorted=False).indices
+            z = torch.zeros_like(z).scatter_(1, keep, z.gather(1, keep))
+        ctx.save_for_backward(x, W_c, z, ids)
+        ctx.w_dtype, ctx.b_dtype = W_enc.dtype, b_enc.dtype
+        return z
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, W_c, z, ids = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = torch.float64 if W_c.dtype == torch.float64 else torch.float32
+        g = torch.where(z > 0, grad, torch.zeros_like(grad)).to(acc)
+        dx = dW = db = None
+        if need_x:
+            dx = (g @ W_c.index_select(0, ids).to(acc)).to(x.dtype)
+        if need_w:
+            dW = torch.zeros(W_c.shape, dtype=ctx.w_dtype, device=W_c.device)
+            dW[ids] = (g.t() @ x.to(acc)).to(ctx.w_dtype)  # distinct ids: a plain row write
+        if need_b:
+            db = torch.zeros(W_c.shape[0], dtype=ctx.b_dtype, device=W_c.device)
+            db[ids] = g.sum(0).to(ctx.b_dtype)
+        return dx, dW, db, None, None, None, None, None
+
+
+def select_dense(scores: EncodeScores, ids: Tensor, k_aux: int) -> Optional[Tensor]:
+    """AuxK's selection dense over the ``m`` latents ``ids`` (e.g. the dead ones), from the
+    pre-activations ``encode_for_training(..., keep_pre=True)`` kept: ``[N, m]`` with
+    ``relu(pre[t, ids[j]])`` where latent ``ids[j]`` is among row ``t``'s top-``k_aux`` of ``ids`` (by
+    ``relu(pre) * dec_norm``, as ``EncodeScores.select``), else 0. Its work grows with ``m``, not with
+    d_sae: the route for few dead latents where a host sync is free (the CPU); decode it with
+    ``subset_decode``. Gradients to ``x``, ``W_enc``, ``b_enc`` like the encode's. None when the encode
+    kept no pre-activations (then use ``EncodeScores.select``).
 
     Args:
-        aux_latents: ``[m]`` int64 latent ids, distinct, ``m >= 1`` (e.g. the dead latents).
-        k_aux: auxiliary latents kept per row (``>= 1``; all ``m`` when ``k_aux >= m``).
-        check_finite_input: as in ``topk_encode``. check_aux_latents: check that the ids are in range
-            (one host sync; pass False for ids the caller built from ``arange(d_sae)``).
-
-    Returns:
-        ``(values, indices, aux_acts)``: the first two as ``topk_encode``; ``aux_acts [..., m]`` with
-        ``aux_acts[t, j] = relu(pre[t, aux_latents[j]])`` where latent ``aux_latents[j]`` is among row
-        ``t``'s auxiliary selection, else 0. Gradients of ``values`` and ``aux_acts`` flow to ``x``,
-        ``W_enc`` and ``b_enc`` through the selected latents (positive values) only.
+        ids: ``[m]`` int64, distinct, in range (not checked: the caller builds them from a mask).
+        k_aux: latents kept per row (``>= 1``; all ``m`` when ``k_aux >= m``).
     """
-    check_tensor("W_enc", W_enc, ndim=2)
-    n, d = W_enc.shape
-    x2 = _flatten("x", x, d)
-    lead = x.shape[:-1]
-    check_tensor("b_enc", b_enc, shape=(n,), device=W_enc.device)
-    if x2.device != W_enc.device:
-        raise ValueError(f"x: expected a tensor on {W_enc.device} (where W_enc is), got {x2.device}")
-    if x2.dtype != W_enc.dtype:
-        raise ValueError(f"x: expected dtype {W_enc.dtype} (the dtype of W_enc), got {x2.dtype}")
-    if dec_norm is not None:
-        check_tensor("dec_norm", dec_norm, shape=(n,), device=W_enc.device)
-        dec_norm = dec_norm.detach()
-    k = check_k(k, n)
-    check_tensor("aux_latents", aux_latents, dtypes=(torch.int64,), device=W_enc.device, ndim=1)
-    m = aux_latents.shape[0]
-    if m == 0:
-        raise ValueError("aux_latents: expected at least one latent id, got none")
+    if scores.pre is None:
+        return None
+    x, W_enc, b_enc, dec_norm, W_c, _ = scores._args
     if isinstance(k_aux, bool) or not isinstance(k_aux, int) or k_aux < 1:
         raise ValueError(f"k_aux: expected an int >= 1, got {k_aux!r}")
-    if check_finite_input:
-        check_finite("x", x2)
-    if check_aux_latents:
-        if int(aux_latents.min()) < 0 or int(aux_latents.max()) >= n:
-            raise ValueError(f"aux_latents: expected ids in [0, {n}), got [{int(aux_latents.min())}, "
-                             f"{int(aux_latents.max())}]")
-        if int(torch.unique(aux_latents).numel()) != m:
-            raise ValueError("aux_latents: expected distinct ids, got repeats")
-    v, i, a = _TopKEncodeAux.apply(x2.contiguous(), W_enc, b_enc.to(W_enc.dtype), k, dec_norm,
-                                   aux_latents.contiguous(), k_aux)
-    return v.reshape(*lead, k), i.reshape(*lead, k), a.reshape(*lead, m)
+    if ids.dtype != torch.int64 or ids.ndim != 1 or ids.numel() == 0:
+        raise ValueError(f"ids: expected a non-empty int64 [m] tensor, got {ids.dtype} {list(ids.shape)}")
+    return _DenseFromPre.apply(x, W_enc, b_enc, scores.pre, dec_norm, ids, k_aux, W_c)
 
 
 class _SubsetDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, acts, W, ids):
-        W_sub = W.index_select(0, ids)
+    def forward(ctx, acts, W_dec, ids, W_c):
+        W_sub = W_c.index_select(0, ids)
         ctx.save_for_backward(acts, W_sub, ids)
-        ctx.n_rows = W.shape[0]
+        ctx.n_rows, ctx.w_dtype = W_c.shape[0], W_dec.dtype
         return acts @ W_sub
 
     @staticmethod
@@ -301,23 +440,25 @@ class _SubsetDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             d_acts = (g @ W_sub.t()).to(acts.dtype)
         if ctx.needs_input_grad[1]:
-            # index_add_ with distinct ids: index_select's own backward goes through a scatter_add over
-            # an expanded index, ~40 ms for 1382 x 576 rows on one CPU core against ~1 ms here
-            dW = torch.zeros((ctx.n_rows, W_sub.shape[1]), dtype=W_sub.dtype, device=W_sub.device)
-            dW.index_add_(0, ids, acts.to(W_sub.dtype).t() @ g)
-        return d_acts, dW, None
+            # distinct ids: a plain row write. index_select's own backward and index_add_ go through a
+            # scatter_add over an expanded index: 45-200 ms for 92-1382 rows x 576 on a loaded 2-core
+            # CPU, against < 1 ms for this write
+            dW = torch.zeros((ctx.n_rows, W_sub.shape[1]), dtype=ctx.w_dtype, device=W_sub.device)
+            dW[ids] = (acts.to(W_sub.dtype).t() @ g).to(ctx.w_dtype)
+        return d_acts, dW, None, None
 
 
-def subset_decode(acts: Tensor, W_dec: Tensor, ids: Tensor) -> Tensor:
-    """``acts @ W_dec[ids]``: a decode that is dense over the ``m`` latents ``ids`` (the AuxK
-    reconstruction from ``topk_encode_aux``'s ``aux_acts``), with gradients to ``acts`` and to the rows
-    ``ids`` of ``W_dec``.
+def subset_decode(acts: Tensor, W_dec: Tensor, ids: Tensor, *, compute: Optional[Tensor] = None) -> Tensor:
+    """``acts @ W_dec[ids]``: a decode dense over the ``m`` latents ``ids`` (what ``select_dense``
+    returns), with gradients to ``acts`` and to the rows ``ids`` of ``W_dec``. ``compute``: the copy of
+    ``W_dec`` the math reads (gradients still go to ``W_dec`` in its dtype).
 
     Args:
         acts: ``[N, m]``. W_dec: ``[d_sae, d]``. ids: ``[m]`` int64, distinct (not checked).
     """
-    check_tensor("W_dec", W_dec, ndim=2)
+    W_c = compute if compute is not None else W_dec
+    check_tensor("W_dec", W_c, ndim=2)
     check_tensor("acts", acts, ndim=2)
     if ids.dtype != torch.int64 or ids.ndim != 1 or ids.shape[0] != acts.shape[1]:
         raise ValueError(f"ids: expected an int64 [{acts.shape[1]}] tensor, got {ids.dtype} {list(ids.shape)}")
-    return _SubsetDecode.apply(acts, W_dec, ids)
+    return _SubsetDecode.apply(acts.to(W_c.dtype), W_dec, ids, W_c)

@@ -52,41 +52,39 @@ def _scratch_buffer(slot: str, rows: int, cols: int, like: Tensor) -> Tensor:
 
 @torch.no_grad()  # writes into scratch buffers (out=); the autograd lives in ops.py
 def encode_select(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dec_norm: Optional[Tensor]
-) -> Tuple[Tensor, Tensor]:
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dec_norm: Optional[Tensor], *, return_pre: bool = False
+):
     """Per row, the k latents with the largest ``relu(x @ W_enc.T + b_enc) * dec_norm``.
 
     Returns the kept values ``relu(pre)`` (not the weighted scores) and int64 indices, both ``[N, k]``.
     The ``N x d_sae`` pre-activations (and, with ``dec_norm``, the scores) are the one unavoidable
     dense intermediate of this path; on CPU they live in per-thread scratch buffers.
+    ``return_pre``: also return them (here ``relu(pre)``, in a buffer of its own) for ``select_from_pre``.
+
+    NaN (the package's one semantics, shared with the Triton path): a latent whose pre-activation or
+    score is NaN ranks above every number and keeps the value NaN, so a NaN input row gives k NaN
+    values at distinct, in-range latents; -inf or negative scores rank below every other number.
     """
-    z, score = _pre_and_score(x, W_enc, b_enc, dec_norm)
-    _, indices = torch.topk(score, k, dim=1, sorted=False)
-    return z.gather(1, indices), indices
-
-
-def _pre_and_score(x: Tensor, W_enc: Tensor, b_enc: Tensor, dec_norm: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """``relu(x @ W_enc.T + b_enc)`` and the selection score, in this thread's scratch buffers."""
     N, n = x.shape[0], W_enc.shape[0]
-    z = torch.addmm(b_enc, x, W_enc.t(), out=_scratch_buffer("pre", N, n, x)).relu_()
+    buf = torch.empty(N, n, dtype=x.dtype, device=x.device) if return_pre else _scratch_buffer("pre", N, n, x)
+    z = torch.addmm(b_enc, x, W_enc.t(), out=buf).relu_()
     score = z
     if dec_norm is not None:
         score = torch.mul(z, dec_norm.to(z.dtype), out=_scratch_buffer("score", N, n, x))
-    return z, score
+    _, indices = torch.topk(score, k, dim=1, sorted=False)
+    values = z.gather(1, indices)
+    return (values, indices, z) if return_pre else (values, indices)
 
 
 @torch.no_grad()
-def encode_select_aux(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dec_norm: Optional[Tensor], aux_latents: Tensor
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``encode_select`` plus the columns ``aux_latents`` of the same ``N x d_sae`` pre-activations
-    (no second GEMM): ``(values, indices, z_aux, score_aux)``, the last two ``[N, m]`` fresh tensors
-    holding ``relu(pre)`` and the selection score (``relu(pre) * dec_norm``, or ``z_aux`` itself)."""
-    z, score = _pre_and_score(x, W_enc, b_enc, dec_norm)
+def select_from_pre(pre: Tensor, k: int, dec_norm: Optional[Tensor], allowed: Optional[Tensor] = None
+                    ) -> Tuple[Tensor, Tensor]:
+    """A second top-k over what ``encode_select(..., return_pre=True)`` kept (``relu(pre)`` here),
+    without another GEMM; latents where ``allowed`` (bool ``[n]``) is False count as zero."""
+    z = pre if allowed is None else pre * allowed.to(pre.dtype)
+    score = z if dec_norm is None else z * dec_norm.to(z.dtype)
     _, indices = torch.topk(score, k, dim=1, sorted=False)
-    z_aux = z.index_select(1, aux_latents)
-    score_aux = z_aux if dec_norm is None else score.index_select(1, aux_latents)
-    return z.gather(1, indices), indices, z_aux, score_aux
+    return z.gather(1, indices), indices
 
 
 def gather_rows(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
@@ -158,26 +156,28 @@ def latent_csr(indices: Tensor, n_rows: int) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 def scatter_outer(
-    values: Tensor, indices: Tensor, Y: Tensor, n_rows: int, with_sum: bool
+    values: Tensor, indices: Tensor, Y: Tensor, n_rows: int, with_sum: bool,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """``dW[i] = sum_{(t, j): indices[t, j] = i} values[t, j] * Y[t]`` (and the sums of values).
 
     Per latent, the weighted sum of the ``Y`` rows of its entries, in position order: an ``embedding_bag``
     over the latent-major CSR (bags = latents, table = ``Y``). Deterministic, fp32 accumulation, and the
-    ``N x k x d`` outer products are never formed.
+    ``N x k x d`` outer products are never formed. Results in ``out_dtype`` (default: ``Y.dtype`` for
+    dW, ``values.dtype`` for the sums), e.g. fp32 gradients of fp32 masters from a bf16 step.
     """
     acc = _acc_dtype(Y.dtype)
     crow, order, token = latent_csr(indices, n_rows)
     vals = values.reshape(-1).take(order).to(acc)
     dW = F.embedding_bag(
         token, Y.to(acc), crow, per_sample_weights=vals, mode="sum", include_last_offset=True
-    ).to(Y.dtype)
+    ).to(out_dtype or Y.dtype)
     dsum = None
     if with_sum:
         dsum = torch.segment_reduce(vals, "sum", offsets=crow, axis=0) if vals.numel() else torch.zeros(
             n_rows, dtype=acc, device=values.device
         )
-        dsum = dsum.to(values.dtype)
+        dsum = dsum.to(out_dtype or values.dtype)
     return dW, dsum
 
 

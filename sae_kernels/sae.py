@@ -3,7 +3,8 @@
 Conventions (SPEC.md sections 2, 3 and 5):
 
 * Parameters are latent-major: ``W_enc [d_sae, d_model]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_model]``,
-  ``b_dec [d_model]``; the buffer ``threshold [d_sae]`` holds the JumpReLU thresholds.
+  ``b_dec [d_model]``; the buffer ``threshold [d_sae]`` holds the JumpReLU thresholds, in the
+  parameters' dtype (the gate compares in that dtype, and checkpoints keep it exactly).
 * The module takes and returns *raw* activations: it encodes ``norm_in * x`` and divides the decoder
   output by ``norm_out`` (dataset-wise normalisation). ``fold_dataset_norm`` removes the factors.
 * The selection (TopK) and the gate (JumpReLU) compare the score ``relu(pre) * ||W_dec[i]||`` when
@@ -18,7 +19,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ._validate import check_finite, check_k, check_tensor
+from ._validate import as_int, check_finite, check_k, check_tensor
 from .config import SAEConfig
 from .ops import sparse_decode, topk_encode
 
@@ -56,7 +57,7 @@ class TopKSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n, dtype=dt, device=device))
         self.W_dec = nn.Parameter(torch.empty(n, d, dtype=dt, device=device))
         self.b_dec = nn.Parameter(torch.zeros(d, dtype=dt, device=device))
-        self.register_buffer("threshold", torch.zeros(n, dtype=torch.float32, device=device))
+        self.register_buffer("threshold", torch.zeros(n, dtype=dt, device=device))
         self.check_inputs = True
         if init:
             self.reset_parameters(transcoder=transcoder)
@@ -91,6 +92,16 @@ class TopKSAE(nn.Module):
     def d_sae(self) -> int:
         return self.cfg.d_sae
 
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters live."""
+        return self.W_enc.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype (``cfg.dtype`` as a torch dtype, unless the module was cast since)."""
+        return self.W_enc.dtype
+
     def dec_norm(self) -> Tensor:
         """Decoder row norms ``||W_dec[i]||`` (detached, fp32 accumulation, parameter dtype)."""
         W = self.W_dec.detach()
@@ -108,10 +119,23 @@ class TopKSAE(nn.Module):
 
     # ------------------------------------------------------------------ forward pieces
 
+    def _flatten_heads(self, x: Tensor) -> Tensor:
+        """hook_z SAEs read ``[..., n_heads, d_head]`` and work on ``[..., n_heads * d_head]``."""
+        d = self.cfg.d_model
+        if (self.cfg.reshape_activations == "hook_z" and x.dim() >= 2 and x.shape[-1] != d
+                and x.shape[-2] * x.shape[-1] == d):
+            return x.flatten(-2)
+        return x
+
     def _prep(self, x: Tensor) -> Tensor:
         check_tensor("x", x, device=self.W_enc.device)
+        x = self._flatten_heads(x)
         if x.dim() < 1 or x.shape[-1] != self.cfg.d_model:
-            raise ValueError(f"x: expected shape [..., {self.cfg.d_model}] (d_model), got {list(x.shape)}")
+            heads = " or [..., n_heads, d_head] with n_heads * d_head = d_model" \
+                if self.cfg.reshape_activations == "hook_z" else ""
+            raise ValueError(
+                f"x: expected shape [..., {self.cfg.d_model}] (d_model){heads}, got {list(x.shape)}"
+            )
         if self.check_inputs:
             check_finite("x", x)
         x = x.to(self.W_enc.dtype)
@@ -164,9 +188,11 @@ class TopKSAE(nn.Module):
         return out / self.cfg.norm_out if self.cfg.norm_out != 1.0 else out
 
     def forward(self, x: Tensor, k: Optional[int] = None) -> Tensor:
-        """Reconstruction of raw ``x [..., d_model]`` in raw units and in ``x``'s dtype."""
+        """Reconstruction of raw ``x [..., d_model]`` in raw units, in ``x``'s dtype and shape (a hook_z
+        SAE given ``[..., n_heads, d_head]`` returns that shape)."""
         values, indices = self.encode_sparse(x, k)
-        return self.decode_sparse(values, indices, check_indices=False).to(x.dtype)
+        out = self.decode_sparse(values, indices, check_indices=False).to(x.dtype)
+        return out.reshape(x.shape) if out.shape != x.shape else out
 
     # ------------------------------------------------------------------ folding (SPEC sec. 3 and 5)
 
@@ -239,15 +265,22 @@ class TopKSAE(nn.Module):
         N = activations.shape[0]
         if N < 1:
             raise ValueError("activations: expected at least one token")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        check_finite("activations", activations)  # a NaN would make theta NaN: no latent would ever fire
+        try:
+            bs = as_int("batch_size", batch_size)
+        except ValueError:
+            bs = 0
+        if bs < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        batch_size = bs
         out = self.folded()
         out.cfg = out.cfg.replace(activation="topk", k=k)
         total = N * k
         pool = None  # the `total` largest h' seen so far (never more than N * k values)
+        acc = torch.float64 if out.W_enc.dtype == torch.float64 else torch.float32
         for s in range(0, N, batch_size):
             x = activations[s : s + batch_size].to(out.W_enc.dtype)
-            h = torch.relu(x @ out.W_enc.t() + out.b_enc).float().reshape(-1)
+            h = torch.relu(x @ out.W_enc.t() + out.b_enc).to(acc).reshape(-1)
             cand = h if pool is None else torch.cat([pool, h])
             pool = torch.topk(cand, min(total, cand.numel()), sorted=False).values
         theta = float(pool.min())
@@ -265,6 +298,8 @@ class TopKSAE(nn.Module):
 
     @classmethod
     def load(cls, path: PathLike, device: Optional[Union[str, torch.device]] = None) -> "TopKSAE":
+        """Load a folder written by ``save``. A folder in another format (Llama Scope, SAELens,
+        sparsify) is refused with a pointer to its loader (``from_llama_scope``, ...)."""
         from .formats import load_sae
 
         return load_sae(path, device=device)
@@ -302,17 +337,49 @@ class TopKSAE(nn.Module):
 
     @classmethod
     def from_saelens(cls, path: PathLike, device=None, dtype: Optional[str] = None) -> "TopKSAE":
+        """Load a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``, SAELens 6 or earlier):
+        architectures standard, jumprelu, gated, topk (with ``rescale_acts_by_decoder_norm``),
+        batchtopk and matryoshka_batchtopk training checkpoints (as the JumpReLU SAE SAELens exports
+        from them), and transcoder / jumprelu_transcoder when ``d_in == d_out``. Its latents equal
+        SAELens's ``encode``: with ``rescale_acts_by_decoder_norm`` the SAE is loaded with weighted
+        selection and then folded (unit-norm decoder rows); ``apply_b_dec_to_input`` (SAELens's default:
+        true) is folded into ``b_enc``. Others (abstopk, skip transcoders, temporal, matching_pursuit,
+        ``normalize_activations`` other than "none") are refused with the reason."""
         from .formats import load_saelens
 
         return load_saelens(path, device=device, dtype=dtype)
 
     def to_saelens(self, path: PathLike) -> None:
+        """Write SAELens 6's layout from a folded copy: architecture topk or jumprelu (standard when
+        every threshold is 0), metadata with model_name, hook_name, hook_layer."""
         from .formats import save_saelens
 
         save_saelens(self, path)
 
     @classmethod
     def from_sparsify(cls, path: PathLike, device=None, dtype: Optional[str] = None) -> "TopKSAE":
+        """Load an EleutherAI sparsify folder (``cfg.json`` + ``sae.safetensors``)."""
         from .formats import load_sparsify
 
         return load_sparsify(path, device=device, dtype=dtype)
+
+    def to_sparsify(self, path: PathLike) -> None:
+        """Write EleutherAI sparsify's layout (read by ``sparsify.SparseCoder.load_from_disk``) from a
+        folded copy; TopK SAEs only (sparsify has no JumpReLU)."""
+        from .formats import save_sparsify
+
+        save_sparsify(self, path)
+
+    def to_saebench(
+        self, model_name: Optional[str] = None, hook_layer: Optional[int] = None,
+        hook_name: Optional[str] = None, context_size: Optional[int] = None,
+    ) -> nn.Module:
+        """A module meeting SAEBench's ``BaseSAE`` contract (``W_enc [d_in, d_sae]``, unit-norm decoder
+        rows, ``device`` / ``dtype`` attributes, a ``cfg`` with ``d_in``, ``hook_name``, ``hook_layer``,
+        ``architecture``, ...), whose ``encode`` / ``decode`` / ``forward`` equal this SAE's folded
+        copy. Defaults come from ``cfg`` (``model_name``, ``layer``, ``hook_point_in``). See
+        ``sae_kernels.saebench``; sae_bench itself is imported only when it is installed."""
+        from .saebench import to_saebench
+
+        return to_saebench(self, model_name=model_name, hook_layer=hook_layer, hook_name=hook_name,
+                           context_size=context_size)

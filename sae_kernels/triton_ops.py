@@ -1,63 +1,98 @@
 """Thin launchers for the Triton kernels in ``csrc_triton`` (flatten, choose blocks, allocate, launch).
 
-Same four functions, same signatures and semantics as the PyTorch path in ``sae_kernels.reference``:
-``encode_select``, ``gather_rows``, ``gather_dot``, ``scatter_outer``. No autograd here.
-Only called on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
+The same primitives, signatures and semantics as the PyTorch path in ``sae_kernels.reference``:
+``encode_select``, ``select_from_pre``, ``gather_rows``, ``gather_dot``, ``scatter_outer``; plus
+``adam_step`` for ``sae_kernels.optim.SAEAdam``. No autograd here. Only called on CUDA tensors, or
+on CPU tensors under ``TRITON_INTERPRET=1``. Every launch runs under the tensors' CUDA device, not
+the current one.
 
-Block sizes are GPU defaults chosen from the shapes, not tuned (no GPU was available when they
-were written); the comments give the reasoning. Re-tune with ``triton.testing.do_bench`` on an H100.
+Which kernel runs (every choice is made by a ``_*_config`` function below, and ``launch_configs``
+enumerates everything they can return, so the sm_90 compile test covers each configuration):
+
+* encode: two passes when the pre-activations fit ``TWO_PASS_MAX_BYTES`` (or for any shape when
+  k > FUSED_MAX_K, in row slabs): cuBLAS ``addmm`` writes them in the weights' dtype, then
+  ``_row_topk_kernel`` selects per row. Otherwise (k <= 64, huge N x d_sae) the fused GEMM + running
+  top-K' kernel, which never writes them. ``ENCODE_METHOD`` forces one (benchmarks).
+* decode, d(values), backward reductions: sparse row kernels for k below ``dense_k_threshold``
+  (about d_sae / 256, from the cost model: a sparse pass reads k rows of d_model per token, a dense
+  one is a B x d_sae x d_model GEMM); dense cuBLAS GEMMs on a scattered coefficient matrix above
+  (K-annealing starts at k = d_model / 2, AuxK uses k_aux = 256..512).
+
+Block sizes are GPU defaults chosen from the shapes and from ``ptxas -v`` for sm_90, not tuned
+(no GPU was available when they were written); ``benchmarks/gpu_check.py`` times them.
 """
 
+import contextlib
 import os
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import triton
 from torch import Tensor
 
-from csrc_triton.sparse_decode import _gather_dot_kernel, _gather_rows_kernel, _scatter_outer_kernel
-from csrc_triton.topk_encode import (
-    _encode_scores_kernel,
-    _encode_topk_candidates_kernel,
-    _select_candidates_kernel,
-)
+from csrc_triton.adam import _adam_kernel
+from csrc_triton.sparse_decode import _gather_dot_kernel, _gather_rows_kernel, _scatter_rows_kernel
+from csrc_triton.topk_encode import _encode_topk_candidates_kernel, _select_candidates_kernel
+from csrc_triton.topk_select import _row_topk_kernel
 
-# encode_select uses the fused two-stage kernel for k <= FUSED_MAX_K, the dense fallback above.
-# The running top-K' lives in registers as 3 x [BLOCK_M, K'] (score, value, index) next to the
-# [BLOCK_M, BLOCK_N] accumulator: K' = 64 (k up to 64, covers the usual k = 32..64) is 48 KiB at
-# BLOCK_M = 64, K' = 128 would double that and spill. Larger k only occurs during K-annealing.
+from . import reference
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# ---------------------------------------------------------------------------------------- choices
+
+# Encode: "auto" (two-pass when the pre-activations fit the budget, else fused for k <= 64),
+# "two_pass" or "fused" (k <= FUSED_MAX_K only). Benchmarks set it to time both paths.
+ENCODE_METHOD = "auto"
+# Bytes of pre-activations the two-pass encode may materialise at once: 1 GiB holds 4096 tokens x
+# 131072 latents in bf16 (the largest Llama Scope shape at the recipe's batch); larger products use
+# the fused kernel (k <= 64) or row slabs of this size (k > 64).
+TWO_PASS_MAX_BYTES = 1 << 30
+# The fused kernel keeps 3 x [BLOCK_M, K'] (score, value, id) next to the GEMM accumulator in
+# registers: K' = 64 (k <= 64) is the most that fits a 64 x 64 tile without spills on sm_90.
 FUSED_MAX_K = 64
+# Sparse gathers read k rows of W per token (B k d elements, mostly from HBM: W is 256 MiB at
+# d_sae 32768); the dense alternative is a B x d_sae x d GEMM (2 B n d FLOPs) plus a B x d_sae
+# coefficient matrix. At ~2.5 TB/s against ~700 TFLOP/s they cost the same near k = d_sae / 280:
+# 128 at d_sae 32768, 512 at 131072. Measured crossovers go here (gpu_check reports them).
+DENSE_K_FRACTION = 1 / 256
+DENSE_K_MIN = 128
 
-# Encoder GEMM tile of the fused kernel: 64 tokens x BLOCK_N latents x 32 of d_model, 8 warps.
-# Untimed (no GPU); chosen from `ptxas -v` for sm_90: with bf16 and K' <= 32 the 64 x 128 tile fits
-# (241-255 regs, no spills); with K' = 64 it spills 120 B, 64 x 64 does not (209 regs); fp32 (ieee
-# dot) spills at 64 x 128 even for K' = 8, 64 x 64 does not (190 regs). BLOCK_K = 64 or
-# BLOCK_M = 128 spill 0.4-0.5 KiB because the top-K' state shares the register file.
+
+def dense_k_threshold(d_sae: int) -> int:
+    """Smallest k at which the decode / backward passes switch to dense GEMMs."""
+    return max(DENSE_K_MIN, int(d_sae * DENSE_K_FRACTION))
+
+
+# Fused kernel tile: 64 tokens x BLOCK_N latents x 32 of d_model, 8 warps. From `ptxas -v` for
+# sm_90: bf16 with K' <= 32 fits 64 x 128; K' = 64 or fp32 (ieee dot) need 64 x 64.
 _ENC_BLOCK_M, _ENC_BLOCK_K, _ENC_WARPS = 64, 32, 8
-
-
-def _enc_block_n(kp: int, dtype: torch.dtype) -> int:
-    return 128 if kp <= 32 and dtype != torch.float32 else 64
-
-# Dense-score kernel (large k): a plain GEMM epilogue, so a larger token tile (239 regs, no spills).
-_DENSE_BLOCK_M, _DENSE_BLOCK_N, _DENSE_BLOCK_K, _DENSE_WARPS = 128, 128, 32, 8
-# Stage 2 of the fused path never needs more than this many candidates per row.
+# Stage 2 of the fused path: one row of up to 4096 candidates per program.
 _MAX_CAND_WIDTH = 4096
-# Dense fallback: at most this many fp32 scores materialised at once (1 GiB), rows processed in slabs.
-_DENSE_MAX_ELEMS = 1 << 28
+# Row select: 2048 entries of a row per step, 8 warps (8 per thread, one 16 B load of bf16): sm_90
+# ptxas gives 100 registers, no spills, 16 KiB shared (two programs per SM); 4096 x 16 warps was 88
+# registers but one program per SM, 4096 x 8 warps 173. A bf16 row of 32768 latents is 16 steps
+# per pass.
+_SELECT_BLOCK, _SELECT_WARPS = 2048, 8
 # Sparse row kernels: BLOCK_D = 128 elements = 256 B of a bf16 row per program (full 128 B
 # transactions, 4 warps x 32 lanes); BLOCK_J = 16 rows of W in flight per step hides gather latency.
 _ROW_BLOCK_D, _ROW_BLOCK_J, _ROW_WARPS = 128, 16, 4
 # gather_dot: one program covers 16 selected latents of one token, d_model swept 128 at a time.
 _DOT_BLOCK_J, _DOT_BLOCK_D = 16, 128
-# scatter_outer: 32 entries of a latent's run per step, [32, 128] fp32 tile.
-_SCAT_BLOCK_E, _SCAT_BLOCK_D = 32, 128
+# Backward reduction: blocks of 32 latents x 128 columns (a [32, 128] fp32 accumulator), entries
+# 32 at a time (one 32 x 32 x 128 MMA per tile): 1024 x 32 programs at d_sae 32768, d_model 4096,
+# instead of one program per (latent, 128 columns).
+_SCAT_BLOCK_L, _SCAT_BLOCK_E, _SCAT_BLOCK_D = 32, 32, 128
+# Adam: [8 rows, 128 columns] per step (512 B fp32 row segments, 1024 elements), 4 warps; a 1-D
+# parameter is viewed as rows of 128. 4096 programs for W [32768, 4096].
+_ADAM_BLOCK_R, _ADAM_BLOCK_C, _ADAM_WARPS, _ADAM_CHUNK = 8, 128, 4, 128
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _check_device(*tensors: Tensor | None) -> torch.device:
+def _check_device(*tensors: Optional[Tensor]) -> torch.device:
     devices = {t.device for t in tensors if t is not None}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on the same device, got {sorted(map(str, devices))}")
@@ -65,6 +100,14 @@ def _check_device(*tensors: Tensor | None) -> torch.device:
     if device.type != "cuda" and not _interpreting():
         raise RuntimeError(f"triton_ops needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device}")
     return device
+
+
+def _on_device(device: torch.device):
+    """Launch under the tensors' device: Triton launches on the *current* CUDA device otherwise, so
+    tensors on cuda:1 with cuda:0 current would fault or compute on the wrong GPU."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _rows2d(t: Tensor) -> Tensor:
@@ -78,6 +121,55 @@ def _num_sms(device: torch.device) -> int:
     return 2  # interpreter: programs run one by one, only the chunking logic matters
 
 
+def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """One dtype for a kernel's operands: theirs when they agree, fp32 when they are mixed (then the
+    products are exact fp32 on the GPU as in the interpreter, never TF32)."""
+    return dtypes[0] if all(d == dtypes[0] for d in dtypes) else torch.float32
+
+
+# ---------------------------------------------------------------------------------------- configs
+# Each returns the kernel's compile-time arguments (and num_warps) for one class of inputs; the
+# launchers and launch_configs() both call them.
+
+
+def _fused_config(k: int, dtype: torch.dtype, interpret: Optional[bool] = None) -> Dict[str, Any]:
+    kp = max(16, triton.next_power_of_2(k))  # any K' >= k is exact; >= 16 keeps the layouts simple
+    block_n = 128 if kp <= 32 and dtype != torch.float32 else 64
+    interpret = _interpreting() if interpret is None else interpret
+    return dict(HAS_NORM=True, CAST_FP32=interpret, IEEE=dtype == torch.float32, KP=kp,
+                BLOCK_M=_ENC_BLOCK_M, BLOCK_N=block_n, BLOCK_K=_ENC_BLOCK_K, num_warps=_ENC_WARPS)
+
+
+def _cand_select_config() -> Dict[str, Any]:
+    return dict(BLOCK_R=1, BLOCK_W=_MAX_CAND_WIDTH, num_warps=4)
+
+
+def _row_select_config(has_bias: bool, has_norm: bool) -> Dict[str, Any]:
+    return dict(HAS_BIAS=has_bias, HAS_NORM=has_norm, BLOCK=_SELECT_BLOCK, num_warps=_SELECT_WARPS)
+
+
+def _gather_config() -> Dict[str, Any]:
+    return dict(BLOCK_J=_ROW_BLOCK_J, BLOCK_D=_ROW_BLOCK_D, num_warps=_ROW_WARPS)
+
+
+def _dot_config() -> Dict[str, Any]:
+    return dict(BLOCK_J=_DOT_BLOCK_J, BLOCK_D=_DOT_BLOCK_D, num_warps=_ROW_WARPS)
+
+
+def _scatter_config(dtype: torch.dtype, interpret: Optional[bool] = None) -> Dict[str, Any]:
+    interpret = _interpreting() if interpret is None else interpret
+    return dict(CAST_FP32=interpret, IEEE=dtype == torch.float32,
+                BLOCK_L=_SCAT_BLOCK_L, BLOCK_E=_SCAT_BLOCK_E, BLOCK_D=_SCAT_BLOCK_D, num_warps=_ROW_WARPS)
+
+
+def _adam_config(has_copy: bool) -> Dict[str, Any]:
+    return dict(HAS_SCALE=True, HAS_COPY=has_copy, HAS_SUMSQ=True, BLOCK_R=_ADAM_BLOCK_R,
+                BLOCK_C=_ADAM_BLOCK_C, num_warps=_ADAM_WARPS)
+
+
+# ---------------------------------------------------------------------------------------- encode
+
+
 def _n_chunks(n_tokens: int, d_sae: int, kp: int, block_n: int, device: torch.device) -> int:
     """Split the latents into chunks so that (token tiles x chunks) fills the GPU about twice."""
     m_tiles = triton.cdiv(n_tokens, _ENC_BLOCK_M)
@@ -87,98 +179,95 @@ def _n_chunks(n_tokens: int, d_sae: int, kp: int, block_n: int, device: torch.de
 
 
 def _encode_select_fused(x, W_enc, b_enc, k, dec_norm, n_chunks=None):
+    """Fused GEMM + running top-K' + exact second stage (k <= FUSED_MAX_K); x, W, b of one dtype."""
     n_tokens, d_model = x.shape
     d_sae = W_enc.shape[0]
-    # K' >= 8: tiny register dims gain nothing and keep layouts simple; any K' >= k is exact.
-    kp = max(8, triton.next_power_of_2(k))
-    block_n = _enc_block_n(kp, x.dtype if x.dtype == W_enc.dtype else torch.float32)
+    if k > FUSED_MAX_K:
+        raise ValueError(f"the fused encode takes k <= {FUSED_MAX_K}, got {k}")
+    cfg = _fused_config(k, W_enc.dtype)
+    kp, block_n = cfg["KP"], cfg["BLOCK_N"]
     n_tiles = triton.cdiv(d_sae, block_n)
     if n_chunks is None:
         n_chunks = _n_chunks(n_tokens, d_sae, kp, block_n, x.device)
-    n_chunks = max(1, min(int(n_chunks), n_tiles))
+    n_chunks = max(1, min(int(n_chunks), n_tiles, _MAX_CAND_WIDTH // kp))
     tiles_per_chunk = triton.cdiv(n_tiles, n_chunks)
     n_chunks = triton.cdiv(n_tiles, tiles_per_chunk)
+    if dec_norm is None:  # plain TopK: unit weights (one kernel configuration instead of two)
+        dec_norm = torch.ones(d_sae, device=x.device, dtype=torch.float32)
     # -inf / -1 so that an unwritten slot could never pass as a candidate.
     cand_s = torch.full((n_tokens, n_chunks, kp), float("-inf"), device=x.device, dtype=torch.float32)
     cand_v = torch.zeros((n_tokens, n_chunks, kp), device=x.device, dtype=torch.float32)
     cand_i = torch.full((n_tokens, n_chunks, kp), -1, device=x.device, dtype=torch.int32)
-    interp = _interpreting()
-    has_norm = dec_norm is not None
     grid = (triton.cdiv(n_tokens, _ENC_BLOCK_M), n_chunks)
     _encode_topk_candidates_kernel[grid](
-        x, x.stride(0), W_enc, W_enc.stride(0), b_enc, dec_norm if has_norm else b_enc,
+        x, x.stride(0), W_enc, W_enc.stride(0), b_enc, dec_norm,
         cand_s, cand_v, cand_i,
-        n_tokens, d_model, d_sae, n_chunks, tiles_per_chunk,
-        HAS_NORM=has_norm, CAST_FP32=interp or x.dtype != W_enc.dtype,
-        IEEE=x.dtype == torch.float32 and W_enc.dtype == torch.float32,
-        KP=kp, BLOCK_M=_ENC_BLOCK_M, BLOCK_N=block_n, BLOCK_K=_ENC_BLOCK_K,
-        num_warps=_ENC_WARPS,
+        n_tokens, d_model, d_sae, n_chunks, tiles_per_chunk, **cfg,
     )
-    values = torch.empty((n_tokens, k), device=x.device, dtype=x.dtype)
+    values = torch.empty((n_tokens, k), device=x.device, dtype=torch.float32)
     indices = torch.empty((n_tokens, k), device=x.device, dtype=torch.int64)
-    width = n_chunks * kp
-    block_w = triton.next_power_of_2(width)
-    block_r = max(1, min(16, 4096 // block_w))
-    _select_candidates_kernel[(triton.cdiv(n_tokens, block_r),)](
-        cand_s, cand_v, cand_i, values, indices, n_tokens, width, k,
-        BLOCK_R=block_r, BLOCK_W=block_w, num_warps=4,
+    scfg = _cand_select_config()
+    _select_candidates_kernel[(triton.cdiv(n_tokens, scfg["BLOCK_R"]),)](
+        cand_s, cand_v, cand_i, values, indices, n_tokens, n_chunks * kp, k, **scfg,
     )
-    return values, indices
+    return values.to(x.dtype), indices
 
 
-def _encode_select_dense(x, W_enc, b_enc, k, dec_norm):
-    n_tokens, d_model = x.shape
+def _row_select(pre: Tensor, k: int, dec_norm: Optional[Tensor], bias: Optional[Tensor],
+                values: Tensor, indices: Tensor) -> None:
+    """``_row_topk_kernel`` over the rows of ``pre`` into ``values`` / ``indices`` (contiguous [N, k])."""
+    n_rows, d_sae = pre.shape
+    if n_rows == 0:
+        return
+    cfg = _row_select_config(bias is not None, dec_norm is not None)
+    _row_topk_kernel[(n_rows,)](
+        pre, pre.stride(0), bias if bias is not None else pre, dec_norm if dec_norm is not None else pre,
+        values, indices, d_sae, k, **cfg,
+    )
+
+
+def _encode_select_two_pass(x, W_enc, b_enc, k, dec_norm, return_pre=False):
+    """cuBLAS addmm (pre-activations in the weights' dtype), then the row select; x, W, b of one dtype.
+    Rows in slabs of TWO_PASS_MAX_BYTES of pre-activations. ``return_pre``: also the pre-activations
+    (None when they took more than one slab)."""
+    n_tokens = x.shape[0]
     d_sae = W_enc.shape[0]
-    interp = _interpreting()
-    has_norm = dec_norm is not None
-    values = torch.empty((n_tokens, k), device=x.device, dtype=x.dtype)
+    values = torch.empty((n_tokens, k), device=x.device, dtype=W_enc.dtype)
     indices = torch.empty((n_tokens, k), device=x.device, dtype=torch.int64)
-    slab = max(1, _DENSE_MAX_ELEMS // d_sae)
+    slab = max(1, TWO_PASS_MAX_BYTES // max(1, d_sae * W_enc.element_size()))
+    pre = None
     for r0 in range(0, n_tokens, slab):
-        xs = x[r0:r0 + slab]
-        rows = xs.shape[0]
-        scores = torch.empty((rows, d_sae), device=x.device, dtype=torch.float32)
-        grid = (triton.cdiv(rows, _DENSE_BLOCK_M), triton.cdiv(d_sae, _DENSE_BLOCK_N))
-        _encode_scores_kernel[grid](
-            xs, xs.stride(0), W_enc, W_enc.stride(0), b_enc, dec_norm if has_norm else b_enc,
-            scores, scores.stride(0), rows, d_model, d_sae,
-            HAS_NORM=has_norm, CAST_FP32=interp or x.dtype != W_enc.dtype,
-            IEEE=x.dtype == torch.float32 and W_enc.dtype == torch.float32,
-            BLOCK_M=_DENSE_BLOCK_M, BLOCK_N=_DENSE_BLOCK_N, BLOCK_K=_DENSE_BLOCK_K,
-            num_warps=_DENSE_WARPS,
-        )
-        top_s, top_i = torch.topk(scores, k, dim=1, sorted=False)
-        del scores
-        indices[r0:r0 + rows] = top_i
-        if has_norm:
-            # Scores are z * norm; recover z = relu(<x, W[i]> + b[i]) at the k winners (2 N k d FLOPs).
-            _gather_dot_kernel[(rows, triton.cdiv(k, _DOT_BLOCK_J))](
-                values[r0:r0 + rows], xs, xs.stride(0), top_i, top_i.stride(0),
-                W_enc, W_enc.stride(0), b_enc, d_model, k,
-                HAS_BIAS=True, APPLY_RELU=True,
-                BLOCK_J=_DOT_BLOCK_J, BLOCK_D=_DOT_BLOCK_D, num_warps=_ROW_WARPS,
-            )
-        else:
-            values[r0:r0 + rows] = top_s.to(x.dtype)
-    return values, indices
+        r1 = min(n_tokens, r0 + slab)
+        pre = torch.addmm(b_enc, x[r0:r1], W_enc.t())
+        _row_select(pre, k, dec_norm, None, values[r0:r1], indices[r0:r1])
+    if return_pre and n_tokens > slab:
+        pre = None
+    return values, indices, pre
 
 
-def encode_select(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dec_norm: Tensor | None
-                  ) -> tuple[Tensor, Tensor]:
+def _use_two_pass(n_tokens: int, d_sae: int, k: int, dtype: torch.dtype) -> bool:
+    if ENCODE_METHOD == "two_pass" or k > FUSED_MAX_K:
+        return True
+    if ENCODE_METHOD == "fused":
+        return False
+    if ENCODE_METHOD != "auto":
+        raise ValueError(f"triton_ops.ENCODE_METHOD: expected 'auto', 'two_pass' or 'fused', got {ENCODE_METHOD!r}")
+    return n_tokens * d_sae * torch.empty((), dtype=dtype).element_size() <= TWO_PASS_MAX_BYTES
+
+
+def encode_select(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dec_norm: Optional[Tensor], *,
+                  return_pre: bool = False):
     """Values z = relu(x W_enc^T + b_enc) at the k latents of largest z * dec_norm, and their int64 ids.
 
     x [N, d] (leading dims flattened), W_enc [n, d], b_enc [n], dec_norm [n] or None.
-    Returns values [N, k] in x.dtype and indices [N, k] int64 (distinct per row, any order).
-    k <= FUSED_MAX_K: fused GEMM + top-k epilogue, pre-activations never reach memory.
-    k > FUSED_MAX_K: fused GEMM + bias + ReLU + weighting writes fp32 scores, then torch.topk.
+    Returns values [N, k] in x.dtype and indices [N, k] int64 (distinct per row; the two-pass path
+    returns them in increasing id, the fused one in score order). ``return_pre``: a third result, the
+    pre-activations for ``select_from_pre`` (None when the fused path or several slabs ran).
+    Mixed x / W dtypes compute in exact fp32 (both paths, GPU and interpreter alike).
     """
-    _check_device(x, W_enc, b_enc, dec_norm)
+    device = _check_device(x, W_enc, b_enc, dec_norm)
     lead = x.shape[:-1]
     x = _rows2d(x)
-    W_enc = W_enc.contiguous()
-    b_enc = b_enc.contiguous()
-    if dec_norm is not None:
-        dec_norm = dec_norm.contiguous()
     d_sae, d_model = W_enc.shape
     k = int(k)
     if x.shape[1] != d_model or b_enc.shape != (d_sae,) or (dec_norm is not None and dec_norm.shape != (d_sae,)):
@@ -186,73 +275,219 @@ def encode_select(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dec_norm: Ten
                          f"b_enc {tuple(b_enc.shape)}, dec_norm {None if dec_norm is None else tuple(dec_norm.shape)}")
     if not 1 <= k <= d_sae:
         raise ValueError(f"k must be in 1..{d_sae}, got {k}")
-    if x.shape[0] == 0:
-        values = x.new_empty((0, k))
-        indices = torch.empty((0, k), device=x.device, dtype=torch.int64)
-    elif k <= FUSED_MAX_K:
-        values, indices = _encode_select_fused(x, W_enc, b_enc, k, dec_norm)
-    else:
-        values, indices = _encode_select_dense(x, W_enc, b_enc, k, dec_norm)
-    return values.reshape(*lead, k), indices.reshape(*lead, k)
+    out_dtype = x.dtype
+    cdt = _compute_dtype(x.dtype, W_enc.dtype)
+    x, W_enc, b_enc = x.to(cdt), W_enc.to(cdt).contiguous(), b_enc.to(cdt).contiguous()
+    if dec_norm is not None:
+        dec_norm = dec_norm.contiguous()
+    pre = None
+    with _on_device(device):
+        if x.shape[0] == 0:
+            values = torch.empty((0, k), device=device, dtype=cdt)
+            indices = torch.empty((0, k), device=device, dtype=torch.int64)
+        elif _use_two_pass(x.shape[0], d_sae, k, cdt):
+            values, indices, pre = _encode_select_two_pass(x, W_enc, b_enc, k, dec_norm, return_pre)
+        else:
+            values, indices = _encode_select_fused(x, W_enc, b_enc, k, dec_norm)
+    values, indices = values.to(out_dtype).reshape(*lead, k), indices.reshape(*lead, k)
+    return (values, indices, pre) if return_pre else (values, indices)
+
+
+def select_from_pre(pre: Tensor, k: int, dec_norm: Optional[Tensor], allowed: Optional[Tensor] = None
+                    ) -> Tuple[Tensor, Tensor]:
+    """A second top-k from the pre-activations that ``encode_select(..., return_pre=True)`` kept,
+    without another GEMM: latents where ``allowed`` (bool [n]) is False count as z = 0 (AuxK's
+    selection among dead latents). Values in ``pre.dtype``."""
+    device = _check_device(pre, dec_norm, allowed)
+    n_rows, d_sae = pre.shape
+    k = int(k)
+    if not 1 <= k <= d_sae:
+        raise ValueError(f"k must be in 1..{d_sae}, got {k}")
+    bias = None
+    if allowed is not None:
+        # relu(h - 1e30) = 0 for every finite h: masked latents rank with the zeros, value 0.
+        bias = torch.where(allowed, 0.0, -1e30).to(device=device, dtype=torch.float32)
+    values = torch.empty((n_rows, k), device=device, dtype=pre.dtype)
+    indices = torch.empty((n_rows, k), device=device, dtype=torch.int64)
+    with _on_device(device):
+        _row_select(pre, k, dec_norm.contiguous() if dec_norm is not None else None, bias, values, indices)
+    return values, indices
+
+
+# ---------------------------------------------------------------------------------------- sparse ops
+
+
+def _dense_ok(n_tokens: int, n_rows: int, k: int, dtype: torch.dtype) -> bool:
+    """Dense GEMMs for large k, when the B x d_sae coefficient matrix fits the encode's budget."""
+    return (k >= dense_k_threshold(n_rows)
+            and n_tokens * n_rows * torch.empty((), dtype=dtype).element_size() <= TWO_PASS_MAX_BYTES)
+
+
+def _coefficients(values: Tensor, indices: Tensor, n_rows: int, dtype: torch.dtype) -> Tensor:
+    """Dense [N, n_rows] matrix with the (summed) coefficients of each row's latents."""
+    coef = torch.zeros((indices.shape[0], n_rows), device=values.device, dtype=dtype)
+    return coef.scatter_add_(1, indices, values.to(dtype))
+
+
+def _mm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """a @ b with fp32 accumulation, written in ``out_dtype`` (cuBLAS writes fp32 from bf16 directly)."""
+    if out_dtype == a.dtype:
+        return a @ b
+    if a.device.type == "cuda" and out_dtype == torch.float32:
+        try:
+            return torch.mm(a, b, out_dtype=out_dtype)
+        except (RuntimeError, TypeError):  # older torch: no mm.dtype
+            pass
+    return (a.float() @ b.float()).to(out_dtype)
 
 
 def gather_rows(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
     """out[t] = sum_j values[t, j] * W[indices[t, j]] -> [N, d] in W.dtype (fp32 accumulation)."""
-    _check_device(values, indices, W)
+    device = _check_device(values, indices, W)
     lead = values.shape[:-1]
     values, indices, W = _rows2d(values), _rows2d(indices), W.contiguous()
     n_tokens, k = values.shape
-    d_model = W.shape[1]
-    out = torch.empty((n_tokens, d_model), device=W.device, dtype=W.dtype)
-    if n_tokens > 0:
-        grid = (n_tokens, triton.cdiv(d_model, _ROW_BLOCK_D))
-        _gather_rows_kernel[grid](
-            out, out.stride(0), values, indices, values.stride(0), W, W.stride(0), d_model, k,
-            BLOCK_J=_ROW_BLOCK_J, BLOCK_D=_ROW_BLOCK_D, num_warps=_ROW_WARPS,
-        )
+    d_sae, d_model = W.shape
+    with _on_device(device):
+        if n_tokens and _dense_ok(n_tokens, d_sae, k, W.dtype):
+            out = _coefficients(values, indices, d_sae, W.dtype) @ W
+        else:
+            out = torch.empty((n_tokens, d_model), device=device, dtype=W.dtype)
+            if n_tokens > 0:
+                grid = (n_tokens, triton.cdiv(d_model, _ROW_BLOCK_D))
+                _gather_rows_kernel[grid](
+                    out, out.stride(0), values, indices, values.stride(0), W, W.stride(0),
+                    d_sae, d_model, k, **_gather_config(),
+                )
     return out.reshape(*lead, d_model)
 
 
 def gather_dot(grad_out: Tensor, indices: Tensor, W: Tensor) -> Tensor:
     """out[t, j] = <grad_out[t], W[indices[t, j]]> -> [N, k] in grad_out.dtype (fp32 accumulation)."""
-    _check_device(grad_out, indices, W)
+    device = _check_device(grad_out, indices, W)
     lead = indices.shape[:-1]
     grad_out, indices, W = _rows2d(grad_out), _rows2d(indices), W.contiguous()
     n_tokens, k = indices.shape
-    d_model = W.shape[1]
-    out = torch.empty((n_tokens, k), device=W.device, dtype=grad_out.dtype)
-    if n_tokens > 0:
-        grid = (n_tokens, triton.cdiv(k, _DOT_BLOCK_J))
-        _gather_dot_kernel[grid](
-            out, grad_out, grad_out.stride(0), indices, indices.stride(0), W, W.stride(0), W,
-            d_model, k, HAS_BIAS=False, APPLY_RELU=False,
-            BLOCK_J=_DOT_BLOCK_J, BLOCK_D=_DOT_BLOCK_D, num_warps=_ROW_WARPS,
-        )
+    d_sae, d_model = W.shape
+    with _on_device(device):
+        if n_tokens and _dense_ok(n_tokens, d_sae, k, W.dtype):
+            full = _mm(grad_out.to(W.dtype), W.t(), torch.float32)        # [N, d_sae]
+            out = full.gather(1, indices).to(grad_out.dtype)
+        else:
+            out = torch.empty((n_tokens, k), device=device, dtype=grad_out.dtype)
+            if n_tokens > 0:
+                grid = (n_tokens, triton.cdiv(k, _DOT_BLOCK_J))
+                _gather_dot_kernel[grid](
+                    out, grad_out, grad_out.stride(0), indices, indices.stride(0), W, W.stride(0),
+                    d_sae, d_model, k, **_dot_config(),
+                )
     return out.reshape(*lead, k)
 
 
-def scatter_outer(values: Tensor, indices: Tensor, Y: Tensor, n_rows: int, with_sum: bool
-                  ) -> tuple[Tensor, Tensor | None]:
-    """dW[i] = sum_{(t,j): indices[t,j]=i} values[t,j] * Y[t] -> [n_rows, d] in Y.dtype; optional
-    dsum[i] = sum of the same values[t,j] -> [n_rows] in values.dtype. Deterministic (no float atomics)."""
-    _check_device(values, indices, Y)
+def scatter_outer(values: Tensor, indices: Tensor, Y: Tensor, n_rows: int, with_sum: bool,
+                  out_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """dW[i] = sum_{(t,j): indices[t,j]=i} values[t,j] * Y[t] -> [n_rows, d] in ``out_dtype``
+    (default Y.dtype; fp32 master gradients are written directly, never via a bf16 copy); optional
+    dsum[i] = sum of the same values[t,j] -> [n_rows] in ``out_dtype`` (default values.dtype).
+    Deterministic (no float atomics). The latent-major map is built once per step and shared by the
+    decoder's and the encoder's backward (``reference.latent_csr`` caches it for the same indices)."""
+    device = _check_device(values, indices, Y)
     values, indices, Y = _rows2d(values), _rows2d(indices), _rows2d(Y)
     n_tokens, k = indices.shape
     d_model = Y.shape[1]
     n_rows = int(n_rows)
-    dW = torch.empty((n_rows, d_model), device=Y.device, dtype=Y.dtype)
-    dsum = torch.empty((n_rows,), device=Y.device, dtype=values.dtype) if with_sum else None
-    if n_rows == 0:
-        return dW, dsum
-    # CSR reverse map with torch ops (deterministic, no host sync): entries sorted by latent
-    # (stable, so token order inside a run is fixed), offsets by binary search over the sorted ids.
-    flat = indices.reshape(-1)
-    sorted_ids, order = torch.sort(flat, stable=True)
-    offsets = torch.searchsorted(sorted_ids, torch.arange(n_rows + 1, device=Y.device, dtype=flat.dtype))
-    grid = (n_rows, triton.cdiv(d_model, _SCAT_BLOCK_D))
-    _scatter_outer_kernel[grid](
-        dW, dW.stride(0), dsum if with_sum else dW, values.reshape(-1), order, offsets,
-        Y, Y.stride(0), d_model, max(k, 1),
-        WITH_SUM=with_sum, BLOCK_E=_SCAT_BLOCK_E, BLOCK_D=_SCAT_BLOCK_D, num_warps=_ROW_WARPS,
-    )
-    return dW, dsum
+    dw_dtype = out_dtype or Y.dtype
+    sum_dtype = out_dtype or values.dtype
+    with _on_device(device):
+        if n_rows == 0 or n_tokens == 0:
+            dW = torch.zeros((n_rows, d_model), device=device, dtype=dw_dtype)
+            return dW, (torch.zeros((n_rows,), device=device, dtype=sum_dtype) if with_sum else None)
+        if _dense_ok(n_tokens, n_rows, k, Y.dtype):
+            coef = _coefficients(values, indices, n_rows, Y.dtype)
+            dW = _mm(coef.t(), Y, dw_dtype)
+            dsum = coef.sum(0, dtype=torch.float32).to(sum_dtype) if with_sum else None
+            return dW, dsum
+        cdt = _compute_dtype(values.dtype, Y.dtype)
+        vals = values.reshape(-1).to(cdt)
+        Y = Y.to(cdt)
+        crow, order, token = reference.latent_csr(indices, n_rows)
+        dW = torch.empty((n_rows, d_model), device=device, dtype=dw_dtype)
+        dsum = torch.empty((n_rows,), device=device, dtype=torch.float32)
+        grid = (triton.cdiv(n_rows, _SCAT_BLOCK_L), triton.cdiv(d_model, _SCAT_BLOCK_D))
+        _scatter_rows_kernel[grid](
+            dW, dW.stride(0), dsum, vals, crow, order, token, Y, Y.stride(0), n_rows, d_model,
+            **_scatter_config(cdt),
+        )
+    return dW, (dsum.to(sum_dtype) if with_sum else None)
+
+
+# ---------------------------------------------------------------------------------------- Adam
+
+
+def adam_step(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, beta1: float, beta2: float,
+              eps: float, step_size: float, bc2_sqrt: float, scale: Optional[Tensor] = None,
+              copy: Optional[Tensor] = None, row_sumsq: Optional[Tensor] = None) -> None:
+    """One fused Adam update of the fp32 parameter ``p`` in place (torch's arithmetic; see
+    ``csrc_triton/adam.py``): gradient times ``scale`` (device scalar, e.g. the clip factor), moments
+    in their own dtype, ``copy`` (same shape, compute dtype) rewritten from the new ``p``, and
+    ``row_sumsq`` [rows] the sums of squares of the new rows of a 2-D ``p``."""
+    device = _check_device(p, grad, exp_avg, exp_avg_sq, scale, copy, row_sumsq)
+    if p.dtype != torch.float32 or not (p.is_contiguous() and grad.is_contiguous()
+                                        and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()):
+        raise ValueError("adam_step: expected contiguous tensors and an fp32 parameter")
+    n_elem = p.numel()
+    n_cols = p.shape[-1] if p.dim() == 2 else _ADAM_CHUNK
+    n_rows = max(1, triton.cdiv(n_elem, n_cols))
+    if row_sumsq is None:
+        row_sumsq = torch.empty(n_rows, device=device, dtype=torch.float32)
+    if scale is None:
+        scale = torch.ones((), device=device, dtype=torch.float32)
+    with _on_device(device):
+        _adam_kernel[(triton.cdiv(n_rows, _ADAM_BLOCK_R),)](
+            p, grad, exp_avg, exp_avg_sq, copy if copy is not None else p, row_sumsq, scale,
+            n_elem, n_rows, n_cols, beta1, beta2, eps, step_size, bc2_sqrt, **_adam_config(copy is not None),
+        )
+
+
+# ---------------------------------------------------------------------------------------- compile test
+
+
+def launch_configs() -> Iterator[Tuple[str, Any, List[Any], Dict[str, Any]]]:
+    """Every (kernel, argument types, compile-time arguments) the launchers above can launch, as
+    ``(name, kernel, args, kwargs)``: a ``torch.dtype`` in ``args`` stands for a tensor of that dtype,
+    ints for runtime integers (values typical of d_model 4096, d_sae 32768, 4096 tokens). Used by
+    ``tests/test_compile_sm90.py`` to compile each one for sm_90 without a GPU."""
+    f32, i32, i64 = torch.float32, torch.int32, torch.int64
+    N, d, n, k = 4096, 4096, 32768, 50
+    for dt in KERNEL_DTYPES:
+        for kk in (16, 32, 64):  # K' classes: k in 1..16, 17..32, 33..64
+            cfg = _fused_config(kk, dt, interpret=False)
+            yield (f"fused_encode[{_dn(dt)},KP={cfg['KP']}]", _encode_topk_candidates_kernel,
+                   [dt, d, dt, d, dt, f32, f32, f32, i32, N, d, n, 8, 4], cfg)
+    yield "select_candidates", _select_candidates_kernel, [f32, f32, i32, f32, i64, N, 512, k], _cand_select_config()
+    for dt in KERNEL_DTYPES:
+        for has_bias in (False, True):
+            for has_norm in (False, True):
+                cfg = _row_select_config(has_bias, has_norm)
+                yield (f"row_topk[{_dn(dt)},bias={int(has_bias)},norm={int(has_norm)}]", _row_topk_kernel,
+                       [dt, n, f32, f32, dt, i64, n, k], cfg)
+    # (coefficient dtype, W dtype): equal in the ops; fp32 coefficients on a half W are also accepted.
+    pairs = [(dt, dt) for dt in KERNEL_DTYPES] + [(f32, torch.bfloat16), (f32, torch.float16)]
+    for vdt, wdt in pairs:
+        yield (f"gather_rows[{_dn(vdt)},{_dn(wdt)}]", _gather_rows_kernel,
+               [wdt, d, vdt, i64, k, wdt, d, n, d, k], _gather_config())
+        yield (f"gather_dot[{_dn(vdt)},{_dn(wdt)}]", _gather_dot_kernel,
+               [vdt, vdt, d, i64, k, wdt, d, n, d, k], _dot_config())
+    for dt in KERNEL_DTYPES:
+        for out in sorted({dt, f32}, key=str):
+            yield (f"scatter_rows[{_dn(dt)}->{_dn(out)}]", _scatter_rows_kernel,
+                   [out, d, f32, dt, i64, i64, i64, dt, d, n, d], _scatter_config(dt, interpret=False))
+    for mdt in (f32, torch.bfloat16):
+        for cdt in (None, torch.bfloat16, torch.float16):
+            yield (f"adam[moments={_dn(mdt)},copy={_dn(cdt) if cdt else 'none'}]", _adam_kernel,
+                   [f32, f32, mdt, mdt, cdt or f32, f32, f32, n * d, n, d, 0.9, 0.9999, 1e-8, 1e-3, 0.5],
+                   _adam_config(cdt is not None))
+
+
+def _dn(dt: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dt]

@@ -16,6 +16,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import interp_speedup  # noqa: E402
+
+interp_speedup.install()  # nested @jit calls in the interpreter: see tests/interp_speedup.py
+
 
 @pytest.fixture
 def backend(request, monkeypatch):

@@ -67,10 +67,10 @@ def test_auxk_loss_is_measured_like_the_main_loss(loss):
     x = torch.randn(33, 24, generator=g, dtype=torch.float64) + 1
     dead = torch.zeros(96, dtype=torch.bool)
     dead[torch.randperm(96, generator=g)[:40]] = True
-    values, indices, x_hat, sel = st.encode_decode_auxk(x, 4, dead)
+    values, indices, x_hat = st.encode_decode(x, 4)
     mean = x.mean(0, keepdim=True)
     residual = (x - x_hat).detach()
-    got = st.auxk_loss(x, residual, dead, sel, st.loss_denominator(x, mean))
+    got = st.auxk_loss(x, residual, dead, st.loss_denominator(x, mean))
 
     W_enc, b_enc, W_dec = (t.detach() for t in (sae.W_enc, sae.b_enc, sae.W_dec))
     z = torch.relu(x @ W_enc.t() + b_enc)
@@ -82,7 +82,6 @@ def test_auxk_loss_is_measured_like_the_main_loss(loss):
     else:
         want = ((e_hat - residual) ** 2).sum() / ((x - mean) ** 2).sum()
     assert float(got.detach()) == pytest.approx(float(want), rel=1e-6)  # the step's losses are fp32
-    assert torch.equal(sel[1], dead.nonzero().squeeze(1))  # the auxiliary selection is over the dead only
 
 
 def _synthetic(seed=1, d=32, n_true=1024, mean_scale=3.0):
@@ -175,3 +174,52 @@ def test_recentre_unreachable_resets_only_dead_latents_out_of_auxks_reach():
     st.since_fired[:] = 64 * 3 + 32  # between boundaries: nothing is due
     st.recentre_unreachable(x)
     assert torch.equal(sae.b_enc.detach(), b0)
+
+
+# (N, d_model, d_sae, k, m dead latents, k_aux): k_aux < m, k_aux > m (all m kept), m = 1
+DENSE_SHAPES = [(21, 40, 97, 5, 31, 8), (9, 33, 64, 7, 5, 12), (13, 24, 50, 3, 1, 4)]
+
+
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "plain"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N,d,n,k,m,k_aux", DENSE_SHAPES)
+def test_select_dense_and_subset_decode_against_float64(N, d, n, k, m, k_aux, dtype, tol, weighted):
+    """AuxK's CPU route: select_dense keeps, per row, a valid top-min(k_aux, m) of the given latents
+    (relu(pre) there, zeros elsewhere); subset_decode decodes it; every gradient (x, W_enc, b_enc,
+    W_dec) equals float64 autograd on the same support."""
+    from sae_kernels.ops import encode_for_training, select_dense, subset_decode
+
+    g = torch.Generator().manual_seed(N * 100 + m)
+    x = torch.randn(N, d, generator=g).to(dtype).requires_grad_()
+    W_enc = (torch.randn(n, d, generator=g) / d ** 0.5).to(dtype).requires_grad_()
+    b_enc = (torch.randn(n, generator=g) * 0.1).to(dtype).requires_grad_()
+    W_dec = (torch.randn(n, d, generator=g) * (torch.rand(n, 1, generator=g) + 0.5)).to(dtype).requires_grad_()
+    ids = torch.randperm(n, generator=g)[:m]
+    grad = torch.randn(N, d, generator=g).to(dtype)
+    dec_norm = W_dec.detach().float().norm(dim=1) if weighted else None
+    _, _, scores = encode_for_training(x, W_enc, b_enc, k, dec_norm, keep_pre=True)
+    a = select_dense(scores, ids, k_aux)
+    assert a.shape == (N, m) and a.dtype == dtype
+    x64, We, be, Wd = (t.detach().double() for t in (x, W_enc, b_enc, W_dec))
+    z = torch.relu(x64 @ We[ids].t() + be[ids])
+    score = z * Wd[ids].norm(dim=1) if weighted else z
+    nz = a.detach() != 0
+    ka = min(k_aux, m)
+    assert (nz.sum(1) <= ka).all()
+    kth = torch.topk(score, ka, dim=1).values[:, -1:]
+    slack = tol * (score.abs().max() + 1e-12)
+    assert not (nz & (score < kth - slack)).any(), "a latent outside the row's top k_aux"
+    assert (nz | (score <= kth + slack) | (score == 0)).all(), "a top-k_aux latent was dropped"
+    out = subset_decode(a, W_dec, ids)
+    (out.float() * grad.float()).sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (x, W_enc, b_enc, W_dec)]
+    x64, We, be, Wd = leaves
+    want = (torch.relu(x64 @ We[ids].t() + be[ids]) * nz) @ Wd[ids]
+    (want * grad.double()).sum().backward()
+    torch.testing.assert_close(out.double(), want.detach(), rtol=tol, atol=tol * float(want.abs().max()))
+    for name, got, ref in zip(("dx", "dW_enc", "db_enc", "dW_dec"), (x, W_enc, b_enc, W_dec), leaves):
+        assert got.grad is not None and got.grad.dtype == dtype, name
+        scale = float(ref.grad.abs().max()) + 1e-12
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=tol, atol=tol * scale, msg=name)
+    with pytest.raises(ValueError, match="ids: expected an int64"):
+        subset_decode(a, W_dec, ids.float())

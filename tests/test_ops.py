@@ -188,109 +188,135 @@ def test_float64_takes_the_pytorch_path(monkeypatch):
         topk_encode(torch.randn(2, 8).double(), torch.randn(16, 8).double(), torch.randn(16).double(), 2)
 
 
-# (N, d_model, d_sae, k, m aux latents, k_aux): k_aux < m, k_aux > m (all m kept), m = 1, m = d_sae.
-AUX_SHAPES = [
-    (21, 40, 97, 5, 31, 8),
-    (9, 33, 64, 7, 5, 12),
-    (13, 24, 50, 3, 1, 4),
-    (6, 16, 40, 40, 40, 9),
-]
+# --------------------------------------------------------------------------------------------------
+# One NaN semantics, validated inputs, trusted indices, and the trainer's route (both backends).
+# --------------------------------------------------------------------------------------------------
 
 
-# Every case on the PyTorch path; on the Triton path (the main selection by the kernels, the auxiliary
-# columns by one GEMM over the aux rows; slow in the interpreter) one shape with k_aux < m, weighted, fp32.
-AUX_CASES = [
-    pytest.param("torch", dt, tol, *shape, w, id=f"torch-{name}-{'weighted' if w else 'plain'}-{shape}")
-    for dt, tol, name in ((*DTYPE_TOLS[0], "fp32"), (*DTYPE_TOLS[1], "bf16"))
-    for shape in AUX_SHAPES for w in (True, False)
-] + [pytest.param(BACKENDS[1].values[0], *DTYPE_TOLS[0], *AUX_SHAPES[0], True, marks=BACKENDS[1].marks, id="triton-fp32")]
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_nan_semantics_are_the_same_on_both_backends(backend):
+    """With the finite check off, NaN propagates: a NaN input row gives k NaN values at distinct
+    in-range latents and a NaN reconstruction row; the other rows are untouched. (The Triton path
+    used to return zero codes for such a row, the PyTorch path NaN.)"""
+    (x, W_enc, b_enc, W_dec, b_dec), _ = make_inputs(6, 24, 90, torch.float32, 8, few_positive_rows=False)
+    x = x.detach().clone()
+    x[2, 7] = float("nan")
+    values, indices = topk_encode(x, W_enc.detach(), b_enc.detach(), 5, W_dec.detach().norm(dim=1),
+                                  check_finite_input=False)
+    v, idx = values.cpu(), indices.cpu()
+    assert bool(v[2].isnan().all()), f"NaN row gave values {v[2].tolist()}"
+    assert not bool(v[[0, 1, 3, 4, 5]].isnan().any())
+    assert int(((idx < 0) | (idx >= 90)).sum()) == 0 and all(torch.unique(r).numel() == 5 for r in idx)
+    out = sparse_decode(values, indices, W_dec.detach(), b_dec.detach()).cpu()
+    assert bool(out[2].isnan().all()) and bool(torch.isfinite(out[[0, 1, 3, 4, 5]]).all())
 
 
-@pytest.mark.parametrize("backend,dtype,tol,N,d,n,k,m,k_aux,weighted", AUX_CASES, indirect=["backend"])
-def test_topk_encode_aux_forward_and_all_gradients(backend, dtype, tol, N, d, n, k, m, k_aux, weighted):
-    """The main selection is topk_encode's; the auxiliary one, dense over the m given latents, holds
-    a valid per-row top-min(k_aux, m) of them (zeros elsewhere); gradients through both equal float64
-    dense autograd on the same supports."""
-    from sae_kernels.ops import subset_decode, topk_encode_aux
-
-    seed = hash((N, d, n, k, m, k_aux, weighted, str(dtype))) % 2**31
-    (x, W_enc, b_enc, W_dec, b_dec), grad = make_inputs(N, d, n, dtype, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    aux = torch.randperm(n, generator=g)[:m].to(DEVICE)
-    grad_aux = torch.randn(N, d, generator=g).to(DEVICE, dtype)
-    dec_norm = W_dec.detach().float().norm(dim=1).to(dtype) if weighted else None
-
-    v, i, a = topk_encode_aux(x, W_enc, b_enc, k, dec_norm, aux_latents=aux, k_aux=k_aux)
-    assert a.shape == (N, m) and a.dtype == dtype
-    v0, i0 = topk_encode(x.detach(), W_enc.detach(), b_enc.detach(), k, dec_norm)
-    assert torch.equal(i.sort(1).values, i0.sort(1).values), "main selection differs from topk_encode"
-    check_selection(x, W_enc, b_enc, W_dec, k, weighted, v, i, tol)
-    # the auxiliary selection: at most min(k_aux, m) non-zeros per row, each at a valid top-k_aux
-    # position of the scores restricted to `aux`, holding relu(pre) there
-    ka = min(k_aux, m)
-    x64, We, be, Wd = (t.detach().double().cpu() for t in (x, W_enc, b_enc, W_dec))
-    z_sub = torch.relu(x64 @ We[aux.cpu()].t() + be[aux.cpu()])
-    score = z_sub * Wd[aux.cpu()].norm(dim=1) if weighted else z_sub
-    nz = a.detach().cpu() != 0
-    assert (nz.sum(1) <= ka).all()
-    kth = torch.topk(score, ka, dim=1).values[:, -1:]
-    slack = tol * (score.abs().max() + 1e-12)
-    assert not (nz & (score < kth - slack)).any(), "an auxiliary latent outside the row's top k_aux"
-    assert (nz | (score <= kth + slack) | (score == 0)).all(), "a top-k_aux auxiliary latent was dropped"
-    assert_close(a[nz.to(DEVICE)], z_sub[nz], tol, "aux values = relu(pre)")
-
-    out = sparse_decode(v, i, W_dec, b_dec)
-    out_aux = subset_decode(a, W_dec, aux)
-    ((out.float() * grad.float()).sum() + (out_aux.float() * grad_aux.float()).sum()).backward()
-
-    leaves = [t.detach().double().cpu().requires_grad_() for t in (x, W_enc, b_enc, W_dec, b_dec)]
-    x64, We, be, Wd, bd = leaves
-    x_hat, _, _ = dense_topk_sae(x64, We, be, Wd, bd, k=k, weighted=weighted, indices=i.cpu())
-    z_aux = torch.relu(x64 @ We[aux.cpu()].t() + be[aux.cpu()]) * nz
-    x_aux = z_aux @ Wd[aux.cpu()]
-    assert_close(out, x_hat, tol, "x_hat")
-    assert_close(out_aux, x_aux, tol, "auxiliary reconstruction")
-    ((x_hat * grad.double().cpu()).sum() + (x_aux * grad_aux.double().cpu()).sum()).backward()
-    for name, got, want in zip(("dx", "dW_enc", "db_enc", "dW_dec", "db_dec"), (x, W_enc, b_enc, W_dec, b_dec), leaves):
-        assert got.grad is not None and got.grad.dtype == dtype, name
-        assert_close(got.grad, want.grad, tol, name)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_negative_decoder_norms_are_rejected_or_safe(backend):
+    (x, W_enc, b_enc, _, _), _ = make_inputs(5, 24, 90, torch.float32, 9, few_positive_rows=False)
+    x, W_enc, b_enc = x.detach(), W_enc.detach(), b_enc.detach()
+    norm = torch.rand(90, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    norm[7] = -0.5
+    with pytest.raises(ValueError, match="dec_norm: expected finite values >= 0"):
+        topk_encode(x, W_enc, b_enc, 5, norm)
+    norm[:] = float("-inf")
+    _, idx = topk_encode(x, W_enc, b_enc, 5, norm, check_finite_input=False)
+    assert int(((idx < 0) | (idx >= 90)).sum()) == 0
 
 
-@pytest.mark.parametrize("dtype,tol", DTYPE_TOLS, ids=["fp32", "bf16"])
-@pytest.mark.parametrize("N,d,n,m", [(17, 23, 61, 29), (5, 9, 7, 1), (3, 40, 12, 12)])
-def test_subset_decode_forward_and_gradients(dtype, tol, N, d, n, m):
-    """acts @ W_dec[ids] and both gradients (acts; W_dec, zero outside the rows ids) equal float64 autograd."""
-    from sae_kernels.ops import subset_decode
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_sparse_decode_has_no_unchecked_path(backend):
+    """check_indices=False no longer skips the range check for indices of unknown origin (an id of
+    2^40 crashed the process on the Triton path); indices straight from topk_encode are trusted
+    without a host sync, and lose that trust once modified in place."""
+    g = torch.Generator().manual_seed(2)
+    W, b = torch.randn(64, 20, generator=g).to(DEVICE), torch.randn(20, generator=g).to(DEVICE)
+    v = torch.randn(4, 3, generator=g).to(DEVICE)
+    bad = torch.randint(0, 64, (4, 3), generator=g).to(DEVICE)
+    bad[1, 2] = 2 ** 40
+    for flag in (True, False):
+        with pytest.raises(ValueError, match=r"indices: expected values in \[0, 64\)"):
+            sparse_decode(v, bad, W, b, check_indices=flag)
+    x = torch.randn(4, 20, generator=g).to(DEVICE)
+    values, idx = topk_encode(x, W, b.new_zeros(64), 3)
+    from sae_kernels.ops import _trusted
 
-    g = torch.Generator().manual_seed(N * 1000 + m)
-    acts = torch.relu(torch.randn(N, m, generator=g)).to(DEVICE, dtype).requires_grad_()
-    W = torch.randn(n, d, generator=g).to(DEVICE, dtype).requires_grad_()
-    ids = torch.randperm(n, generator=g)[:m].to(DEVICE)
-    grad = torch.randn(N, d, generator=g).to(DEVICE, dtype)
-    out = subset_decode(acts, W, ids)
-    (out.float() * grad.float()).sum().backward()
-    a64, W64 = (t.detach().double().cpu().requires_grad_() for t in (acts, W))
-    want = a64 @ W64[ids.cpu()]
-    (want * grad.double().cpu()).sum().backward()
-    assert out.dtype == dtype and acts.grad.dtype == dtype and W.grad.dtype == dtype
-    assert_close(out, want, tol, "out")
-    assert_close(acts.grad, a64.grad, tol, "d_acts")
-    assert_close(W.grad, W64.grad, tol, "dW_dec")
-    with pytest.raises(ValueError, match="ids: expected an int64"):
-        subset_decode(acts, W, ids[:-1] if m > 1 else ids.float())
+    assert _trusted(idx, 64) and not _trusted(idx, 63) and not _trusted(idx.clone(), 64)
+    sparse_decode(values, idx, W, b)
+    idx[0, 0] = 64  # in place: the version counter moves, the tensor is checked again
+    assert not _trusted(idx, 64)
+    with pytest.raises(ValueError, match="indices: expected values in"):
+        sparse_decode(values, idx, W, b)
 
 
-def test_topk_encode_aux_rejects_bad_input():
-    from sae_kernels.ops import topk_encode_aux
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_decode_for_training_takes_only_encoded_indices(backend):
+    from sae_kernels.ops import decode_for_training, encode_for_training
 
-    x, W, b = torch.randn(4, 20), torch.randn(64, 20), torch.randn(64)
-    with pytest.raises(ValueError, match="aux_latents: expected at least one"):
-        topk_encode_aux(x, W, b, 3, aux_latents=torch.empty(0, dtype=torch.int64), k_aux=2)
-    with pytest.raises(ValueError, match=r"aux_latents: expected ids in \[0, 64\)"):
-        topk_encode_aux(x, W, b, 3, aux_latents=torch.tensor([3, 64]), k_aux=2)
-    with pytest.raises(ValueError, match="aux_latents: expected distinct ids"):
-        topk_encode_aux(x, W, b, 3, aux_latents=torch.tensor([3, 3]), k_aux=2)
-    with pytest.raises(ValueError, match="aux_latents: expected dtype"):
-        topk_encode_aux(x, W, b, 3, aux_latents=torch.tensor([1.0]), k_aux=2)
-    with pytest.raises(ValueError, match="k_aux: expected an int >= 1"):
-        topk_encode_aux(x, W, b, 3, aux_latents=torch.tensor([1, 2]), k_aux=0)
+    (x, W_enc, b_enc, W_dec, b_dec), _ = make_inputs(4, 24, 90, torch.float32, 10, few_positive_rows=False)
+    values, idx = encode_for_training(x.detach(), W_enc, b_enc, 3, None)
+    decode_for_training(values, idx, W_dec, b_dec)
+    with pytest.raises(ValueError, match="only indices returned by an encode"):
+        decode_for_training(values, idx.clone(), W_dec, b_dec)
+    with pytest.raises(ValueError, match="only indices returned by an encode"):
+        decode_for_training(values, torch.zeros_like(idx), W_dec, b_dec)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("N,d,n,k", [(13, 40, 130, 7), (5, 33, 64, 64)])
+def test_training_route_bf16_copies_give_fp32_master_gradients(backend, N, d, n, k):
+    """The trainer's route with bf16 compute copies of fp32 masters: the math reads the copies, the
+    gradients arrive in fp32 on the masters. With bf16 upstream gradients every product is exact
+    in fp32, so they match float64 at fp32 precision (the old differentiable casts produced bf16
+    gradients, 2^-9 relative error, then cast them to fp32)."""
+    from sae_kernels.ops import decode_for_training, encode_for_training
+
+    (x, W_enc, b_enc, W_dec, b_dec), _ = make_inputs(N, d, n, torch.float32, 11 + k)
+    bf = torch.bfloat16
+    g = torch.Generator().manual_seed(k)
+    We, be, Wd = (t.detach().to(bf) for t in (W_enc, b_enc, W_dec))
+    x_n = x.detach().to(bf)
+    norm = W_dec.detach().norm(dim=1)
+    values, idx = encode_for_training(x_n, W_enc, b_enc, k, norm, compute=(We, be))
+    check_selection(x_n.float(), We.float(), be.float(), W_dec, k, True, values.float(), idx, 3e-2)
+    gv = torch.randn(N, k, generator=g).to(DEVICE, bf)
+    (values.float() * gv.float()).sum().backward()
+    out = decode_for_training(values.detach(), idx, W_dec, b_dec, compute=Wd)
+    go = torch.randn(N, d, generator=g).to(DEVICE, bf)
+    out.backward(go)
+    for t in (W_enc, b_enc, W_dec, b_dec):
+        assert t.grad is not None and t.grad.dtype == torch.float32
+    # float64 from the same bf16 operands
+    coef = torch.zeros(N, n, dtype=torch.float64).scatter_(1, idx.cpu(), gv.double().cpu() * (values.cpu() > 0))
+    assert_close(W_enc.grad, coef.T @ x_n.double().cpu(), 2e-5, "dW_enc")
+    assert_close(b_enc.grad, coef.sum(0), 2e-5, "db_enc")
+    f = torch.zeros(N, n, dtype=torch.float64).scatter_(1, idx.cpu(), values.double().cpu())
+    assert_close(W_dec.grad, f.T @ go.double().cpu(), 2e-5, "dW_dec")
+    assert_close(b_dec.grad, go.double().cpu().sum(0), 2e-5, "db_dec")
+    ref = f @ Wd.double().cpu() + b_dec.detach().double().cpu()
+    assert_close(out, ref, 3e-2, "x_hat")
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_encode_scores_select_equals_a_masked_encode(backend):
+    """AuxK from the forward's kept pre-activations (no second GEMM) selects, values and gradients
+    as an encode whose disallowed latents are pushed to zero by a -1e30 bias."""
+    from sae_kernels.ops import encode_for_training
+
+    (x, W_enc, b_enc, W_dec, _), grad = make_inputs(11, 24, 90, torch.float32, 12, few_positive_rows=False)
+    x = x.detach()
+    norm = W_dec.detach().norm(dim=1)
+    allowed = (torch.rand(90, generator=torch.Generator().manual_seed(3)) < 0.4).to(DEVICE)
+    _, _, scores = encode_for_training(x, W_enc, b_enc, 4, norm, keep_pre=True)
+    v1, i1 = scores.select(9, allowed)
+    g1 = torch.autograd.grad((v1 * grad[:, :9]).sum(), (W_enc, b_enc))
+    bias = b_enc + torch.where(allowed, 0.0, -1e30)
+    v2, i2 = topk_encode(x, W_enc, bias, 9, norm)
+    g2 = torch.autograd.grad((v2 * grad[:, :9]).sum(), (W_enc, b_enc))
+    for r in range(11):  # the latents with a positive value agree; zero-valued slots may differ
+        a, b_ = i1[r][v1[r] > 0].sort().values, i2[r][v2[r] > 0].sort().values
+        assert torch.equal(a, b_), (r, a.tolist(), b_.tolist())
+    assert bool(allowed[i1[v1 > 0]].all()), "a disallowed latent has a positive value"
+    assert_close(torch.sort(v1, 1).values, torch.sort(v2, 1).values, 1e-5, "values")
+    for a, b_ in zip(g1, g2):
+        assert_close(a, b_, 1e-5, "gradient")

@@ -39,6 +39,7 @@ STEPS = len(K_SCHEDULE)
 SAVE_AT = 3                  # checkpoint after this many steps (resume tests)
 LR, BETAS, MAX_NORM = 1e-2, (0.9, 0.9999), 0.5
 SEED = 42
+MODEL_NAME = "test/tiny-llama"  # what the checkpoints' lm_config.json must name
 # float32 tolerance of the weight comparison; the measured differences are ~1e-7 (see the report).
 ATOL = 2e-5
 
@@ -166,9 +167,10 @@ def parallel_train(ctx, start_step=0, resume_from=None, save_dir=None, log_path=
         log.append({"step": t, "loss": ctx.data_all_reduce(loss.detach(), "mean").item(), "grad_norm": norm.item(),
                     "l0": (ctx.model_all_reduce(out.l0_sum()).item() / x.shape[0])})
         if save_dir is not None and t + 1 == SAVE_AT:
-            P.save_checkpoint(ctx, Path(save_dir) / f"step{SAVE_AT}", sae, opt, trainer_state={"step": t + 1})
+            P.save_checkpoint(ctx, Path(save_dir) / f"step{SAVE_AT}", sae, opt, trainer_state={"step": t + 1},
+                              model_name=MODEL_NAME)
     if save_dir is not None:
-        P.save_checkpoint(ctx, Path(save_dir) / "final", sae, opt, trainer_state={"step": STEPS})
+        P.save_checkpoint(ctx, Path(save_dir) / "final", sae, opt, trainer_state={"step": STEPS}, model_name=MODEL_NAME)
     # Replicated b_dec must be identical on every rank; shards identical across data ranks.
     checks = {}
     bd = sae.b_dec.detach()
@@ -252,16 +254,17 @@ def trainer_step_reference():
 
 
 def step_worker(ctx, out_dir):
-    """The trainer's step through ParallelSAEStep (each rank feeds its own slice of the batch)."""
+    """The trainer's step through ParallelSAEStep (each model group feeds its share of the batch, as the
+    trainer's RowExchange delivers it)."""
     from trainer.parallel_step import ParallelSAEStep
     from trainer.train import make_optimizer
 
     sae = P.ShardedTopKSAE.from_full(make_sae(), ctx)
     step = ParallelSAEStep(sae, make_optimizer(sae, LR, BETAS), step_config(), ctx)
-    b = BATCH // ctx.world_size
+    b = BATCH // ctx.dp
     metrics = []
     for t in range(STEPS):
-        m = step(make_batch(t)[ctx.rank * b:(ctx.rank + 1) * b], None, t)
+        m = step(make_batch(t)[ctx.data_rank * b:(ctx.data_rank + 1) * b], None, t)
         metrics.append({k: float(step.comm.metric(v)) for k, v in m.items()})
     sae_sd, opt_sd = step.full_state()
     if ctx.is_main:
@@ -412,7 +415,7 @@ def sp_checkpoint(tmp_path_factory, reference):
     opt = torch.optim.Adam(sae.parameters(), lr=LR, betas=BETAS)
     sae.load_state_dict(reference["saved"][0])
     opt.load_state_dict(reference["saved"][1])
-    P.save_checkpoint(ctx, folder, sae, opt, trainer_state={"step": SAVE_AT})
+    P.save_checkpoint(ctx, folder, sae, opt, trainer_state={"step": SAVE_AT}, model_name=MODEL_NAME)
     return folder
 
 
@@ -472,6 +475,25 @@ def test_single_process_context_is_the_topksae_path(reference):
     assert max(diff.values()) <= ATOL, diff
 
 
+def test_save_checkpoint_names_the_model_or_refuses(tmp_path):
+    """lm_config.json always names the model (the release code's reader needs a string): the name passed,
+    else the SAE's; with neither, nothing is written."""
+    import warnings
+
+    ctx = P.init_parallel(1)
+    sae = make_sae()
+    with pytest.raises(ValueError, match="save_checkpoint: no model name"):
+        P.save_checkpoint(ctx, tmp_path / "none", sae)
+    assert not (tmp_path / "none").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no model name" warning from to_llama_scope
+        P.save_checkpoint(ctx, tmp_path / "passed", sae, model_name=MODEL_NAME)
+        named = TopKSAE(SAEConfig(d_model=D, d_sae=N_LAT, k=K_SCHEDULE[-1], model_name="from/cfg"))
+        P.save_checkpoint(ctx, tmp_path / "cfg", named)
+    assert json.loads((tmp_path / "passed" / "lm_config.json").read_text())["model_name"] == MODEL_NAME
+    assert json.loads((tmp_path / "cfg" / "lm_config.json").read_text())["model_name"] == "from/cfg"
+
+
 def test_init_parallel_validates():
     with pytest.raises(ValueError, match="does not divide the world size 1"):
         P.init_parallel(2)
@@ -489,7 +511,7 @@ def test_init_parallel_validates():
 
 
 def _check_topk(run_dir, tp):
-    res = torch.load(Path(run_dir) / "topk.pt")
+    res = torch.load(Path(run_dir) / "topk.pt", weights_only=True)
     for ci, case in enumerate(TOPK_CASES):
         d, n, N, k, weighted = case
         x, W_enc, b_enc, W_dec, b_dec = make_topk_problem(case, seed=ci)
@@ -584,8 +606,10 @@ def test_train_tp4_equals_single_process(world4, reference):
 
 def test_resume_tp2_checkpoint_at_tp1(world2, reference):
     """Gathered step-3 state of the tp=2 run, continued single-process, equals the uninterrupted run."""
-    sd, opt_sd, state = _load_folder(world2 / f"tp2_dp1/ckpt/step{SAVE_AT}")
+    folder = world2 / f"tp2_dp1/ckpt/step{SAVE_AT}"
+    sd, opt_sd, state = _load_folder(folder)
     assert state["step"] == SAVE_AT
+    assert json.loads((folder / "lm_config.json").read_text())["model_name"] == MODEL_NAME
     final_sd, final_opt, _, _ = reference_run(start_state=(sd, opt_sd), start_step=SAVE_AT)
     diff = _max_diff(final_sd, reference["sd"])
     MEASURED["resume tp=2 -> tp=1 weights"] = max(diff.values())
@@ -605,7 +629,7 @@ def step_reference():
 
 
 def _check_step(run_dir, ref, label):
-    got = torch.load(Path(run_dir) / "step.pt")
+    got = torch.load(Path(run_dir) / "step.pt", weights_only=True)
     assert any(m.get("auxk_loss", 0) > 0 for m in ref["metrics"]), "AuxK never engaged: the test is too easy"
     for t, (g, w) in enumerate(zip(got["metrics"], ref["metrics"])):
         assert g.keys() == w.keys(), (g.keys(), w.keys())

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from helpers import assert_close
+from helpers import BACKENDS, assert_close
 from sae_kernels import SAEConfig, TopKSAE
 
 
@@ -64,6 +64,25 @@ def test_forward_pieces_match_formula(weighted):
     f3, x_hat3 = formula(sae, x, k=11)
     assert_close(sae(x, k=11), x_hat3, 1e-10, "forward with k override")
     assert (sae.encode(x, k=11) > 0).sum(-1).max() <= 11
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_decode_sparse_validates_indices_whatever_check_indices_says(backend):
+    """Issue 14.13 where a user meets it: ``TopKSAE.decode_sparse(..., check_indices=False)`` with ids
+    out of range (-1, d_sae, 2^40, which once crashed the process on the Triton path) is a ValueError
+    naming the indices; the module's own forward (indices straight from its encode) still works."""
+    sae = random_sae(dtype="float32")
+    x = torch.randn(4, 37, generator=torch.Generator().manual_seed(3))
+    values, indices = sae.encode_sparse(x)
+    want = sae.decode_sparse(values, indices)
+    for bad_id in (-1, 100, 2 ** 40):
+        bad = indices.clone()
+        bad[2, 1] = bad_id
+        for flag in (True, False):
+            with pytest.raises(ValueError, match=r"indices: expected values in \[0, 100\)"):
+                sae.decode_sparse(values, bad, check_indices=flag)
+    assert_close(sae(x), want, 1e-6, "forward after the rejected calls")
+    assert_close(sae.decode_sparse(values, indices.clone(), check_indices=False), want, 1e-6, "checked copy")
 
 
 def test_weighting_changes_selection():
@@ -169,3 +188,81 @@ def test_module_rejects_bad_input():
         sae(torch.full((2, 37), float("inf")))
     with pytest.raises(ValueError, match="cfg: expected an SAEConfig"):
         TopKSAE({"d_model": 4, "d_sae": 8})
+
+
+def test_k_may_be_any_integer_type():
+    """Issue 14.12: numpy and torch integers are integers; floats and bools are not."""
+    np = pytest.importorskip("numpy")
+    sae = random_sae(k=np.int64(5))
+    assert sae.cfg.k == 5 and type(sae.cfg.k) is int
+    assert SAEConfig(d_model=np.int32(8), d_sae=torch.tensor(16), k=torch.tensor(3, dtype=torch.int16)).k == 3
+    assert SAEConfig(d_model=8, d_sae=16, k=4, layer=np.int64(2)).layer == 2
+    x = torch.randn(6, 37, dtype=torch.float64)
+    _, want = formula(sae, x, k=3)
+    for k in (np.int64(3), np.int8(3), torch.tensor(3), torch.tensor([3])):
+        assert_close(sae(x, k=k), want, 1e-10, f"k={k!r}")
+    for bad in (3.0, True, np.float64(3.0), torch.tensor(3.0), "3"):
+        with pytest.raises(ValueError, match="k: expected an int"):
+            sae(x, k=bad)
+    with pytest.raises(ValueError, match="k: expected a positive int"):
+        SAEConfig(d_model=8, d_sae=16, k=2.0)
+
+
+def test_to_jumprelu_refuses_nan_activations():
+    sae = random_sae()
+    acts = torch.randn(50, 37, dtype=torch.float64)
+    acts[7, 3] = float("nan")
+    with pytest.raises(ValueError, match="activations: expected finite values"):
+        sae.to_jumprelu(acts, k=4)
+
+
+def test_device_and_dtype_properties():
+    sae = random_sae(dtype="float32")
+    assert sae.device == torch.device("cpu") and sae.dtype == torch.float32
+    sae.to(torch.float64)
+    assert sae.dtype == torch.float64 and sae.threshold.dtype == torch.float64
+
+
+@pytest.mark.parametrize("weighted,activation", [(True, "topk"), (False, "topk"), (True, "jumprelu"), (False, "jumprelu")])
+def test_to_saebench_contract(monkeypatch, weighted, activation):
+    """Issue 14.3, without sae_bench installed (its fields are checked against the real class in
+    test_interop.py): W_enc [d_in, d_sae], unit-norm decoder rows, device/dtype attributes, cfg
+    fields; encode/decode equal the folded SAE (for a plain SAE with non-unit decoder rows: latents
+    scaled by the row norms, same selection, same reconstruction)."""
+    import importlib.util
+
+    from sae_kernels import saebench
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sae_bench" else real(name, *a))
+    sae = random_sae(weighted=weighted)
+    if activation == "jumprelu":
+        sae.cfg = sae.cfg.replace(activation="jumprelu")
+        sae.threshold.copy_(torch.rand(100, dtype=torch.float64) * 0.5)
+    sae.cfg = sae.cfg.replace(model_name="gpt2", hook_point_in="blocks.5.hook_resid_post",
+                              hook_point_out="blocks.5.hook_resid_post")
+    a = sae.to_saebench()
+    assert isinstance(a.cfg, saebench.SAEBenchConfig)
+    c = a.cfg
+    assert (c.model_name, c.d_in, c.d_sae, c.hook_layer, c.hook_name) == ("gpt2", 37, 100, 5, "blocks.5.hook_resid_post")
+    assert c.architecture == activation and c.dtype == "float64" and c.device == "cpu"
+    assert c.apply_b_dec_to_input is False and c.normalize_activations == "none"
+    assert isinstance(a.W_enc, torch.nn.Parameter) and a.W_enc.shape == (37, 100) and a.W_dec.shape == (100, 37)
+    assert a.b_enc.shape == (100,) and a.b_dec.shape == (37,)
+    assert a.check_decoder_norms()
+    assert a.device == torch.device("cpu") and a.dtype == torch.float64
+    x = torch.randn(2, 30, 37, dtype=torch.float64)  # SAEBench passes [B, L, d_in] too
+    folded = sae.folded()
+    want_f = folded.encode(x)
+    if not weighted:  # the plain SAE's rows are not unit-norm: SAEBench sees latents * row norm
+        want_f = want_f * folded.W_dec.detach().norm(dim=1)
+    assert_close(a.encode(x), want_f, 1e-10, "encode")
+    assert_close(a.decode(want_f), folded(x), 1e-10, "decode")
+    assert_close(a(x), sae(x), 1e-10, "forward")
+    a.to(dtype=torch.float32)
+    assert a.dtype == torch.float32 and a.cfg.dtype == "float32" and a.W_enc.dtype == torch.float32
+    with pytest.raises(ValueError, match="model_name: SAEBench needs"):
+        random_sae().to_saebench(hook_layer=3)
+    with pytest.raises(ValueError, match="hook_layer: SAEBench needs"):
+        random_sae().to_saebench(model_name="gpt2")
+    assert random_sae().to_saebench("gpt2", hook_layer=3).cfg.hook_name == "blocks.3.hook_resid_post"

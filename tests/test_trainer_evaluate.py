@@ -96,3 +96,39 @@ def test_every_position_trains_evaluates_and_reloads(tiny, position):
         assert hj["act_fn"] == "jumprelu" and hj["jump_relu_threshold"] > 0
         assert jsae.cfg.activation == "jumprelu"
         assert 20 < jr["l0"] < 100 and math.isfinite(jr["delta_lm_loss"])
+
+
+def test_evaluate_reports_delta_lm_loss_and_ce_score_by_their_formulas(tiny):
+    """ce_clean / ce_sae / ce_zero_ablation recomputed with the Hugging Face model's own loss (labels,
+    special targets ignored), then delta_lm_loss = ce_sae - ce_clean and
+    ce_score = (ce_zero - ce_sae) / (ce_zero - ce_clean) checked on evaluate()'s output."""
+    from trainer.evaluate import evaluate
+    from trainer.model import splice_sae, zero_ablate
+
+    lm = load_model(tiny[0])
+    with torch.no_grad():
+        lm.model.lm_head.weight.mul_(40)  # a random tiny LM barely reacts to its layers: make the logits sharp
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(32, 128, k=16))
+    ids = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(1))
+    ids[:, 0] = lm.tokenizer.bos_token_id
+    ids[1, 20] = lm.tokenizer.eos_token_id  # a special target inside a context
+    labels = ids.clone()
+    labels[torch.isin(ids, torch.tensor(lm.special_ids))] = -100
+
+    def hf_loss():
+        with torch.no_grad():
+            return float(lm.model(input_ids=ids, labels=labels, use_cache=False).loss)
+
+    clean = hf_loss()
+    with splice_sae(lm.model, sae, 1, "R", lm.special_ids):
+        with_sae = hf_loss()
+    with zero_ablate(lm.model, 1, "R", lm.special_ids):
+        zero = hf_loss()
+    assert min(abs(with_sae - clean), abs(zero - with_sae), abs(zero - clean)) > 1e-3  # distinct, or nothing is shown
+    m = evaluate(lm, {"sae": sae}, ids, 1, "R", special_ids=lm.special_ids, batch_size=3)[0]["sae"]
+    assert m["ce_tokens"] == 4 * 47 - 1
+    for key, want in (("ce_clean", clean), ("ce_sae", with_sae), ("ce_zero_ablation", zero)):
+        assert m[key] == pytest.approx(want, rel=1e-5), key
+    assert m["delta_lm_loss"] == pytest.approx(with_sae - clean, rel=1e-4, abs=1e-6)
+    assert m["ce_score"] == pytest.approx((zero - with_sae) / (zero - clean), rel=1e-4)

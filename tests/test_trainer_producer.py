@@ -1,9 +1,10 @@
-"""ActivationSource: LM batches -> chunks of non-special activations; cache; cursors; epochs."""
+"""ActivationSource: LM batches -> chunks of non-special activations (every hook point's columns); the
+deal of LM batches to ranks; cache; cursors; epochs."""
 import pytest
 import torch
 
 from trainer.data import ContextData, DocumentSource
-from trainer.model import activations, load_model
+from trainer.model import activations, load_model, position_hooks
 from trainer.producer import ActivationSource
 from trainer.testing import tiny_llama_folder
 
@@ -29,21 +30,47 @@ def chunks(src, n):
 @pytest.mark.parametrize("position", ["R", "TC"])
 def test_chunks_are_the_non_special_activations_of_each_batch(setup, position):
     lm, data = setup
-    src = ActivationSource(lm, data, 1, position)
+    src = ActivationSource(lm, data, position_hooks(1, position))
     got = chunks(src, 2)
+    row = 0
     for c, (key, ids) in zip(got, data.iter_batches(0)):
         keep = ~torch.isin(ids, torch.tensor(src.special_ids))
         x, y, k2 = activations(lm, ids, 1, position, special_ids=src.special_ids)
-        assert torch.equal(k2.cpu(), keep) and c.x.shape[0] == int(keep.sum())
-        torch.testing.assert_close(c.x, x, rtol=0, atol=0)
-        assert (c.y is None) == (position != "TC")
+        assert torch.equal(k2.cpu(), keep) and c.x.shape[0] == int(keep.sum()) == c.n
+        assert c.row0 == row and c.owner == 0
+        row += c.n
+        want = x if y is None else torch.cat([x, y], dim=1)  # a row holds every hook point side by side
+        torch.testing.assert_close(c.x, want, rtol=0, atol=0)
+
+
+def test_many_hooks_one_forward_and_the_deal_to_ranks(setup):
+    """A suite's chunk holds every hook's columns, each equal to that hook read alone; with two ranks each
+    runs the LM on its own LM batches only, and both know every batch's rows without running it."""
+    lm, data = setup
+    hooks = position_hooks(0, "R") + position_hooks(2, "TC")
+    single = ActivationSource(lm, data, hooks)
+    one = chunks(single, data.n_batches)
+    for c, (_, ids) in zip(one, data.iter_batches(0)):
+        x0, _, _ = activations(lm, ids, 0, "R")
+        x2, y2, _ = activations(lm, ids, 2, "TC")
+        assert torch.equal(c.x, torch.cat([x0, x2, y2], dim=1))
+    ranks = [ActivationSource(lm, data, hooks, rank=r, world=2) for r in range(2)]
+    got = [chunks(r, data.n_batches) for r in ranks]
+    for b, c in enumerate(one):
+        for r in range(2):
+            g = got[r][b]
+            assert (g.row0, g.n, g.owner, g.cursor) == (c.row0, c.n, b % 2, c.cursor)
+            assert (g.x is not None) == (b % 2 == r)
+            if g.x is not None:
+                assert torch.equal(g.x, c.x)
+    assert ranks[0].lm_tokens + ranks[1].lm_tokens == single.lm_tokens  # each batch ran once, on one rank
 
 
 def test_cache_replays_exactly_what_the_lm_computes(setup):
     lm, data = setup
     nb = data.n_batches
-    cached = ActivationSource(lm, data, 1, "R", cache_max_bytes=1 << 30)
-    plain = ActivationSource(lm, data, 1, "R", cache_max_bytes=0)
+    cached = ActivationSource(lm, data, position_hooks(1, "R"), cache_max_bytes=1 << 30)
+    plain = ActivationSource(lm, data, position_hooks(1, "R"), cache_max_bytes=0)
     assert cached.cache is not None and plain.cache is None
     a = chunks(cached, 3 * nb)  # three epochs: two replayed from the cache
     b = chunks(plain, 3 * nb)
@@ -56,22 +83,22 @@ def test_cache_replays_exactly_what_the_lm_computes(setup):
 
 def test_cursor_regenerates_a_chunk(setup):
     lm, data = setup
-    src = ActivationSource(lm, data, 2, "M", cache_max_bytes=0)
+    src = ActivationSource(lm, data, position_hooks(2, "M"), cache_max_bytes=0)
     got = chunks(src, data.n_batches + 3)
     target = got[-2]
-    again = ActivationSource(lm, data, 2, "M")
+    again = ActivationSource(lm, data, position_hooks(2, "M"))
     again.load_state_dict(target.cursor)
     first = next(iter(again))
-    assert first.cursor == target.cursor and torch.equal(first.x, target.x)
+    assert first.cursor == target.cursor and first.row0 == target.row0 and torch.equal(first.x, target.x)
 
 
 def test_cache_is_skipped_when_too_large(setup):
     lm, data = setup
-    src = ActivationSource(lm, data, 1, "TC", cache_max_bytes=10)
+    src = ActivationSource(lm, data, position_hooks(1, "TC"), cache_max_bytes=10)
     assert src.cache is None and src.row_bytes() == 2 * 32 * 4
 
 
 def test_finite_epochs(setup):
     lm, data = setup
-    src = ActivationSource(lm, data, 0, "R", epochs=1)
+    src = ActivationSource(lm, data, position_hooks(0, "R"), epochs=1)
     assert len(list(src)) == data.n_batches

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 
@@ -31,6 +32,29 @@ def test_help_explains_every_flag(capsys):
     for f in dataclasses.fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in text, f.name
         assert f.metadata.get("help"), f"{f.name} has no help text"
+
+
+def test_help_shows_the_defaults_of_both_families_and_of_every_boolean(capsys):
+    from trainer.config import EMBEDDED_DEFAULTS, RECIPE_DEFAULTS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(re.sub(r"-\n\s+", "-", capsys.readouterr().out).split())  # unwrapped (argparse breaks at hyphens)
+    text = text[text.index("options:"):]  # past the usage line
+    show = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+    for name in ("batch_size", "buffer_tokens", "checkpoint_every", "log_every", "tokens", "lr"):
+        flag = "--" + name.replace("_", "-")
+        want = (f"(default: {show(EMBEDDED_DEFAULTS[name])} with the embedded model; "
+                f"{show(RECIPE_DEFAULTS[name])} for other models, the Llama Scope recipe)")
+        block = text[text.index(flag + " N" if name != "lr" else flag + " X"):]
+        assert block[:400].find(want) != -1, f"{flag}: {block[:300]}"
+    for f in dataclasses.fields(TrainConfig):
+        if f.default is True or f.default is False:
+            flag = "--" + f.name.replace("_", "-")
+            shown = flag if f.default else "--no-" + flag[2:]
+            block = text[text.index(f"{flag}, --no-{flag[2:]}"):]
+            assert f"(default: {shown})" in block[:500], flag
+    assert "SPEC" not in text and "README" in text and "'Training an SAE'" in text
 
 
 def test_flags_mirror_the_config():

@@ -2,7 +2,9 @@
 import json
 import math
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -103,7 +105,9 @@ def test_step_clip_really_bounds_the_update_direction():
     real_step = st.opt.step
 
     def step_spy(*a, **k):
-        captured["norm"] = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in st.params])))
+        # SAEAdam applies the clip factor inside the update (grad_scale), not to .grad beforehand
+        scale = float(k["grad_scale"]) if k.get("grad_scale") is not None else 1.0
+        captured["norm"] = scale * float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in st.params])))
         return real_step(*a, **k)
 
     st.opt.step = step_spy
@@ -204,14 +208,20 @@ def weights(run_dir):
 def test_resume_gives_the_same_weights(tiny, position, stop, cache):
     root = tiny[2]
     quiet = lambda s: None
+    name = f"L1{position}-8x"
     full = run(tiny_cfg(tiny, root / f"full{position}", position=position, cache_activations_gb=cache), log=quiet)
+    full = full["members"][name]
     stopped = run(tiny_cfg(tiny, root / f"cut{position}", position=position, cache_activations_gb=cache,
                            stop_after_steps=stop), log=quiet)
     assert stopped == {"stopped": stop}
-    run_dir = root / f"cut{position}" / f"L1{position}-8x"
-    assert (run_dir / Trainer.STATE_FILE).is_file() and not (run_dir / "hyperparams.json").exists()
+    run_dir = root / f"cut{position}" / name
+    state = root / f"cut{position}" / Trainer.STATE_FILE
+    assert state.is_file() and not (run_dir / "hyperparams.json").exists()
+    # the resume state loads without unpickling code (tensors, numbers, strings, lists, dicts)
+    meta = torch.load(state, weights_only=True)
+    torch.load(run_dir / "resume" / f"step{meta['step']}.pt", weights_only=True)
     resumed = run(tiny_cfg(tiny, root / f"cut{position}", position=position, cache_activations_gb=cache,
-                           resume=True), log=quiet)
+                           resume=True), log=quiet)["members"][name]
     a, b = weights(full["checkpoint"]), weights(resumed["checkpoint"])
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key}: max diff {(a[key] - b[key]).abs().max()}"
@@ -219,13 +229,10 @@ def test_resume_gives_the_same_weights(tiny, position, stop, cache):
     lines = lambda p: [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"}
                        for ln in (Path(p) / "metrics.jsonl").read_text().splitlines()]
     assert lines(full["checkpoint"]) == lines(resumed["checkpoint"])
-    assert not (run_dir / Trainer.STATE_FILE).exists()  # removed once the run completed
+    assert not state.exists() and not (run_dir / "resume").exists()  # removed once the run completed
 
 
-def test_resume_after_sigkill(tiny):
-    """A real kill -9 of `python -m trainer.run` mid-training, then --resume."""
-    root = tiny[2]
-    cfg = tiny_cfg(tiny, root / "killed", tokens=40960, checkpoint_every=20)
+def cli_flags(cfg):
     flags = []
     for k, v in cfg.to_dict().items():
         if v is None or k in ("progress",):
@@ -235,20 +242,239 @@ def test_resume_after_sigkill(tiny):
             flags.append(flag if v else "--no-" + flag[2:])
         else:
             flags += [flag, str(v)]
+    return [sys.executable, "-m", "trainer.run", "--no-progress", *flags]
+
+
+@pytest.fixture(scope="module")
+def long_ref(tiny):
+    """The uninterrupted 160-step run that the killed and preempted runs must end at."""
+    root = tiny[2]
+    res = run(tiny_cfg(tiny, root / "killed_ref", tokens=40960, checkpoint_every=20), log=lambda s: None)
+    return weights(res["members"]["L1R-8x"]["checkpoint"])
+
+
+def start_and_wait(cmd, until):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "trainer.run", "--no-progress", *flags]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = root / "killed" / "L1R-8x" / Trainer.STATE_FILE
     deadline = time.time() + 120
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
+    while not (until.exists() and until.stat().st_size) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
+    return proc
+
+
+def test_resume_after_sigkill(tiny, long_ref):
+    """A real kill -9 of `python -m trainer.run` mid-training, then --resume."""
+    root = tiny[2]
+    cfg = tiny_cfg(tiny, root / "killed", tokens=40960, checkpoint_every=20)
+    state = root / "killed" / Trainer.STATE_FILE
+    proc = start_and_wait(cli_flags(cfg), state)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     if not state.exists():
         pytest.fail(f"no checkpoint before the kill: {proc.stderr.read().decode()[-2000:]}")
     assert not (root / "killed" / "L1R-8x" / "hyperparams.json").exists(), "the run finished before the kill"
-    resumed = run(tiny_cfg(tiny, root / "killed", tokens=40960, checkpoint_every=20, resume=True), log=lambda s: None)
-    full = run(tiny_cfg(tiny, root / "killed_ref", tokens=40960, checkpoint_every=20), log=lambda s: None)
-    a, b = weights(full["checkpoint"]), weights(resumed["checkpoint"])
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    resumed = run(tiny_cfg(tiny, root / "killed", tokens=40960, checkpoint_every=20, resume=True),
+                  log=lambda s: None)["members"]["L1R-8x"]
+    b = weights(resumed["checkpoint"])
+    for key in long_ref:
+        assert torch.equal(long_ref[key], b[key]), key
+
+
+def test_sigterm_writes_a_final_checkpoint_and_exits_non_zero(tiny, long_ref, monkeypatch, capsys):
+    """What a scheduler does: SIGTERM to `python -m trainer.run` mid-training (here delivered to this process
+    while the buffer hands out the batch of step 6, the CLI's main() running in it). The run checkpoints the
+    step it is at (the first periodic one would be at step 20), says so in one line, returns exit status 143;
+    --resume ends exactly at the uninterrupted run."""
+    from trainer.buffer import ActivationBuffer
+    from trainer.run import main
+
+    root = tiny[2]
+    cfg = tiny_cfg(tiny, root / "term", tokens=40960, checkpoint_every=20)
+    real, calls = ActivationBuffer.next_batch, []
+
+    def next_batch(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(ActivationBuffer, "next_batch", next_batch)
+    before = signal.getsignal(signal.SIGTERM)
+    capsys.readouterr()
+    assert main(cli_flags(cfg)[3:]) == 143
+    lines = capsys.readouterr().err.strip().splitlines()
+    state = root / "term" / Trainer.STATE_FILE
+    assert lines[-1] == (f"stopped by SIGTERM after step 6 of 160: checkpoint written ({state}); continue with "
+                         "the same command and --resume"), lines[-5:]
+    assert not any("Traceback" in ln for ln in lines)
+    assert signal.getsignal(signal.SIGTERM) == before  # main() put the handler back
+    assert torch.load(state, weights_only=True)["step"] == 6
+    assert sorted(p.name for p in (root / "term" / "L1R-8x" / "resume").iterdir()) == ["step6.pt"]
+    monkeypatch.setattr(ActivationBuffer, "next_batch", real)
+    resumed = run(tiny_cfg(tiny, root / "term", tokens=40960, checkpoint_every=20, resume=True),
+                  log=lambda s: None)["members"]["L1R-8x"]
+    b = weights(resumed["checkpoint"])
+    for key in long_ref:
+        assert torch.equal(long_ref[key], b[key]), key
+
+
+# ----------------------------------------------------------------------------------- tests that could fail
+
+
+def test_clipping_leaves_a_gradient_below_the_clip_norm_alone():
+    """Three steps whose gradient norms differ by ~1000x, all far below the clip: the parameters must
+    equal those of unclipped steps. (Adam is nearly scale invariant for one gradient, so scaling every
+    gradient up to the clip norm would pass a one-step test; it changes how the steps are weighted.)"""
+    def train(clip):
+        st = make_step(clip=clip, warmup=0)
+        g = torch.Generator().manual_seed(3)
+        for t, s in enumerate((1.0, 30.0, 0.03)):
+            st(torch.randn(64, 24, generator=g) * s, None, t + 5)
+        return st
+
+    clipped, free = train(1e6), train(0.0)
+    for p, q, name in zip(clipped.params, free.params, ("W_enc", "b_enc", "W_dec", "b_dec")):
+        rel = float((p - q).detach().abs().max() / q.detach().abs().max())
+        assert rel < 1e-6, f"{name}: a gradient below the clip norm was rescaled (relative change {rel:.3g})"
+
+
+def test_k_annealing_ends_at_the_fraction_of_the_run_not_at_the_warmup():
+    cfg = TrainConfig(model="x", tokens=256 * 400, batch_size=256, buffer_tokens=1024, k=20,
+                      k_anneal_fraction=0.25).resolve(3, 64, "cpu")
+    assert cfg.total_steps == 400 and cfg.warmup_steps == 20 and cfg.k_start == 32
+    st = make_step(d=24, n=96, k=4)
+    st.cfg = StepConfig.from_train_config(cfg)
+    ks = [st.k_at(t) for t in range(400)]
+    assert ks[0] == 32 and ks[cfg.warmup_steps] > 20  # still annealing after the warmup
+    assert ks[99] == math.ceil(32 - 12 * 99 / 100) == 21 and ks[100] == 20 and set(ks[100:]) == {20}
+    assert all(a >= b for a, b in zip(ks, ks[1:]))
+
+
+class FakeBatches:
+    """A deterministic batch source with the buffer's checkpoint interface (no rows to store)."""
+
+    def __init__(self, d=24, batch=32, signal_at=None):
+        self.i, self.d, self.batch, self.signal_at = 0, d, batch, signal_at
+
+    def next_batch(self, exchange=None):
+        if self.signal_at is not None and self.i == self.signal_at:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while this step's batch is being read
+        g = torch.Generator().manual_seed(self.i)
+        self.i += 1
+        return {0: torch.randn(self.batch, self.d, generator=g)}
+
+    def state_dict(self):
+        return {"i": self.i}, {"slots": torch.zeros(0, dtype=torch.int64), "rows": torch.zeros(0, self.d)}
+
+    def load_state_dict(self, meta, read_rows):
+        self.i = int(meta["i"])
+
+
+def fake_trainer(out, total=12, checkpoint_every=4, signal_at=None):
+    from trainer.train import Member
+
+    st = make_step(total=total)
+    member = Member("m", Path(out) / "m", st)
+    return Trainer([member], FakeBatches(signal_at=signal_at), total_steps=total, batch_size=32, output=Path(out),
+                   log_every=2, checkpoint_every=checkpoint_every, progress=False, log=lambda s: None)
+
+
+def test_load_checkpoint_restores_the_rng_states(tmp_path):
+    import random
+
+    tr = fake_trainer(tmp_path, total=12, checkpoint_every=0)
+    tr.fit()
+    torch.manual_seed(123)
+    random.seed(456)
+    want_torch, want_py = torch.get_rng_state(), random.getstate()
+    tr.save_checkpoint()
+    torch.rand(5)
+    random.random()
+    tr2 = fake_trainer(tmp_path, total=12, checkpoint_every=0)
+    tr2.load_checkpoint()
+    assert torch.equal(torch.get_rng_state(), want_torch) and random.getstate() == want_py
+    assert tr2.t == 12 and tr2.batches.i == 12
+
+
+def test_ctrl_c_writes_a_final_checkpoint_then_raises(tmp_path):
+    from trainer.stop import Interrupted
+
+    tr = fake_trainer(tmp_path, total=40, checkpoint_every=10, signal_at=6)
+    with pytest.raises(Interrupted) as e:
+        tr.fit()
+    assert e.value.signum == signal.SIGINT and e.value.exit_code == 130
+    assert str(e.value).startswith("stopped by SIGINT (Ctrl-C) after step 7 of 40: checkpoint written")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+    state = torch.load(tmp_path / Trainer.STATE_FILE, weights_only=True)
+    assert state["step"] == 7 and state["buffer"] == {"i": 7}
+    assert sorted(p.name for p in (tmp_path / "m" / "resume").iterdir()) == ["step7.pt"]
+    # checkpointing off: the same stop, and the message says that nothing can be resumed
+    tr = fake_trainer(tmp_path / "off", total=40, checkpoint_every=0, signal_at=3)
+    with pytest.raises(Interrupted, match="after step 4 of 40; checkpointing is off"):
+        tr.fit()
+    assert not (tmp_path / "off" / Trainer.STATE_FILE).exists()
+
+
+AGREE_WORKER = r"""
+import json, os, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+import torch
+import torch.distributed as dist
+from sae_kernels import SAEConfig, TopKSAE
+from trainer.parallel import init_parallel
+from trainer.stop import Interrupted
+from trainer.train import Member, SAEStep, StepConfig, Trainer, make_optimizer
+
+out = Path(sys.argv[1])
+dist.init_process_group("gloo")
+ctx = init_parallel(1, timeout_s=60)
+
+class Batches:
+    i = 0
+    def next_batch(self, exchange=None):
+        if ctx.rank == 1 and self.i == 5:  # only rank 1 is preempted, while it reads the batch of step 6
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.i += 1
+        return {0: torch.randn(32, 24, generator=torch.Generator().manual_seed(self.i))}
+    def state_dict(self):
+        return {"i": self.i}, {"slots": torch.zeros(0, dtype=torch.int64), "rows": torch.zeros(0, 24)}
+
+torch.manual_seed(0)
+sae = TopKSAE(SAEConfig(24, 96, k=4))
+step = SAEStep(sae, make_optimizer(sae, 1e-3, (0.9, 0.9999)), StepConfig(k=4, k_start=4, total_steps=40, anneal_steps=0,
+               warmup_steps=2, decay_fraction=0.2, lr=1e-3, clip_grad_norm=1e-3))
+batches = Batches()
+member = Member(f"m{ctx.rank}", out / f"m{ctx.rank}", step)
+tr = Trainer([member], batches, total_steps=40, batch_size=32, output=out, ctx=ctx, checkpoint_every=25,
+             member_dirs={"m0": out / "m0", "m1": out / "m1"}, progress=False, log=lambda s: None)
+try:
+    tr.fit()
+    res = {"stopped": None}
+except Interrupted as e:
+    res = {"stopped": tr.t, "signum": e.signum, "message": str(e)}
+(out / f"rank{ctx.rank}.json").write_text(json.dumps(res))
+dist.destroy_process_group()
+"""
+
+
+def test_under_torchrun_every_rank_stops_at_the_same_step(tmp_path):
+    """SIGTERM reaches one rank only (or the ranks at different steps): the job still stops at one step,
+    with one checkpoint of every rank's part."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", AGREE_WORKER, str(tmp_path), str(REPO)], env=env,
+                                      stderr=subprocess.PIPE))
+    errs = [p.communicate(timeout=120)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert res[0]["stopped"] == res[1]["stopped"] == 7, res  # flag posted after step 6, read after step 7
+    assert res[0]["signum"] == res[1]["signum"] == signal.SIGTERM
+    state = torch.load(tmp_path / Trainer.STATE_FILE, weights_only=True)
+    assert state["step"] == 7 and state["world_size"] == 2
+    assert (tmp_path / "m0" / "resume" / "step7.pt").is_file() and (tmp_path / "m1" / "resume" / "step7.pt").is_file()

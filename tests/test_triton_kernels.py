@@ -29,9 +29,11 @@ TOL = {
     torch.bfloat16: (2e-2, 2e-2),
     torch.float16: (2e-3, 2e-3),
 }
-# Scores are computed in fp32 from the (rounded) inputs for every input dtype, so the selection is
-# checked at fp32-level precision relative to the row's score scale, whatever the dtype.
-SCORE_RTOL = 1e-5
+# Selection tolerance relative to the row's score scale. The two-pass encode ranks the pre-activations
+# as cuBLAS writes them (in the weights' dtype: one rounding, 2^-9 relative in bf16, as the PyTorch
+# path does); the fused kernel ranks fp32 scores. Exactness over the materialised pre-activations
+# is checked separately (test_row_select_is_exact), without any tolerance.
+SCORE_RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
 def _gen(seed):
@@ -57,6 +59,17 @@ def _assert_close(actual, expected, dtype, what):
     )
 
 
+def _with_sentinel(t, value):
+    """``t`` as a view of a larger buffer whose next row (element, for 1-D) holds ``value``: a kernel
+    that reads one row past the end of W / b / norm (a mask off by one) picks it up."""
+    buf = torch.empty((t.shape[0] + 1,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    buf[:-1] = t
+    buf[-1] = value
+    view = buf[:-1]
+    assert view.is_contiguous() and view.data_ptr() == buf.data_ptr()
+    return view
+
+
 def _encode_inputs(seed, n_tokens, d_model, d_sae, dtype, with_norm, bias_shift=0.0, lead=None):
     g = _gen(seed)
     x = _randn(n_tokens, d_model, g=g, dtype=dtype)
@@ -65,6 +78,12 @@ def _encode_inputs(seed, n_tokens, d_model, d_sae, dtype, with_norm, bias_shift=
     if bias_shift:
         b = (b.float() + bias_shift).to(dtype)
     norm = (torch.rand(d_sae, generator=g) + 0.25).to(DEVICE) if with_norm else None
+    # Sentinel latent d_sae: the best score of every row, were it ever read (an index d_sae, or a
+    # selection that misses a real winner, fails _check_selection).
+    W = _with_sentinel(W, 1.0)
+    b = _with_sentinel(b, 1e3)
+    norm = _with_sentinel(norm, 1e3) if norm is not None else None
+    x = _with_sentinel(x, 1.0)
     if lead is not None:
         x = x.reshape(*lead, d_model)
     return x, W, b, norm
@@ -93,37 +112,44 @@ def _check_selection(x, W, b, norm, k, values, indices):
     kth = torch.topk(s, k, dim=1).values[:, -1]
     sel = s.gather(1, idx)
     scale = s.abs().amax(dim=1).clamp_min(1e-6)
-    short = sel.amin(dim=1) < kth - SCORE_RTOL * scale
+    rtol = SCORE_RTOL[dtype]
+    short = sel.amin(dim=1) < kth - rtol * scale
     assert int(short.sum()) == 0, (
         f"{int(short.sum())}/{n_rows} rows select a score below the reference k-th largest; "
         f"worst gap {(kth - sel.amin(dim=1)).max().item():.3e}"
     )
     # Same total: no selected score is replaced by a smaller one beyond rounding.
     total_gap = (torch.topk(s, k, dim=1).values.sum(1) - sel.sum(1)).abs()
-    assert bool((total_gap <= k * SCORE_RTOL * scale).all()), f"max total-score gap {total_gap.max():.3e}"
+    assert bool((total_gap <= k * rtol * scale).all()), f"max total-score gap {total_gap.max():.3e}"
     _assert_close(vals, z.gather(1, idx), dtype, "values vs relu(pre) at the selected indices")
     assert bool((vals >= 0).all()), "negative values"
 
 
 ENCODE_CASES = [
     # (n_tokens, d_model, d_sae, k, dtype, with_norm, bias_shift)
-    pytest.param(37, 123, 1000, 7, torch.float32, True, 0.0, id="fused-d123-n1000-k7-fp32"),
-    pytest.param(37, 123, 1000, 7, torch.bfloat16, True, 0.0, id="fused-d123-n1000-k7-bf16"),
-    pytest.param(1, 123, 1000, 1, torch.float32, False, 0.0, id="fused-N1-k1-nonorm"),
-    pytest.param(19, 48, 300, 50, torch.bfloat16, True, 0.0, id="fused-k50-bf16"),
-    pytest.param(11, 33, 200, 64, torch.float16, False, 0.0, id="fused-k64-fp16"),
-    pytest.param(9, 123, 40, 40, torch.float32, True, 0.0, id="fused-k=n"),
-    pytest.param(23, 123, 1000, 7, torch.float32, True, -3.0, id="fused-few-positive"),
-    pytest.param(7, 128, 300, 64, torch.bfloat16, False, -3.0, id="fused-few-positive-k64-bf16"),
-    pytest.param(6, 130, 260, 65, torch.float32, True, 0.0, id="dense-k=d/2-fp32"),
-    pytest.param(6, 256, 300, 128, torch.bfloat16, True, 0.0, id="dense-k=d/2-bf16"),
-    pytest.param(5, 123, 100, 100, torch.float32, True, 0.0, id="dense-k=n"),
-    pytest.param(8, 64, 150, 90, torch.bfloat16, False, -3.0, id="dense-few-positive-nonorm"),
+    pytest.param(37, 123, 1000, 7, torch.float32, True, 0.0, id="d123-n1000-k7-fp32"),
+    pytest.param(37, 123, 1000, 7, torch.bfloat16, True, 0.0, id="d123-n1000-k7-bf16"),
+    pytest.param(1, 123, 1000, 1, torch.float32, False, 0.0, id="N1-k1-nonorm"),
+    pytest.param(19, 48, 300, 50, torch.bfloat16, True, 0.0, id="k50-bf16"),
+    pytest.param(11, 33, 200, 64, torch.float16, False, 0.0, id="k64-fp16"),
+    pytest.param(9, 123, 40, 40, torch.float32, True, 0.0, id="k=n"),
+    pytest.param(23, 123, 1000, 7, torch.float32, True, -3.0, id="few-positive"),
+    pytest.param(7, 128, 300, 64, torch.bfloat16, False, -3.0, id="few-positive-k64-bf16"),
+    pytest.param(6, 130, 260, 65, torch.float32, True, 0.0, id="k=d/2-fp32"),
+    pytest.param(6, 256, 300, 128, torch.bfloat16, True, 0.0, id="k=d/2-bf16"),
+    pytest.param(5, 123, 100, 100, torch.float32, True, 0.0, id="k=n-100"),
+    pytest.param(8, 64, 150, 90, torch.bfloat16, False, -3.0, id="few-positive-nonorm-k90"),
 ]
 
 
+@pytest.mark.parametrize("encode_path", ["two_pass", "fused"])
 @pytest.mark.parametrize("n_tokens,d_model,d_sae,k,dtype,with_norm,bias_shift", ENCODE_CASES)
-def test_encode_select(n_tokens, d_model, d_sae, k, dtype, with_norm, bias_shift):
+def test_encode_select(n_tokens, d_model, d_sae, k, dtype, with_norm, bias_shift, encode_path, monkeypatch):
+    """Both encode paths (the launcher picks two-pass at every shape here; the fused kernel is forced)
+    against float64, with a sentinel latent past d_sae that would win every row if it were read."""
+    if encode_path == "fused" and k > triton_ops.FUSED_MAX_K:
+        pytest.skip(f"the fused encode takes k <= {triton_ops.FUSED_MAX_K}")
+    monkeypatch.setattr(triton_ops, "ENCODE_METHOD", encode_path)
     x, W, b, norm = _encode_inputs(1000 + k, n_tokens, d_model, d_sae, dtype, with_norm, bias_shift)
     if bias_shift:
         # Make sure the case is what it claims: some rows have fewer than k positive pre-activations.
@@ -151,7 +177,7 @@ def test_encode_select_leading_dims_and_zero_rows():
     _check_selection(x, W, b, norm, 7, values, indices)
 
 
-@pytest.mark.parametrize("k", [7, 70], ids=["fused", "dense"])
+@pytest.mark.parametrize("k", [7, 70], ids=["k7", "k70"])
 def test_encode_select_nan_row_stays_in_range(k):
     """A NaN token row must not produce out-of-range or repeated indices (later gathers would fault)."""
     x, W, b, norm = _encode_inputs(17, 3, 40, 200, torch.float32, True)
@@ -172,7 +198,9 @@ def _sparse_inputs(seed, n_tokens, k, d_sae, d_model, dtype, repeat=False, val_d
         idx[:, k // 2:] = idx[:, : k - k // 2]
     vals = _randn(n_tokens, k, g=g, dtype=val_dtype or dtype)
     W = _randn(d_sae, d_model, g=g, dtype=dtype)
-    return vals, idx.to(DEVICE), W
+    # NaN past the last row of W: any read past d_sae (or past d_model in the last row) poisons the
+    # output even when multiplied by a zero coefficient.
+    return _with_sentinel(vals, float("nan")), idx.to(DEVICE), _with_sentinel(W, float("nan"))
 
 
 SPARSE_CASES = [
@@ -235,8 +263,8 @@ def test_scatter_outer(n_tokens, k, n_rows, d_model, dtype, repeat, with_sum):
     if repeat:
         idx[:, 0] = idx[:, -1]
     idx = idx.to(DEVICE)
-    vals = _randn(n_tokens, k, g=g, dtype=dtype)
-    Y = _randn(n_tokens, d_model, g=g, dtype=dtype)
+    vals = _with_sentinel(_randn(n_tokens, k, g=g, dtype=dtype), float("nan"))
+    Y = _with_sentinel(_randn(n_tokens, d_model, g=g, dtype=dtype), float("nan"))
     dW, dsum = triton_ops.scatter_outer(vals, idx, Y, n_rows, with_sum)
     coeffs = _dense_coeffs(vals, idx, n_rows)                         # [N, n_rows]
     assert dW.dtype == Y.dtype and dW.shape == (n_rows, d_model)
@@ -296,3 +324,313 @@ def test_launchers_reject_mixed_devices_and_bad_k():
     if DEVICE == "cuda":
         with pytest.raises(ValueError):
             triton_ops.gather_rows(x[:, :2].cpu(), torch.zeros(4, 2, dtype=torch.long), W)
+
+
+# --------------------------------------------------------------------------------------------------
+# The two-pass encode's row select, the fused kernel's fixes, device guard, dense switch, Adam.
+# --------------------------------------------------------------------------------------------------
+
+METHODS = ["two_pass", "fused"]
+
+
+@pytest.fixture
+def method(request, monkeypatch):
+    monkeypatch.setattr(triton_ops, "ENCODE_METHOD", request.param)
+    return request.param
+
+
+def _ref_select(pre, k, norm):
+    """Exact reference of the row select: fp32 scores as the kernel forms them, NaN first, ties to
+    the smaller id; returns the sorted ids per row (float64 ranking of the fp32 values)."""
+    h = pre.float().cpu()
+    z = torch.where((h > 0) | h.isnan(), h, torch.zeros_like(h))
+    s = z if norm is None else z * norm.float().cpu()
+    s = s.double().nan_to_num(nan=float("inf"), posinf=float("inf"))
+    s = torch.where(s == 0, torch.zeros_like(s), s)
+    n = s.shape[1]
+    # rank by (score desc, id asc): a stable sort on the score, descending, keeps ids ascending in ties
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.sort(order, dim=1).values, z
+
+
+ROW_SELECT_CASES = [
+    # (n_rows, d_sae, k, dtype, with_norm, kind)
+    pytest.param(9, 1000, 7, torch.float32, True, "randn", id="fp32-n1000-k7-norm"),
+    pytest.param(6, 300, 50, torch.bfloat16, False, "ties", id="bf16-ties-k50"),
+    pytest.param(5, 129, 129, torch.float16, True, "randn", id="fp16-k=n"),
+    pytest.param(7, 40, 1, torch.bfloat16, True, "negative-norm", id="bf16-k1-negative-norms"),
+    pytest.param(4, 257, 20, torch.float32, True, "nan", id="fp32-nan-entries"),
+    pytest.param(6, 300, 40, torch.float32, True, "signed-zeros", id="fp32-k-th-in-a-run-of-+0-and--0"),
+    pytest.param(3, 2500, 300, torch.bfloat16, False, "ties", id="bf16-two-blocks-ties"),  # d_sae > BLOCK
+]
+
+
+@pytest.mark.parametrize("n_rows,d_sae,k,dtype,with_norm,kind", ROW_SELECT_CASES)
+def test_row_select_is_exact(n_rows, d_sae, k, dtype, with_norm, kind):
+    """The second pass of the two-pass encode over given pre-activations: exactly the top-k of the
+    fp32 scores relu(h) * norm (ties to the smaller id, NaN first), values bitwise relu(h). The
+    pre-activations are a view with a NaN sentinel column: reading past d_sae would select it."""
+    g = _gen(7 + d_sae + k)
+    pre = torch.randn(n_rows, d_sae, generator=g)
+    if kind == "ties":
+        pre = (pre * 2).round() / 2  # a handful of distinct values: long runs of exact ties
+    norm = (torch.rand(d_sae, generator=g) + 0.25) if with_norm else None
+    if kind == "negative-norm":
+        norm = norm - 1.0
+        norm[::5] = float("-inf")
+    if kind == "signed-zeros":  # ~15 positive scores per row: the k-th lies among z = 0 times norms of
+        norm = norm - 1.15          # either sign, +0.0 and -0.0, which must tie (to the smaller id)
+    if kind == "nan":
+        pre[1, 3] = pre[1, 100] = float("nan")
+        pre[2] = float("nan")
+    buf = torch.full((n_rows, d_sae + 1), float("nan"), dtype=dtype)
+    buf[:, :d_sae] = pre.to(dtype)
+    pre = buf[:, :d_sae].to(DEVICE)
+    norm = norm.to(DEVICE) if norm is not None else None
+    values = torch.full((n_rows, k), -7.0, dtype=dtype, device=DEVICE)
+    indices = torch.full((n_rows, k), -7, dtype=torch.int64, device=DEVICE)
+    triton_ops._row_select(pre, k, norm, None, values, indices)
+    want, z = _ref_select(pre, k, norm)
+    got = indices.cpu()
+    wrong = int((got != want).any(1).sum())
+    assert wrong == 0, f"{wrong}/{n_rows} rows select other latents; first: {got[(got != want).any(1)][0].tolist()}"
+    want_v = z.gather(1, want).to(dtype)
+    same = (values.cpu() == want_v) | (values.cpu().isnan() & want_v.isnan())
+    assert bool(same.all()), f"{int((~same).sum())} values differ from relu(pre)"
+
+
+@pytest.mark.parametrize("method", METHODS, indirect=True)
+def test_encode_nan_semantics(method):
+    """NaN propagates and ranks first (both encode paths, like the PyTorch path): a NaN input row gives
+    k NaN values at distinct in-range latents; a latent with a NaN weight row is selected in every
+    row with the value NaN. (The old kernels turned NaN into zero codes.)"""
+    k, n = 7, 200
+    x, W, b, norm = _encode_inputs(17, 4, 40, n, torch.float32, True)
+    x[1, 5] = float("nan")
+    W[33, 0] = float("nan")
+    values, indices = triton_ops.encode_select(x, W, b, k, norm)
+    v, idx = values.cpu(), indices.cpu()
+    assert int(((idx < 0) | (idx >= n)).sum()) == 0 and all(torch.unique(r).numel() == k for r in idx)
+    assert bool(v[1].isnan().all()), f"NaN row gave {v[1].tolist()}"
+    for r in (0, 2, 3):
+        assert 33 in idx[r].tolist() and bool(v[r][idx[r] == 33].isnan().all()), f"row {r}: {idx[r].tolist()}"
+        assert int(v[r].isnan().sum()) == 1
+
+
+@pytest.mark.parametrize("method", METHODS, indirect=True)
+def test_encode_negative_and_infinite_norms_stay_in_range(method):
+    """Norms are >= 0 for real SAEs, but any float must give real, distinct latents ranked right:
+    with -inf norms every score is -inf or NaN (0 * -inf), which once made the fused kernel return
+    index -1 (read out of bounds by the decode)."""
+    k, n = 7, 200
+    x, W, b, _ = _encode_inputs(5, 3, 40, n, torch.float32, False, bias_shift=5.0)  # every z > 0
+    for norm in (torch.full((n,), float("-inf")), -torch.rand(n, generator=_gen(3))):
+        norm = _with_sentinel(norm.to(DEVICE), 1e3)
+        values, indices = triton_ops.encode_select(x, W, b, k, norm)
+        idx = indices.cpu()
+        assert int(((idx < 0) | (idx >= n)).sum()) == 0, f"out-of-range ids {idx.tolist()}"
+        assert all(torch.unique(r).numel() == k for r in idx), "repeated ids"
+        pre = x.double().cpu() @ W.double().cpu().T + b.double().cpu()
+        s = pre.clamp_min(0) * norm.double().cpu()
+        kth = torch.topk(s, k, dim=1).values[:, -1:]
+        assert bool((s.gather(1, idx) >= kth - 1e-5 * kth.abs()).all()), "a selected score is below the k-th"
+
+
+def _record_launches(monkeypatch, record):
+    """Call ``record(kernel name, positional args, keyword args)`` at every Triton launch: the
+    interpreter's grid executor under TRITON_INTERPRET=1, ``JITFunction.run`` on a GPU."""
+    if DEVICE == "cpu":
+        from triton.runtime.interpreter import GridExecutor as launcher
+
+        real = launcher.__call__
+        attr = "__call__"
+    else:
+        from triton.runtime.jit import JITFunction as launcher
+
+        real = launcher.run
+        attr = "run"
+
+    def launch(self, *a, **k):
+        record(self.fn.__name__, a, k)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(launcher, attr, launch)
+
+
+def test_every_launch_runs_under_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device unless told otherwise: every launcher must enter its
+    tensors' device (torch.cuda.device) around its kernels. Recorded on CPU tensors in the interpreter
+    (the guard is a no-op there, but each launch must happen inside it); on a GPU the current device at
+    each launch must also be the tensors' device."""
+    entered, inside, outside, wrong = [], [0], [], []
+    real_guard = triton_ops._on_device
+
+    class Guard:
+        def __init__(self, device):
+            entered.append(device)
+            self.inner = real_guard(device)
+
+        def __enter__(self):
+            inside[0] += 1
+            return self.inner.__enter__()
+
+        def __exit__(self, *a):
+            inside[0] -= 1
+            return self.inner.__exit__(*a)
+
+    def record(name, args, kwargs):
+        if inside[0] == 0:
+            outside.append(name)
+        dev = next((t.device for t in args if isinstance(t, torch.Tensor)), None)
+        if dev is not None and dev.type == "cuda" and torch.cuda.current_device() != dev.index:
+            wrong.append(name)
+
+    monkeypatch.setattr(triton_ops, "_on_device", Guard)
+    _record_launches(monkeypatch, record)
+    x, W, b, norm = _encode_inputs(3, 5, 16, 64, torch.float32, True)
+    v, i = triton_ops.encode_select(x, W, b, 3, norm)
+    monkeypatch.setattr(triton_ops, "ENCODE_METHOD", "fused")
+    triton_ops.encode_select(x, W, b, 3, norm)
+    v2, i2, pre = triton_ops.encode_select(x, W, b, 3, norm, return_pre=True)
+    monkeypatch.setattr(triton_ops, "ENCODE_METHOD", "auto")
+    _, _, pre = triton_ops.encode_select(x, W, b, 3, norm, return_pre=True)
+    triton_ops.select_from_pre(pre, 3, norm, torch.ones(64, dtype=torch.bool, device=DEVICE))
+    triton_ops.gather_rows(v, i, W)
+    triton_ops.gather_dot(x, i, W)
+    triton_ops.scatter_outer(v, i, x, 64, True)
+    p = torch.randn(7, 5).to(DEVICE)
+    z = torch.zeros(7, 5, device=DEVICE)
+    triton_ops.adam_step(p, torch.randn(7, 5).to(DEVICE), z, z.clone(), beta1=0.9, beta2=0.99,
+                         eps=1e-8, step_size=1e-3, bc2_sqrt=0.1)
+    assert len(entered) >= 9 and all(d == x.device for d in entered), entered
+    assert not outside, f"kernels launched outside the device guard: {outside}"
+    assert not wrong, f"kernels launched with another current device: {wrong}"
+
+
+@pytest.mark.parametrize("method", METHODS, indirect=True)
+def test_mixed_dtypes_compute_in_exact_fp32(method, monkeypatch):
+    """bf16 x with fp32 W: the kernels get fp32 operands and an IEEE dot (on the GPU the default
+    would be TF32, in the interpreter exact fp32: the two disagreed), so the result equals the fp32
+    encode of x.float(). Checked on the arguments the kernels are launched with."""
+    seen = []
+    _record_launches(monkeypatch, lambda name, a, k: seen.append(
+        (name, [t.dtype for t in a if isinstance(t, torch.Tensor)], k)))
+    x, W, b, norm = _encode_inputs(11, 6, 48, 300, torch.float32, True)
+    xb = x.to(torch.bfloat16)
+    values, indices = triton_ops.encode_select(xb, W, b, 7, norm)
+    assert values.dtype == torch.bfloat16
+    for name, dtypes, k in seen:
+        assert torch.bfloat16 not in dtypes, f"{name} got a bf16 operand: {dtypes}"
+        if "IEEE" in k:
+            assert k["IEEE"], f"{name} launched without the IEEE (exact fp32) dot"
+    assert seen, "no launch recorded"
+    v32, i32 = triton_ops.encode_select(xb.float(), W, b, 7, norm)
+    assert torch.equal(indices, i32) and torch.equal(values, v32.to(torch.bfloat16))
+    _check_selection(xb.float(), W, b, norm, 7, v32, i32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_select_from_pre_matches_a_masked_encode(dtype):
+    """AuxK's second selection from the kept pre-activations equals an encode whose disallowed
+    latents are pushed to zero, without a second GEMM (float64 reference; bf16 pre-activations
+    are rounded once, as cuBLAS writes them)."""
+    x, W, b, norm = _encode_inputs(23, 9, 40, 300, dtype, True)
+    allowed = torch.rand(300, generator=_gen(1)) < 0.3
+    _, _, pre = triton_ops.encode_select(x, W, b, 5, norm, return_pre=True)
+    assert pre is not None and pre.shape == (9, 300) and pre.dtype == dtype
+    v, i = triton_ops.select_from_pre(pre, 12, norm, allowed.to(DEVICE))
+    assert v.dtype == dtype and int(((i < 0) | (i >= 300)).sum()) == 0
+    assert all(torch.unique(r).numel() == 12 for r in i.cpu()), "repeated ids"
+    z = (x.double().cpu() @ W.double().cpu().T + b.double().cpu()).clamp_min(0) * allowed
+    s = z * norm.double().cpu()
+    kth = torch.topk(s, 12, dim=1).values[:, -1:]
+    assert bool((s.gather(1, i.cpu()) >= kth - SCORE_RTOL[dtype] * s.amax(1, keepdim=True)).all())
+    _assert_close(v, z.gather(1, i.cpu()), dtype, "values")
+    assert bool((v.cpu()[~allowed[i.cpu()]] == 0).all()), "a disallowed latent kept a value"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dense_switch_matches_float64(dtype, monkeypatch):
+    """Above the crossover k the decode, d(values) and the backward reductions are dense GEMMs on a
+    scattered coefficient matrix: same results as the sparse kernels, against float64 (repeated ids
+    add up: in fp32 only, a bf16 coefficient matrix rounds their sum once; an encode's ids are
+    distinct; fp32 output from bf16 operands)."""
+    monkeypatch.setattr(triton_ops, "DENSE_K_MIN", 1)
+    monkeypatch.setattr(triton_ops, "DENSE_K_FRACTION", 0.0)
+    vals, idx, W = _sparse_inputs(41, 13, 40, 64, 77, dtype, repeat=dtype == torch.float32)
+    grad_out = _randn(13, 77, g=_gen(42), dtype=dtype)
+    coeffs = _dense_coeffs(vals, idx, 64)
+    _assert_close(triton_ops.gather_rows(vals, idx, W), coeffs @ W.double().cpu(), dtype, "dense gather_rows")
+    ref = (grad_out.double().cpu() @ W.double().cpu().T).gather(1, idx.cpu())
+    _assert_close(triton_ops.gather_dot(grad_out, idx, W), ref, dtype, "dense gather_dot")
+    dW, dsum = triton_ops.scatter_outer(vals, idx, grad_out, 64, True, out_dtype=torch.float32)
+    assert dW.dtype == torch.float32 and dsum.dtype == torch.float32
+    _assert_close(dW, coeffs.T @ grad_out.double().cpu(), torch.float32, "dense scatter_outer (fp32 out)")
+    _assert_close(dsum, coeffs.sum(0), torch.float32, "dense dsum")
+
+
+def test_scatter_writes_fp32_master_gradients_from_bf16():
+    """out_dtype=fp32: the products of bf16 operands are exact in fp32, so dW matches float64 at fp32
+    tolerance (a bf16 result then cast would be off by up to 2^-9 relative)."""
+    g = _gen(5)
+    idx = torch.stack([torch.randperm(97, generator=g)[:9] for _ in range(41)]).to(DEVICE)
+    vals = _randn(41, 9, g=g, dtype=torch.bfloat16)
+    Y = _randn(41, 130, g=g, dtype=torch.bfloat16)
+    dW, dsum = triton_ops.scatter_outer(vals, idx, Y, 97, True, out_dtype=torch.float32)
+    coeffs = _dense_coeffs(vals, idx, 97)
+    assert dW.dtype == torch.float32
+    _assert_close(dW, coeffs.T @ Y.double().cpu(), torch.float32, "fp32 dW from bf16")
+    _assert_close(dsum, coeffs.sum(0), torch.float32, "fp32 dsum from bf16")
+
+
+def test_out_of_range_ids_read_nothing():
+    """The public ops reject out-of-range ids; the kernels themselves never read outside W for them
+    (masked loads: ids -1, d_sae, 2^40 contribute nothing), so no id can fault a GPU."""
+    vals, idx, W = _sparse_inputs(61, 5, 6, 50, 33, torch.float32)
+    idx[0, 0], idx[1, 2], idx[3, 5] = -1, 50, 2 ** 40
+    ok = (idx >= 0) & (idx < 50)
+    out = triton_ops.gather_rows(vals, idx, W)
+    assert bool(torch.isfinite(out).all())
+    safe = torch.where(ok, idx, torch.zeros_like(idx))
+    coeffs = _dense_coeffs(torch.where(ok, vals, torch.zeros_like(vals)), safe, 50)
+    _assert_close(out, coeffs @ W.double().cpu(), torch.float32, "gather_rows with bad ids")
+    dots = triton_ops.gather_dot(_randn(5, 33, g=_gen(2)), idx, W)
+    assert bool(torch.isfinite(dots).all()) and bool((dots[~ok] == 0).all())
+
+
+@pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16], ids=["fp32-moments", "bf16-moments"])
+@pytest.mark.parametrize("shape", [(11, 123), (1000,), (5,)], ids=["2d", "1d", "tiny"])
+def test_adam_kernel_matches_float64(shape, moments):
+    """Three fused Adam steps with a gradient factor against torch's Adam formulas in float64; the
+    bf16 compute copy equals the new fp32 parameter rounded; the row sums of squares are exact."""
+    g = _gen(len(shape) * 10 + shape[0])
+    p = torch.randn(*shape, generator=g).to(DEVICE)
+    m = torch.zeros(*shape, dtype=moments, device=DEVICE)
+    v = torch.zeros(*shape, dtype=moments, device=DEVICE)
+    copy = torch.empty(*shape, dtype=torch.bfloat16, device=DEVICE)
+    rows = shape[0] if len(shape) == 2 else -(-shape[0] // triton_ops._ADAM_CHUNK)
+    sumsq = torch.empty(rows, device=DEVICE)
+    p64, m64, v64 = p.double().cpu(), torch.zeros(*shape, dtype=torch.float64), torch.zeros(*shape, dtype=torch.float64)
+    lr, b1, b2, eps = 1e-2, 0.9, 0.9999, 1e-8
+    for t in range(1, 4):
+        grad = torch.randn(*shape, generator=g).to(DEVICE)
+        scale = torch.tensor(0.37 if t != 2 else 1.0, device=DEVICE)
+        triton_ops.adam_step(p, grad, m, v, beta1=b1, beta2=b2, eps=eps, step_size=lr / (1 - b1 ** t),
+                             bc2_sqrt=(1 - b2 ** t) ** 0.5, scale=scale, copy=copy, row_sumsq=sumsq)
+        g64 = grad.double().cpu() * float(scale)
+        m64 = b1 * m64 + (1 - b1) * g64
+        v64 = b2 * v64 + (1 - b2) * g64 * g64
+        p64 = p64 - lr / (1 - b1 ** t) * m64 / (v64.sqrt() / (1 - b2 ** t) ** 0.5 + eps)
+        if moments == torch.bfloat16:  # the reference rounds its moments as the kernel stores them
+            m64, v64 = m64.to(torch.bfloat16).double(), v64.to(torch.bfloat16).double()
+    tol = torch.float32 if moments == torch.float32 else torch.bfloat16
+    _assert_close(p, p64, torch.float32 if moments == torch.float32 else torch.bfloat16, "parameter")
+    _assert_close(m, m64, tol, "exp_avg")
+    _assert_close(v, v64, tol, "exp_avg_sq")
+    if DEVICE == "cuda":
+        assert torch.equal(copy.cpu(), p.cpu().to(torch.bfloat16)), "compute copy is not the rounded parameter"
+    else:  # the interpreter's fp32 -> bf16 conversion truncates (the GPU rounds to nearest even)
+        err = (copy.cpu().double() - p.cpu().double()).abs()
+        assert bool((err <= 2.0 ** -7 * p.cpu().double().abs()).all()), f"copy off by {err.max():.3g}"
+    if len(shape) == 2:
+        _assert_close(sumsq, p.double().cpu().pow(2).sum(1), torch.float32, "row sums of squares")

@@ -1,23 +1,37 @@
 """The activation buffer (SPEC.md sec. 9): a producer thread fills it while SAE steps consume it.
 
-Semantics (Llama Scope's, made deterministic so that ``--resume`` is exact):
+One global buffer, defined as a single process defines it, whatever the layout (SPEC.md sec. 8):
 
-* The buffer holds ``capacity`` token rows (inputs, and targets for transcoders) in one storage on
-  the training device (or in pinned host memory). The producer first fills every slot, in order.
+* The run's rows form one global stream (row ``j`` = the ``j``-th non-special token of the global
+  sequence of LM batches, see ``trainer.producer``). The buffer has ``capacity`` global *slots*. The
+  initial fill writes row ``j`` into slot ``j``.
 * A *round* starts with a fresh seeded permutation of all slots. The consumer takes batches in that
   order; after ``refill`` = half the capacity (rounded down to whole batches) it has consumed half
-  the buffer, and the round ends once the producer has written ``refill`` new rows into exactly the
-  slots consumed this round. Then the whole buffer is reshuffled (next round).
-* The producer writes new row ``j`` of a round into the ``j``-th slot consumed in that round, as soon
-  as the consumer has read it: refilling overlaps with training, yet which row lands where depends
-  only on the seed and the data, never on timing. New rows become visible at the next round.
+  the buffer, and the round ends once the ``refill`` next rows of the stream have been written into
+  exactly the slots consumed this round: the round's ``i``-th new row goes into its ``i``-th consumed
+  slot, as soon as the consumer has read that slot. Then the whole buffer is reshuffled. New rows
+  become visible at the next round, so which row a step reads depends only on the seed and the data,
+  never on timing, the number of processes or ``--tp``.
 * Each produced row is consumed exactly once. When the source ends, the remaining rows are shuffled
   and served (the last batch may be short), then ``StopIteration``.
-* Memory is bounded: the storage plus the one chunk (one LM batch) the producer holds.
 * An exception in the producer is re-raised by ``next_batch`` in the training loop; ``close`` stops
   and joins the thread.
-* On CUDA the producer runs on its own stream; events order its writes after the consumer's reads
-  of the same slots and the consumer's reads of new rows after their writes.
+
+Storage: a row holds every hook point's activations side by side (``width`` columns). With several
+processes each rank stores the rows it produced (the LM batches dealt to it, ``chunk.owner``), in a
+local storage of about ``capacity / world`` rows, and every rank keeps the same table of which rank
+holds each slot; a chunk of another rank's rows only updates that table (its row count is known from
+the token ids). ``next_batch(exchange)`` hands the step's slots, their holders and this rank's local
+rows to ``exchange``, which moves the rows to the ranks that train on them (``trainer.parallel.
+RowExchange``; in one process a plain gather). Memory: the local storage, which grows in the rare
+case that this rank's share of the buffer exceeds its allotment, plus the one chunk the producer
+holds. On CUDA the producer runs on its own stream; events order its writes after the consumer's
+reads of the same storage rows and the consumer's reads of new rows after their writes.
+
+Resume: ``state_dict`` is the buffer at the start of the current round's production: the rows of
+the slots not yet consumed (this rank's, with their global slots), the round's permutation and the
+global stream position of the round's first new row. The rows produced since are recomputed on
+resume. Any layout can load it (``load_state_dict``), re-dealing the stored rows among its ranks.
 
 The source is any iterable of ``Chunk``s with ``load_state_dict(chunk.cursor)`` to restart at a
 chunk (see ``trainer.producer.ActivationSource``).
@@ -26,23 +40,39 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .h2d import gather_rows, staging
+
 
 @dataclass
 class Chunk:
-    """Rows produced together (one LM batch): ``x [n, d_in]``, ``y [n, d_out]`` or None (y = x)."""
+    """Rows produced together (one LM batch).
 
-    x: Tensor
-    y: Optional[Tensor] = None
-    cursor: Dict[str, Any] = field(default_factory=dict)  # source state that regenerates this chunk
+    ``x [n, width]`` the rows (None when another rank produced them); ``cursor`` the source state that
+    regenerates this chunk; ``row0`` the global index of its first row (None: right after the previous
+    chunk); ``n`` its row count (None: ``x.shape[0]``); ``owner`` the rank holding its rows.
+    """
+
+    x: Optional[Tensor]
+    y: None = None  # unused: a row holds every column (kept so Chunk(x, None, cursor) reads as before)
+    cursor: Dict[str, Any] = field(default_factory=dict)
+    row0: Optional[int] = None
+    n: Optional[int] = None
+    owner: int = 0
 
 
 class ProducerError(RuntimeError):
     """The producer thread failed; the original exception is the ``__cause__``."""
+
+
+def local_gather(X: Tensor, owners: Tensor, lids: Tensor, out_device: Optional[torch.device] = None) -> Tensor:
+    """The one-process exchange: every row is local; the batch ``[b, width]`` in batch order, on
+    ``out_device`` (default X's device; from host storage to a GPU through pinned staging, trainer/h2d.py)."""
+    return gather_rows([X], lids, X.device if out_device is None else out_device)[0]
 
 
 class ActivationBuffer:
@@ -50,10 +80,10 @@ class ActivationBuffer:
 
     Args:
         source: iterable of ``Chunk``; with ``load_state_dict`` when the buffer is resumed.
-        capacity: rows held (Llama Scope: 500k tokens). batch_size: rows per ``next_batch``.
-        d_in, d_out: row widths of inputs and targets (``d_out=None``: targets are the inputs).
-        dtype, device: storage. pin_memory: pinned host storage (when ``device`` is the CPU and
-            training runs on a GPU). seed: the permutations.
+        capacity: global slots (Llama Scope: 500k tokens). batch_size: rows per ``next_batch``.
+        width: columns of a row. dtype, device: storage. pin_memory: pinned host storage (when
+            ``device`` is the CPU and training runs on a GPU). seed: the permutations.
+        out_device: where ``local_gather`` puts batches. rank, world: this process in the layout.
     """
 
     def __init__(
@@ -61,61 +91,98 @@ class ActivationBuffer:
         source,
         capacity: int,
         batch_size: int,
-        d_in: int,
-        d_out: Optional[int] = None,
+        width: int,
         *,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         pin_memory: bool = False,
         seed: int = 0,
         out_device: Optional[str | torch.device] = None,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         if batch_size < 1 or capacity < 2 * batch_size:
             raise ValueError(
                 f"--buffer-tokens: expected at least 2 x batch size ({2 * batch_size}), got {capacity}"
             )
         self.source = source
-        self.capacity, self.batch_size = capacity, batch_size
+        self.capacity, self.batch_size, self.width = capacity, batch_size, width
         self.refill = (capacity // 2) // batch_size * batch_size
+        self.rank, self.world = rank, world
         self.device = torch.device(device)
         self.out_device = torch.device(out_device) if out_device is not None else self.device
-        pin = bool(pin_memory and self.device.type == "cpu" and torch.cuda.is_available())
-        self.X = torch.empty(capacity, d_in, dtype=dtype, device=self.device, pin_memory=pin)
-        self.Y = (
-            torch.empty(capacity, d_out, dtype=dtype, device=self.device, pin_memory=pin)
-            if d_out is not None else None
-        )
+        self.dtype = dtype
+        self._pin = bool(pin_memory and self.device.type == "cpu" and torch.cuda.is_available())
+        local = capacity if world == 1 else -(-capacity // world) + 2 * batch_size
+        self.X = self._empty(local)
+        self._free = torch.arange(local - 1, -1, -1, dtype=torch.int64)  # a stack of free storage rows
+        self._n_free = local
+        # Global slot table, the same on every rank: who holds each slot's row, and where (here).
+        self.owner = torch.full((capacity,), -1, dtype=torch.int32)
+        self.lidx = torch.full((capacity,), -1, dtype=torch.int64)
         self.gen = torch.Generator().manual_seed(seed)
         # Round state (all guarded by self._cond). round -1 is the initial fill: slots in order.
         self.round = -1
-        self.perm = torch.arange(capacity)  # generated on the CPU (seeded), mirrored on the device
-        self._cuda = self.device.type == "cuda"
-        self._stream = torch.cuda.Stream(device=self.device) if self._cuda else None
-        self._perm_event = torch.cuda.Event() if self._cuda else None
-        self._set_perm_dev()
+        self.perm = torch.arange(capacity)
         self.ptr = capacity  # consumed in this round (the initial fill frees every slot)
-        self.quota = capacity  # rows the producer writes this round
-        self.written = 0  # rows written this round, into perm[:written]
+        self.quota = capacity  # rows written this round
+        self.written = 0  # rows of this round accounted so far (written here or held elsewhere)
+        self.round_row0 = 0  # global index of the round's first new row
+        self.next_row = 0  # global rows accounted so far
+        self.round_pos: Optional[Dict[str, Any]] = None  # source position of round_row0 (resume)
+        self._log: List[Tuple[int, int, Dict[str, Any]]] = []  # (row0, n, cursor) of chunks seen
+        self._auto_row = 0
         self.drain: Optional[Tensor] = None  # slots left to serve after the source ended
         self.drain_ptr = 0
         self.exhausted = False
-        self.pending_cursor: Optional[Dict[str, Any]] = None  # chunk being written, and how far
-        self.pending_offset = 0
-        self._resume_offset = 0
-        self.produced = 0  # rows ever written (statistics, tests)
+        self.produced = 0  # rows ever written into this rank's storage (statistics, tests)
         self._cond = threading.Condition()
         self._error: Optional[BaseException] = None
         self._stop = False
         self._thread: Optional[threading.Thread] = None
+        self._cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(device=self.device) if self._cuda else None
+        # Host storage feeding a GPU (--buffer-device cpu): the LM's chunks reach the storage through
+        # pinned staging (trainer/h2d.py), and the producer runs the LM on its own stream there too,
+        # never on the training stream. No events on the storage: its host reads and writes are done
+        # when the copies are issued.
+        self._staging = staging(self.out_device) if not self._cuda and self.out_device.type == "cuda" else None
+        self._producer_stream = (self._stream if self._cuda else
+                                 torch.cuda.Stream(device=self.out_device) if self._staging is not None else None)
         self._write_event = torch.cuda.Event() if self._cuda else None
         self._read_event = torch.cuda.Event() if self._cuda else None
+        self._x_version = self._seen_version = 0
 
-    def _set_perm_dev(self) -> None:
-        """Mirror ``perm`` on the device: one copy per round, no host-to-device copy per step."""
-        self._perm_dev = self.perm.to(self.device)
-        if self._cuda:  # the producer's stream reads it too
-            self._perm_dev.record_stream(self._stream)
-            self._perm_event.record(torch.cuda.current_stream(self.device))
+    def _empty(self, rows: int) -> Tensor:
+        return torch.empty(rows, self.width, dtype=self.dtype, device=self.device, pin_memory=self._pin)
+
+    # ------------------------------------------------------------------ storage rows
+
+    def _alloc(self, m: int) -> Tensor:
+        """``m`` free storage rows (grows the storage when this rank's share outgrew it)."""
+        if self._n_free < m:
+            old = self.X.shape[0]
+            new = max(old + m - self._n_free, old + old // 4 + 1)
+            X = self._empty(new)
+            X[:old].copy_(self.X)
+            if self._cuda:
+                self.X.record_stream(self._stream)
+                self._write_event.record(self._stream)
+            self.X = X
+            self._x_version += 1
+            free = torch.empty(new, dtype=torch.int64)
+            free[: self._n_free] = self._free[: self._n_free]
+            free[self._n_free : self._n_free + new - old] = torch.arange(new - 1, old - 1, -1)
+            self._free, self._n_free = free, self._n_free + new - old
+        out = self._free[self._n_free - m : self._n_free].clone()
+        self._n_free -= m
+        return out
+
+    def _release(self, rows: Tensor) -> None:
+        k = rows.numel()
+        if k:
+            self._free[self._n_free : self._n_free + k] = rows
+            self._n_free += k
 
     # ------------------------------------------------------------------ producer
 
@@ -125,13 +192,13 @@ class ActivationBuffer:
             self._thread.start()
         return self
 
-    def _free(self) -> int:
+    def _free_slots(self) -> int:
         return min(self.ptr, self.quota) - self.written
 
     def _run(self) -> None:
         try:
-            if self._cuda:
-                with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            if self._producer_stream is not None:
+                with torch.cuda.device(self._producer_stream.device), torch.cuda.stream(self._producer_stream):
                     self._produce()
             else:
                 self._produce()
@@ -143,35 +210,41 @@ class ActivationBuffer:
     def _produce(self) -> None:
         if self.exhausted:
             return
-        skip = self._resume_offset
         for chunk in self.source:
-            n = chunk.x.shape[0]
-            off = min(skip, n)
-            skip = 0
+            row0 = self._auto_row if chunk.row0 is None else int(chunk.row0)
+            n = int(chunk.x.shape[0]) if chunk.n is None else int(chunk.n)
+            self._auto_row = row0 + n
+            own = chunk.owner == self.rank
+            if own and (chunk.x is None or chunk.x.shape[0] != n or chunk.x.shape[1] != self.width):
+                shape = None if chunk.x is None else list(chunk.x.shape)
+                raise ValueError(f"source: a chunk of this rank has x of shape {shape}, expected [{n}, {self.width}]")
             with self._cond:
-                self.pending_cursor, self.pending_offset = dict(chunk.cursor), off
-            while off < n:
+                self._log.append((row0, n, dict(chunk.cursor)))
+            j, end = max(row0, self.next_row), row0 + n  # rows below next_row are accounted (resume)
+            while j < end:
                 with self._cond:
-                    while not self._stop and self._free() <= 0:
+                    while not self._stop and self._free_slots() <= 0:
                         self._cond.wait()
                     if self._stop:
                         return
-                    m = min(self._free(), n - off)
-                    slots = self._perm_dev[self.written : self.written + m]
-                    if self._cuda:
-                        self._stream.wait_event(self._read_event)  # the consumer has read these slots
-                        self._stream.wait_event(self._perm_event)  # and this round's permutation exists
-                    self.X.index_copy_(0, slots, chunk.x[off : off + m].to(self.device, self.X.dtype))
-                    if self.Y is not None:
-                        if chunk.y is None:
-                            raise ValueError("source: the buffer has targets (d_out) but a chunk has y=None")
-                        self.Y.index_copy_(0, slots, chunk.y[off : off + m].to(self.device, self.Y.dtype))
-                    if self._cuda:
-                        self._write_event.record(self._stream)
+                    m = min(self._free_slots(), end - j)
+                    slots = self.perm[self.written : self.written + m]
+                    if own:
+                        rows = self._alloc(m)
+                        if self._cuda:
+                            self._stream.wait_event(self._read_event)  # the consumer has read those rows
+                        dev_rows = rows.to(self.device, non_blocking=True)
+                        self.X.index_copy_(0, dev_rows, self._to_storage(chunk.x[j - row0 : j - row0 + m]))
+                        if self._cuda:
+                            self._write_event.record(self._stream)
+                        self.lidx[slots] = rows
+                        self.produced += m
+                    else:
+                        self.lidx[slots] = -1
+                    self.owner[slots] = int(chunk.owner)
                     self.written += m
-                    self.produced += m
-                    off += m
-                    self.pending_offset = off
+                    self.next_row += m
+                    j += m
                     self._cond.notify_all()
             if self._stop:
                 return
@@ -179,43 +252,55 @@ class ActivationBuffer:
             self.exhausted = True
             self._cond.notify_all()
 
+    def _to_storage(self, t: Tensor) -> Tensor:
+        """A chunk's rows on the storage's device and dtype (GPU to host: through pinned staging)."""
+        if self._staging is not None and t.is_cuda:
+            return self._staging.to_host(t, self.dtype)
+        return t.to(self.device, self.dtype)
+
     # ------------------------------------------------------------------ consumer
 
     def _check_error(self) -> None:
         if self._error is not None:
             raise ProducerError(f"activation producer failed: {type(self._error).__name__}: {self._error}") from self._error
 
-    def _gather(self, slots: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-        x = self.X.index_select(0, slots)
-        y = self.Y.index_select(0, slots) if self.Y is not None else None
-        if self._cuda:
-            self._read_event.record(torch.cuda.current_stream(self.device))
-        if self.out_device != self.device:
-            x = x.to(self.out_device, non_blocking=True)
-            y = y.to(self.out_device, non_blocking=True) if y is not None else None
-        return x, y
-
-    def _new_round(self) -> None:
+    def _sync_reads(self) -> None:
+        """On CUDA, order the consumer's reads after the producer's writes (new rows, a grown storage)."""
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_event(self._write_event)
+        self._seen_version = self._x_version
+
+    def _new_round(self) -> None:
+        self._sync_reads()
         self.round += 1
+        self.round_row0 = self.next_row
+        # The source position of the round's first new row: the chunk holding row round_row0 - 1,
+        # with an offset (resume restarts production there and skips the rows before round_row0).
+        last = self.round_row0 - 1
+        while len(self._log) > 1 and self._log[0][0] + self._log[0][1] <= last:
+            self._log.pop(0)
+        row0, _, cursor = self._log[0]
+        self.round_pos = {"cursor": cursor, "row0": row0}
         self.perm = torch.randperm(self.capacity, generator=self.gen)
-        self._set_perm_dev()
         self.ptr = 0
         self.quota = self.refill
         self.written = 0
         self._cond.notify_all()
 
     def _start_drain(self) -> None:
-        if self._cuda:
-            torch.cuda.current_stream(self.device).wait_event(self._write_event)
+        self._sync_reads()
         consumed_end = min(self.ptr, self.quota)
         valid = torch.cat([self.perm[: self.written], self.perm[consumed_end:]]) if self.round >= 0 else self.perm[: self.written]
-        self.drain = valid[torch.randperm(len(valid), generator=self.gen)].to(self.device)
+        self.drain = valid[torch.randperm(len(valid), generator=self.gen)]
         self.drain_ptr = 0
 
-    def next_batch(self) -> Tuple[Tensor, Optional[Tensor]]:
-        """The next shuffled batch ``(x [B, d_in], y [B, d_out] or None)``; StopIteration at the end."""
+    def next_batch(self, exchange: Callable[[Tensor, Tensor, Tensor], Any] = None):
+        """The next shuffled batch; StopIteration at the end.
+
+        ``exchange(X, owners, lids)`` gets this rank's storage, the holder of each of the batch's rows
+        (``[b]``, batch order) and, where this rank holds it, the row's storage index (-1 elsewhere), and
+        returns what the step trains on. Default (one process): the rows ``[b, width]`` on ``out_device``.
+        """
         self.start()
         with self._cond:
             while True:
@@ -224,12 +309,11 @@ class ActivationBuffer:
                     if self.drain_ptr >= len(self.drain):
                         raise StopIteration
                     slots = self.drain[self.drain_ptr : self.drain_ptr + self.batch_size]
-                    self.drain_ptr += len(slots)
-                    return self._gather(slots)
-                if self.round >= 0 and self.ptr + self.batch_size <= self.quota:
-                    slots = self._perm_dev[self.ptr : self.ptr + self.batch_size]
                     break
-                # end of a round: wait until the producer has refilled every consumed slot
+                if self.round >= 0 and self.ptr + self.batch_size <= self.quota:
+                    slots = self.perm[self.ptr : self.ptr + self.batch_size]
+                    break
+                # end of a round: wait until every consumed slot has its new row
                 if self.written >= self.quota:
                     self._new_round()
                     continue
@@ -237,24 +321,35 @@ class ActivationBuffer:
                     self._start_drain()
                     continue
                 self._cond.wait()
-        # Outside the lock: the producer never writes slots at or after ptr.
-        out = self._gather(slots)
+            owners, lids = self.owner[slots], self.lidx[slots]
+            X = self.X
+            if self._x_version != self._seen_version:
+                self._sync_reads()
+        # Outside the lock: the producer never writes storage rows that unconsumed slots hold.
+        out = local_gather(X, owners, lids, self.out_device) if exchange is None else exchange(X, owners, lids)
         with self._cond:
-            self.ptr += self.batch_size
+            if self._cuda:
+                self._read_event.record(torch.cuda.current_stream(self.device))
+            if self.drain is not None:
+                self.drain_ptr += len(slots)
+            else:
+                self.ptr += len(slots)
+            self._release(lids[owners == self.rank])
             self._cond.notify_all()
         return out
 
-    def __iter__(self) -> Iterator[Tuple[Tensor, Optional[Tensor]]]:
+    def __iter__(self) -> Iterator[Any]:
         while True:
             try:
                 yield self.next_batch()
             except StopIteration:
                 return
 
-    def first_rows(self, n: int) -> Tuple[Tensor, Optional[Tensor]]:
-        """The first ``n`` rows produced, in production order (waits for the initial fill).
+    def first_rows(self, n: int) -> Tuple[Tensor, int]:
+        """This rank's rows among the first ``n`` rows of the stream, and how many rows that prefix
+        really holds (``n``, or fewer when the buffer or the data is smaller).
 
-        For the dataset-wise norm estimate before training; valid only before the first batch.
+        Waits for the initial fill; for the dataset-wise norm estimate, valid only before the first batch.
         """
         self.start()
         with self._cond:
@@ -264,10 +359,10 @@ class ActivationBuffer:
                     break
                 self._cond.wait()
             self._check_error()
-            if self._cuda:
-                torch.cuda.current_stream(self.device).wait_event(self._write_event)
+            self._sync_reads()
             m = min(n, self.written if self.round < 0 else self.capacity)
-            return self.X[:m], (self.Y[:m] if self.Y is not None else None)
+            mine = self.owner[:m] == self.rank
+            return self.X.index_select(0, self.lidx[:m][mine].to(self.device)), m
 
     def close(self, timeout: Optional[float] = None) -> None:
         """Stop the producer and join it (it finishes the LM batch it is computing)."""
@@ -286,49 +381,76 @@ class ActivationBuffer:
 
     # ------------------------------------------------------------------ resume
 
-    def state_dict(self) -> Dict[str, Any]:
-        """A consistent snapshot (the producer is paused while it is taken)."""
+    def _pending(self) -> Tensor:
+        """Slots whose rows are still to be served, in no particular order."""
+        if self.drain is not None:
+            return self.drain[self.drain_ptr :]
+        if self.round < 0:
+            raise RuntimeError("ActivationBuffer.state_dict: no batch was served yet")
+        return self.perm[self.ptr :]
+
+    def state_dict(self) -> Tuple[Dict[str, Any], Dict[str, Tensor]]:
+        """``(meta, rows)``: ``meta`` (the same on every rank: round, permutation, position, ...) and
+        this rank's rows of the unconsumed slots, ``{"slots": [m] sorted global slots, "rows": [m, width]}``.
+        Tensors, ints and dicts only (``torch.load(weights_only=True)`` reads them)."""
         with self._cond:
             self._check_error()
-            if self._cuda:
-                torch.cuda.current_stream(self.device).wait_event(self._write_event)
-            return {
-                "round": self.round,
-                "perm": self.perm.clone(),
-                "ptr": self.ptr,
-                "quota": self.quota,
-                "written": self.written,
-                "drain": None if self.drain is None else self.drain.cpu(),
-                "drain_ptr": self.drain_ptr,
-                "exhausted": self.exhausted,
-                "pending_cursor": self.pending_cursor,
-                "pending_offset": self.pending_offset,
-                "produced": self.produced,
-                "gen": self.gen.get_state(),
-                "X": self.X.to("cpu", copy=True),
-                "Y": None if self.Y is None else self.Y.to("cpu", copy=True),
+            self._sync_reads()
+            pending = self._pending()
+            mine = pending[self.owner[pending] == self.rank].sort().values
+            rows = self.X.index_select(0, self.lidx[mine].to(self.device)).to("cpu")
+            meta = {
+                "capacity": self.capacity, "batch_size": self.batch_size, "width": self.width,
+                "round": self.round, "perm": self.perm.clone(), "ptr": self.ptr, "quota": self.quota,
+                "drain": None if self.drain is None else self.drain.clone(), "drain_ptr": self.drain_ptr,
+                "round_row0": self.round_row0, "round_pos": self.round_pos, "gen": self.gen.get_state(),
+                "pending": int(pending.numel()),
             }
+            return meta, {"slots": mine.clone(), "rows": rows}
 
-    def load_state_dict(self, sd: Dict[str, Any]) -> None:
-        """Restore a snapshot; call before the first ``next_batch``."""
+    @staticmethod
+    def deal(pending_sorted: Tensor, rank: int, world: int) -> Tensor:
+        """The stored rows this rank takes on resume: a contiguous share of the sorted pending slots."""
+        v = pending_sorted.numel()
+        return pending_sorted[rank * v // world : (rank + 1) * v // world]
+
+    def load_state_dict(self, meta: Dict[str, Any], read_rows: Callable[[Tensor], Tensor]) -> None:
+        """Restore a snapshot of any layout; call before the first ``next_batch``.
+
+        ``read_rows(slots)`` returns the stored rows ``[len(slots), width]`` of the sorted global ``slots``.
+        """
         if self._thread is not None:
             raise RuntimeError("ActivationBuffer.load_state_dict: call it before the buffer starts")
-        if tuple(sd["X"].shape) != tuple(self.X.shape) or (sd["Y"] is None) != (self.Y is None):
-            raise ValueError(
-                f"buffer state: expected storage of shape {list(self.X.shape)}, got {list(sd['X'].shape)} "
-                "(was --buffer-tokens or --batch-size changed?)"
-            )
-        self.X.copy_(sd["X"])
-        if self.Y is not None:
-            self.Y.copy_(sd["Y"])
-        self.round, self.perm, self.ptr = sd["round"], sd["perm"].clone(), sd["ptr"]
-        self._set_perm_dev()
-        self.quota, self.written = sd["quota"], sd["written"]
-        self.drain = None if sd["drain"] is None else sd["drain"].to(self.device)
-        self.drain_ptr, self.exhausted = sd["drain_ptr"], sd["exhausted"]
-        self.produced = sd["produced"]
-        self.gen.set_state(sd["gen"])
-        self.pending_cursor, self.pending_offset = sd["pending_cursor"], sd["pending_offset"]
-        if self.pending_cursor is not None:
-            self.source.load_state_dict(self.pending_cursor)
-            self._resume_offset = self.pending_offset
+        for key, mine in (("capacity", self.capacity), ("batch_size", self.batch_size), ("width", self.width)):
+            if int(meta[key]) != mine:
+                raise ValueError(
+                    f"buffer state: expected {key} {mine}, the checkpoint has {meta[key]} "
+                    "(was --buffer-tokens, --batch-size or the set of hook points changed?)"
+                )
+        self.round, self.perm, self.ptr, self.quota = int(meta["round"]), meta["perm"].clone(), int(meta["ptr"]), int(meta["quota"])
+        self.drain = None if meta["drain"] is None else meta["drain"].clone()
+        self.drain_ptr = int(meta["drain_ptr"])
+        self.gen.set_state(meta["gen"])
+        self.round_row0 = self.next_row = int(meta["round_row0"])
+        self.round_pos = meta["round_pos"]
+        pending = self._pending().sort().values
+        self.owner.fill_(-1)
+        self.lidx.fill_(-1)
+        for r in range(self.world):
+            self.owner[self.deal(pending, r, self.world)] = r
+        mine = self.deal(pending, self.rank, self.world)
+        if mine.numel():
+            rows = read_rows(mine)
+            local = self._alloc(mine.numel())
+            self.X.index_copy_(0, local.to(self.device), rows.to(self.device, self.dtype))
+            self.lidx[mine] = local
+        if self.drain is not None:
+            self.exhausted = True  # the drain only starts once the source has ended
+            self.written = self.quota
+        else:
+            # production restarts at the round's first new row (the rows made since are made again)
+            self.written = 0
+            pos = self.round_pos
+            self.source.load_state_dict(dict(pos["cursor"], row=pos["row0"]))
+            self._auto_row = int(pos["row0"])
+            self._log = []

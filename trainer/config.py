@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .model import DEFAULT_MODEL, POSITIONS
 
@@ -55,20 +56,33 @@ class TrainConfig:
     streaming: Optional[bool] = _help(
         "Stream the dataset (default: yes for Hub datasets, no for local files).", default=None)
     layer: Optional[int] = _help(
-        "Decoder layer L (0-based). Default: 12 for the embedded model, n_layers // 2 otherwise.", default=None)
+        "Decoder layer L (0-based).", default=None)
     position: str = _help(
         "Where the SAE reads/writes: R (residual after layer L), A (attention output), M (MLP output), "
         "TC (transcoder: normalised MLP input -> MLP output).", default="R")
-    context_len: Optional[int] = _help("Tokens per context, BOS included (recipe: 1024).", default=None)
+    # ---------------------------------------------------------------- suites (many SAEs from one LM pass)
+    hookpoints: Optional[str] = _help(
+        "Train a suite from one LM pass: Llama Scope hook point names L{layer}{position}, comma-separated, "
+        "e.g. L3R,L6R,L9M,L12TC, each at every --expansion. Replaces --layer and --position.", default=None)
+    layers: Optional[str] = _help(
+        "Train a suite over layers: 'all', 'a-b', 'a-b:step' (every step-th layer from a to b) or a list "
+        "such as '3,6,9' (items may be ranges), at every --positions and --expansion.", default=None)
+    positions: Optional[str] = _help(
+        "Positions of a suite, comma-separated, e.g. 'R,M' (with --layer or --layers; default: --position).",
+        default=None)
+    context_len: Optional[int] = _help("Tokens per context, BOS included.", default=None)
     use_bos: bool = _help("Start every context with BOS (when the tokenizer has one).", default=True)
     # ---------------------------------------------------------------- SAE
-    expansion: int = _help("d_sae = expansion x d_model (Llama Scope: 8 or 32).", default=8)
+    expansion: Union[int, List[int]] = field(default=8, metadata={
+        "help": "d_sae = expansion x d_model (Llama Scope: 8 or 32); a comma-separated list such as 8,32 "
+                "trains every hook point at each width (widths at one hook point share its activations).",
+        "cli_type": str})
     k: int = _help("Latents kept per token (K).", default=50)
     plain_topk: bool = _help("Select by relu(pre) instead of relu(pre) x ||W_dec[i]|| (weighted TopK).", default=False)
     # ---------------------------------------------------------------- optimisation
-    tokens: Optional[int] = _help("Training tokens (SAE inputs). Recipe: 800M; embedded: 300k.", default=None)
-    batch_size: Optional[int] = _help("Tokens per SAE step (recipe: 2048).", default=None)
-    lr: Optional[float] = _help("Adam learning rate (recipe: 8e-4; embedded: 2e-3).", default=None)
+    tokens: Optional[int] = _help("Training tokens (SAE inputs).", default=None)
+    batch_size: Optional[int] = _help("Tokens per SAE step.", default=None)
+    lr: Optional[float] = _help("Adam learning rate.", default=None)
     beta1: float = _help("Adam beta1.", default=0.9)
     beta2: float = _help("Adam beta2.", default=0.9999)
     warmup_steps: Optional[int] = _help(
@@ -76,7 +90,7 @@ class TrainConfig:
     decay_fraction: float = _help("Linear lr decay to 1%% over this final fraction of the steps.", default=0.2)
     k_anneal_fraction: float = _help("K-annealing from k_start down to K over this fraction of the steps.", default=0.1)
     k_start: Optional[int] = _help("K at step 0 (default d_model / 2).", default=None)
-    clip_grad_norm: float = _help("Gradient-norm clip (recipe: 0.001; 0 disables).", default=0.001)
+    clip_grad_norm: float = _help("Gradient-norm clip (the recipe's 0.001; 0 disables).", default=0.001)
     loss: str = _help("'llama_scope': sum (x_hat-y)^2 / ||y - mean_batch(y)|| per token, averaged; 'fvu': normalised MSE.",
                       default="llama_scope")
     released_recipe: bool = _help(
@@ -110,7 +124,9 @@ class TrainConfig:
     seed: int = _help("Seed of the SAE init, data order and buffer shuffles.", default=42)
     # ---------------------------------------------------------------- activations
     lm_batch_size: Optional[int] = _help("Contexts per LM forward pass.", default=None)
-    buffer_tokens: Optional[int] = _help("Activation buffer size in tokens (recipe: 500k).", default=None)
+    buffer_tokens: Optional[int] = _help(
+        "Activation buffer size in tokens. A token's row holds every hook point of the suite: "
+        "the run refuses, before allocating, a buffer that does not fit in free memory.", default=None)
     buffer_device: str = _help("Where the buffer lives: 'auto' (the training device), 'cpu' (pinned host memory on GPU runs).",
                                default="auto")
     norm_tokens: int = _help("Non-special tokens for the dataset-wise norm estimate.", default=16384)
@@ -126,17 +142,22 @@ class TrainConfig:
     # ---------------------------------------------------------------- evaluation and outputs
     eval_tokens: Optional[int] = _help("Held-out tokens for evaluation (whole contexts).", default=None)
     eval_every: int = _help("Every eval_every-th context of the data stream is held out (up to eval_tokens).", default=10)
-    eval_lm_loss: bool = _help("Measure delta LM loss and CE score (runs the whole LM 3x on the held-out set).", default=True)
+    eval_lm_loss: bool = _help(
+        "Measure delta LM loss and CE score: one clean pass of the whole LM over the held-out set (shared "
+        "by a suite), one zero-ablated pass per hook point and one spliced pass per SAE; "
+        "--no-eval-lm-loss skips them (big suites).", default=True)
     eval_lm_tokens: Optional[int] = _help(
-        "Held-out tokens (whole contexts, a prefix of the eval set) for delta LM loss and CE score. "
-        "Default: all eval tokens; 4096 for the embedded model.", default=None)
-    jumprelu: bool = _help("After training, also write the JumpReLU post-processing (SPEC sec. 5) to <run>/jumprelu.",
+        "Held-out tokens (whole contexts, a prefix of the eval set) for delta LM loss and CE score.", default=None)
+    jumprelu: bool = _help("After training, also write the JumpReLU post-processing (README, 'Outputs') to <run>/jumprelu.",
                            default=False)
     jumprelu_tokens: int = _help("Non-special training tokens for the JumpReLU threshold.", default=32768)
-    output: str = _help("Output root; the run goes to <output>/L{layer}{position}-{expansion}x/.", default="runs")
+    output: str = _help("Output root: each SAE goes to <output>/L{layer}{position}-{expansion}x/, the suite's "
+                        "summary to <output>/suite.json (.md, .csv, .png), resume state to <output>/resume/.",
+                        default="runs")
     export_dtype: str = _help("dtype of checkpoints/final.safetensors (released: bfloat16).", default="bfloat16")
-    overwrite: bool = _help("Replace an existing run folder.", default=False)
-    resume: bool = _help("Continue the run in the output folder from its last checkpoint (same flags).", default=False)
+    overwrite: bool = _help("Replace an existing run (the files the trainer writes; other files in the folder stay).", default=False)
+    resume: bool = _help("Continue the run (every SAE of the suite) in the output folder from its last checkpoint "
+                         "(same flags; any number of processes and --tp).", default=False)
     checkpoint_every: Optional[int] = _help("Steps between resumable checkpoints (0: none).", default=None)
     log_every: Optional[int] = _help("Steps between metrics.jsonl lines (each costs one host sync).", default=None)
     progress: bool = _help("Show the tqdm progress bar.", default=True)
@@ -159,7 +180,8 @@ class TrainConfig:
         for name in ("tokens", "batch_size", "lm_batch_size", "buffer_tokens", "context_len", "eval_tokens", "eval_lm_tokens",
                      "k_aux", "dead_window_tokens", "log_every", "k_start", "stop_after_steps"):
             pos_int(name)
-        for name in ("expansion", "k", "norm_tokens", "eval_every", "jumprelu_tokens", "tp"):
+        self.expansion = parse_expansions(self.expansion)
+        for name in ("k", "norm_tokens", "eval_every", "jumprelu_tokens", "tp"):
             pos_int(name, allow_none=False)
         pos_int("warmup_steps", allow_zero=True)
         pos_int("checkpoint_every", allow_zero=True)
@@ -195,6 +217,22 @@ class TrainConfig:
             raise ValueError(f"--k-start: expected >= --k ({self.k}), got {self.k_start}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite: expected at most one of them")
+        # suite flags: syntax here (before the model loads), layer ranges in resolve()
+        if self.hookpoints is not None:
+            for flag, given in (("--layer", self.layer is not None), ("--layers", self.layers is not None),
+                                ("--positions", self.positions is not None), ("--position", self.position != "R")):
+                if given:
+                    raise ValueError(f"{flag} and --hookpoints: expected one of them (each --hookpoints name "
+                                     "gives its layer and position)")
+            parse_hookpoints(self.hookpoints)
+        if self.layers is not None:
+            if self.layer is not None:
+                raise ValueError("--layer and --layers: expected one of them")
+            parse_layers(self.layers)
+        if self.positions is not None:
+            if self.position != "R":
+                raise ValueError("--position and --positions: expected one of them")
+            parse_positions(self.positions)
 
     # ------------------------------------------------------------------ resolution
 
@@ -206,28 +244,37 @@ class TrainConfig:
         """A copy with every ``None`` default filled in for this model, checked against it."""
         base = EMBEDDED_DEFAULTS if self.is_embedded else RECIPE_DEFAULTS
         c = dataclasses.replace(self)
+        suite_layers = c.hookpoints is not None or c.layers is not None
         for name, v in base.items():
-            if getattr(c, name) is None:
+            if getattr(c, name) is None and not (name == "layer" and suite_layers):
                 setattr(c, name, v)
-        if c.layer is None:
+        if c.layer is None and c.hookpoints is None and c.layers is None:
             c.layer = n_layers // 2
         if c.eval_lm_tokens is None:
             c.eval_lm_tokens = c.eval_tokens
-        if not 0 <= c.layer < n_layers:
+        if c.layer is not None and not 0 <= c.layer < n_layers:
             raise ValueError(f"--layer: expected 0 <= layer < {n_layers} (the model has {n_layers} layers), got {c.layer}")
-        d_sae = c.expansion * d_model
+        if c.hookpoints is not None:
+            for item, (layer, _) in zip(_items(c.hookpoints), parse_hookpoints(c.hookpoints)):
+                if not 0 <= layer < n_layers:
+                    raise ValueError(f"--hookpoints: {item!r}: expected a layer 0 <= L < {n_layers} "
+                                     f"(the model has {n_layers} layers)")
+        if c.layers is not None:
+            c.layers = ",".join(str(i) for i in parse_layers(c.layers, n_layers))
+        specs = c.members()
+        d_sae = min(m.expansion for m in specs) * d_model
         if c.k > d_sae:
             raise ValueError(f"--k: expected at most d_sae = {d_sae}, got {c.k}")
         if c.k_start is None:
             c.k_start = max(c.k, d_model // 2)
-        c.k_start = min(c.k_start, d_sae)
         if c.data_init is None:
             c.data_init = not c.released_recipe
         if c.auxk is None:
             c.auxk = not c.released_recipe
         if c.k_aux is None:
             c.k_aux = d_model // 2
-        c.k_aux = min(c.k_aux, d_sae)
+        if len(specs) == 1:  # a suite leaves them to each member (solo)
+            c.k_start, c.k_aux = min(c.k_start, d_sae), min(c.k_aux, d_sae)
         if c.tokens < c.batch_size:
             raise ValueError(f"--tokens: expected at least one batch ({c.batch_size} tokens), got {c.tokens}")
         if c.warmup_steps is None:
@@ -248,7 +295,36 @@ class TrainConfig:
         return self.tokens // self.batch_size
 
     def run_name(self) -> str:
-        return f"L{self.layer}{self.position}-{self.expansion}x"
+        """The folder of a single SAE, ``L{layer}{position}-{expansion}x`` (see ``members`` for suites)."""
+        (m,) = self.members()
+        return m.name
+
+    def members(self) -> List["MemberSpec"]:
+        """The SAEs this run trains, in a fixed order (layer, position R/A/M/TC, width): one for the
+        single-SAE flags, many for --hookpoints / --layers / --positions / a list of --expansion."""
+        widths = self.expansions
+        if self.hookpoints is not None:
+            sites = parse_hookpoints(self.hookpoints)
+        else:
+            layers = parse_layers(self.layers) if self.layers is not None else [self.layer]
+            positions = parse_positions(self.positions) if self.positions is not None else [self.position]
+            if None in layers:
+                raise ValueError("TrainConfig.members: the layer is not known yet (resolve() first)")
+            sites = [(layer, p) for layer in layers for p in positions]
+        out = sorted({MemberSpec(layer, p, e) for layer, p in sites for e in widths},
+                     key=lambda m: (m.layer, POSITIONS.index(m.position), m.expansion))
+        return out
+
+    @property
+    def expansions(self) -> List[int]:
+        return list(self.expansion) if isinstance(self.expansion, list) else [self.expansion]
+
+    def solo(self, m: "MemberSpec", d_model: int) -> "TrainConfig":
+        """The resolved configuration of member ``m`` trained alone (what its train_config.json holds)."""
+        d_sae = m.expansion * d_model
+        return dataclasses.replace(self, layer=m.layer, position=m.position, expansion=m.expansion,
+                                   hookpoints=None, layers=None, positions=None,
+                                   k_start=min(self.k_start, d_sae), k_aux=min(self.k_aux, d_sae))
 
     def to_dict(self) -> Dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -264,3 +340,117 @@ class TrainConfig:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One SAE of a suite: its layer, position and width; named ``L{layer}{position}-{expansion}x``."""
+
+    layer: int
+    position: str
+    expansion: int
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layer}{self.position}-{self.expansion}x"
+
+    @property
+    def site(self) -> str:
+        return f"L{self.layer}{self.position}"
+
+
+_HOOKPOINT = re.compile(r"^L(\d+)(R|A|M|TC)$")
+_RANGE = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
+
+
+def _items(text: str) -> List[str]:
+    return [t.strip() for t in str(text).split(",")]
+
+
+def _nonempty(flag: str, text: str, example: str) -> List[str]:
+    items = _items(text)
+    if not text or not str(text).strip() or all(not t for t in items):
+        raise ValueError(f"{flag}: expected a comma-separated list such as {example}, got an empty list")
+    if any(not t for t in items):
+        raise ValueError(f"{flag}: expected a comma-separated list such as {example}, got an empty item in {text!r}")
+    return items
+
+
+def _no_repeats(flag: str, items: Sequence[Any], shown: Sequence[str]) -> None:
+    seen = set()
+    for item, text in zip(items, shown):
+        if item in seen:
+            raise ValueError(f"{flag}: {text!r} is listed twice")
+        seen.add(item)
+
+
+def parse_hookpoints(text: str) -> List[Tuple[int, str]]:
+    """``"L3R,L12TC"`` -> ``[(3, "R"), (12, "TC")]`` (Llama Scope names ``L{layer}{position}``)."""
+    items = _nonempty("--hookpoints", text, "L3R,L6R,L9M,L12TC")
+    out = []
+    for item in items:
+        m = _HOOKPOINT.match(item)
+        if m is None:
+            raise ValueError(f"--hookpoints: {item!r} is not a hook point name: expected L{{layer}}{{position}} "
+                             f"with a position among {', '.join(POSITIONS)}, e.g. L3R or L12TC")
+        out.append((int(m.group(1)), m.group(2)))
+    _no_repeats("--hookpoints", out, items)
+    return out
+
+
+def parse_layers(text: str, n_layers: Optional[int] = None) -> List[Optional[int]]:
+    """``"all"``, ``"a-b"``, ``"a-b:step"`` or a list of those (``"3,6,9"``) -> the layers; ``all`` and the
+    range check need ``n_layers`` (without it the syntax alone is checked and ``all`` gives ``[None]``)."""
+    items = _nonempty("--layers", text, "all, 0-29:3 or 3,6,9")
+    out: List[Optional[int]] = []
+    for item in items:
+        if item == "all":
+            out.extend(range(n_layers) if n_layers is not None else [None])
+            continue
+        m = _RANGE.match(item)
+        if m is None:
+            raise ValueError(f"--layers: {item!r}: expected 'all', a layer, 'a-b' or 'a-b:step' (e.g. 0-29:3)")
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) is not None else a
+        step = int(m.group(3)) if m.group(3) is not None else 1
+        if b < a or step < 1:
+            raise ValueError(f"--layers: {item!r}: expected a <= b and a step >= 1")
+        for layer in range(a, b + 1, step):
+            if n_layers is not None and layer >= n_layers:
+                raise ValueError(f"--layers: {item!r}: expected layers 0 <= L < {n_layers} (the model has "
+                                 f"{n_layers} layers), got {layer}")
+            out.append(layer)
+    if n_layers is not None:
+        _no_repeats("--layers", out, [str(i) for i in out])
+    return out
+
+
+def parse_positions(text: str) -> List[str]:
+    items = _nonempty("--positions", text, "R,M or R,A,M,TC")
+    for item in items:
+        if item not in POSITIONS:
+            raise ValueError(f"--positions: {item!r}: expected positions among {', '.join(POSITIONS)}")
+    _no_repeats("--positions", items, items)
+    return items
+
+
+def parse_expansions(value: Any) -> Union[int, List[int]]:
+    """``8``, ``"8"`` -> 8; ``"8,32"`` or ``[8, 32]`` -> ``[8, 32]`` (each an integer >= 1)."""
+    if isinstance(value, str):
+        items = _nonempty("--expansion", value, "8 or 8,32")
+        values: List[Any] = []
+        for item in items:
+            if not re.fullmatch(r"\d+", item):
+                raise ValueError(f"--expansion: {item!r}: expected an integer >= 1 (or a list such as 8,32)")
+            values.append(int(item))
+    elif isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("--expansion: expected a width or a list such as 8,32, got an empty list")
+        values = list(value)
+    else:
+        values = [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"--expansion: expected an integer >= 1, got {v!r}")
+    _no_repeats("--expansion", values, [str(v) for v in values])
+    return values[0] if len(values) == 1 else values

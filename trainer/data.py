@@ -60,6 +60,13 @@ def _column_iter(ds, text_column: str, name: str) -> Iterator[str]:
             yield text
 
 
+def looks_like_path(name: str) -> bool:
+    """A name that can only be a local path (not a Hub name such as ``org/name``): it starts with
+    ``.``, ``/`` or ``~``, has more than one ``/``, or ends with a data file extension."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1
+            or os.path.splitext(name)[1].lower() in LOCAL_BUILDERS)
+
+
 def load_documents(
     dataset: str = DEFAULT_DATASET,
     *,
@@ -75,13 +82,12 @@ def load_documents(
     """
     if dataset in (DEFAULT_DATASET, "", None):
         return pydoc_documents()
-    try:
-        import datasets
-    except ImportError as e:  # pragma: no cover - listed as a dependency
-        raise DataError(f"--dataset {dataset!r}: the 'datasets' package is needed ({e})") from None
+    # the local checks come before the (slow) import of datasets: a missing file fails at once
     local = os.path.exists(dataset)
-    if streaming is None:
-        streaming = not local
+    if not local and looks_like_path(dataset):
+        raise DataError(f"--dataset {dataset!r}: no such file or folder ({os.path.abspath(os.path.expanduser(dataset))}); "
+                        "a local dataset is a txt/json/jsonl/parquet/csv file or a folder of them, a Hub dataset "
+                        "a name such as 'org/name'")
     if local:
         files = sorted(glob.glob(os.path.join(dataset, "**", "*"), recursive=True)) if os.path.isdir(dataset) else [dataset]
         files = [f for f in files if os.path.isfile(f) and os.path.splitext(f)[1].lower() in LOCAL_BUILDERS]
@@ -93,6 +99,13 @@ def load_documents(
         builders = {LOCAL_BUILDERS[e] for e in exts}
         if len(builders) > 1:
             raise DataError(f"--dataset {dataset!r}: mixed file types {exts}; use one format per dataset")
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - listed as a dependency
+        raise DataError(f"--dataset {dataset!r}: the 'datasets' package is needed ({e})") from None
+    if streaming is None:
+        streaming = not local
+    if local:
         builder = builders.pop()
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
+import struct
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -176,6 +178,89 @@ def load_model(
     )
 
 
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def _gguf_facts(path: str) -> Tuple[int, int]:
+    """``(n_layers, d_model)`` from a GGUF file's metadata header (no tensor is read)."""
+    with open(path, "rb") as f:
+        def read(fmt):
+            size = struct.calcsize(fmt)
+            return struct.unpack(fmt, f.read(size))[0]
+
+        def read_str():
+            return f.read(read("<Q")).decode("utf-8", "replace")
+
+        def read_value(vtype):
+            if vtype == 8:
+                return read_str()
+            if vtype == 9:
+                etype, count = read("<I"), read("<Q")
+                for _ in range(count):
+                    read_value(etype)
+                return None
+            return read(_GGUF_SCALARS[vtype])
+
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"--model {path!r}: not a GGUF file")
+        read("<I")  # version
+        read("<Q")  # tensor count
+        n_kv = read("<Q")
+        kv: Dict[str, object] = {}
+        for _ in range(n_kv):
+            key = read_str()
+            kv[key] = read_value(read("<I"))
+            arch = kv.get("general.architecture")
+            if arch and f"{arch}.block_count" in kv and f"{arch}.embedding_length" in kv:
+                return int(kv[f"{arch}.block_count"]), int(kv[f"{arch}.embedding_length"])
+    raise ModelError(f"--model {path!r}: the GGUF metadata has no block_count / embedding_length")
+
+
+def model_facts(name: str = DEFAULT_MODEL) -> Tuple[int, int]:
+    """``(n_layers, d_model)`` of a model from its configuration alone (no weights are loaded), so that
+    flags naming layers can be checked before the model loads. Same names as ``load_model``."""
+    import json
+
+    try:
+        if name in (DEFAULT_MODEL, None, ""):
+            return _gguf_facts(os.path.join(embedded_model_folder(), EMBEDDED_GGUF))
+        if os.path.isfile(name) and name.endswith(".gguf"):
+            return _gguf_facts(name)
+        if os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json")):
+            cfg = json.loads(open(os.path.join(name, "config.json")).read())
+        else:
+            if os.path.exists(name):
+                raise ModelError(f"--model {name!r}: no model configuration found there (expected a folder with "
+                                 "config.json, or a .gguf file)")
+            if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf"):
+                raise ModelError(f"--model {name!r}: no such file or folder ({os.path.abspath(os.path.expanduser(name))}); "
+                                 "a Hub model is a name such as 'meta-llama/Llama-3.1-8B'")
+            if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+                # offline (set by the user, or by the run when the Hub cannot be reached): the local cache
+                # answers at once, without importing transformers (seconds)
+                from huggingface_hub import try_to_load_from_cache
+
+                if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+                    raise ModelError(
+                        f"--model {name!r}: not in the local Hugging Face cache, and the Hub is offline (it cannot "
+                        "be reached, or HF_HUB_OFFLINE is set): check the name, or download the model where the "
+                        "Hub can be reached")
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(name).to_dict()
+    except ModelError:
+        raise
+    except (OSError, ValueError, KeyError, ImportError, struct.error) as e:
+        raise ModelError(f"--model {name!r}: could not read its configuration ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+    n_layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    d_model = cfg.get("hidden_size", cfg.get("n_embd"))
+    if not isinstance(n_layers, int) or not isinstance(d_model, int):
+        raise ModelError(f"--model {name!r}: its configuration names no num_hidden_layers / hidden_size")
+    return n_layers, d_model
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks of a Hugging Face causal LM (Llama-like, GPT-2, GPT-NeoX)."""
     for path in ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
@@ -231,6 +316,71 @@ class _StopForward(Exception):
     """Raised from a hook once the wanted activations exist: nothing after layer L runs."""
 
 
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_attn_out|hook_mlp_out|ln2\.hook_normalized)$")
+# What each TransformerLens hook reads in a Hugging Face Llama decoder layer: (module path, hook kind).
+# hook_mlp_out is read at the output of mlp, which is mlp.down_proj's output as is in LlamaMLP (the M
+# input and the TC target are one tensor), so a replacement of either is what a later capture sees.
+_HOOK_SITES = {
+    "hook_resid_post": ("", "out"),
+    "hook_attn_out": ("self_attn.o_proj", "out"),
+    "hook_mlp_out": ("mlp", "out"),
+    "ln2.hook_normalized": ("post_attention_layernorm", "rms_in"),
+}
+
+
+def parse_hook(name: str) -> Tuple[int, str]:
+    """``(layer, kind)`` of a TransformerLens hook name such as ``blocks.3.hook_resid_post``."""
+    m = _HOOK_RE.match(name)
+    if m is None:
+        raise ModelError(f"hook: expected blocks.L.hook_resid_post|hook_attn_out|hook_mlp_out|ln2.hook_normalized, got {name!r}")
+    return int(m.group(1)), m.group(2)
+
+
+def position_hooks(layer: int, position: str) -> List[str]:
+    """The distinct hooks a ``position`` SAE at ``layer`` reads: its input, and its target for TC."""
+    hp_in, hp_out = hook_point_names(layer, position)
+    return [hp_in] if hp_in == hp_out else [hp_in, hp_out]
+
+
+@contextlib.contextmanager
+def capture_hooks(model: nn.Module, hooks: Sequence[str], *, stop: bool = True,
+                  keys: Optional[Sequence[str]] = None) -> Iterator[Dict[str, Tensor]]:
+    """Hooks that store the activations of the TransformerLens hook points ``hooks`` on every forward.
+
+    Yields a dict refilled on each forward, ``hooks[i]`` (or ``keys[i]``) -> ``[batch, seq, d]``.
+    ``ln2.hook_normalized`` is the TC input: the input of ``post_attention_layernorm`` normalised by
+    hand (``x / rms(x)``, before the gain). With ``stop=True`` the forward pass raises a private
+    exception once every hook has fired (nothing after the deepest one runs); call the model through
+    ``run_capture``, which swallows it.
+    """
+    keys = list(hooks) if keys is None else list(keys)
+    layers = decoder_layers(model)
+    store: Dict[str, Tensor] = {}
+    n_keys = len(set(keys))
+    handles = []
+
+    def put(key: str, value: Tensor) -> None:
+        store[key] = value
+        if stop and len(store) == n_keys:
+            raise _StopForward
+
+    try:
+        for name, key in zip(hooks, keys):
+            layer, kind = parse_hook(name)
+            check_layer(model, layer)
+            path, how = _HOOK_SITES[kind]
+            pos = {"hook_resid_post": "R", "hook_attn_out": "A", "hook_mlp_out": "M"}.get(kind, "TC")
+            mod = _sub(layers[layer], path, pos) if path else layers[layer]
+            if how == "out":
+                handles.append(mod.register_forward_hook(lambda m, a, out, key=key: put(key, _first(out))))
+            else:
+                handles.append(mod.register_forward_pre_hook(lambda m, a, key=key: put(key, _rms_normalise(a[0], m))))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @contextlib.contextmanager
 def capture(model: nn.Module, layer: int, position: str, *, stop: bool = True) -> Iterator[Dict[str, Tensor]]:
     """Hooks that store the SAE input and target of ``position`` at ``layer`` on every forward.
@@ -241,43 +391,9 @@ def capture(model: nn.Module, layer: int, position: str, *, stop: bool = True) -
     """
     check_position(position)
     check_layer(model, layer)
-    block = decoder_layers(model)[layer]
-    store: Dict[str, Tensor] = {}
-    handles = []
-
-    def done():
-        if stop:
-            raise _StopForward
-
-    if position == "R":
-        def hook_r(mod, args, out):
-            store["in"] = _first(out)
-            done()
-        handles.append(block.register_forward_hook(hook_r))
-    elif position in ("A", "M"):
-        target = _sub(block, "self_attn.o_proj" if position == "A" else "mlp.down_proj", position)
-
-        def hook_am(mod, args, out):
-            store["in"] = _first(out)
-            done()
-        handles.append(target.register_forward_hook(hook_am))
-    else:  # TC
-        norm = _sub(block, "post_attention_layernorm", position)
-        mlp = _sub(block, "mlp", position)
-
-        def hook_norm(mod, args):
-            store["in"] = _rms_normalise(args[0], mod)
-
-        def hook_mlp(mod, args, out):
-            store["out"] = _first(out)
-            done()
-        handles.append(norm.register_forward_pre_hook(hook_norm))
-        handles.append(mlp.register_forward_hook(hook_mlp))
-    try:
+    hooks = position_hooks(layer, position)
+    with capture_hooks(model, hooks, stop=stop, keys=["in", "out"][: len(hooks)]) as store:
         yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def run_capture(model: nn.Module, input_ids: Tensor, store: Dict[str, Tensor], **kwargs) -> Optional[object]:
@@ -291,6 +407,22 @@ def run_capture(model: nn.Module, input_ids: Tensor, store: Dict[str, Tensor], *
 
 
 @torch.inference_mode()
+def hook_activations(
+    lm: LoadedModel, input_ids: Tensor, hooks: Sequence[str], special_ids: Optional[Sequence[int]] = None
+) -> Tuple[Dict[str, Tensor], Tensor]:
+    """The activations at ``hooks`` (TransformerLens names) of the non-special tokens of ``input_ids
+    [B, T]``, from one forward that stops after the deepest hook (no later layers, no LM head).
+
+    Returns ``({hook: [N, d]}, keep [B, T])``, ``keep`` marking the non-special tokens (row-major order).
+    """
+    base = getattr(lm.model, "model", lm.model)  # the decoder stack: skip the LM head entirely
+    input_ids = input_ids.to(lm.device)
+    with capture_hooks(lm.model, hooks, stop=True) as store:
+        run_capture(base, input_ids, store)
+    keep = ~special_mask(input_ids, lm.special_ids if special_ids is None else special_ids)
+    return {h: store[h][keep] for h in hooks}, keep
+
+
 def activations(
     lm: LoadedModel, input_ids: Tensor, layer: int, position: str, special_ids: Optional[Sequence[int]] = None
 ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
@@ -299,14 +431,11 @@ def activations(
     Runs the model only up to what ``position`` at ``layer`` needs. Returns ``(x [N, d], y [N, d] or
     None, keep [B, T])`` where ``keep`` marks the non-special tokens, in row-major order.
     """
-    base = getattr(lm.model, "model", lm.model)  # the decoder stack: skip the LM head entirely
-    input_ids = input_ids.to(lm.device)
-    with capture(lm.model, layer, position, stop=True) as store:
-        run_capture(base, input_ids, store)
-    keep = ~special_mask(input_ids, lm.special_ids if special_ids is None else special_ids)
-    x = store["in"][keep]
-    y = store["out"][keep] if "out" in store else None
-    return x, y, keep
+    check_position(position)
+    check_layer(lm.model, layer)
+    hooks = position_hooks(layer, position)
+    acts, keep = hook_activations(lm, input_ids, hooks, special_ids)
+    return acts[hooks[0]], (acts[hooks[1]] if len(hooks) > 1 else None), keep
 
 
 # ----------------------------------------------------------------------------------- replacement

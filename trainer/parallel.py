@@ -6,9 +6,14 @@ so the ranks of a model group are consecutive (one node, NVLink) and the data gr
 
 What each part does:
 
-* **Producers** (the LM) are data-parallel over every rank: shard the dataset by ``ctx.rank`` /
-  ``ctx.world_size``. ``ctx.all_gather_batch`` concatenates the activation batches of a model group
-  (in model-rank order) so every rank of the group trains on the same ``tp * b`` tokens.
+* **Producers** (the LM) are data-parallel over every rank: LM batch ``b`` of the run's one global
+  sequence runs on rank ``b % world`` (``trainer.producer``), into one global activation buffer whose
+  rows stay on the rank that made them (``trainer.buffer``). ``RowExchange`` moves each step's rows,
+  row for row the single-process batch, to the ranks that train on them: a model group gets its
+  ``batch_size / dp`` share, the same on every rank of the group (SPEC.md sec. 8, layout independence).
+* **Suites**: ``place_members`` puts each SAE of a suite on model groups (balanced by parameter
+  count) and ``member_contexts`` gives each member a context over its ranks; ``RowExchange`` sends a
+  rank only the columns of the hook points it trains.
 * **Latents** are sharded over the model group: rank ``r`` holds rows ``[r*n/tp, (r+1)*n/tp)`` of
   ``W_enc``, ``b_enc``, ``W_dec`` (``n % tp == 0``); ``b_dec`` is replicated.
 * **Exact global weighted TopK** (``ParallelContext.sharded_forward``): local ``topk_encode`` on the shard ->
@@ -42,6 +47,7 @@ A world of one process with ``tp == 1`` is a no-op context: every helper returns
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import sys
@@ -55,7 +61,9 @@ from torch import Tensor, nn
 
 from sae_kernels import SAEConfig, TopKSAE
 from sae_kernels._validate import check_k, check_tensor
-from sae_kernels.ops import sparse_decode, topk_encode
+from sae_kernels.ops import decode_for_training, encode_for_training
+
+from .h2d import gather_rows
 
 DIM_NAMES = ("data", "model")
 # all_gather_into_tensor was renamed all_gather_single (torch 2.13 deprecates the old name).
@@ -166,6 +174,9 @@ class ParallelContext:
     model_group: Any = None
     data_group: Any = None
     owns_process_group: bool = False
+    # The ranks this context spans ("world" below): None = every rank of the job. A member of a suite
+    # trained by some of the ranks gets a context over those (``member_contexts``).
+    world_group: Any = None
 
     # ------------------------------------------------------------------ facts
 
@@ -205,10 +216,6 @@ class ParallelContext:
         out = t[lo:hi]  # a safetensors slice reads only these rows from disk
         return out.to(device=device if device is not None else self.device, copy=True).contiguous()
 
-    def data_shard(self) -> Tuple[int, int]:
-        """``(index, count)`` to shard the token stream: every rank produces its own slice."""
-        return self.rank, self.world_size
-
     # ------------------------------------------------------------------ collectives (no-ops when alone)
 
     def _reduce(self, t: Tensor, group, size: int, op: str) -> Tensor:
@@ -228,11 +235,20 @@ class ParallelContext:
 
     def world_all_reduce(self, t: Tensor, op: str = "sum") -> Tensor:
         """Sum / mean / max over every rank (e.g. the dataset-norm estimate: ``op="mean"``)."""
-        return self._reduce(t, None, self.world_size, op)
+        return self._reduce(t, self.world_group, self.world_size, op)
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            dist.barrier(group=self.world_group)
+
+    def gather_object(self, obj: Any) -> Optional[List[Any]]:
+        """Every rank's ``obj`` (in rank order) on rank 0 of this context, None elsewhere."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        dst = 0 if self.world_group is None else dist.get_global_rank(self.world_group, 0)
+        dist.gather_object(obj, out, dst=dst, group=self.world_group)
+        return out
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """Global rank ``src``'s Python object on every rank (config checks, resume step)."""
@@ -339,14 +355,14 @@ class ParallelContext:
         dec_norm = _row_norms(W_dec) if weighted else None
         if self.tp == 1:
             # Exactly TopKSAE.forward's ops (same kernels, b_dec inside sparse_decode).
-            values, idx = topk_encode(x_n, W_enc, b_enc, k, dec_norm, check_finite_input=False)
-            x_hat = sparse_decode(values, idx, W_dec, b_dec, check_indices=False)
+            values, idx = encode_for_training(x_n, W_enc, b_enc, k, dec_norm)
+            x_hat = decode_for_training(values, idx, W_dec, b_dec)
             win = torch.ones_like(idx, dtype=torch.bool)
             return ShardedTopK(x_hat, values, idx, idx, win, k)
         k_local = min(k, n_local)
         if x_n.requires_grad:  # only then: SAE training reads activations without gradient
             x_n = _CopyToGroup.apply(x_n, self.model_group)
-        values, idx = topk_encode(x_n, W_enc, b_enc, k_local, dec_norm, check_finite_input=False)
+        values, idx = encode_for_training(x_n, W_enc, b_enc, k_local, dec_norm)
         with torch.no_grad():
             v = values.detach()
             scores = v if dec_norm is None else v * dec_norm[idx]
@@ -354,7 +370,7 @@ class ParallelContext:
             win_all = self._global_winners(scores, gidx, k, n)
             own = win_all[:, self.model_rank]
         kept = torch.where(own, values, torch.zeros_like(values))
-        partial = sparse_decode(kept, idx, W_dec, None, check_indices=False)
+        partial = decode_for_training(kept, idx, W_dec, None)
         if partial.dtype in (torch.bfloat16, torch.float16):
             partial = partial.float()
         x_hat = _AllReduceSum.apply(partial, self.model_group)
@@ -414,7 +430,7 @@ class ParallelContext:
         if sharded and self.dp > 1:
             _all_reduce_mean_(sharded, self.data_group, self.dp)
         if replicated:
-            _all_reduce_mean_(replicated, None, self.world_size)
+            _all_reduce_mean_(replicated, self.world_group, self.world_size)
 
     def grad_norm(self, params: Iterable[Tensor]) -> Tensor:
         """Global L2 norm of the gradients of the whole (unsharded) model, the same on every rank.
@@ -643,6 +659,169 @@ def _backend_options(backend: str, td: datetime.timedelta):
         return None
     opts._timeout = td
     return opts
+
+
+# --------------------------------------------------------------------------------------------------
+# Suites: members placed on model groups, and the rows each step moves to the ranks that train on them
+# --------------------------------------------------------------------------------------------------
+
+
+def place_members(sizes: Sequence[int], n_groups: int, batch_size: int) -> List[List[int]]:
+    """The model groups (data ranks of the mesh) that train each member, given its parameter count.
+
+    At least as many members as groups: each member goes to one group, the largest first onto the
+    least loaded group (ties: the earlier member, the lower group), so the groups hold about the same
+    number of parameters. Fewer members than groups: each member gets ``dp`` groups of its own and is
+    data-parallel over them, ``dp`` the largest divisor of ``batch_size`` up to ``n_groups // members``
+    (one SAE on every group: plain data parallelism). A pure function: every rank computes the same.
+    """
+    m = len(sizes)
+    if m == 0:
+        return []
+    if m >= n_groups:
+        load = [0] * n_groups
+        out: List[List[int]] = [[] for _ in range(m)]
+        for i in sorted(range(m), key=lambda i: (-sizes[i], i)):
+            g = min(range(n_groups), key=lambda g: (load[g], g))
+            load[g] += sizes[i]
+            out[i] = [g]
+        return out
+    dp = max(d for d in range(1, n_groups // m + 1) if batch_size % d == 0)
+    return [list(range(i * dp, (i + 1) * dp)) for i in range(m)]
+
+
+def member_contexts(ctx: ParallelContext, placement: Sequence[Sequence[int]]) -> List[Optional[ParallelContext]]:
+    """For each member, the context over the ranks that train it (None on the other ranks).
+
+    A member on ``dp_m`` model groups is a (dp_m, tp) mesh of its own: the model group is the mesh's,
+    the data dimension runs over its groups, and "world" means its ``dp_m * tp`` ranks; a member on
+    every group gets the job's context as is. Collective: every rank must call it with the same
+    placement (sub-groups are created in the same order everywhere).
+    """
+    out: List[Optional[ParallelContext]] = []
+    made: Dict[Tuple[int, ...], Any] = {}
+    td = datetime.timedelta(seconds=ctx.timeout_s)
+
+    def group(ranks: Sequence[int]):
+        key = tuple(ranks)
+        if key not in made:
+            made[key] = dist.new_group(list(ranks), timeout=td)
+        return made[key]
+
+    for groups in placement:
+        groups = list(groups)
+        if len(groups) == ctx.dp:
+            out.append(ctx if ctx.data_rank in groups else None)
+            continue
+        dp_m = len(groups)
+        data_group = world_group = None
+        if ctx.distributed:  # create the member's groups on every rank, in the same order
+            if dp_m > 1:
+                for mr in range(ctx.tp):
+                    g = group([d * ctx.tp + mr for d in groups])
+                    if mr == ctx.model_rank:
+                        data_group = g
+            world_group = ctx.model_group if dp_m == 1 else group([d * ctx.tp + mr for d in groups for mr in range(ctx.tp)])
+        if ctx.data_rank not in groups:
+            out.append(None)
+            continue
+        i = groups.index(ctx.data_rank)
+        out.append(dataclasses.replace(
+            ctx, dp=dp_m, data_rank=i, rank=i * ctx.tp + ctx.model_rank, world_size=dp_m * ctx.tp,
+            data_group=data_group, world_group=world_group, mesh=None, owns_process_group=False,
+        ))
+    return out
+
+
+@dataclass
+class RowNeed:
+    """What one rank trains on: rows ``[i * b // dp, (i + 1) * b // dp)`` of each step's ``b`` rows
+    (replica ``i`` of ``dp``), columns of the hook-point blocks ``blocks``."""
+
+    replica: int = 0
+    dp: int = 1
+    blocks: Tuple[int, ...] = ()
+
+    def rows(self, b: int) -> Tuple[int, int]:
+        return self.replica * b // self.dp, (self.replica + 1) * b // self.dp
+
+
+class RowExchange:
+    """Moves each step's rows from the ranks that hold them to the ranks that train on them.
+
+    Called by ``ActivationBuffer.next_batch`` with this rank's storage ``X [L, n_blocks * d]``, the
+    holder of each of the step's ``b`` rows and this rank's storage index of the rows it holds. Every
+    rank knows every holder (the global slot table), so the counts need no communication: one
+    ``all_to_all`` per step (skipped in one process) sends each rank, from every other rank, exactly
+    the rows of its share of the batch and the columns of its hook points, as raw bytes (gloo and NCCL
+    alike). Rows this rank holds itself are copied locally. Returns ``{block: [rows, d]}`` on
+    ``out_device``, the rows in batch order: row for row the single-process batch.
+    """
+
+    def __init__(self, ctx: ParallelContext, block_width: int, needs: Sequence[RowNeed],
+                 out_device: Optional[torch.device] = None) -> None:
+        if len(needs) != ctx.world_size:
+            raise ValueError(f"needs: expected one per rank ({ctx.world_size}), got {len(needs)}")
+        self.ctx, self.d, self.needs = ctx, block_width, list(needs)
+        self.out_device = torch.device(out_device) if out_device is not None else ctx.device
+        self.bytes_received = 0  # statistics: bytes this rank received from other ranks
+
+    def _block(self, X: Tensor, c: int) -> Tensor:
+        return X[:, c * self.d : (c + 1) * self.d]
+
+    def __call__(self, X: Tensor, owners: Tensor, lids: Tensor) -> Dict[int, Tensor]:
+        me, world, b = self.ctx.rank, self.ctx.world_size, owners.numel()
+        need = self.needs[me]
+        lo, hi = need.rows(b)
+        mine_owner = owners[lo:hi]
+        out: Dict[int, Tensor] = {}
+        # rows this rank holds itself
+        pos = (mine_owner == me).nonzero().squeeze(1)
+        local = lids[lo:hi][pos]
+        whole = pos.numel() == hi - lo
+        # host storage to a GPU: one asynchronous copy from pinned staging (trainer/h2d.py)
+        got = gather_rows([self._block(X, c) for c in need.blocks], local, self.out_device)
+        for c, rows in zip(need.blocks, got):
+            if whole:
+                out[c] = rows
+            else:
+                full = torch.empty((hi - lo, self.d), dtype=X.dtype, device=self.out_device)
+                out[c] = full.index_copy_(0, pos.to(self.out_device), rows)
+        if world == 1:
+            return out
+        # everything else in one all_to_all of raw bytes
+        elem = X.element_size()
+        dev = self.ctx.device
+        parts, send_sizes = [], []
+        for q in range(world):
+            nq = self.needs[q]
+            qlo, qhi = nq.rows(b)
+            if q == me or not nq.blocks or qhi <= qlo:
+                send_sizes.append(0)
+                continue
+            sel = lids[qlo:qhi][owners[qlo:qhi] == me]
+            parts += [p.reshape(-1) for p in gather_rows([self._block(X, c) for c in nq.blocks], sel, dev)]
+            send_sizes.append(sel.numel() * len(nq.blocks) * self.d * elem)
+        recv_pos, recv_sizes = [], []
+        for p in range(world):
+            pp = (mine_owner == p).nonzero().squeeze(1) if p != me and need.blocks else pos[:0]
+            recv_pos.append(pp)
+            recv_sizes.append(pp.numel() * len(need.blocks) * self.d * elem)
+        send = torch.cat(parts).view(torch.uint8) if parts else torch.empty(0, dtype=torch.uint8, device=dev)
+        recv = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=dev)
+        dist.all_to_all_single(recv, send, recv_sizes, send_sizes)
+        self.bytes_received += int(recv.numel())
+        off = 0
+        for p in range(world):
+            if not recv_sizes[p]:
+                continue
+            n_p = recv_pos[p].numel()
+            got = recv[off : off + recv_sizes[p]].view(X.dtype).view(len(need.blocks), n_p, self.d)
+            off += recv_sizes[p]
+            at = recv_pos[p].to(self.out_device)
+            for k, c in enumerate(need.blocks):
+                out[c].index_copy_(0, at, got[k].to(self.out_device))
+        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -891,15 +1070,23 @@ def save_checkpoint(
     trainer_state: Optional[Dict[str, Any]] = None,
     hyperparams: Optional[Dict[str, Any]] = None,
     lm_config: Optional[Dict[str, Any]] = None,
+    model_name: Optional[str] = None,
 ) -> None:
     """Write the single-process folder from any (tp, dp): ``to_llama_scope`` (weights in the module's
     dtype), ``checkpoints/optimizer.safetensors`` (full-shape state) and ``checkpoints/trainer_state.json``
     (step, k, ... plus the optimizer's param groups). Every rank calls it; global rank 0 writes, each
     file atomically, ``trainer_state.json`` last; a barrier ends it so no rank runs ahead of the files.
+    ``lm_config.json`` names the model: ``lm_config["model_name"]``, else ``model_name``, else the SAE's
+    ``cfg.model_name``; with none of them it is a ValueError on every rank, before anything is written.
     """
     from sae_kernels.formats import atomic_save_safetensors, atomic_write_json
     from pathlib import Path
 
+    name = (lm_config or {}).get("model_name") or model_name or sae.cfg.model_name
+    if not isinstance(name, str) or not name:
+        raise ValueError("save_checkpoint: no model name for lm_config.json (the release code's reader needs "
+                         "one): pass model_name=..., lm_config={'model_name': ...} or set the SAE's cfg.model_name")
+    lm_config = dict(lm_config or {}, model_name=name)
     full = sae.to_full() if isinstance(sae, ShardedTopKSAE) else (sae if ctx.is_main else None)
     opt_sd = None
     if optimizer is not None:

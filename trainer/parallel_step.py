@@ -3,9 +3,9 @@
 
 ``ParallelSAEStep`` is a drop-in ``SAEStep`` for a ``ShardedTopKSAE``:
 
-* ``__call__`` takes this rank's batch (``batch_size / world`` tokens from its own buffer), gathers the
-  model group's batches (every rank of the group then trains on the same ``batch_size / dp`` tokens)
-  and runs the single-process step on them;
+* ``__call__`` takes the model group's share of the step's global batch (``batch_size / dp`` tokens,
+  the same on every rank of the group: ``trainer.parallel.RowExchange`` delivers it) and runs the
+  single-process step on it;
 * ``encode_decode`` / ``auxk_loss`` run the exact global (weighted) TopK over the row shards;
 * ``ParallelCollectives`` averages gradients over the data dimension (``b_dec`` over the world),
   computes the global gradient norm for clipping, averages logged metrics over data ranks and
@@ -94,15 +94,10 @@ class ParallelSAEStep(SAEStep):
         self._selection = (out.values.detach(), out.indices)
         return out.values, out.indices, out.x_hat
 
-    def encode_decode_auxk(self, x_n: Tensor, k: int, dead: Tensor):
-        """The sharded forward; the AuxK selection is made by ``auxk_loss`` (a second sharded top-k)."""
-        return (*self.encode_decode(x_n, k), None)
-
     def tokens_per_step(self, x_n: Tensor) -> int:
         return x_n.shape[0] * self.ctx.dp
 
-    def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor, selection=None,
-                  den: Optional[Tensor] = None) -> Tensor:
+    def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor, den: Tensor) -> Tensor:
         """AuxK with the exact global top-``k_aux`` over the dead latents of all shards: the same
         loss as the single-process step (its non-dead picks hold 0 and add nothing)."""
         W_enc, b_enc, W_dec, _ = self.weights()
@@ -116,8 +111,6 @@ class ParallelSAEStep(SAEStep):
     def __call__(self, x: Tensor, y: Optional[Tensor], t: int) -> Dict[str, Tensor]:
         if not self.ctx.distributed:
             return super().__call__(x, y, t)
-        x = self.ctx.all_gather_batch(x)
-        y = None if y is None else self.ctx.all_gather_batch(y)
         since, count = self.since_fired.clone(), self.fire_count.clone()
         out = super().__call__(x, y, t)
         # The step counted this rank's winners on its group's tokens; redo the counter update with

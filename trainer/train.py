@@ -7,26 +7,32 @@
   takes a ``Collectives`` object (single-process by default) so that a data / tensor parallel
   trainer can wrap or subclass it: override ``encode_decode`` for sharded latents and the
   ``Collectives`` methods for the all-reduces.
-* ``Trainer``: the loop around it: metrics.jsonl every ``log_every`` steps, tqdm counted in tokens,
-  atomic resumable checkpoints (SAE, Adam, buffer, RNG, counters) every ``checkpoint_every`` steps.
+* ``Member``: one SAE of a run (a suite of one or many): its step, folder and buffer columns.
+* ``Trainer``: the loop around the members' steps, one global batch per step shared by every member:
+  each member's metrics.jsonl every ``log_every`` steps, tqdm counted in tokens, atomic resumable
+  checkpoints (the buffer once; each member's SAE, Adam, counters) every ``checkpoint_every`` steps.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from sae_kernels import TopKSAE, sparse_decode, topk_encode
-from sae_kernels.ops import subset_decode, topk_encode_aux
+from sae_kernels import TopKSAE
+from sae_kernels.ops import decode_for_training, encode_for_training, select_dense, subset_decode
+from sae_kernels.optim import SAEAdam
 
+from .checkpoint import CheckpointWriteError, describe_os_error, load_state, save_state
+from .run_folder import truncate_metrics
 from .schedules import k_schedule, lr_factor
+from .stop import NAMES as SIGNAL_NAMES, Interrupted, StopSignals
 
 _DEAD_BIAS = -1e30  # large negative, finite: pushes alive latents out of the AuxK selection
 
@@ -124,10 +130,10 @@ class StepConfig:
     k_aux: int = 256
     dead_window_tokens: int = 10_000_000
     compute_dtype: Optional[torch.dtype] = None  # bf16: cast weights and inputs for the SAE math
-    # At step 0, before the update: b_dec = mean of the batch's (normalised) targets and
+    # At step 0, before the update: b_dec = b_dec_init x mean of the batch's (normalised) targets and
     # b_enc = -W_enc @ mean of its inputs (``SAEStep.init_from_data``). Off in the released recipe.
     data_init: bool = False
-    b_dec_init: float = 1.0  # with data_init: b_dec starts at this fraction of the target mean
+    b_dec_init: float = 1.0
     # Once per dead window, latents dead for two windows whose pre-activation is <= 0 on every token
     # of the batch (out of AuxK's reach) get b_enc = -W_enc @ mean(x_n) (``SAEStep.recentre_unreachable``).
     recentre_dead: bool = False
@@ -144,12 +150,15 @@ class StepConfig:
         )
 
 
-def make_optimizer(sae: TopKSAE, lr: float, betas: Tuple[float, float]) -> torch.optim.Adam:
-    """Adam, no weight decay (fused on CUDA, foreach on CPU)."""
+def make_optimizer(sae: TopKSAE, lr: float, betas: Tuple[float, float],
+                   moments_dtype: Optional[torch.dtype] = None) -> SAEAdam:
+    """Adam, no weight decay: ``SAEAdam`` (one fused Triton kernel per parameter on CUDA that also
+    applies the clip factor and rewrites the bf16 compute copies and decoder norms; torch's foreach
+    Adam on CPU). ``moments_dtype=torch.bfloat16``: bf16 moments (off by default)."""
     params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
     cuda = sae.W_enc.device.type == "cuda"
-    return torch.optim.Adam(params, lr=lr, betas=betas, eps=1e-8, fused=True if cuda else None,
-                            foreach=None if cuda else True)
+    return SAEAdam(params, lr=lr, betas=betas, eps=1e-8, moments_dtype=moments_dtype,
+                   foreach=None if cuda else True)
 
 
 class SAEStep:
@@ -169,6 +178,8 @@ class SAEStep:
         # tokens since each latent last fired (dead-latent tracking, AuxK)
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=dev)
         self.fire_count = torch.zeros(sae.d_sae, dtype=torch.int64, device=dev)
+        self._tracking = False  # SAEAdam keeps the compute copies / decoder norms once asked
+        self._scores = None  # the encode's pre-activations, kept for AuxK within one step
 
     # -- schedules
     def k_at(self, t: int) -> int:
@@ -179,38 +190,53 @@ class SAEStep:
         c = self.cfg
         return c.lr * lr_factor(t, c.total_steps, c.warmup_steps, c.decay_fraction)
 
-    # -- the math; a tensor-parallel version overrides this
+    # -- the math; a tensor-parallel version overrides encode_decode / auxk_loss
     def weights(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Differentiable weights in the compute dtype (casts of the fp32 masters): what a subclass
+        that runs its own ops (the tensor-parallel step) reads. The single-process step does not
+        cast: it reads ``compute_weights()`` and writes fp32 master gradients directly."""
         dt = self.cfg.compute_dtype
         W = (self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec)
         if dt is None or dt == self.sae.W_enc.dtype:
             return W
         return tuple(w.to(dt) for w in W)  # differentiable casts: fp32 master weights get the grads
 
-    def encode_decode(self, x_n: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor]:
-        """``(values [B, k], indices [B, k], x_hat_n [B, d])`` in normalised space."""
-        W_enc, b_enc, W_dec, b_dec = self.weights()
-        dec_norm = W_dec.detach().float().norm(dim=1).to(W_dec.dtype) if self.sae.cfg.weighted_topk else None
-        values, indices = topk_encode(x_n, W_enc, b_enc, k, dec_norm, check_finite_input=False)
-        x_hat = sparse_decode(values, indices, W_dec, b_dec, check_indices=False)
-        return values, indices, x_hat
+    def compute_weights(self) -> Tuple[Tuple[Tensor, Tensor, Tensor, Tensor], Optional[Tensor]]:
+        """``((W_enc, b_enc, W_dec, b_dec) as the math reads them, decoder row norms or None)``.
 
-    def encode_decode_auxk(self, x_n: Tensor, k: int, dead: Tensor
-                           ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tuple[Tensor, Tensor, Tensor]]]:
-        """``encode_decode`` plus the AuxK selection from the same pre-activations: per token the
-        top-``k_aux`` of the dead latents (by the same score). Returns ``(values, indices, x_hat_n,
-        (aux_acts [B, m], dead ids [m], W_dec) or None when no latent is dead)``. The dead-latent ids
-        size the auxiliary selection: one host sync per step (only with AuxK on)."""
-        ids = dead.nonzero().squeeze(1)
-        if ids.numel() == 0:
-            return (*self.encode_decode(x_n, k), None)
-        W_enc, b_enc, W_dec, b_dec = self.weights()
-        dec_norm = W_dec.detach().float().norm(dim=1).to(W_dec.dtype) if self.sae.cfg.weighted_topk else None
-        values, indices, aux_acts = topk_encode_aux(
-            x_n, W_enc, b_enc, k, dec_norm, aux_latents=ids, k_aux=self.cfg.k_aux,
-            check_finite_input=False, check_aux_latents=False)
-        x_hat = sparse_decode(values, indices, W_dec, b_dec, check_indices=False)
-        return values, indices, x_hat, (aux_acts, ids, W_dec)
+        With ``SAEAdam`` the compute-dtype copies and the fp32 decoder norms are rewritten by the
+        optimizer's step (and recomputed if the masters were changed outside it): no cast, no norm
+        pass per step. With another optimizer they are computed here (no autograd: the ops route
+        the gradients to the masters)."""
+        sae, dt = self.sae, self.cfg.compute_dtype
+        masters = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+        weighted = sae.cfg.weighted_topk
+        if isinstance(self.opt, SAEAdam):
+            if not self._tracking:
+                for p in masters:
+                    self.opt.track(p, copy_dtype=dt, row_norms=weighted and p is sae.W_dec)
+                self._tracking = True
+            copies = tuple(self.opt.compute_copy(p) for p in masters)
+            return copies, (self.opt.row_norms(sae.W_dec) if weighted else None)
+        with torch.no_grad():
+            copies = masters if dt is None else tuple(p.detach().to(dt) for p in masters)
+            norms = sae.W_dec.detach().float().norm(dim=1) if weighted else None
+        return copies, norms
+
+    def encode_decode(self, x_n: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(values [B, k], indices [B, k], x_hat_n [B, d])`` in normalised space.
+
+        The trainer's route of the ops (``encode_for_training`` / ``decode_for_training``): no host
+        sync, indices trusted only because the encode made them, fp32 master gradients. With AuxK
+        on, the encode keeps its pre-activations (``self._scores``) for ``auxk_loss``."""
+        sae = self.sae
+        (W_enc, b_enc, W_dec, _), dec_norm = self.compute_weights()
+        out = encode_for_training(x_n, sae.W_enc, sae.b_enc, k, dec_norm, compute=(W_enc, b_enc),
+                                  keep_pre=self.cfg.auxk)
+        values, indices = out[0], out[1]
+        self._scores = out[2] if self.cfg.auxk else None
+        x_hat = decode_for_training(values, indices, sae.W_dec, sae.b_dec, compute=W_dec)
+        return values, indices, x_hat
 
     def loss_denominator(self, y_n: Tensor, mean: Tensor) -> Tensor:
         """What the reconstruction loss divides by: ``||y_t - mean||`` per token (``[B, 1]``, the Llama
@@ -219,20 +245,39 @@ class SAEStep:
             return (y_n - mean).norm(dim=-1, keepdim=True).clamp_min(1e-8)
         return self.comm.data_mean((y_n - mean).pow(2).sum()).clamp_min(1e-12)
 
-    def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor,
-                  selection: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
-                  den: Optional[Tensor] = None) -> Tensor:
+    def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor, den: Tensor) -> Tensor:
         """Gao et al.'s AuxK: the top-``k_aux`` dead latents reconstruct the detached residual
         ``y_n - x_hat_n``, measured like the main loss and divided by the *target's* statistics
         (``den``, from ``loss_denominator``): per element ``(e_hat - e)^2 / ||y_t - mean||`` averaged
-        (Llama Scope loss) or ``sum (e_hat - e)^2 / sum (y - mean)^2`` (FVU). So ``auxk_coef`` (1/32)
-        weighs it against the main loss as in Gao et al., whatever the main loss.
-        ``selection``: what ``encode_decode_auxk`` returned (None: no latent is dead, the loss is 0)."""
-        if selection is None:
-            return torch.zeros((), device=residual.device)
-        aux_acts, ids, W_dec = selection
-        e_hat = subset_decode(aux_acts, W_dec, ids).float()  # dense over the m dead latents: one GEMM
-        return _normalised_sq_error(e_hat, residual, den, self.cfg.loss)
+        (Llama Scope loss) or ``sum (e_hat - e)^2 / sum (y - mean)^2`` (FVU), so ``auxk_coef`` weighs
+        it against the main loss whatever the main loss (the residual's own variance, the earlier
+        denominator, made AuxK outweigh a Llama Scope main loss by about two orders of magnitude).
+
+        The selection reuses the forward's pre-activations when the encode kept them (two-pass path:
+        no second encoder GEMM); otherwise a second encode with the alive latents pushed to zero. On
+        the CPU, where a host sync is free, it is dense over the dead latents only (``select_dense``,
+        ``subset_decode``: work in proportion to their number, none when no latent is dead); elsewhere
+        a top-k_aux over all latents with the alive ones counted as zero, without a sync."""
+        sae = self.sae
+        (W_enc, b_enc, W_dec, _), dec_norm = self.compute_weights()
+        scores = getattr(self, "_scores", None)
+        if scores is not None and scores.pre is not None and x_n.device.type == "cpu":
+            self._scores = None
+            ids = dead.nonzero().squeeze(1)
+            if ids.numel() == 0:
+                return torch.zeros((), device=residual.device)
+            acts = select_dense(scores, ids, self.cfg.k_aux)
+            e_hat = subset_decode(acts, sae.W_dec, ids, compute=W_dec).float()
+            return _normalised_sq_error(e_hat, residual, den, self.cfg.loss)
+        if scores is not None and scores.pre is not None:
+            v, i = scores.select(self.cfg.k_aux, allowed=dead)
+        else:
+            dead_bias = torch.where(dead, 0.0, _DEAD_BIAS).to(b_enc.dtype)
+            v, i = encode_for_training(x_n, sae.W_enc, sae.b_enc, self.cfg.k_aux, dec_norm,
+                                       compute=(W_enc, b_enc + dead_bias))
+        self._scores = None
+        e_hat = decode_for_training(v, i, sae.W_dec, None, compute=W_dec).float()
+        return _normalised_sq_error(e_hat, residual, den, self.cfg.loss) * dead.any()
 
     def __call__(self, x: Tensor, y: Optional[Tensor], t: int) -> Dict[str, Tensor]:
         c, sae = self.cfg, self.sae
@@ -248,30 +293,32 @@ class SAEStep:
             self.init_from_data(x_n, y_n)
         if c.recentre_dead and t > 0:
             self.recentre_unreachable(x_n)
-        dead = self.since_fired >= c.dead_window_tokens
-        aux_sel = None
-        if c.auxk:
-            values, indices, x_hat, aux_sel = self.encode_decode_auxk(x_n, k, dead)
-        else:
-            values, indices, x_hat = self.encode_decode(x_n, k)
+        values, indices, x_hat = self.encode_decode(x_n, k)
         x_hat = x_hat.float()
         mean = self.comm.batch_mean(y_n)
         loss = (llama_scope_loss(x_hat, y_n, mean) if c.loss == "llama_scope"
                 else fvu_loss(x_hat, y_n, mean, self.comm.data_mean))
         total = loss
         aux = None
+        dead = self.since_fired >= c.dead_window_tokens
         if c.auxk:
-            aux = self.auxk_loss(x_n, (y_n - x_hat).detach(), dead, aux_sel, self.loss_denominator(y_n, mean))
+            aux = self.auxk_loss(x_n, (y_n - x_hat).detach(), dead, self.loss_denominator(y_n, mean))
             total = loss + c.auxk_coef * aux
         total.backward()
+        self._scores = None
         self.comm.all_reduce_grads(self.params)
+        scale = None
         if c.clip_grad_norm > 0:
             norm = self.comm.grad_norm(self.params)
             scale = (c.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(scale.to(p.grad.dtype))
-        self.opt.step()
+        if isinstance(self.opt, SAEAdam):
+            self.opt.step(grad_scale=scale)  # the clip factor is applied inside the fused update
+        else:
+            if scale is not None:
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(scale.to(p.grad.dtype))
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             fired = values > 0
@@ -296,15 +343,14 @@ class SAEStep:
     @torch.no_grad()
     def init_from_data(self, x_n: Tensor, y_n: Tensor) -> None:
         """Data-dependent biases (``StepConfig.data_init``; the step calls it at ``t == 0``): ``b_dec``
-        = ``b_dec_init`` x the batch mean of the normalised targets, ``b_enc = -W_enc @ mean(x_n)``. Every latent's
-        pre-activation is then centred on the data: none starts negative on nearly every token
-        because its random encoder row points away from the inputs' mean, and the decoder does
-        not have to spend latents on the mean while ``b_dec`` learns it (Adam moves a bias by
-        about ``lr`` per step). At init this is what subtracting ``b_dec`` before the encoder
-        (sparsify) gives, without changing the architecture or the checkpoint format. The means
-        are over the global batch (``Collectives.batch_mean``), so every layout sets the same biases.
-        ``b_dec_init < 1`` leaves part of the mean to the latents: at layer 12 of the embedded model the
-        latents that carry it are also what reconstructs the rare massive-activation tokens (README)."""
+        = ``b_dec_init`` x the batch mean of the normalised targets, ``b_enc = -W_enc @ mean(x_n)``.
+        Every latent's pre-activation is then centred on the data: none starts negative on nearly every
+        token because its random encoder row points away from the inputs' mean, and the latents do not
+        all have to carry the mean while ``b_dec`` learns it (Adam moves a bias by about ``lr`` per
+        step). Architecture and checkpoint format are unchanged. The means are over the global batch
+        (``Collectives.batch_mean``), so every layout sets the same biases. ``b_dec_init < 1`` leaves
+        part of the mean to the latents: at layer 12 of the embedded model the latents that carry it
+        are also what reconstructs the rare massive-activation tokens (README, 'Dead latents')."""
         sae = self.sae
         mx = self.comm.batch_mean(x_n.float())[0]
         my = self.comm.batch_mean(y_n.float())[0]
@@ -353,18 +399,9 @@ class SAEStep:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace`` (see
+    ``trainer.checkpoint.save_state``: the umask's permissions; a failed write raises OSError naming ``path``)."""
+    save_state(obj, path)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -388,27 +425,82 @@ class StopTraining(Exception):
 # ----------------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class Member:
+    """One SAE of a run (a suite of one or many): its name, output folder, step and the columns of the
+    buffer it reads (``block_in``; ``block_out`` for targets, None when the targets are the inputs).
+    ``extra_state``: JSON-able facts stored in its checkpoints (the dataset norms)."""
+
+    name: str
+    run_dir: Path
+    step: SAEStep
+    block_in: int = 0
+    block_out: Optional[int] = None
+    extra_state: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.sums: Dict[str, Tensor] = {}  # metrics summed since the last log line
+        self.n_acc = 0
+        self.last: Dict[str, Any] = {}  # the last metrics.jsonl record
+        self.step_seconds = 0.0  # time in this member's steps (without device syncs: launch time on GPUs)
+
+    @property
+    def comm(self) -> Collectives:
+        return self.step.comm
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def state_path(self, step: int) -> Path:
+        return self.run_dir / "resume" / f"step{step}.pt"
+
+    def full_state(self) -> Tuple[Optional[Dict[str, Tensor]], Optional[Dict[str, Any]]]:
+        """SAE and Adam state dicts in single-process shapes (on the member's main rank)."""
+        if hasattr(self.step, "full_state"):  # sharded: gathered
+            return self.step.full_state()
+        return {k: v.detach().cpu() for k, v in self.step.sae.state_dict().items()}, self.step.opt.state_dict()
+
+    def load_full_state(self, sae_sd: Dict[str, Tensor], opt_sd: Dict[str, Any]) -> None:
+        if hasattr(self.step, "load_full_state"):  # re-shards to this run's tp
+            self.step.load_full_state(sae_sd, opt_sd)
+        else:
+            sae = self.step.sae
+            sae.load_state_dict({k: v.to(sae.W_enc.device) for k, v in sae_sd.items()})
+            self.step.opt.load_state_dict(opt_sd)
+
+
 class Trainer:
-    """Runs ``SAEStep`` over a batch source with logging, progress and resumable checkpoints.
+    """Runs the members' steps over one batch source, with logging, progress and resumable checkpoints.
+
+    Every step takes the next global batch (``batches.next_batch(exchange)``: ``{block: rows}`` of this
+    rank's share) and steps each member of this rank on its columns, in a fixed order. Each member
+    logs its own ``metrics.jsonl``; a checkpoint holds the buffer once and every member's state.
 
     Args:
-        step: the ``SAEStep`` (holds the SAE and the optimiser).
-        batches: object with ``next_batch() -> (x, y)`` (``ActivationBuffer``); its
-            ``state_dict``/``load_state_dict`` go into checkpoints when present.
-        total_steps, batch_size: the run's length. run_dir: where metrics.jsonl and the resume
-            state go. extra_state: JSON-able facts stored in checkpoints (config, norms).
+        members: the members trained on this rank (a rank may train none: it still produces rows).
+        batches: ``ActivationBuffer`` (``next_batch``, ``state_dict``, ``load_state_dict``).
+        total_steps, batch_size: the run's length (global tokens per step). output: the run's output
+            folder (``resume/`` goes there). exchange: moves a step's rows to the ranks that train on
+            them (``trainer.parallel.RowExchange``). ctx: the job's ``ParallelContext`` (default: one
+            process). member_dirs: every member's folder, on every rank (checkpoint clean-up).
+            extra_state: JSON-able facts stored in ``resume/state.pt`` (the members' dataset norms).
     """
 
-    STATE_FILE = "resume/state.pt"
+    STATE_FILE = "resume/state.pt"  # under the output folder: the step, the buffer, the members
 
     def __init__(
         self,
-        step: SAEStep,
+        members: List[Member],
         batches,
         *,
         total_steps: int,
         batch_size: int,
-        run_dir: Path,
+        output: Path,
+        exchange: Optional[Callable] = None,
+        ctx=None,
+        member_dirs: Optional[Dict[str, Path]] = None,
         log_every: int = 100,
         checkpoint_every: int = 0,
         stop_after_steps: Optional[int] = None,
@@ -416,135 +508,231 @@ class Trainer:
         extra_state: Optional[Dict[str, Any]] = None,
         log: Callable[[str], None] = print,
     ) -> None:
-        self.step_fn, self.batches = step, batches
+        from .parallel import ParallelContext
+
+        self.members, self.batches, self.exchange = list(members), batches, exchange
+        self.ctx = ctx if ctx is not None else ParallelContext()
         self.total_steps, self.batch_size = total_steps, batch_size
-        self.run_dir = Path(run_dir)
+        self.output = Path(output)
+        self.member_dirs = dict(member_dirs) if member_dirs is not None else {m.name: m.run_dir for m in members}
         self.log_every, self.checkpoint_every = max(1, log_every), checkpoint_every
         self.stop_after_steps = stop_after_steps
-        self.progress = progress and step.comm.is_main
+        self.progress = progress and self.ctx.is_main
         self.extra_state = dict(extra_state or {})
         self.log = log
         self.t = 0  # steps done
-        self.metrics_path = self.run_dir / "metrics.jsonl"
         self.elapsed = 0.0  # training seconds before this process (resume)
-        self._sums: Dict[str, Tensor] = {}  # metrics summed since the last log line
-        self._n_acc = 0
+        self.wait_seconds = 0.0  # time in next_batch: waiting for rows (LM) and moving them
+        self.last_checkpoint: Optional[int] = None  # the step of the last complete checkpoint
 
-    # -- checkpoints
     @property
     def state_path(self) -> Path:
-        return self.run_dir / self.STATE_FILE
+        return self.output / self.STATE_FILE
 
+    # -- checkpoints
     def save_checkpoint(self) -> None:
-        step, comm = self.step_fn, self.step_fn.comm
-        if hasattr(step, "full_state"):  # sharded: single-process shapes, gathered on rank 0
-            sae_sd, opt_sd = step.full_state()
-        else:
-            sae_sd = {k: v.detach().cpu() for k, v in step.sae.state_dict().items()}
-            opt_sd = step.opt.state_dict()
-        buffer = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
-        if comm.world_size > 1:
-            # every rank has its own buffer and data position: one file per rank, before state.pt
-            atomic_torch_save({"buffer": buffer, "rng": rng_state()}, self.run_dir / f"resume/rank{comm.rank}.pt")
-            buffer = None
-            comm.barrier()
-        if comm.is_main:
-            state = {
-                "version": 1,
-                "step": self.t,
-                "elapsed": self.elapsed + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
-                "sae_cfg": step.sae.cfg.to_dict(),
-                "sae": sae_sd,
-                "optimizer": opt_sd,
-                "step_state": step.state_dict(),
-                "buffer": buffer,
-                "rng": rng_state(),
-                "world_size": comm.world_size,
-                "extra": self.extra_state,
-                "metric_sums": ({k: v.detach().cpu() for k, v in self._sums.items()}, self._n_acc),
-            }
-            atomic_torch_save(state, self.state_path)
-        comm.barrier()
+        """``resume/state.pt`` (the step, the buffer's global state), one buffer shard per rank and each
+        member's ``<member>/resume/step{t}.pt``; state.pt is replaced last, so a kill at any moment
+        leaves the previous checkpoint complete. A write that fails (disk full, quota, I/O error) on any
+        rank removes this step's files and ends the run on every rank with ``CheckpointWriteError``: one
+        line naming the file and the errno; the previous checkpoint is left as it was."""
+        from sae_kernels.formats import atomic_save_safetensors
 
-    def load_checkpoint(self, state: Dict[str, Any]) -> None:
-        """Restore everything from ``state`` (``torch.load`` of ``state_path``) before ``fit``."""
-        step, comm = self.step_fn, self.step_fn.comm
-        if hasattr(step, "load_full_state"):  # re-shards to this run's tp
-            step.load_full_state(state["sae"], state["optimizer"])
-        else:
-            sae = step.sae
-            sae.load_state_dict({k: v.to(sae.W_enc.device) for k, v in state["sae"].items()})
-            step.opt.load_state_dict(state["optimizer"])
-        step.load_state_dict(state["step_state"])
-        rank_file = self.run_dir / f"resume/rank{comm.rank}.pt"
-        if comm.world_size > 1 or state.get("buffer") is None:
-            same = int(state.get("world_size", 1)) == comm.world_size and rank_file.is_file()
-            own = torch.load(rank_file, map_location="cpu", weights_only=False) if same else None
-            if own is None:
-                self.log(f"rank {comm.rank}: no buffer state for this world size; the data stream restarts")
-            elif own["buffer"] is not None:
-                self.batches.load_state_dict(own["buffer"])
-            set_rng_state(own["rng"] if own is not None else state["rng"])
-        else:
-            if state.get("buffer") is not None:
-                self.batches.load_state_dict(state["buffer"])
-            set_rng_state(state["rng"])
-        self.t = int(state["step"])
+        ctx, t = self.ctx, self.t
+        failed: List[OSError] = []
+        written: List[Path] = []
+
+        def write(fn, path: Path) -> None:
+            if failed:
+                return  # keep taking part in the collectives, write nothing more
+            try:
+                fn(path)
+                written.append(path)
+            except OSError as e:
+                failed.append(e)
+
+        meta, shard = self.batches.state_dict()
+        shard_name = f"buffer-step{t}-rank{ctx.rank}-of{ctx.world_size}.safetensors"
+        write(lambda p: atomic_save_safetensors(p, shard), self.output / "resume" / shard_name)
+        for m in self.members:
+            sae_sd, opt_sd = m.full_state()
+            sums = {k: m.comm.metric(v).detach().cpu() for k, v in m.sums.items()}  # global means
+            if m.comm.is_main:
+                write(lambda p: save_state({
+                    "version": 2, "step": t, "name": m.name, "sae_cfg": m.step.sae.cfg.to_dict(), "sae": sae_sd,
+                    "optimizer": opt_sd, "step_state": m.step.state_dict(), "metric_sums": [sums, m.n_acc],
+                    "extra": m.extra_state,
+                }, p), m.state_path(t))
+        self._agree_written(failed, written)  # (the barrier before state.pt)
+        if ctx.is_main:
+            shards = [f"buffer-step{t}-rank{r}-of{ctx.world_size}.safetensors" for r in range(ctx.world_size)]
+            write(lambda p: save_state({
+                "version": 2, "step": t, "elapsed": self.elapsed + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
+                "members": sorted(self.member_dirs), "buffer": meta, "shards": shards,
+                "world_size": ctx.world_size, "tp": ctx.tp, "rng": rng_state(), "extra": self.extra_state,
+            }, p), self.state_path)
+        if ctx.is_main and not failed:
+            for f in self.state_path.parent.glob("buffer-*.safetensors"):
+                if f.name not in shards:
+                    f.unlink()
+            for d in self.member_dirs.values():
+                for f in (Path(d) / "resume").glob("step*.pt"):
+                    if f.name != f"step{t}.pt":
+                        f.unlink()
+        self._agree_written(failed, written)  # (the barrier after)
+        self.last_checkpoint = t
+
+    def _agree_written(self, failed: List[OSError], written: List[Path]) -> None:
+        """All ranks learn whether any rank failed to write its part; if one did, each removes what it
+        wrote of this step and raises (the failing rank with its error, the others naming that rank)."""
+        ctx = self.ctx
+        flag = torch.tensor([ctx.rank + 1 if failed else 0], dtype=torch.int64, device=ctx.device)
+        bad = int(ctx.world_all_reduce(flag, op="max").item()) if ctx.distributed else int(flag.item())
+        if not bad:
+            return
+        for p in written:
+            if p != self.state_path:
+                p.unlink(missing_ok=True)
+        what = f"could not write {describe_os_error(failed[0])}" if failed else f"rank {bad - 1} could not write its part"
+        err = failed[0].errno if failed else None
+        raise CheckpointWriteError(f"checkpoint at step {self.t}: {what}; {self._intact()}", err)
+
+    def _intact(self) -> str:
+        prev = self.last_checkpoint
+        if prev is None:
+            return "there is no earlier checkpoint of this run"
+        return (f"the previous checkpoint (step {prev}, {self.state_path}) is intact: free space and continue with "
+                "--resume")
+
+    def load_checkpoint(self, state: Optional[Dict[str, Any]] = None) -> None:
+        """Restore everything from ``resume/state.pt`` (written by any layout) before ``fit``."""
+        if state is None:
+            state = load_state(self.state_path)
+        t = int(state["step"])
+        if sorted(state["members"]) != sorted(self.member_dirs):
+            raise ValueError(f"--resume: the checkpoint trains {state['members']}, this run {sorted(self.member_dirs)}")
+        for m in self.members:
+            ms = load_state(m.state_path(t))
+            m.load_full_state(ms["sae"], ms["optimizer"])
+            m.step.load_state_dict(ms["step_state"])
+            sums, n_acc = ms["metric_sums"]
+            dev = m.step.sae.W_enc.device
+            m.sums, m.n_acc = {k: v.to(dev) for k, v in sums.items()}, int(n_acc)
+            # metrics.jsonl: keep the lines up to the checkpoint, drop what the killed run wrote after it
+            if m.comm.is_main:
+                truncate_metrics(m.metrics_path, t)
+        self.batches.load_state_dict(state["buffer"], _shard_reader(self.state_path.parent, state["shards"]))
+        set_rng_state(state["rng"])
+        self.t = t
+        self.last_checkpoint = t
         self.elapsed = float(state.get("elapsed", 0.0))
-        sums, n_acc = state.get("metric_sums", ({}, 0))
-        dev = step.sae.W_enc.device
-        self._sums, self._n_acc = {k: v.to(dev) for k, v in sums.items()}, n_acc
-        # metrics.jsonl: keep the lines up to the checkpoint, drop what the killed run wrote after it
-        if comm.is_main and self.metrics_path.exists():
-            keep = [ln for ln in self.metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= self.t]
-            self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
 
     # -- the loop
-    def fit(self) -> Dict[str, float]:
+    def fit(self) -> Dict[str, Dict[str, Any]]:
+        """Train to ``total_steps``; returns each member's last metrics record."""
         from tqdm.auto import tqdm
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         total_tokens = self.total_steps * self.batch_size
         bar = tqdm(total=total_tokens, initial=self.t * self.batch_size, unit="tok", unit_scale=True,
                    dynamic_ncols=True, disable=not self.progress, desc="train", smoothing=0.1)
-        last: Dict[str, float] = {}
         self._t0 = time.perf_counter()
-        t_log, tok_log = self._t0, 0
-        mf = open(self.metrics_path, "a") if self.step_fn.comm.is_main else None
+        t_log, steps_log = self._t0, 0
+        files = {}
+        stop = StopSignals(self.ctx).__enter__()  # SIGTERM / Ctrl-C: checkpoint, then Interrupted
+        for m in self.members:
+            if m.comm.is_main:
+                m.run_dir.mkdir(parents=True, exist_ok=True)
+                files[m.name] = open(m.metrics_path, "a")
         try:
             while self.t < self.total_steps:
-                x, y = self.batches.next_batch()
-                m = self.step_fn(x, y, self.t)
-                for key, v in m.items():
-                    self._sums[key] = self._sums[key] + v if key in self._sums else v.clone()
-                self._n_acc += 1
+                t_wait = time.perf_counter()
+                rows = self.batches.next_batch(self.exchange)
+                self.wait_seconds += time.perf_counter() - t_wait
+                for m in self.members:
+                    x = rows[m.block_in]
+                    y = rows[m.block_out] if m.block_out is not None else None
+                    t_step = time.perf_counter()
+                    out = m.step(x, y, self.t)
+                    m.step_seconds += time.perf_counter() - t_step
+                    for key, v in out.items():
+                        m.sums[key] = m.sums[key] + v if key in m.sums else v.clone()
+                    m.n_acc += 1
                 self.t += 1
+                steps_log += 1
                 bar.update(self.batch_size)
-                tok_log += x.shape[0]
                 if self.t % self.log_every == 0 or self.t == self.total_steps:
-                    vals = {key: float(self.step_fn.comm.metric(v / self._n_acc))  # host sync
-                            for key, v in self._sums.items()}
                     now = time.perf_counter()
-                    rec = {"step": self.t, "tokens": self.t * self.batch_size, **vals,
-                           "k": self.step_fn.k_at(self.t - 1), "lr": self.step_fn.lr_at(self.t - 1),
-                           "tokens_per_s": tok_log * self.step_fn.comm.world_size / max(now - t_log, 1e-9)}
-                    last = rec
-                    if mf is not None:
-                        mf.write(json.dumps(rec) + "\n")
-                        mf.flush()
-                    bar.set_postfix(loss=f"{rec['loss']:.4g}", ev=f"{rec['explained_variance']:.3f}",
-                                    l0=f"{rec['l0']:.1f}", k=rec["k"], tok_s=f"{rec['tokens_per_s']:.0f}")
-                    self._sums, self._n_acc, t_log, tok_log = {}, 0, now, 0
+                    for m in self.members:
+                        vals = {key: float(m.comm.metric(v / m.n_acc)) for key, v in m.sums.items()}  # host sync
+                        rec = {"step": self.t, "tokens": self.t * self.batch_size, **vals,
+                               "k": m.step.k_at(self.t - 1), "lr": m.step.lr_at(self.t - 1),
+                               "tokens_per_s": steps_log * self.batch_size / max(now - t_log, 1e-9)}
+                        m.last = rec
+                        if m.name in files:
+                            try:
+                                files[m.name].write(json.dumps(rec) + "\n")
+                                files[m.name].flush()
+                            except OSError as e:  # disk full: one line, not a traceback
+                                e.filename = e.filename or str(m.metrics_path)
+                                raise CheckpointWriteError(f"step {self.t}: could not write {describe_os_error(e)}; "
+                                                           f"{self._intact()}", e.errno) from None
+                        m.sums, m.n_acc = {}, 0
+                    if self.members:
+                        rec = self.members[0].last
+                        bar.set_postfix(loss=f"{rec['loss']:.4g}", ev=f"{rec['explained_variance']:.3f}",
+                                        l0=f"{rec['l0']:.1f}", k=rec["k"], tok_s=f"{rec['tokens_per_s']:.0f}")
+                    t_log, steps_log = now, 0
                 if self.checkpoint_every and self.t % self.checkpoint_every == 0 and self.t < self.total_steps:
                     self.save_checkpoint()
                 if self.stop_after_steps is not None and self.t >= self.stop_after_steps and self.t < self.total_steps:
                     if not (self.checkpoint_every and self.t % self.checkpoint_every == 0):
                         self.save_checkpoint()
                     raise StopTraining(f"stopped after {self.t} steps (--stop-after-steps); continue with --resume")
+                signum = stop.poll()  # every step on every rank (under torchrun: the job's agreed answer)
+                if signum is not None and self.t < self.total_steps:
+                    self._interrupt(signum, stop)
         finally:
             bar.close()
-            if mf is not None:
-                mf.close()
+            for f in files.values():
+                f.close()
+            stop.__exit__(*sys.exc_info())
         self.elapsed += time.perf_counter() - self._t0
-        return last
+        return {m.name: m.last for m in self.members}
+
+
+    def _interrupt(self, signum: int, stop: StopSignals) -> None:
+        """A final checkpoint (when checkpointing is on and this step has none yet), then ``Interrupted``."""
+        stop.consume()
+        name = SIGNAL_NAMES.get(signum, f"signal {signum}")
+        where = f"stopped by {name} after step {self.t} of {self.total_steps}"
+        if not self.checkpoint_every:
+            raise Interrupted(f"{where}; checkpointing is off (--checkpoint-every 0), so the run cannot be "
+                              "resumed", signum)
+        if self.last_checkpoint != self.t:
+            self.save_checkpoint()
+        raise Interrupted(f"{where}: checkpoint written ({self.state_path}); continue with the same command "
+                          "and --resume", signum)
+
+
+def _shard_reader(folder: Path, shards: List[str]) -> Callable[[Tensor], Tensor]:
+    """``read_rows(slots)`` over the buffer shards of a checkpoint: the rows of the sorted global
+    ``slots``, each shard read only where it holds them (safetensors slices)."""
+    from safetensors import safe_open
+
+    def read_rows(slots: Tensor) -> Tensor:
+        pieces_s, pieces_r = [], []
+        for name in shards:
+            with safe_open(str(folder / name), framework="pt", device="cpu") as f:
+                have = f.get_tensor("slots")
+                lo = int(torch.searchsorted(have, slots[0]))
+                hi = int(torch.searchsorted(have, slots[-1], right=True))
+                if hi > lo:
+                    pieces_s.append(have[lo:hi])
+                    pieces_r.append(f.get_slice("rows")[lo:hi])
+        got = torch.cat(pieces_s) if pieces_s else torch.empty(0, dtype=torch.int64)
+        order = got.argsort()
+        if not torch.equal(got[order], slots):
+            raise ValueError(f"checkpoint {folder}: the buffer shards do not hold the rows of {slots.numel()} slots")
+        return torch.cat(pieces_r)[order]
+
+    return read_rows

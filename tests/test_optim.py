@@ -1,0 +1,160 @@
+"""SAEAdam (sae_kernels.optim) and the training step built on it, on both backends.
+
+The Triton path (fused Adam kernel, two-pass encode, latent-block backward) runs in the interpreter on
+CPU; the PyTorch path is torch's foreach Adam. Shapes are small and odd.
+"""
+import pytest
+import torch
+
+from helpers import BACKENDS, DEVICE
+from sae_kernels import SAEConfig, TopKSAE
+from sae_kernels.optim import SAEAdam
+from trainer.train import SAEStep, StepConfig, make_optimizer
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(13, 37, generator=g).to(DEVICE).requires_grad_(),
+            torch.randn(1000, generator=g).to(DEVICE).requires_grad_()]
+
+
+def _grads(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_saeadam_equals_torch_adam_with_scaled_gradients(backend):
+    """grad_scale multiplies the gradients inside the update: the same as torch's Adam on gradients
+    multiplied beforehand (bitwise on the PyTorch path, fp32 rounding on the fused kernel)."""
+    a, b = _params(), _params()
+    opt_a = SAEAdam(a, lr=1e-2, betas=(0.9, 0.9999))
+    opt_b = torch.optim.Adam(b, lr=1e-2, betas=(0.9, 0.9999), foreach=True)
+    for t in range(3):
+        _grads(a, t)
+        _grads(b, t)
+        scale = torch.tensor(0.3 if t else 1.0, device=DEVICE)
+        for p in b:
+            p.grad.mul_(scale)
+        opt_a.step(grad_scale=scale)
+        opt_b.step()
+    tol = 0.0 if backend == "torch" else 2e-6
+    for pa, pb in zip(a, b):
+        assert (pa.detach() - pb.detach()).abs().max() <= tol
+    for sa, sb in zip(opt_a.state.values(), opt_b.state.values()):
+        assert float(sa["step"]) == float(sb["step"]) == 3.0
+        assert (sa["exp_avg"] - sb["exp_avg"]).abs().max() <= tol
+    # the state layout is torch's: each optimizer loads the other's state dict
+    opt_b.load_state_dict(opt_a.state_dict())
+    opt_a.load_state_dict(opt_b.state_dict())
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_tracked_copies_and_norms_follow_the_parameter(backend):
+    """The bf16 copy and the row norms are rewritten by the step, and recomputed when the parameter
+    changes outside it (version counter): never stale."""
+    W, b = _params(1)
+    opt = SAEAdam([W, b], lr=1e-2, betas=(0.9, 0.9999))
+    opt.track(W, copy_dtype=torch.bfloat16, row_norms=True)
+
+    def check():
+        copy, norms = opt.compute_copy(W), opt.row_norms(W)
+        assert copy.dtype == torch.bfloat16
+        err = (copy.double() - W.detach().double()).abs()
+        assert bool((err <= 2.0 ** -7 * W.detach().double().abs() + 1e-30).all())
+        want = W.detach().double().norm(dim=1)
+        assert bool(((norms.double() - want).abs() <= 1e-6 * want).all())
+
+    check()
+    _grads([W, b], 5)
+    opt.step(grad_scale=torch.tensor(0.5, device=DEVICE))
+    check()
+    with torch.no_grad():
+        W.mul_(3.0)  # outside the optimizer
+    check()
+    with pytest.raises(ValueError, match="not one this optimizer updates"):
+        opt.track(torch.zeros(3, requires_grad=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_bf16_moments_option(backend):
+    a = _params(2)
+    opt = SAEAdam(a, lr=1e-2, betas=(0.9, 0.9999), moments_dtype=torch.bfloat16)
+    ref = _params(2)
+    opt_ref = torch.optim.Adam(ref, lr=1e-2, betas=(0.9, 0.9999))
+    for t in range(3):
+        _grads(a, t)
+        _grads(ref, t)
+        opt.step()
+        opt_ref.step()
+    st = opt.state[a[0]]
+    assert st["exp_avg"].dtype == torch.bfloat16 and st["exp_avg_sq"].dtype == torch.bfloat16
+    for p, q in zip(a, ref):  # bf16 moments: the update direction agrees to bf16 precision
+        assert (p.detach() - q.detach()).abs().max() <= 3e-2 * 1e-2 * 3
+    sd = opt_ref.state_dict()  # an fp32 checkpoint: moments come back in bf16
+    opt.load_state_dict(sd)
+    _grads(a, 9)
+    opt.step()
+    assert opt.state[a[0]]["exp_avg"].dtype == torch.bfloat16
+
+
+def _step(compute_dtype=None, auxk=False, seed=0):
+    torch.manual_seed(seed)
+    sae = TopKSAE(SAEConfig(40, 130, k=5), device=DEVICE)
+    opt = make_optimizer(sae, 1e-3, (0.9, 0.9999))
+    sc = StepConfig(k=5, k_start=9, total_steps=20, anneal_steps=2, warmup_steps=2, decay_fraction=0.2,
+                    lr=1e-3, clip_grad_norm=1e-3, auxk=auxk, k_aux=16, dead_window_tokens=1,
+                    compute_dtype=compute_dtype)
+    return SAEStep(sae, opt, sc)
+
+
+def test_training_step_on_triton_equals_the_pytorch_path(monkeypatch):
+    """Three steps of the trainer's SAEStep (K-annealing, clipping folded into the fused Adam, AuxK
+    from the kept pre-activations) on the Triton path in the interpreter end where the PyTorch path
+    does, in fp32."""
+    import os
+
+    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter on CPU")
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(23, 40, generator=g).to(DEVICE) for _ in range(3)]
+    out = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("SAE_KERNELS_BACKEND", backend)
+        st = _step(auxk=True)
+        metrics = [st(x, None, t) for t, x in enumerate(xs)]
+        out[backend] = (st, metrics)
+    (a, ma), (b, mb) = out["torch"], out["triton"]
+    for key in ("loss", "l0", "auxk_loss"):
+        for t in range(3):
+            assert abs(float(ma[t][key]) - float(mb[t][key])) <= 1e-5 * max(1.0, abs(float(ma[t][key]))), (key, t)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        d = (getattr(a.sae, name) - getattr(b.sae, name)).abs().max()
+        assert d <= 1e-6, f"{name}: {d:.3g}"  # lr 1e-3: a wrong update would differ by ~1e-3
+    assert torch.equal(a.since_fired, b.since_fired)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_bf16_step_reads_copies_that_the_optimizer_keeps(backend):
+    """With bf16 compute the step reads SAEAdam's copies (no cast per step) and fp32 decoder norms of
+    the masters; the masters' gradients are fp32; after the step the copies match the new masters."""
+    st = _step(compute_dtype=torch.bfloat16)
+    x = torch.randn(17, 40, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    st(x, None, 0)
+    (We, be, Wd, bd), norms = st.compute_weights()
+    assert We.dtype == torch.bfloat16 and We is st.opt.compute_copy(st.sae.W_enc)
+    err = (We.double() - st.sae.W_enc.detach().double()).abs()
+    assert bool((err <= 2.0 ** -7 * st.sae.W_enc.detach().double().abs() + 1e-30).all())
+    want = st.sae.W_dec.detach().double().norm(dim=1)
+    assert norms.dtype == torch.float32 and bool(((norms.double() - want).abs() <= 1e-6 * want).all())
+    seen = {}
+    real = st.opt.step
+
+    def spy(*a, **k):
+        seen["dtypes"] = {p.grad.dtype for p in st.params}
+        return real(*a, **k)
+
+    st.opt.step = spy
+    st(x, None, 1)
+    assert seen["dtypes"] == {torch.float32}

@@ -1,0 +1,152 @@
+"""Suites (SPEC.md sec. 10): many SAEs from one LM pass, each member exactly the SAE trained alone.
+
+On a tiny random Llama: a suite of L1R, L2R and L2TC at two widths (six members, four hook points)
+equals, member by member and bitwise, the six SAEs trained alone with the same flags and seed; a suite
+stopped mid-way and resumed equals the uninterrupted suite; bad specs are refused before the model
+loads, naming the flag and the item; a buffer that cannot fit is refused with its size. The 2-rank
+suite is in test_trainer_layouts.py.
+"""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.config import TrainConfig
+from trainer.run import main, run
+from trainer.testing import tiny_llama_folder
+from trainer.train import Trainer
+
+SUITE = dict(hookpoints="L1R,L2R,L2TC", expansion="4,8")
+NAMES = ["L1R-4x", "L1R-8x", "L2R-4x", "L2R-8x", "L2TC-4x", "L2TC-8x"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("suite")
+    return tiny_llama_folder(str(root / "model"), layers=3), root
+
+
+def cfg(tiny, out, **kw):
+    model, root = tiny
+    base = dict(model=model, k=8, context_len=64, lm_batch_size=4, tokens=4096, batch_size=256, buffer_tokens=1024,
+                eval_tokens=256, eval_lm_tokens=128, progress=False, export_dtype="float32", log_every=4,
+                checkpoint_every=5, output=str(root / out))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+quiet = lambda s: None  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def suite(tiny):
+    logs = []
+    res = run(cfg(tiny, "suite", **SUITE), log=logs.append)
+    return res, "\n".join(logs)
+
+
+def metrics_lines(run_dir):
+    return [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"}
+            for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_every_member_equals_its_run_alone(tiny, suite):
+    res, _ = suite
+    root = tiny[1]
+    assert list(res["members"]) == NAMES
+    assert res["suite"]["hook_points"] == ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post",
+                                           "blocks.2.ln2.hook_normalized", "blocks.2.hook_mlp_out"]
+    clean = {r["ce_clean"] for r in res["members"].values()}
+    assert len(clean) == 1  # one clean LM pass serves every member
+    for name in NAMES:
+        layer, pos, exp = int(name[1]), name[2:name.index("-")], int(name.split("-")[1][:-1])
+        alone = run(cfg(tiny, f"alone-{name}", layer=layer, position=pos, expansion=exp), log=quiet)["members"][name]
+        mine, theirs = root / "suite" / name, root / f"alone-{name}" / name
+        a, b = load_file(str(mine / "checkpoints/final.safetensors")), load_file(str(theirs / "checkpoints/final.safetensors"))
+        for key in b:
+            assert torch.equal(a[key], b[key]), f"{name} {key}: max diff {(a[key] - b[key]).abs().max():.3g}"
+        # the member's folder is what a run alone writes
+        for f in ("train_config.json", "hyperparams.json", "lm_config.json"):
+            ours, alone_json = (json.loads((d / f).read_text()) for d in (mine, theirs))
+            if f == "train_config.json":  # the same flags, but for where the run writes
+                assert (ours.pop("output"), alone_json.pop("output")) == (str(root / "suite"), str(root / f"alone-{name}"))
+            assert ours == alone_json, f"{name} {f}"
+        assert metrics_lines(mine) == metrics_lines(theirs)
+        got = res["members"][name]
+        for key in ("explained_variance", "explained_variance_per_token", "l0", "dead_latents_eval",
+                    "dead_latents_train", "delta_lm_loss", "ce_score", "ce_zero_ablation"):
+            assert got[key] == alone[key], (name, key)
+        assert got["lm_tokens"] == alone["lm_tokens"]  # the LM ran once per context, as for one SAE
+        assert not (mine / "resume").exists()
+
+
+def test_suite_outputs(tiny, suite):
+    res, log = suite
+    out = tiny[1] / "suite"
+    data = json.loads((out / "suite.json").read_text())
+    assert [m["name"] for m in data["members"]] == NAMES
+    for m in data["members"]:
+        assert m["folder"] == str(out / m["name"]) and m["l0"] == 8
+        assert {"explained_variance", "delta_lm_loss", "ce_score", "dead_latents_eval"} <= set(m)
+    assert set(data["seconds"]) >= {"load_model", "train", "lm_forward", "sae_steps", "eval", "total"}
+    rows = list(csv.DictReader((out / "suite.csv").read_text().splitlines()))
+    assert [r["name"] for r in rows] == NAMES
+    table = (out / "suite.md").read_text()
+    assert table.startswith("| member | EV | L0 | delta LM loss | CE score |") and all(n in table for n in NAMES)
+    assert table.strip() in log  # the CLI prints it
+    assert (out / "suite.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "resume").exists()
+
+
+def test_stopped_suite_resumes_exactly(tiny, suite):
+    root = tiny[1]
+    assert run(cfg(tiny, "cut", **SUITE, stop_after_steps=7), log=quiet) == {"stopped": 7}
+    state = torch.load(root / "cut" / Trainer.STATE_FILE, weights_only=True)
+    assert state["step"] == 7
+    assert sorted(state["members"]) == sorted(NAMES)
+    for name in NAMES:  # one state per member, the buffer once (resume/buffer-*.safetensors)
+        torch.load(root / "cut" / name / "resume" / f"step{state['step']}.pt", weights_only=True)
+    assert len(list((root / "cut" / "resume").glob("buffer-*.safetensors"))) == 1
+    run(cfg(tiny, "cut", **SUITE, resume=True), log=quiet)
+    for name in NAMES:
+        a = load_file(str(root / "suite" / name / "checkpoints/final.safetensors"))
+        b = load_file(str(root / "cut" / name / "checkpoints/final.safetensors"))
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+        assert metrics_lines(root / "suite" / name) == metrics_lines(root / "cut" / name)
+
+
+@pytest.mark.parametrize("argv,flag,item", [
+    (["--hookpoints", "L99R"], "--hookpoints", "L99R"),
+    (["--hookpoints", "L1R,L3X"], "--hookpoints", "L3X"),
+    (["--hookpoints", ""], "--hookpoints", "empty list"),
+    (["--hookpoints", "L1R,L1R"], "--hookpoints", "L1R"),
+    (["--layer", "1", "--hookpoints", "L1R"], "--layer and --hookpoints", "one of them"),
+    (["--layers", "0-5"], "--layers", "0-5"),
+    (["--layers", "2-1"], "--layers", "2-1"),
+    (["--layers", "all", "--positions", "R,X"], "--positions", "X"),
+    (["--positions", ""], "--positions", "empty list"),
+    (["--expansion", "8,0"], "--expansion", "0"),
+])
+def test_bad_specs_are_refused_before_the_model_loads(tiny, argv, flag, item, capsys, monkeypatch):
+    import trainer.run as R
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(R, "load_model", no_load)
+    assert main(["--model", tiny[0], "--output", str(tiny[1] / "bad"), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and flag in err and item in err, err
+
+
+def test_a_buffer_that_does_not_fit_is_refused(tiny, capsys):
+    argv = ["--model", tiny[0], "--layers", "all", "--positions", "R,A,M,TC", "--buffer-tokens", str(10**12),
+            "--output", str(tiny[1] / "huge"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--buffer-tokens" in err and "GiB" in err and "15 hook point column blocks" not in err
+    assert "12 hook point column blocks" in err  # 3 layers x (resid, attn, mlp out, ln2 input): shared columns
