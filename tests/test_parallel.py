@@ -233,12 +233,13 @@ def topk_worker(ctx, out_dir):
 
 def step_config():
     """The trainer's StepConfig for the tiny problem: K-annealing 11 -> 5, warmup, decay, clipping,
-    AuxK with a dead window of two steps (so dead latents exist from step 2 on)."""
+    AuxK with a dead window of two steps (so dead latents exist from step 2 on), the data-dependent
+    biases at step 0 (means over the global batch, b_enc from each shard's rows)."""
     from trainer.train import StepConfig
 
     return StepConfig(k=5, k_start=11, total_steps=STEPS, anneal_steps=3, warmup_steps=2, decay_fraction=0.5,
                       lr=LR, clip_grad_norm=MAX_NORM, loss="llama_scope", auxk=True, auxk_coef=1 / 32,
-                      k_aux=13, dead_window_tokens=2 * BATCH)
+                      k_aux=13, dead_window_tokens=2 * BATCH, data_init=True)
 
 
 def trainer_step_reference():

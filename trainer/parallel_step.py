@@ -33,7 +33,7 @@ from torch import Tensor
 from sae_kernels import TopKSAE
 
 from .parallel import ParallelContext, ShardedTopKSAE, gather_full_state, shard_state
-from .train import _DEAD_BIAS, Collectives, SAEStep, StepConfig
+from .train import _DEAD_BIAS, Collectives, SAEStep, StepConfig, _normalised_sq_error
 
 
 class ParallelCollectives(Collectives):
@@ -94,16 +94,19 @@ class ParallelSAEStep(SAEStep):
         self._selection = (out.values.detach(), out.indices)
         return out.values, out.indices, out.x_hat
 
-    def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor) -> Tensor:
-        """AuxK with the exact global top-``k_aux`` over the dead latents of all shards."""
+    def tokens_per_step(self, x_n: Tensor) -> int:
+        return x_n.shape[0] * self.ctx.dp
+
+    def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor, den: Tensor) -> Tensor:
+        """AuxK with the exact global top-``k_aux`` over the dead latents of all shards: the same
+        loss as the single-process step (its non-dead picks hold 0 and add nothing)."""
         W_enc, b_enc, W_dec, _ = self.weights()
         sae = self.sae
         dead_local = dead[sae.offset: sae.offset + sae.n_local]
         dead_bias = torch.where(dead_local, 0.0, _DEAD_BIAS).to(b_enc.dtype)
         out = self.ctx.sharded_forward(x_n, W_enc, b_enc + dead_bias, W_dec, None, self.cfg.k_aux,
                                        sae.cfg.weighted_topk, d_sae=sae.cfg.d_sae)
-        aux = _fvu(out.x_hat.float(), residual, self.comm)
-        return torch.nan_to_num(aux, 0.0) * dead.any()
+        return _normalised_sq_error(out.x_hat.float(), residual, den, self.cfg.loss) * dead.any()
 
     def __call__(self, x: Tensor, y: Optional[Tensor], t: int) -> Dict[str, Tensor]:
         if not self.ctx.distributed:
@@ -138,12 +141,3 @@ class ParallelSAEStep(SAEStep):
     def full_sae(self) -> Optional[TopKSAE]:
         """The gathered ``TopKSAE`` on global rank 0 (None elsewhere), for export and evaluation."""
         return self.sae.to_full()
-
-
-def _fvu(x_hat: Tensor, y: Tensor, comm) -> Tensor:
-    """FVU over the global batch: ``sum (x_hat - y)^2 / sum (y - mean)^2`` with the numerator of
-    this group and the denominator averaged over data-parallel groups, so that the data-parallel
-    gradient average equals the single-process gradient."""
-    mean = comm.batch_mean(y)
-    den = comm.data_mean((y - mean).pow(2).sum()).clamp_min(1e-12)
-    return (x_hat - y).pow(2).sum() / den

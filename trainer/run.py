@@ -366,6 +366,9 @@ def _run(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSta
                 "total_training_tokens": cfg.total_steps * cfg.batch_size, "context_size": cfg.context_len,
                 "dataset": cfg.dataset, "layer": m.layer, "position": m.position, "loss": cfg.loss,
                 "clip_grad_norm": cfg.clip_grad_norm, "lr_warm_up_steps": cfg.warmup_steps, "auxk": cfg.auxk,
+                "k_aux": mem.step.cfg.k_aux, "auxk_coef": cfg.auxk_coef, "dead_window_tokens": mem.step.cfg.dead_window_tokens,
+                "data_init": cfg.data_init, "b_dec_init_fraction": cfg.b_dec_init_fraction,
+                "recentre_dead": cfg.recentre_dead, "released_recipe": cfg.released_recipe,
                 "dtype": f"torch.{cfg.export_dtype}", "tp_size": ctx.tp, "ddp_size": mem.comm.world_size // ctx.tp,
             }
             sae.to_llama_scope(mem.run_dir, hyperparams=hyper, lm_config=lm.lm_config(), dtype=cfg.export_dtype)

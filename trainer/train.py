@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from sae_kernels import TopKSAE
-from sae_kernels.ops import decode_for_training, encode_for_training
+from sae_kernels.ops import decode_for_training, encode_for_training, select_dense, subset_decode
 from sae_kernels.optim import SAEAdam
 
 from .checkpoint import CheckpointWriteError, describe_os_error, load_state, save_state
@@ -54,6 +54,14 @@ def llama_scope_loss(x_hat: Tensor, y: Tensor, mean: Optional[Tensor] = None) ->
     mean = y.mean(0, keepdim=True) if mean is None else mean
     den = (y - mean).norm(dim=-1, keepdim=True).clamp_min(1e-8)
     return ((x_hat - y).pow(2) / den).mean()
+
+
+def _normalised_sq_error(x_hat: Tensor, target: Tensor, den: Tensor, loss: str) -> Tensor:
+    """The main loss's form for any (prediction, target) pair with given denominators ``den``
+    (``SAEStep.loss_denominator``): ``mean((x_hat - target)^2 / den)`` or ``sum(...) / den``."""
+    if loss == "llama_scope":
+        return ((x_hat - target).pow(2) / den).mean()
+    return (x_hat - target).pow(2).sum() / den
 
 
 def fvu_loss(x_hat: Tensor, y: Tensor, mean: Optional[Tensor] = None, reduce=None) -> Tensor:
@@ -122,6 +130,13 @@ class StepConfig:
     k_aux: int = 256
     dead_window_tokens: int = 10_000_000
     compute_dtype: Optional[torch.dtype] = None  # bf16: cast weights and inputs for the SAE math
+    # At step 0, before the update: b_dec = b_dec_init x mean of the batch's (normalised) targets and
+    # b_enc = -W_enc @ mean of its inputs (``SAEStep.init_from_data``). Off in the released recipe.
+    data_init: bool = False
+    b_dec_init: float = 1.0
+    # Once per dead window, latents dead for two windows whose pre-activation is <= 0 on every token
+    # of the batch (out of AuxK's reach) get b_enc = -W_enc @ mean(x_n) (``SAEStep.recentre_unreachable``).
+    recentre_dead: bool = False
 
     @classmethod
     def from_train_config(cls, c, compute_dtype: Optional[torch.dtype] = None) -> "StepConfig":
@@ -130,7 +145,8 @@ class StepConfig:
             anneal_steps=int(c.k_anneal_fraction * c.total_steps), warmup_steps=c.warmup_steps,
             decay_fraction=c.decay_fraction, lr=c.lr, clip_grad_norm=c.clip_grad_norm, loss=c.loss,
             auxk=c.auxk, auxk_coef=c.auxk_coef, k_aux=c.k_aux, dead_window_tokens=c.dead_window_tokens,
-            compute_dtype=compute_dtype,
+            compute_dtype=compute_dtype, data_init=c.data_init, b_dec_init=c.b_dec_init_fraction,
+            recentre_dead=c.recentre_dead,
         )
 
 
@@ -222,14 +238,37 @@ class SAEStep:
         x_hat = decode_for_training(values, indices, sae.W_dec, sae.b_dec, compute=W_dec)
         return values, indices, x_hat
 
-    def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor) -> Tensor:
-        """Gao et al.: the top-``k_aux`` dead latents reconstruct the detached residual (FVU).
+    def loss_denominator(self, y_n: Tensor, mean: Tensor) -> Tensor:
+        """What the reconstruction loss divides by: ``||y_t - mean||`` per token (``[B, 1]``, the Llama
+        Scope loss) or ``sum_t ||y_t - mean||^2`` over the global batch (FVU)."""
+        if self.cfg.loss == "llama_scope":
+            return (y_n - mean).norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        return self.comm.data_mean((y_n - mean).pow(2).sum()).clamp_min(1e-12)
+
+    def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor, den: Tensor) -> Tensor:
+        """Gao et al.'s AuxK: the top-``k_aux`` dead latents reconstruct the detached residual
+        ``y_n - x_hat_n``, measured like the main loss and divided by the *target's* statistics
+        (``den``, from ``loss_denominator``): per element ``(e_hat - e)^2 / ||y_t - mean||`` averaged
+        (Llama Scope loss) or ``sum (e_hat - e)^2 / sum (y - mean)^2`` (FVU), so ``auxk_coef`` weighs
+        it against the main loss whatever the main loss (the residual's own variance, the earlier
+        denominator, made AuxK outweigh a Llama Scope main loss by about two orders of magnitude).
 
         The selection reuses the forward's pre-activations when the encode kept them (two-pass path:
-        no second encoder GEMM); otherwise a second encode with the alive latents pushed to zero."""
+        no second encoder GEMM); otherwise a second encode with the alive latents pushed to zero. On
+        the CPU, where a host sync is free, it is dense over the dead latents only (``select_dense``,
+        ``subset_decode``: work in proportion to their number, none when no latent is dead); elsewhere
+        a top-k_aux over all latents with the alive ones counted as zero, without a sync."""
         sae = self.sae
         (W_enc, b_enc, W_dec, _), dec_norm = self.compute_weights()
         scores = getattr(self, "_scores", None)
+        if scores is not None and scores.pre is not None and x_n.device.type == "cpu":
+            self._scores = None
+            ids = dead.nonzero().squeeze(1)
+            if ids.numel() == 0:
+                return torch.zeros((), device=residual.device)
+            acts = select_dense(scores, ids, self.cfg.k_aux)
+            e_hat = subset_decode(acts, sae.W_dec, ids, compute=W_dec).float()
+            return _normalised_sq_error(e_hat, residual, den, self.cfg.loss)
         if scores is not None and scores.pre is not None:
             v, i = scores.select(self.cfg.k_aux, allowed=dead)
         else:
@@ -238,8 +277,7 @@ class SAEStep:
                                        compute=(W_enc, b_enc + dead_bias))
         self._scores = None
         e_hat = decode_for_training(v, i, sae.W_dec, None, compute=W_dec).float()
-        aux = fvu_loss(e_hat, residual)
-        return torch.nan_to_num(aux, 0.0) * dead.any()
+        return _normalised_sq_error(e_hat, residual, den, self.cfg.loss) * dead.any()
 
     def __call__(self, x: Tensor, y: Optional[Tensor], t: int) -> Dict[str, Tensor]:
         c, sae = self.cfg, self.sae
@@ -251,6 +289,10 @@ class SAEStep:
         x_n = (x.to(dt) * sae.cfg.norm_in) if sae.cfg.norm_in != 1.0 else x.to(dt)
         y_src = x if y is None else y
         y_n = y_src.float() * sae.cfg.norm_out
+        if t == 0 and c.data_init:
+            self.init_from_data(x_n, y_n)
+        if c.recentre_dead and t > 0:
+            self.recentre_unreachable(x_n)
         values, indices, x_hat = self.encode_decode(x_n, k)
         x_hat = x_hat.float()
         mean = self.comm.batch_mean(y_n)
@@ -260,7 +302,7 @@ class SAEStep:
         aux = None
         dead = self.since_fired >= c.dead_window_tokens
         if c.auxk:
-            aux = self.auxk_loss(x_n, (y_n - x_hat).detach(), dead)
+            aux = self.auxk_loss(x_n, (y_n - x_hat).detach(), dead, self.loss_denominator(y_n, mean))
             total = loss + c.auxk_coef * aux
         total.backward()
         self._scores = None
@@ -297,6 +339,52 @@ class SAEStep:
             if aux is not None:
                 out["auxk_loss"] = aux.detach()
         return out
+
+    @torch.no_grad()
+    def init_from_data(self, x_n: Tensor, y_n: Tensor) -> None:
+        """Data-dependent biases (``StepConfig.data_init``; the step calls it at ``t == 0``): ``b_dec``
+        = ``b_dec_init`` x the batch mean of the normalised targets, ``b_enc = -W_enc @ mean(x_n)``.
+        Every latent's pre-activation is then centred on the data: none starts negative on nearly every
+        token because its random encoder row points away from the inputs' mean, and the latents do not
+        all have to carry the mean while ``b_dec`` learns it (Adam moves a bias by about ``lr`` per
+        step). Architecture and checkpoint format are unchanged. The means are over the global batch
+        (``Collectives.batch_mean``), so every layout sets the same biases. ``b_dec_init < 1`` leaves
+        part of the mean to the latents: at layer 12 of the embedded model the latents that carry it
+        are also what reconstructs the rare massive-activation tokens (README, 'Dead latents')."""
+        sae = self.sae
+        mx = self.comm.batch_mean(x_n.float())[0]
+        my = self.comm.batch_mean(y_n.float())[0]
+        sae.b_enc.copy_((-(sae.W_enc.float() @ mx)).to(sae.b_enc.dtype))
+        sae.b_dec.copy_((self.cfg.b_dec_init * my).to(sae.b_dec.dtype))
+
+    def tokens_per_step(self, x_n: Tensor) -> int:
+        """Tokens the dead-latent counters advance by per step (the global batch)."""
+        return x_n.shape[0]
+
+    @torch.no_grad()
+    def recentre_unreachable(self, x_n: Tensor) -> None:
+        """Revive latents that AuxK cannot reach (``StepConfig.recentre_dead``). AuxK trains dead
+        latents through ``relu(pre)``; a latent that died with ``pre <= 0`` on every token gets no
+        gradient from it either, and stays dead. Once per dead window, the latents dead for at least
+        two windows with no positive pre-activation on this batch get ``b_enc = -W_enc @ mean(x_n)``,
+        the centred value of ``init_from_data``: positive on part of the data, so AuxK trains them.
+        The decision uses the global counters and the global batch (mean over data groups), so every
+        layout revives the same latents; one host sync when some are due."""
+        c, sae = self.cfg, self.sae
+        w, B = c.dead_window_tokens, self.tokens_per_step(x_n)
+        sf = self.since_fired
+        due = (sf >= 2 * w) & (sf % w < B)
+        off, n = getattr(sae, "offset", 0), sae.W_enc.shape[0]
+        due = due[off: off + n]  # this shard's rows (all of them in one process)
+        if not bool(due.any()):
+            return
+        ids = due.nonzero().squeeze(1)
+        W, b = sae.W_enc.index_select(0, ids).float(), sae.b_enc.index_select(0, ids).float()
+        reach = (torch.addmm(b, x_n.float(), W.t()) > 0).any(0).float()
+        unreachable = self.comm.data_mean(reach) == 0  # no positive pre on any data group's tokens
+        mx = self.comm.batch_mean(x_n.float())[0]
+        new = torch.where(unreachable, -(W @ mx), b)
+        sae.b_enc.index_copy_(0, ids, new.to(sae.b_enc.dtype))
 
     def state_dict(self) -> Dict[str, Tensor]:
         return {"since_fired": self.since_fired.cpu(), "fire_count": self.fire_count.cpu()}

@@ -1,0 +1,100 @@
+"""The trainer's own step (``trainer.train.SAEStep``) at the embedded default's shape, released recipe
+against the default, rounds interleaved: ``pytest benchmarks/test_bench_sae_step.py --benchmark-only``.
+
+Shape: ``python -m trainer.run`` with no arguments on a CPU (batch 1024 tokens, d_model 576,
+d_sae 4608, K 50, fp32, Llama Scope loss, clipping, Adam); on a GPU the Llama Scope 8x shape
+(batch 2048, d_model 4096, d_sae 32768, bf16). Steps:
+
+* ``released``: ``--released-recipe`` (no AuxK): the step as it was before the default changed;
+* ``default, m dead``: the default step with ``m`` dead latents, so AuxK runs its auxiliary top-k over
+  those ``m`` latents (read from the forward's pre-activations on the PyTorch path) and decodes up to
+  ``k_aux`` of them per token. ``m`` = 0 (no dead latent: AuxK costs only the dead-id lookup), 2% and
+  5% of d_sae (the default run ends with 0.1-2% dead in training, README), and 30% (the released
+  recipe's dead fraction, a worst case).
+
+The data-dependent initialisation runs once, at step 0, and is not part of a step's cost. Every round
+runs each step once on the same rotating batches; the load of a shared machine changes under all of
+them alike. The ratio to ``released`` (median and best rounds) is printed and kept in extra_info.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from sae_kernels import SAEConfig, TopKSAE
+from trainer.train import SAEStep, StepConfig, make_optimizer
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+B, D, N, K = (2048, 4096, 32768, 50) if CUDA else (1024, 576, 4608, 50)
+DTYPE = torch.bfloat16 if CUDA else None
+K_AUX = D // 2  # the default (d_model / 2)
+ROUNDS = 9
+DEAD = {"default, 0 dead": 0, "default, 2% dead": N // 50, "default, 5% dead": N // 20, "default, 30% dead": 3 * N // 10}
+
+
+def make_step(auxk: bool, n_dead: int) -> SAEStep:
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_model=D, d_sae=N, k=K), device=DEVICE)
+    sae.check_inputs = False
+    opt = make_optimizer(sae, 2e-3, (0.9, 0.9999))
+    cfg = StepConfig(k=K, k_start=K, total_steps=10_000, anneal_steps=0, warmup_steps=10, decay_fraction=0.2,
+                     lr=2e-3, clip_grad_norm=1e-3, auxk=auxk, k_aux=K_AUX, dead_window_tokens=10**12,
+                     compute_dtype=DTYPE)
+    step = SAEStep(sae, opt, cfg)
+    g = torch.Generator().manual_seed(1)
+    dead = torch.randperm(N, generator=g)[:n_dead].to(DEVICE)
+    step._dead_ids = dead
+    return step
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def test_sae_step_released_vs_default(benchmark):
+    g = torch.Generator().manual_seed(2)
+    mean = torch.randn(D, generator=g) * 2  # a residual-stream-like common direction
+    xs = [(torch.randn(B, D, generator=g) + mean).to(DEVICE) for _ in range(4)]
+    steps = {"released": make_step(False, 0)}
+    steps.update({name: make_step(True, m) for name, m in DEAD.items()})
+    times = {name: [] for name in steps}
+    t_step = {name: 20 for name in steps}
+
+    def run(name):
+        st = steps[name]
+        # the dead set is pinned: `since_fired` is reset to it before every step
+        st.since_fired.zero_()
+        st.since_fired[st._dead_ids] = 10**12
+        x = xs[t_step[name] % len(xs)]
+        _sync()
+        t0 = time.perf_counter()
+        st(x, None, t_step[name])
+        _sync()
+        times[name].append(time.perf_counter() - t0)
+        t_step[name] += 1
+
+    for name in steps:  # warm-up (scratch buffers, first-call costs)
+        run(name)
+        times[name].clear()
+
+    def cycle():
+        for name in steps:
+            run(name)
+
+    benchmark.pedantic(cycle, rounds=ROUNDS, warmup_rounds=0, iterations=1)
+    med = {n: sorted(ts)[len(ts) // 2] for n, ts in times.items()}
+    best = {n: min(ts) for n, ts in times.items()}
+    rows = {n: {"median_ms": med[n] * 1e3, "best_ms": best[n] * 1e3, "x_released_median": med[n] / med["released"],
+                "x_released_best": best[n] / best["released"], "tokens_per_s": B / med[n]} for n in steps}
+    benchmark.extra_info.update(shape=dict(tokens=B, d_model=D, d_sae=N, k=K, k_aux=K_AUX),
+                                device=str(DEVICE), torch=torch.__version__, threads=torch.get_num_threads(),
+                                rounds=ROUNDS, steps=rows)
+    lines = [f"SAEStep, {B} tokens x d_model {D} -> d_sae {N}, k {K}, k_aux {K_AUX}, {DEVICE}, {ROUNDS} interleaved rounds"]
+    for n, r in rows.items():
+        lines.append(f"  {n:<20} median {r['median_ms']:8.1f} ms  best {r['best_ms']:8.1f} ms  "
+                     f"x released {r['x_released_median']:.2f} (best {r['x_released_best']:.2f})")
+    print("\n" + "\n".join(lines))

@@ -1,0 +1,225 @@
+"""Why latents die and what keeps them alive (README, 'Dead latents'): the data-dependent biases at
+step 0, AuxK in the main loss's units, and the mechanism on a small case, released recipe against the
+default."""
+import math
+
+import pytest
+import torch
+
+from sae_kernels import SAEConfig, TopKSAE
+from trainer.config import TrainConfig
+from trainer.train import SAEStep, StepConfig, estimate_norm, make_optimizer
+
+
+def _step(d=24, n=96, k=4, transcoder=False, dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d, n, k=k, dtype="float64" if dtype == torch.float64 else "float32"),
+                  transcoder=transcoder)
+    sae.check_inputs = False
+    opt = make_optimizer(sae, 1e-3, (0.9, 0.9999))
+    sc = StepConfig(k=k, k_start=k, total_steps=40, anneal_steps=0, warmup_steps=2, decay_fraction=0.2, lr=1e-3,
+                    clip_grad_norm=1e-3, **kw)
+    return SAEStep(sae, opt, sc)
+
+
+@pytest.mark.parametrize("transcoder", [False, True], ids=["sae", "transcoder"])
+def test_data_init_centres_every_latent_on_the_data(transcoder):
+    """b_dec = mean of the targets, b_enc = -W_enc @ mean(inputs): each latent's pre-activation has
+    mean 0 over the batch (none starts negative on nearly every token), applied once, at step 0."""
+    st = _step(transcoder=transcoder, data_init=True)
+    g = torch.Generator().manual_seed(1)
+    offset = torch.randn(24, generator=g) * 4  # inputs far from the origin, like a residual stream
+    x = torch.randn(64, 24, generator=g) + offset
+    y = torch.randn(64, 24, generator=g) * 0.5 + 1.0 if transcoder else None
+    y_n = (x if y is None else y) * st.sae.cfg.norm_out
+    pre0 = x @ st.sae.W_enc.detach().t()
+    assert (pre0.mean(0).abs() > 2 * pre0.std(0)).float().mean() > 0.1, "the offset should bias many latents"
+    st.init_from_data(x * st.sae.cfg.norm_in, y_n)
+    pre = x @ st.sae.W_enc.detach().t() + st.sae.b_enc.detach()
+    assert pre.mean(0).abs().max() <= 1e-5 * pre.std(0).max()
+    torch.testing.assert_close(st.sae.b_dec.detach(), y_n.mean(0), rtol=0, atol=1e-6)
+
+    # through the step: at t = 0 (before its update; Adam then moves b_dec by at most ~lr) and never again
+    st = _step(transcoder=transcoder, data_init=True)
+    calls = []
+    real = st.init_from_data
+    st.init_from_data = lambda *a: (calls.append(1), real(*a))
+    st(x, y, 0)
+    assert len(calls) == 1
+    assert (st.sae.b_dec.detach() - y_n.mean(0)).abs().max() <= 1.5e-3
+    st(x, y, 1)
+    assert len(calls) == 1
+    released = _step(transcoder=transcoder)  # data_init off: biases start at zero
+    released(x, y, 0)
+    assert released.sae.b_dec.detach().abs().max() <= 1.5e-3
+
+
+@pytest.mark.parametrize("loss", ["llama_scope", "fvu"])
+def test_auxk_loss_is_measured_like_the_main_loss(loss):
+    """float64 weights: the top-k_aux dead latents (by the weighted score) reconstruct the residual, and the
+    error is divided by the *target's* statistics, as the main loss is (not by the residual's own
+    variance, which made AuxK outweigh a Llama Scope main loss by ~two orders of magnitude)."""
+    st = _step(dtype=torch.float64, loss=loss, auxk=True, k_aux=6, dead_window_tokens=1)
+    sae = st.sae
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(96, 1, generator=g, dtype=torch.float64) + 0.5)  # unequal decoder norms
+    x = torch.randn(33, 24, generator=g, dtype=torch.float64) + 1
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[torch.randperm(96, generator=g)[:40]] = True
+    values, indices, x_hat = st.encode_decode(x, 4)
+    mean = x.mean(0, keepdim=True)
+    residual = (x - x_hat).detach()
+    got = st.auxk_loss(x, residual, dead, st.loss_denominator(x, mean))
+
+    W_enc, b_enc, W_dec = (t.detach() for t in (sae.W_enc, sae.b_enc, sae.W_dec))
+    z = torch.relu(x @ W_enc.t() + b_enc)
+    score = torch.where(dead, z * W_dec.norm(dim=1), torch.full_like(z, -1.0))
+    idx = score.topk(6, dim=1).indices
+    e_hat = (z.gather(1, idx)[..., None] * W_dec[idx]).sum(1)
+    if loss == "llama_scope":
+        want = ((e_hat - residual) ** 2 / (x - mean).norm(dim=1, keepdim=True)).mean()
+    else:
+        want = ((e_hat - residual) ** 2).sum() / ((x - mean) ** 2).sum()
+    assert float(got.detach()) == pytest.approx(float(want), rel=1e-6)  # the step's losses are fp32
+
+
+def _synthetic(seed=1, d=32, n_true=1024, mean_scale=3.0):
+    """Sparse sums of 4 of n_true unit features (Zipf frequencies) on top of a common offset."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.nn.functional.normalize(torch.randn(n_true, d, generator=g), dim=1)
+    mu = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0) * mean_scale
+    p = 1.0 / torch.arange(1, n_true + 1).float()
+
+    def batch(b):
+        idx = torch.multinomial(p.expand(b, -1), 4, replacement=False, generator=g)
+        return torch.einsum("bk,bkd->bd", torch.rand(b, 4, generator=g) * 2 + 0.5, D[idx]) + mu
+
+    return batch
+
+
+def _train_and_count_dead(steps=120, batch=256, d=32, n=256, k=4, **flags):
+    """Train through the trainer's own configuration (TrainConfig -> StepConfig) with the default recipe,
+    changed by ``flags`` (e.g. released_recipe=True); return (dead latents on held-out samples, held-out EV)."""
+    data = _synthetic()
+    cfg = TrainConfig(tokens=steps * batch, batch_size=batch, lr=5e-3, k=k, expansion=n // d, k_start=16,
+                      **flags).resolve(30, d, "cpu")
+    torch.manual_seed(cfg.seed)
+    sae = TopKSAE(SAEConfig(d, n, k=k))
+    sae.check_inputs = False
+    s = math.sqrt(d) / estimate_norm(data(2048))
+    sae.cfg = sae.cfg.replace(norm_in=s, norm_out=s)
+    step = SAEStep(sae, make_optimizer(sae, cfg.lr, (cfg.beta1, cfg.beta2)), StepConfig.from_train_config(cfg))
+    for t in range(cfg.total_steps):
+        step(data(batch), None, t)
+    with torch.no_grad():
+        xe = data(4096)
+        v, i = sae.encode_sparse(xe)
+        fired = torch.zeros(n, dtype=torch.bool)
+        fired[i[v > 0]] = True
+        ev = 1 - float(((sae(xe) - xe) ** 2).sum() / ((xe - xe.mean(0)) ** 2).sum())
+    return int((~fired).sum()), ev
+
+
+def test_latents_that_die_under_the_released_recipe_stay_alive_by_default():
+    """The mechanism on a small case: inputs with a common offset. Under the released recipe (zero
+    biases, no AuxK) the latents carry the offset; those whose random encoder row points away from it
+    are negative on nearly every input, never win the top-k, get no gradient and stay dead (115 of 256
+    when written). With the offset in the biases at step 0 (b_dec = the mean, b_enc centred) nearly all
+    stay alive (17); the default, which leaves 3/4 of the mean to the latents, sits between (79) and
+    explains more held-out variance than the released recipe (0.616 against 0.597)."""
+    dead_released, ev_released = _train_and_count_dead(released_recipe=True)
+    dead_full, _ = _train_and_count_dead(b_dec_init_fraction=1.0)
+    dead_default, ev_default = _train_and_count_dead()
+    assert dead_released >= 80, dead_released  # ~45% of 256 latents never fire on held-out samples
+    assert dead_full <= dead_released // 3, (dead_full, dead_released)
+    assert dead_default < dead_released * 0.8, (dead_default, dead_released)
+    assert ev_default > ev_released + 0.01, (ev_default, ev_released)
+
+
+def test_released_recipe_flag_restores_the_released_defaults():
+    c = TrainConfig().resolve(30, 576, "cpu")
+    r = TrainConfig(released_recipe=True).resolve(30, 576, "cpu")
+    assert (c.data_init, c.auxk) == (True, True)
+    assert (r.data_init, r.auxk) == (False, False)
+    sc, sr = StepConfig.from_train_config(c), StepConfig.from_train_config(r)
+    assert (sc.data_init, sc.auxk) == (True, True) and (sr.data_init, sr.auxk) == (False, False)
+    # an explicit flag still wins over either default
+    assert TrainConfig(released_recipe=True, auxk=True).resolve(30, 576, "cpu").auxk is True
+    assert TrainConfig(data_init=False).resolve(30, 576, "cpu").data_init is False
+
+
+def test_recentre_unreachable_resets_only_dead_latents_out_of_auxks_reach():
+    """Latents dead for two windows with pre <= 0 on every token get b_enc = -W_enc @ mean(x); a dead
+    latent AuxK can still train (positive somewhere), a latent dead for one window, and any latent
+    between window boundaries keep their bias."""
+    st = _step(recentre_dead=True, dead_window_tokens=64)
+    sae = st.sae
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 24, generator=g) + 2
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e3)  # every latent unreachable ...
+        sae.b_enc[7] = 1e3  # ... but latent 7
+    b0 = sae.b_enc.detach().clone()
+    st.since_fired[:] = 64 * 3  # dead for three windows, at a window boundary (192 % 64 < 32)
+    st.since_fired[5] = 64  # dead for one window only
+    st.recentre_unreachable(x)
+    want = -(sae.W_enc.detach() @ x.mean(0))
+    reset = torch.ones(96, dtype=torch.bool)
+    reset[[5, 7]] = False
+    torch.testing.assert_close(sae.b_enc.detach()[reset], want[reset], rtol=1e-5, atol=1e-5)
+    assert torch.equal(sae.b_enc.detach()[~reset], b0[~reset])
+    with torch.no_grad():
+        sae.b_enc.copy_(b0)
+    st.since_fired[:] = 64 * 3 + 32  # between boundaries: nothing is due
+    st.recentre_unreachable(x)
+    assert torch.equal(sae.b_enc.detach(), b0)
+
+
+# (N, d_model, d_sae, k, m dead latents, k_aux): k_aux < m, k_aux > m (all m kept), m = 1
+DENSE_SHAPES = [(21, 40, 97, 5, 31, 8), (9, 33, 64, 7, 5, 12), (13, 24, 50, 3, 1, 4)]
+
+
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "plain"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N,d,n,k,m,k_aux", DENSE_SHAPES)
+def test_select_dense_and_subset_decode_against_float64(N, d, n, k, m, k_aux, dtype, tol, weighted):
+    """AuxK's CPU route: select_dense keeps, per row, a valid top-min(k_aux, m) of the given latents
+    (relu(pre) there, zeros elsewhere); subset_decode decodes it; every gradient (x, W_enc, b_enc,
+    W_dec) equals float64 autograd on the same support."""
+    from sae_kernels.ops import encode_for_training, select_dense, subset_decode
+
+    g = torch.Generator().manual_seed(N * 100 + m)
+    x = torch.randn(N, d, generator=g).to(dtype).requires_grad_()
+    W_enc = (torch.randn(n, d, generator=g) / d ** 0.5).to(dtype).requires_grad_()
+    b_enc = (torch.randn(n, generator=g) * 0.1).to(dtype).requires_grad_()
+    W_dec = (torch.randn(n, d, generator=g) * (torch.rand(n, 1, generator=g) + 0.5)).to(dtype).requires_grad_()
+    ids = torch.randperm(n, generator=g)[:m]
+    grad = torch.randn(N, d, generator=g).to(dtype)
+    dec_norm = W_dec.detach().float().norm(dim=1) if weighted else None
+    _, _, scores = encode_for_training(x, W_enc, b_enc, k, dec_norm, keep_pre=True)
+    a = select_dense(scores, ids, k_aux)
+    assert a.shape == (N, m) and a.dtype == dtype
+    x64, We, be, Wd = (t.detach().double() for t in (x, W_enc, b_enc, W_dec))
+    z = torch.relu(x64 @ We[ids].t() + be[ids])
+    score = z * Wd[ids].norm(dim=1) if weighted else z
+    nz = a.detach() != 0
+    ka = min(k_aux, m)
+    assert (nz.sum(1) <= ka).all()
+    kth = torch.topk(score, ka, dim=1).values[:, -1:]
+    slack = tol * (score.abs().max() + 1e-12)
+    assert not (nz & (score < kth - slack)).any(), "a latent outside the row's top k_aux"
+    assert (nz | (score <= kth + slack) | (score == 0)).all(), "a top-k_aux latent was dropped"
+    out = subset_decode(a, W_dec, ids)
+    (out.float() * grad.float()).sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (x, W_enc, b_enc, W_dec)]
+    x64, We, be, Wd = leaves
+    want = (torch.relu(x64 @ We[ids].t() + be[ids]) * nz) @ Wd[ids]
+    (want * grad.double()).sum().backward()
+    torch.testing.assert_close(out.double(), want.detach(), rtol=tol, atol=tol * float(want.detach().abs().max()))
+    for name, got, ref in zip(("dx", "dW_enc", "db_enc", "dW_dec"), (x, W_enc, b_enc, W_dec), leaves):
+        assert got.grad is not None and got.grad.dtype == dtype, name
+        scale = float(ref.grad.abs().max()) + 1e-12
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=tol, atol=tol * scale, msg=name)
+    with pytest.raises(ValueError, match="ids: expected an int64"):
+        subset_decode(a, W_dec, ids.float())
