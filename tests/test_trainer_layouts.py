@@ -117,25 +117,6 @@ def launch(world, jobs, tmp, timeout=400.0):
         log.close()
 
 
-def _cli(cfg):
-    """The command-line flags of a job dict (what a user types)."""
-    argv = []
-    for k, v in cfg.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            argv.append(flag if v else "--no-" + k.replace("_", "-"))
-        else:
-            argv += [flag, str(v)]
-    return argv
-
-
-def _command(cmd, timeout=300):
-    """Run a user's command line (a fresh process; ranks on gloo under torchrun); fail with its output."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
-
-
 def weights(run_dir):
     from safetensors.torch import load_file
 
@@ -254,6 +235,7 @@ def _cli(cfg):
 
 
 def _command(cmd, timeout=300):
+    """Run a user's command line (a fresh process; ranks on gloo under torchrun); fail with its output."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
