@@ -42,7 +42,7 @@ def make_step(auxk: bool, n_dead: int) -> SAEStep:
     opt = make_optimizer(sae, 2e-3, (0.9, 0.9999))
     cfg = StepConfig(k=K, k_start=K, total_steps=10_000, anneal_steps=0, warmup_steps=10, decay_fraction=0.2,
                      lr=2e-3, clip_grad_norm=1e-3, auxk=auxk, k_aux=K_AUX, dead_window_tokens=10**12,
-                     compute_dtype=DTYPE)
+                     compute_dtype=DTYPE, hold_dead=auxk, reset_dead_moments=auxk)
     step = SAEStep(sae, opt, cfg)
     g = torch.Generator().manual_seed(1)
     dead = torch.randperm(N, generator=g)[:n_dead].to(DEVICE)

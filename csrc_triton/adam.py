@@ -8,7 +8,11 @@ parameter and the moments once (torch's Adam arithmetic), and in the same pass:
 * writes a copy of the new parameter in the compute dtype (bf16), HAS_COPY: the forward's weights
   are never cast again;
 * writes the sum of squares of each new row (HAS_SUMSQ): the decoder row norms the next selection
-  weights by, without another read of W_dec.
+  weights by, without another read of W_dec;
+* reads a flag per latent (FLAGS: 1 one per row of a 2-D weight, 2 one per element of a bias): bit
+  HOLD (1) keeps the parameter's value (the moments still take the step), bit RESET (2) zeroes both
+  moments before the step. The SAE step holds the latents no token selected (Adam's momentum would
+  otherwise keep moving them) and resets the moments of latents that just died.
 
 The parameter is viewed as rows of ``n_cols`` elements (its real rows for a 2-D weight; 128-element
 chunks of a 1-D bias); a program updates BLOCK_R rows, BLOCK_C columns at a time. Moments may be
@@ -23,9 +27,10 @@ import triton.language as tl
 def _adam_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr,        # [n_elem] fp32 parameter, gradient (any float), moments (fp32 or bf16)
     copy_ptr, sumsq_ptr, scale_ptr,    # [n_elem] compute copy, [n_rows] fp32 row sums of squares, [1] grad factor
+    flags_ptr,                         # uint8 per row (FLAGS 1) or per element (FLAGS 2): HOLD 1, RESET 2
     n_elem, n_rows, n_cols,
     beta1, beta2, eps, step_size, bc2_sqrt,
-    HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, HAS_SUMSQ: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, HAS_SUMSQ: tl.constexpr, FLAGS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -35,6 +40,8 @@ def _adam_kernel(
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    if FLAGS == 1:
+        row_flags = tl.load(flags_ptr + rows, mask=row_mask, other=0).to(tl.int32)
     for c0 in range(0, n_cols, BLOCK_C):
         col = c0 + offs
         i = rows[:, None] * n_cols + col[None, :]
@@ -43,9 +50,20 @@ def _adam_kernel(
         g = tl.load(g_ptr + i, mask=mask, other=0.0).to(tl.float32) * scale
         m = tl.load(m_ptr + i, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + i, mask=mask, other=0.0).to(tl.float32)
+        if FLAGS != 0:
+            if FLAGS == 1:
+                f = row_flags[:, None] + tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int32)
+            else:
+                f = tl.load(flags_ptr + i, mask=mask, other=0).to(tl.int32)
+            reset = (f & 2) != 0
+            m = tl.where(reset, 0.0, m)
+            v = tl.where(reset, 0.0, v)
         m = m + (1.0 - beta1) * (g - m)                  # exp_avg.lerp_(grad, 1 - beta1)
         v = v * beta2 + (1.0 - beta2) * g * g            # exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
-        p = p - step_size * (m / (tl.sqrt(v) / bc2_sqrt + eps))
+        new = p - step_size * (m / (tl.sqrt(v) / bc2_sqrt + eps))
+        if FLAGS != 0:
+            new = tl.where((f & 1) != 0, p, new)
+        p = new
         tl.store(p_ptr + i, p, mask=mask)
         tl.store(m_ptr + i, m.to(m_ptr.dtype.element_ty), mask=mask)
         tl.store(v_ptr + i, v.to(v_ptr.dtype.element_ty), mask=mask)

@@ -10,6 +10,10 @@
   (the decoder row norms that weight the TopK selection), updated by the step.
 * **bf16 moments** (``moments_dtype=torch.bfloat16``, off by default): half the optimizer's memory
   traffic, at the cost of moment precision.
+* **Row flags.** ``step(row_flags={param: flags})``, ``flags`` uint8 over the parameter's leading index
+  (a row of a 2-D weight, an element of a 1-D bias): ``HOLD`` keeps the values (Adam would otherwise
+  go on moving a row whose gradient is zero, by its momentum), ``RESET`` zeroes both moments first
+  (the step size then follows the row's new gradients, not ones from long ago); ``HOLD | RESET`` both.
 
 On CUDA (Triton) the update of each parameter is one fused kernel (``csrc_triton/adam.py``) that
 reads the parameter, its gradient and both moments once and writes the parameter, the moments, the
@@ -30,6 +34,9 @@ import torch
 from torch import Tensor
 
 from .backend import choose_backend
+
+
+HOLD, RESET = 1, 2  # row flags (see the module docstring)
 
 
 class _Tracked:
@@ -112,8 +119,16 @@ class SAEAdam(torch.optim.Adam):
             return False
 
     @torch.no_grad()
-    def step(self, closure=None, *, grad_scale: Optional[Tensor] = None):
-        """One Adam step; ``grad_scale``: a scalar tensor multiplying every gradient first."""
+    def step(self, closure=None, *, grad_scale: Optional[Tensor] = None,
+             row_flags: Optional[Dict[Tensor, Tensor]] = None):
+        """One Adam step; ``grad_scale``: a scalar tensor multiplying every gradient first;
+        ``row_flags``: ``{param: uint8 [param.shape[0]]}`` of ``HOLD`` / ``RESET`` bits."""
+        flags = {}
+        for p, f in (row_flags or {}).items():
+            if f.dtype != torch.uint8 or tuple(f.shape) != (p.shape[0],) or f.device != p.device:
+                raise ValueError(f"row_flags: expected uint8 [{p.shape[0]}] on {p.device} for a parameter of shape "
+                                 f"{list(p.shape)}, got {f.dtype} {list(f.shape)} on {f.device}")
+            flags[id(p)] = f
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -127,9 +142,9 @@ class SAEAdam(torch.optim.Adam):
                 if p.grad is not None:
                     (kernel_params if self._use_kernel(p) else other).append((group, p))
         if other:
-            self._torch_step([p for _, p in other], grad_scale)
+            self._torch_step([p for _, p in other], grad_scale, flags)
         for group, p in kernel_params:
-            self._kernel_step(group, p, grad_scale)
+            self._kernel_step(group, p, grad_scale, flags.get(id(p)))
         return loss
 
     def _state(self, p: Tensor) -> Dict[str, Tensor]:
@@ -144,7 +159,7 @@ class SAEAdam(torch.optim.Adam):
             st["exp_avg_sq"] = st["exp_avg_sq"].to(mdt)
         return st
 
-    def _kernel_step(self, group, p: Tensor, grad_scale: Optional[Tensor]) -> None:
+    def _kernel_step(self, group, p: Tensor, grad_scale: Optional[Tensor], flags: Optional[Tensor]) -> None:
         from . import triton_ops
 
         st = self._state(p)
@@ -163,7 +178,7 @@ class SAEAdam(torch.optim.Adam):
         triton_ops.adam_step(
             p, grad, st["exp_avg"], st["exp_avg_sq"], beta1=beta1, beta2=beta2, eps=group["eps"],
             step_size=group["lr"] / (1 - beta1 ** t), bc2_sqrt=math.sqrt(1 - beta2 ** t),
-            scale=scale, copy=copy, row_sumsq=sumsq,
+            scale=scale, copy=copy, row_sumsq=sumsq, flags=None if flags is None else flags.contiguous(),
         )
         if sumsq is not None:
             sumsq.sqrt_()
@@ -175,10 +190,23 @@ class SAEAdam(torch.optim.Adam):
         if t_rec is not None:
             t_rec.version, t_rec.ptr = p._version, p.data_ptr()
 
-    def _torch_step(self, params, grad_scale: Optional[Tensor]) -> None:
+    def _torch_step(self, params, grad_scale: Optional[Tensor], flags: Dict[int, Tensor]) -> None:
         if grad_scale is not None:
             for p in params:
                 p.grad.mul_(grad_scale.to(p.grad.dtype))
+        held = []  # (param, row ids, their values): written back after torch's step
+        for p in params:
+            f = flags.get(id(p))
+            if f is None:
+                continue
+            st = self.state.get(p)
+            reset = ((f & RESET) != 0).nonzero().squeeze(1)
+            if st and reset.numel():
+                st["exp_avg"].index_fill_(0, reset, 0)
+                st["exp_avg_sq"].index_fill_(0, reset, 0)
+            hold = ((f & HOLD) != 0).nonzero().squeeze(1)
+            if hold.numel():
+                held.append((p, hold, p.detach().index_select(0, hold)))
         low = self.moments_dtype not in (None, torch.float32)
         if low:  # torch's Adam needs moments of the parameter's dtype: widen, step, narrow back
             for p in params:
@@ -199,6 +227,8 @@ class SAEAdam(torch.optim.Adam):
                     st = self.state[p]
                     st["exp_avg"] = st["exp_avg"].to(self.moments_dtype)
                     st["exp_avg_sq"] = st["exp_avg_sq"].to(self.moments_dtype)
+        for p, ids, values in held:
+            p.detach().index_copy_(0, ids, values)
         for p in params:
             t = self._tracked.get(id(p))
             if t is not None:

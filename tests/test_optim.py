@@ -8,7 +8,7 @@ import torch
 
 from helpers import BACKENDS, DEVICE
 from sae_kernels import SAEConfig, TopKSAE
-from sae_kernels.optim import SAEAdam
+from sae_kernels.optim import HOLD, RESET, SAEAdam
 from trainer.train import SAEStep, StepConfig, make_optimizer
 
 
@@ -48,6 +48,46 @@ def test_saeadam_equals_torch_adam_with_scaled_gradients(backend):
     # the state layout is torch's: each optimizer loads the other's state dict
     opt_b.load_state_dict(opt_a.state_dict())
     opt_a.load_state_dict(opt_b.state_dict())
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_row_flags_hold_values_and_reset_moments_against_float64(backend):
+    """``row_flags``: a HOLD row keeps its values while its moments take the step; a RESET row starts
+    its moments from zero (then steps like any row); HOLD | RESET both. Rows of a 2-D weight and
+    elements of a bias (13 x 37 and 1000: odd, several kernel blocks), against Adam in float64."""
+    params = _params(3)
+    W, b = params
+    opt = SAEAdam(params, lr=1e-2, betas=(0.9, 0.999))
+    ref = [p.detach().double().cpu().clone() for p in params]
+    m = [torch.zeros_like(r) for r in ref]
+    v = [torch.zeros_like(r) for r in ref]
+    g = torch.Generator().manual_seed(9)
+    for t in range(1, 5):
+        _grads(params, 20 + t)
+        flags = [torch.randint(0, 4, (p.shape[0],), generator=g, dtype=torch.uint8) for p in params]
+        if t == 1:
+            flags = [torch.zeros_like(f) for f in flags]  # the first step creates the state
+        for p, f in zip(params, flags):  # held rows see no gradient, as an SAE's unselected latents
+            f = f.to(DEVICE)
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            p.grad.mul_(((f & HOLD) == 0).to(p.grad.dtype).view(shape))
+        opt.step(row_flags={p: f.to(DEVICE) for p, f in zip(params, flags)})
+        for j, p in enumerate(params):
+            gr, f = p.grad.double().cpu(), flags[j].long()
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            reset = ((f & RESET) != 0).view(shape)
+            hold = ((f & HOLD) != 0).view(shape)
+            m[j] = torch.where(reset, 0.0, m[j]) * 0.9 + 0.1 * gr
+            v[j] = torch.where(reset, 0.0, v[j]) * 0.999 + 0.001 * gr * gr
+            upd = 1e-2 / (1 - 0.9 ** t) * m[j] / (v[j].sqrt() / (1 - 0.999 ** t) ** 0.5 + 1e-8)
+            ref[j] = torch.where(hold, ref[j], ref[j] - upd)
+    for j, p in enumerate(params):
+        st = opt.state[p]
+        assert torch.allclose(p.detach().double().cpu(), ref[j], rtol=1e-5, atol=1e-6), f"param {j}"
+        assert torch.allclose(st["exp_avg"].double().cpu(), m[j], rtol=1e-5, atol=1e-9), f"exp_avg {j}"
+        assert torch.allclose(st["exp_avg_sq"].double().cpu(), v[j], rtol=1e-5, atol=1e-12), f"exp_avg_sq {j}"
+    with pytest.raises(ValueError, match="row_flags: expected uint8"):
+        opt.step(row_flags={W: torch.zeros(W.shape[0], dtype=torch.bool, device=DEVICE)})
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)

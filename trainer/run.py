@@ -368,7 +368,8 @@ def _run(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSta
                 "clip_grad_norm": cfg.clip_grad_norm, "lr_warm_up_steps": cfg.warmup_steps, "auxk": cfg.auxk,
                 "k_aux": mem.step.cfg.k_aux, "auxk_coef": cfg.auxk_coef, "dead_window_tokens": mem.step.cfg.dead_window_tokens,
                 "data_init": cfg.data_init, "b_dec_init_fraction": cfg.b_dec_init_fraction,
-                "recentre_dead": cfg.recentre_dead, "released_recipe": cfg.released_recipe,
+                "recentre_dead": cfg.recentre_dead, "hold_dead": cfg.hold_dead, "reset_dead_moments": cfg.reset_dead_moments,
+                "released_recipe": cfg.released_recipe,
                 "dtype": f"torch.{cfg.export_dtype}", "tp_size": ctx.tp, "ddp_size": mem.comm.world_size // ctx.tp,
             }
             sae.to_llama_scope(mem.run_dir, hyperparams=hyper, lm_config=lm.lm_config(), dtype=cfg.export_dtype)

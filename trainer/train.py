@@ -27,7 +27,7 @@ from torch import Tensor
 
 from sae_kernels import TopKSAE
 from sae_kernels.ops import decode_for_training, encode_for_training, select_dense, subset_decode
-from sae_kernels.optim import SAEAdam
+from sae_kernels.optim import HOLD, RESET, SAEAdam
 
 from .checkpoint import CheckpointWriteError, describe_os_error, load_state, save_state
 from .run_folder import truncate_metrics
@@ -137,6 +137,10 @@ class StepConfig:
     # Once per dead window, latents dead for two windows whose pre-activation is <= 0 on every token
     # of the batch (out of AuxK's reach) get b_enc = -W_enc @ mean(x_n) (``SAEStep.recentre_unreachable``).
     recentre_dead: bool = False
+    # Adam row flags (``SAEStep.row_flags``): latents that just died start AuxK with zeroed moments, and
+    # dead latents move only on the steps where AuxK gives them a gradient (no drift by momentum).
+    hold_dead: bool = False
+    reset_dead_moments: bool = False
 
     @classmethod
     def from_train_config(cls, c, compute_dtype: Optional[torch.dtype] = None) -> "StepConfig":
@@ -146,7 +150,7 @@ class StepConfig:
             decay_fraction=c.decay_fraction, lr=c.lr, clip_grad_norm=c.clip_grad_norm, loss=c.loss,
             auxk=c.auxk, auxk_coef=c.auxk_coef, k_aux=c.k_aux, dead_window_tokens=c.dead_window_tokens,
             compute_dtype=compute_dtype, data_init=c.data_init, b_dec_init=c.b_dec_init_fraction,
-            recentre_dead=c.recentre_dead,
+            recentre_dead=c.recentre_dead, hold_dead=c.hold_dead, reset_dead_moments=c.reset_dead_moments,
         )
 
 
@@ -171,6 +175,9 @@ class SAEStep:
 
     def __init__(self, sae: TopKSAE, optimizer: torch.optim.Optimizer, cfg: StepConfig,
                  collectives: Optional[Collectives] = None) -> None:
+        if (cfg.hold_dead or cfg.reset_dead_moments) and not isinstance(optimizer, SAEAdam):
+            raise ValueError("hold_dead / reset_dead_moments: expected an SAEAdam optimizer (its row flags), got "
+                             f"{type(optimizer).__name__}")
         self.sae, self.opt, self.cfg = sae, optimizer, cfg
         self.comm = collectives or Collectives()
         self.params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
@@ -312,7 +319,8 @@ class SAEStep:
             norm = self.comm.grad_norm(self.params)
             scale = (c.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         if isinstance(self.opt, SAEAdam):
-            self.opt.step(grad_scale=scale)  # the clip factor is applied inside the fused update
+            # the clip factor and the row flags are applied inside the fused update
+            self.opt.step(grad_scale=scale, row_flags=self.row_flags(dead, x_n))
         else:
             if scale is not None:
                 for p in self.params:
@@ -356,6 +364,37 @@ class SAEStep:
         my = self.comm.batch_mean(y_n.float())[0]
         sae.b_enc.copy_((-(sae.W_enc.float() @ mx)).to(sae.b_enc.dtype))
         sae.b_dec.copy_((self.cfg.b_dec_init * my).to(sae.b_dec.dtype))
+
+    @torch.no_grad()
+    def row_flags(self, dead: Tensor, x_n: Tensor) -> Optional[Dict[Tensor, Tensor]]:
+        """``SAEAdam`` row flags of this step's latents (W_enc, b_enc, W_dec rows), after the gradients
+        are reduced; None when neither option is on.
+
+        * ``reset_dead_moments``: a latent that becomes dead at this step (its AuxK training starts)
+          gets zeroed moments, so AuxK's small gradients move it at the full step size instead of
+          being divided by the second moments of its alive past (beta2 0.9999 remembers ~10k steps).
+        * ``hold_dead``: a dead latent whose b_enc gradient is zero this step (AuxK did not select it)
+          keeps its rows. Adam would otherwise move it on by its momentum for about
+          ``1 / (1 - beta1)`` steps after each AuxK gradient; with moments just reset that momentum is
+          a full-size step per coordinate, which drove latents to a pre-activation <= 0 on every token
+          (README, 'Dead latents'). Alive latents are never held: their momentum between the steps
+          that select them is how rare latents learn.
+
+        From the reduced gradients and the global counters: every layout flags the same latents."""
+        c, sae = self.cfg, self.sae
+        if not (c.hold_dead or c.reset_dead_moments):
+            return None
+        n = sae.b_enc.shape[0]
+        flags = torch.zeros(n, dtype=torch.uint8, device=sae.b_enc.device)
+        off = getattr(sae, "offset", 0)
+        dead = dead[off: off + n]  # this shard's latents (all of them in one process)
+        if c.hold_dead and sae.b_enc.grad is not None:
+            flags |= (dead & (sae.b_enc.grad == 0)).to(torch.uint8) * HOLD
+        if c.reset_dead_moments:
+            sf = self.since_fired[off: off + n]
+            newly = dead & (sf < c.dead_window_tokens + self.tokens_per_step(x_n))
+            flags |= newly.to(torch.uint8) * RESET
+        return {sae.W_enc: flags, sae.b_enc: flags, sae.W_dec: flags}
 
     def tokens_per_step(self, x_n: Tensor) -> int:
         """Tokens the dead-latent counters advance by per step (the global batch)."""
