@@ -9,6 +9,7 @@ import torch
 from helpers import BACKENDS, DEVICE
 from sae_kernels import SAEConfig, TopKSAE
 from trainer.config import TrainConfig
+from sae_kernels.optim import HOLD
 from trainer.train import SAEStep, StepConfig, estimate_norm, make_optimizer
 
 
@@ -192,8 +193,8 @@ def test_row_flags_of_the_step_hold_dead_latents_and_reset_newly_dead_ones(backe
     latents 0-47 are pushed far down (no gradient); 0-23 are dead from the second step on (window 64
     tokens), 24-47 are not dead yet. Under reset_dead_moments latents 0-23 start the second step with
     zeroed moments (so, without a gradient, they do not move); under hold_dead a dead latent without a
-    gradient keeps its rows, now and later. Latents that are not dead are never held: Adam's momentum
-    moves 24-47, and the selected latents move."""
+    gradient keeps its rows, now and later, and so does one revived after a reset (young moments).
+    Latents that never died are never held: Adam's momentum moves 24-47, and the selected latents move."""
     st = _step(auxk=False, dead_window_tokens=64, hold_dead=hold, reset_dead_moments=reset, device=DEVICE)
     sae = st.sae
     g = torch.Generator().manual_seed(4)
@@ -233,6 +234,20 @@ def test_row_flags_of_the_step_hold_dead_latents_and_reset_newly_dead_ones(backe
     torch.testing.assert_close(m[newly], 0.9 * m_before[newly])
     for mv in moved:
         assert bool(mv[newly & had].any()) == (not hold and not reset)
+    # revived (alive again) after a reset: its moments are young, so it is still held when idle
+    assert torch.equal(st.was_reset, newly if reset else torch.zeros_like(newly))
+    st.since_fired[:] = 0
+    sae.b_enc.grad = torch.zeros_like(sae.b_enc)
+    sae.b_enc.grad[~idle] = 1.0
+    flags = st.row_flags(st.since_fired >= 64, x)
+    assert (flags is None) == (not hold and not reset)
+    if flags is not None:
+        held = (flags[sae.W_enc] & HOLD) != 0
+        assert torch.equal(held, newly if (hold and reset) else torch.zeros_like(newly))
+    restored = _step(auxk=False, dead_window_tokens=64, hold_dead=hold, reset_dead_moments=reset, device=DEVICE)
+    restored.load_state_dict(st.state_dict())
+    assert torch.equal(restored.was_reset, st.was_reset)
+    sae.b_enc.grad = None
 
 
 # (N, d_model, d_sae, k, m dead latents, k_aux): k_aux < m, k_aux > m (all m kept), m = 1

@@ -108,13 +108,15 @@ class TrainConfig:
         "which rare massive-activation tokens of the residual stream need (README, 'Dead latents').", default=0.25)
     recentre_dead: bool = _help(
         "Once per dead window, give latents dead for two windows whose pre-activation is <= 0 on every token of the "
-        "batch (which AuxK cannot train) the centred encoder bias -W_enc @ mean(inputs). Off by default: on the embedded model it removed a third "
-        "of the remaining dead latents at A and TC but cost 0.008 held-out EV at A (README, 'Dead latents').",
+        "batch (which AuxK cannot train) the centred encoder bias -W_enc @ mean(inputs). Off by default: on the embedded model, "
+        "before --hold-dead and --reset-dead-moments, it removed a third of the remaining dead latents at A and TC but "
+        "cost 0.008 held-out EV at A (README, 'Dead latents').",
         default=False)
     hold_dead: Optional[bool] = _help(
-        "A dead latent moves only on the steps where AuxK gives it a gradient: Adam's momentum does not carry it "
-        "in between (with its moments reset, that drove latents negative on every token, out of AuxK's reach). "
-        "Default: on (off with --released-recipe).", default=None)
+        "A latent that is dead, or was ever reset by --reset-dead-moments, keeps its weights on the steps where it "
+        "gets no gradient: Adam's momentum (full-size with young moments) does not carry it in between, which drove "
+        "latents negative on every token, out of AuxK's reach. Latents that never died are not held. Default: on "
+        "(off with --released-recipe).", default=None)
     reset_dead_moments: Optional[bool] = _help(
         "When a latent becomes dead (and AuxK starts training it), zero its Adam moments, so AuxK moves it at the "
         "full step size rather than scaled down by the second moments of its alive past. Default: on (off with "

@@ -185,6 +185,7 @@ class SAEStep:
         # tokens since each latent last fired (dead-latent tracking, AuxK)
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=dev)
         self.fire_count = torch.zeros(sae.d_sae, dtype=torch.int64, device=dev)
+        self.was_reset = torch.zeros(sae.d_sae, dtype=torch.bool, device=dev)  # reset_dead_moments, ever
         self._tracking = False  # SAEAdam keeps the compute copies / decoder norms once asked
         self._scores = None  # the encode's pre-activations, kept for AuxK within one step
 
@@ -373,12 +374,13 @@ class SAEStep:
         * ``reset_dead_moments``: a latent that becomes dead at this step (its AuxK training starts)
           gets zeroed moments, so AuxK's small gradients move it at the full step size instead of
           being divided by the second moments of its alive past (beta2 0.9999 remembers ~10k steps).
-        * ``hold_dead``: a dead latent whose b_enc gradient is zero this step (AuxK did not select it)
+        * ``hold_dead``: a latent that is dead, or was ever reset (revived: its moments are young),
+          and whose b_enc gradient is zero this step (no token selected it, AuxK did not train it)
           keeps its rows. Adam would otherwise move it on by its momentum for about
-          ``1 / (1 - beta1)`` steps after each AuxK gradient; with moments just reset that momentum is
-          a full-size step per coordinate, which drove latents to a pre-activation <= 0 on every token
-          (README, 'Dead latents'). Alive latents are never held: their momentum between the steps
-          that select them is how rare latents learn.
+          ``1 / (1 - beta1)`` steps after each gradient; with young moments that is a full-size step
+          per coordinate, which drove latents to a pre-activation <= 0 on every token (README, 'Dead
+          latents'). Latents that never died are never held: their momentum between the steps that
+          select them is how rare latents learn.
 
         From the reduced gradients and the global counters: every layout flags the same latents."""
         c, sae = self.cfg, self.sae
@@ -386,14 +388,13 @@ class SAEStep:
             return None
         n = sae.b_enc.shape[0]
         flags = torch.zeros(n, dtype=torch.uint8, device=sae.b_enc.device)
-        off = getattr(sae, "offset", 0)
-        dead = dead[off: off + n]  # this shard's latents (all of them in one process)
-        if c.hold_dead and sae.b_enc.grad is not None:
-            flags |= (dead & (sae.b_enc.grad == 0)).to(torch.uint8) * HOLD
+        mine = slice(getattr(sae, "offset", 0), getattr(sae, "offset", 0) + n)  # this shard's latents
         if c.reset_dead_moments:
-            sf = self.since_fired[off: off + n]
-            newly = dead & (sf < c.dead_window_tokens + self.tokens_per_step(x_n))
-            flags |= newly.to(torch.uint8) * RESET
+            newly = dead & (self.since_fired < c.dead_window_tokens + self.tokens_per_step(x_n))
+            self.was_reset |= newly
+            flags |= newly[mine].to(torch.uint8) * RESET
+        if c.hold_dead and sae.b_enc.grad is not None:
+            flags |= ((dead | self.was_reset)[mine] & (sae.b_enc.grad == 0)).to(torch.uint8) * HOLD
         return {sae.W_enc: flags, sae.b_enc: flags, sae.W_dec: flags}
 
     def tokens_per_step(self, x_n: Tensor) -> int:
@@ -426,12 +427,14 @@ class SAEStep:
         sae.b_enc.index_copy_(0, ids, new.to(sae.b_enc.dtype))
 
     def state_dict(self) -> Dict[str, Tensor]:
-        return {"since_fired": self.since_fired.cpu(), "fire_count": self.fire_count.cpu()}
+        return {"since_fired": self.since_fired.cpu(), "fire_count": self.fire_count.cpu(),
+                "was_reset": self.was_reset.cpu()}
 
     def load_state_dict(self, sd: Dict[str, Tensor]) -> None:
         dev = self.since_fired.device
         self.since_fired = sd["since_fired"].to(dev)
         self.fire_count = sd["fire_count"].to(dev)
+        self.was_reset = sd["was_reset"].to(dev) if "was_reset" in sd else torch.zeros_like(self.was_reset)
 
 
 # ----------------------------------------------------------------------------------- checkpoints
