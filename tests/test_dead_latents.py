@@ -250,14 +250,17 @@ def test_row_flags_of_the_step_hold_dead_latents_and_reset_newly_dead_ones(backe
     sae.b_enc.grad = None
 
 
-# (N, d_model, d_sae, k, m dead latents, k_aux): k_aux < m, k_aux > m (all m kept), m = 1
-DENSE_SHAPES = [(21, 40, 97, 5, 31, 8), (9, 33, 64, 7, 5, 12), (13, 24, 50, 3, 1, 4)]
+# (N, d_model, d_sae, k, m dead latents, k_aux, encoder bias shift): k_aux < m, k_aux > m (all m kept),
+# m = 1, and k_aux < m with at most k_aux positive per row (dead latents as in training runs: the top-k
+# is the identity and is skipped)
+DENSE_SHAPES = [(21, 40, 97, 5, 31, 8, 0.0), (9, 33, 64, 7, 5, 12, 0.0), (13, 24, 50, 3, 1, 4, 0.0),
+                (17, 30, 80, 4, 40, 12, -1.6)]
 
 
 @pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "plain"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("N,d,n,k,m,k_aux", DENSE_SHAPES)
-def test_select_dense_and_subset_decode_against_float64(N, d, n, k, m, k_aux, dtype, tol, weighted):
+@pytest.mark.parametrize("N,d,n,k,m,k_aux,shift", DENSE_SHAPES)
+def test_select_dense_and_subset_decode_against_float64(N, d, n, k, m, k_aux, shift, dtype, tol, weighted):
     """AuxK's CPU route: select_dense keeps, per row, a valid top-min(k_aux, m) of the given latents
     (relu(pre) there, zeros elsewhere); subset_decode decodes it; every gradient (x, W_enc, b_enc,
     W_dec) equals float64 autograd on the same support."""
@@ -269,6 +272,8 @@ def test_select_dense_and_subset_decode_against_float64(N, d, n, k, m, k_aux, dt
     b_enc = (torch.randn(n, generator=g) * 0.1).to(dtype).requires_grad_()
     W_dec = (torch.randn(n, d, generator=g) * (torch.rand(n, 1, generator=g) + 0.5)).to(dtype).requires_grad_()
     ids = torch.randperm(n, generator=g)[:m]
+    with torch.no_grad():
+        b_enc[ids] += shift
     grad = torch.randn(N, d, generator=g).to(dtype)
     dec_norm = W_dec.detach().float().norm(dim=1) if weighted else None
     _, _, scores = encode_for_training(x, W_enc, b_enc, k, dec_norm, keep_pre=True)
@@ -279,6 +284,11 @@ def test_select_dense_and_subset_decode_against_float64(N, d, n, k, m, k_aux, dt
     score = z * Wd[ids].norm(dim=1) if weighted else z
     nz = a.detach() != 0
     ka = min(k_aux, m)
+    positive = (z > 0).sum(1)
+    if shift < 0:  # the case meant to take the identity route: every row has at most k_aux positive, some many
+        assert int(positive.max()) <= k_aux and int(positive.max()) >= 2
+    else:
+        assert k_aux >= m or int(positive.max()) > k_aux
     assert (nz.sum(1) <= ka).all()
     kth = torch.topk(score, ka, dim=1).values[:, -1:]
     slack = tol * (score.abs().max() + 1e-12)

@@ -101,8 +101,8 @@ def test_every_position_trains_evaluates_and_reloads(tiny, position):
 def test_evaluate_reports_delta_lm_loss_and_ce_score_by_their_formulas(tiny):
     """ce_clean / ce_sae / ce_zero_ablation recomputed with the Hugging Face model's own loss (labels,
     special targets ignored), then delta_lm_loss = ce_sae - ce_clean and
-    ce_score = (ce_zero - ce_sae) / (ce_zero - ce_clean) checked on evaluate()'s output."""
-    from trainer.evaluate import evaluate
+    ce_score = (ce_zero - ce_sae) / (ce_zero - ce_clean) checked on evaluate_sites()'s output."""
+    from trainer.evaluate import evaluate_sites
     from trainer.model import splice_sae, zero_ablate
 
     lm = load_model(tiny[0])
@@ -126,7 +126,7 @@ def test_evaluate_reports_delta_lm_loss_and_ce_score_by_their_formulas(tiny):
     with zero_ablate(lm.model, 1, "R", lm.special_ids):
         zero = hf_loss()
     assert min(abs(with_sae - clean), abs(zero - with_sae), abs(zero - clean)) > 1e-3  # distinct, or nothing is shown
-    m = evaluate(lm, {"sae": sae}, ids, 1, "R", special_ids=lm.special_ids, batch_size=3)[0]["sae"]
+    m = evaluate_sites(lm, {(1, "R"): {"sae": sae}}, ids, special_ids=lm.special_ids, batch_size=3)[0]["sae"]
     assert m["ce_tokens"] == 4 * 47 - 1
     for key, want in (("ce_clean", clean), ("ce_sae", with_sae), ("ce_zero_ablation", zero)):
         assert m[key] == pytest.approx(want, rel=1e-5), key

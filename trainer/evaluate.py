@@ -251,29 +251,6 @@ def evaluate_sites(
     return out, got["acts"]
 
 
-def evaluate(
-    lm: LoadedModel,
-    saes: Dict[str, object],
-    contexts: Tensor,
-    layer: int,
-    position: str,
-    *,
-    special_ids: Sequence[int],
-    batch_size: int = 2,
-    lm_loss: bool = True,
-    lm_loss_contexts: Optional[int] = None,
-    position_buckets: Optional[Sequence[int]] = None,
-    progress: bool = False,
-) -> Tuple[Dict[str, Dict[str, object]], Tuple[Tensor, Optional[Tensor]]]:
-    """``evaluate_sites`` at one site: the metrics of each SAE in ``saes`` (name -> module), and the
-    held-out activations ``(x, y)`` they were computed on (``y`` is None unless TC)."""
-    metrics, acts = evaluate_sites(lm, {(layer, position): saes}, contexts, special_ids=special_ids,
-                                   batch_size=batch_size, lm_loss=lm_loss, lm_loss_contexts=lm_loss_contexts,
-                                   position_buckets=position_buckets, progress=progress)
-    hooks = position_hooks(layer, position)
-    return metrics, (acts[hooks[0]], acts[hooks[1]] if len(hooks) > 1 else None)
-
-
 def position_bucket(positions: Tensor, edges: Sequence[int]) -> Tensor:
     """Index ``i`` of the bucket ``[edges[i], edges[i+1])`` holding each position; -1 outside them all."""
     e = torch.as_tensor(list(edges), dtype=torch.int64)

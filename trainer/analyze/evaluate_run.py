@@ -21,7 +21,7 @@ import torch
 
 from ..evaluate import EV_CONVENTION, evaluate_sites
 from ..model import load_model
-from .cli import device_of, run_cli, show_defaults
+from .cli import add_corpus_args, device_of, run_cli, show_defaults
 from .corpus import held_out_contexts
 from .export import write_json
 from .runs import RunError, resolve_run, settings_of
@@ -52,32 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "evaluation (reproduces its eval.json). Writes <run>/evaluations/<model>_<dataset>_ctx<L>.json "
                     "and .svg.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folder or suite folder")
-    p.add_argument("--model", metavar="M", default=None,
-                   help="LM to evaluate on: Hub name, local folder or .gguf, 'embedded' (default: the run's)")
-    p.add_argument("--dataset", metavar="D", default=None,
-                   help="'pydoc', a local txt/json/jsonl/parquet/csv file or folder, or a Hub dataset (default: the run's)")
-    p.add_argument("--dataset-config", metavar="S", default=None, help="Hub dataset configuration (subset)")
-    p.add_argument("--split", metavar="S", default=None, help="Hub dataset split (default: the run's, else train)")
-    p.add_argument("--text-column", metavar="S", default=None, help="column holding the text")
-    p.add_argument("--context-len", metavar="L", type=int, default=None,
-                   help="tokens per context, BOS included (default: the run's; the embedded model supports 8192)")
-    p.add_argument("--tokens", metavar="N", type=int, default=None,
-                   help="evaluated tokens, whole contexts chosen by the run's held-out rule (every eval_every-th "
-                        "context; default: the run's eval_tokens, at least one context)")
+    add_corpus_args(
+        p,
+        model="LM to evaluate on: Hub name, local folder or .gguf, 'embedded' (default: the run's)",
+        dataset="'pydoc', a local txt/json/jsonl/parquet/csv file or folder, or a Hub dataset (default: the run's)",
+        context_len="tokens per context, BOS included (default: the run's; the embedded model supports 8192)",
+        tokens="evaluated tokens, whole contexts chosen by the run's held-out rule (every eval_every-th "
+               "context; default: the run's eval_tokens, at least one context)",
+        batch_size="contexts per LM forward (default: as the run's evaluation, min(lm_batch_size, 2))",
+        progress="show a progress bar (counted in context tokens)")
     p.add_argument("--lm-tokens", metavar="N", type=int, default=None,
                    help="tokens (whole contexts, a prefix of the evaluated ones) for delta LM loss and CE score "
                         "(default: the run's eval_lm_tokens)")
     p.add_argument("--lm-loss", action=argparse.BooleanOptionalAction, default=None,
                    help="measure delta LM loss and CE score (runs the whole LM 3x; default: as the run did)")
-    p.add_argument("--batch-size", metavar="N", type=int, default=None,
-                   help="contexts per LM forward (default: as the run's evaluation, min(lm_batch_size, 2))")
     p.add_argument("--position-buckets", metavar="E", default=None,
                    help="comma-separated bucket edges over token positions (default: 0,64,128,256,...,context_len)")
-    p.add_argument("--device", metavar="S", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
     p.add_argument("--output", metavar="PATH", default=None,
                    help="JSON file to write (the figure goes beside it as .svg); one RUN with one SAE only")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="show a progress bar (counted in context tokens)")
     return show_defaults(p)
 
 
