@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import torch
 
 from sae_kernels import SAEConfig, TopKSAE

@@ -8,8 +8,8 @@ import torch
 
 from helpers import BACKENDS, DEVICE
 from sae_kernels import SAEConfig, TopKSAE
-from trainer.config import TrainConfig
 from sae_kernels.optim import HOLD
+from trainer.config import TrainConfig
 from trainer.train import SAEStep, StepConfig, estimate_norm, make_optimizer
 
 

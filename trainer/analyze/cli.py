@@ -9,7 +9,6 @@ folder, or a suite folder of them). Per SAE it writes ``<member>/analysis/`` (JS
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from ..model import load_model
 from ..run import _device as device_of  # 'auto', 'cpu', 'cuda', 'cuda:1', with the same errors as trainer.run
 from .corpus import held_out_contexts
 from .dashboard import member_links, write_data, write_member_page, write_suite_page
-from .export import export_member, write_json
+from .export import export_member
 from .features import PassConfig, analysis_pass
 from .logits import logit_effects, unembedding
 from .runs import Member, RunError, resolve_run, settings_of

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
