@@ -130,6 +130,27 @@ def test_plain_and_weighted_selection_differ_only_by_decoder_norms():
     assert not torch.equal(i_w.sort(1).values, i_p.sort(1).values)
 
 
+def test_death_counter_counts_each_crossing_of_the_window():
+    """``deaths`` counts the steps at which a latent's tokens-since-fired crosses the dead window:
+    once for a latent that never fires, again each time a revived latent dies anew; a latent that
+    fires within every window never counts. Checked against the same counts done by hand."""
+    st = make_step(dead_window_tokens=20)
+    g = torch.Generator().manual_seed(1)
+    fires = torch.rand(30, 96, generator=g) < torch.linspace(0.0, 0.6, 96)  # latent 0 never fires
+    since, deaths = torch.zeros(96, dtype=torch.int64), torch.zeros(96, dtype=torch.int64)
+    for f in fires:
+        st.advance_counters(st.since_fired, st.fire_count, st.deaths, f.long() * 2, 8)
+        old, since = since, torch.where(f, 0, since + 8)
+        deaths += ((since >= 20) & (old < 20)).long()
+    assert torch.equal(st.deaths, deaths) and torch.equal(st.since_fired, since)
+    assert torch.equal(st.fire_count, fires.long().sum(0) * 2)
+    assert int(st.deaths[0]) == 1 and int(deaths.max()) >= 2  # never fired: one death; some died twice
+    assert bool((st.deaths == 0).any())
+    st2 = make_step(dead_window_tokens=20)
+    st2.load_state_dict(st.state_dict())
+    assert torch.equal(st2.deaths, st.deaths)
+
+
 def test_dead_latent_tracking_and_auxk_gradients():
     st = make_step(auxk=True, dead_window_tokens=1, k_aux=8)
     x = torch.randn(8, 24)  # 8 tokens x k=4 fire at most 32 of the 96 latents

@@ -111,7 +111,7 @@ class ParallelSAEStep(SAEStep):
     def __call__(self, x: Tensor, y: Optional[Tensor], t: int) -> Dict[str, Tensor]:
         if not self.ctx.distributed:
             return super().__call__(x, y, t)
-        since, count = self.since_fired.clone(), self.fire_count.clone()
+        since, count, deaths = self.since_fired.clone(), self.fire_count.clone(), self.deaths.clone()
         out = super().__call__(x, y, t)
         # The step counted this rank's winners on its group's tokens; redo the counter update with
         # the counts of the whole world (every latent, every data group) so the full-width counters
@@ -121,8 +121,7 @@ class ParallelSAEStep(SAEStep):
             counts = torch.zeros_like(count)
             counts.scatter_add_(0, indices.reshape(-1), (values > 0).reshape(-1).long())
             counts = self.ctx.world_all_reduce(counts)
-            self.fire_count = count + counts
-            self.since_fired = torch.where(counts > 0, torch.zeros_like(since), since + x.shape[0] * self.ctx.dp)
+            self.advance_counters(since, count, deaths, counts, x.shape[0] * self.ctx.dp)
         if self.ctx.tp > 1 and "l0" in out:
             out["l0"] = self.ctx.model_all_reduce(out["l0"])  # each rank counted its own winners
         return out

@@ -348,7 +348,9 @@ def _run(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSta
     mine: Dict[str, Tuple[Member, TopKSAE, int]] = {}
     for mem in members:
         full = mem.step.full_sae() if hasattr(mem.step, "full_sae") else mem.step.sae
-        dead = int((mem.step.since_fired >= mem.step.cfg.dead_window_tokens).sum())
+        deaths = mem.step.deaths
+        dead = {"dead_latents_train": int((mem.step.since_fired >= mem.step.cfg.dead_window_tokens).sum()),
+                "latents_died_train": int((deaths > 0).sum()), "death_events_train": int(deaths.sum())}
         if mem.comm.is_main:
             mine[mem.name] = (mem, full.to(device), dead)
     ctx.barrier()
@@ -401,9 +403,11 @@ def _run(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSta
             result.update({
                 "k": cfg.k, "d_sae": sae.d_sae, "d_model": d, "layer": m.layer, "position": m.position,
                 "expansion": m.expansion, "model": lm.name, "dataset": cfg.dataset,
-                "dead_latents_train": dead, "dead_window_tokens": cfg.dead_window_tokens,
+                **dead, "dead_window_tokens": cfg.dead_window_tokens,
                 "dead_latents_convention": "dead_latents_eval: no activation on any held-out token; dead_latents_train: "
-                                           "no activation in the last dead_window_tokens training tokens",
+                                           "no activation in the last dead_window_tokens training tokens; "
+                                           "latents_died_train: latents that were dead (by that window) at some "
+                                           "step; death_events_train: how often a latent became dead, summed",
                 "explained_variance_convention": EV_CONVENTION,
                 "checkpoint": str(mem.run_dir), "checkpoint_dtype": cfg.export_dtype,
                 "evaluated": "the exported checkpoint as reloaded by TopKSAE.from_llama_scope",

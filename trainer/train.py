@@ -186,6 +186,7 @@ class SAEStep:
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=dev)
         self.fire_count = torch.zeros(sae.d_sae, dtype=torch.int64, device=dev)
         self.was_reset = torch.zeros(sae.d_sae, dtype=torch.bool, device=dev)  # reset_dead_moments, ever
+        self.deaths = torch.zeros(sae.d_sae, dtype=torch.int64, device=dev)  # times each latent became dead
         self._tracking = False  # SAEAdam keeps the compute copies / decoder norms once asked
         self._scores = None  # the encode's pre-activations, kept for AuxK within one step
 
@@ -333,9 +334,7 @@ class SAEStep:
             fired = values > 0
             counts = torch.zeros(sae.d_sae, dtype=torch.int64, device=values.device)
             counts.scatter_add_(0, indices.reshape(-1), fired.reshape(-1).long())
-            self.fire_count += counts
-            self.since_fired = torch.where(counts > 0, torch.zeros_like(self.since_fired),
-                                           self.since_fired + x.shape[0])
+            self.advance_counters(self.since_fired, self.fire_count, self.deaths, counts, x.shape[0])
             # sums over the global batch (one collective under data parallelism)
             err_var = self.comm.data_mean(torch.stack([(x_hat - y_n).pow(2).sum(), (y_n - mean).pow(2).sum()]))
             err, var = err_var[0], err_var[1].clamp_min(1e-12)
@@ -397,6 +396,18 @@ class SAEStep:
             flags |= ((dead | self.was_reset)[mine] & (sae.b_enc.grad == 0)).to(torch.uint8) * HOLD
         return {sae.W_enc: flags, sae.b_enc: flags, sae.W_dec: flags}
 
+    @torch.no_grad()
+    def advance_counters(self, since: Tensor, fire: Tensor, deaths: Tensor, counts: Tensor, tokens: int) -> None:
+        """The dead-latent counters after a step of ``tokens`` tokens whose winners fired ``counts``
+        times per latent, from their values before it (``since``, ``fire``, ``deaths``): tokens since
+        each latent last fired, its firings, and how often it became dead (``since_fired`` crossing
+        ``dead_window_tokens``; a latent that dies, revives and dies again counts twice)."""
+        w = self.cfg.dead_window_tokens
+        new = torch.where(counts > 0, torch.zeros_like(since), since + tokens)
+        self.deaths = deaths + ((new >= w) & (since < w)).long()
+        self.fire_count = fire + counts
+        self.since_fired = new
+
     def tokens_per_step(self, x_n: Tensor) -> int:
         """Tokens the dead-latent counters advance by per step (the global batch)."""
         return x_n.shape[0]
@@ -428,13 +439,14 @@ class SAEStep:
 
     def state_dict(self) -> Dict[str, Tensor]:
         return {"since_fired": self.since_fired.cpu(), "fire_count": self.fire_count.cpu(),
-                "was_reset": self.was_reset.cpu()}
+                "was_reset": self.was_reset.cpu(), "deaths": self.deaths.cpu()}
 
     def load_state_dict(self, sd: Dict[str, Tensor]) -> None:
         dev = self.since_fired.device
         self.since_fired = sd["since_fired"].to(dev)
         self.fire_count = sd["fire_count"].to(dev)
         self.was_reset = sd["was_reset"].to(dev) if "was_reset" in sd else torch.zeros_like(self.was_reset)
+        self.deaths = sd["deaths"].to(dev) if "deaths" in sd else torch.zeros_like(self.deaths)
 
 
 # ----------------------------------------------------------------------------------- checkpoints
