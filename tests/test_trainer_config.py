@@ -16,6 +16,7 @@ def test_defaults_are_valid_and_embedded():
     assert r.k_start == 288 and r.k_aux == 288
     assert r.warmup_steps == max(1, int(0.05 * r.total_steps))
     assert r.eval_lm_tokens == 4096
+    assert r.dead_window_tokens == 16384  # 16 batches of 1024 (README, 'Dead latents')
     assert c.layer is None  # resolve returns a copy
 
 
@@ -24,6 +25,13 @@ def test_recipe_defaults_for_other_models():
     for k, v in RECIPE_DEFAULTS.items():
         assert getattr(r, k) == v, k
     assert r.layer == 16 and r.eval_lm_tokens == r.eval_tokens and r.precision == "bf16"
+
+
+@pytest.mark.parametrize("tokens,batch,window", [(300_000, 1024, 16384), (2_000_000, 1024, 100_000),
+                                                 (800_000_000, 4096, 10_000_000)])
+def test_dead_window_default_is_16_batches_or_a_twentieth_of_the_run_capped_at_10m(tokens, batch, window):
+    r = TrainConfig(model="org/model", tokens=tokens, batch_size=batch).resolve(32, 4096, "cuda")
+    assert r.dead_window_tokens == window
 
 
 def test_explicit_values_win():

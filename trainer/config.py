@@ -129,7 +129,9 @@ class TrainConfig:
     k_aux: Optional[int] = _help("Latents in the AuxK reconstruction (default d_model / 2).", default=None)
     dead_window_tokens: Optional[int] = _help(
         "A latent is dead when it has not fired for this many training tokens "
-        "(default min(10M, max(8 batches, tokens / 40)): 8192 on the embedded default).", default=None)
+        "(default min(10M, max(16 batches, tokens / 20)): 16384 on the embedded default; a shorter window "
+        "counts rare latents as dead, and the moment reset and AuxK that follow disturb them: README, "
+        "'Dead latents').", default=None)
     precision: str = _help("'fp32', 'bf16' (activations and SAE compute in bf16, fp32 master weights), "
                            "or 'auto' (bf16 on CUDA, fp32 on CPU).", default="auto")
     seed: int = _help("Seed of the SAE init, data order and buffer shuffles.", default=42)
@@ -296,7 +298,7 @@ class TrainConfig:
 
             c.warmup_steps = default_warmup(c.total_steps)
         if c.dead_window_tokens is None:
-            c.dead_window_tokens = min(10_000_000, max(8 * c.batch_size, c.tokens // 40))
+            c.dead_window_tokens = min(10_000_000, max(16 * c.batch_size, c.tokens // 20))
         if c.buffer_tokens < 2 * c.batch_size:
             raise ValueError(f"--buffer-tokens: expected at least 2 x --batch-size = {2 * c.batch_size}, got {c.buffer_tokens}")
         if c.precision == "auto":
