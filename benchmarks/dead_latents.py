@@ -21,7 +21,8 @@ from pathlib import Path
 
 VARIANTS = {"default": [], "released": ["--released-recipe"]}
 FIELDS = ("dead_latents_eval", "dead_fraction_eval", "explained_variance", "explained_variance_per_token", "l0",
-          "delta_lm_loss", "ce_score", "dead_latents_train", "d_sae", "n_tokens")
+          "delta_lm_loss", "ce_score", "dead_latents_train", "latents_died_train", "death_events_train", "d_sae",
+          "n_tokens")
 
 
 def run_one(position: str, variant: str, out: Path, extra) -> dict:
