@@ -345,7 +345,7 @@ def _run(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSta
 
     # ---- each member's main rank gathers its SAE, exports it in the released layout, evaluates what a
     # user reloads; its members share one pass over the held-out contexts (one clean LM pass)
-    mine: Dict[str, Tuple[Member, TopKSAE, int]] = {}
+    mine: Dict[str, Tuple[Member, TopKSAE, Dict[str, int]]] = {}
     for mem in members:
         full = mem.step.full_sae() if hasattr(mem.step, "full_sae") else mem.step.sae
         deaths = mem.step.deaths
