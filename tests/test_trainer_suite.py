@@ -77,8 +77,10 @@ def test_every_member_equals_its_run_alone(tiny, suite):
         assert metrics_lines(mine) == metrics_lines(theirs)
         got = res["members"][name]
         for key in ("explained_variance", "explained_variance_per_token", "l0", "dead_latents_eval",
-                    "dead_latents_train", "delta_lm_loss", "ce_score", "ce_zero_ablation"):
+                    "dead_latents_train", "latents_died_train", "death_events_train", "delta_lm_loss", "ce_score",
+                    "ce_zero_ablation"):
             assert got[key] == alone[key], (name, key)
+        assert got["dead_latents_train"] <= got["latents_died_train"] <= got["death_events_train"]
         assert got["lm_tokens"] == alone["lm_tokens"]  # the LM ran once per context, as for one SAE
         assert not (mine / "resume").exists()
 
