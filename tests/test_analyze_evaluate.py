@@ -62,3 +62,34 @@ def test_bad_context_len_names_the_flag(tiny_suite, capsys):
     assert "--context-len" in capsys.readouterr().err
     assert main([str(suite / "L1R-8x"), "--position-buckets", "5,3"]) == 2
     assert "--position-buckets" in capsys.readouterr().err
+
+
+def test_training_contexts_are_contexts_the_run_trained_on(tiny_suite, capsys):
+    from trainer.analyze.corpus import held_out_contexts
+    from trainer.analyze.runs import resolve_run
+    from trainer.data import ContextData, load_documents
+    from trainer.model import load_model
+
+    model, suite = tiny_suite
+    run = suite / "L1R-8x"
+    m = resolve_run(run).members[0]
+    lm = load_model(model)
+    held = held_out_contexts(m.train_config, lm)
+    got = held_out_contexts(m.train_config, lm, trained=True)
+    assert got.info["training_contexts"] and not got.info["held_out"] and not held.info["training_contexts"]
+    assert got.contexts.shape == held.contexts.shape
+    s = m.train_config
+    data = ContextData(load_documents(), lm.tokenizer, s["context_len"], s["lm_batch_size"],
+                       eval_every=s["eval_every"], eval_contexts=len(held.contexts), seed=s["seed"])
+    train = {tuple(r.tolist()) for r in data.train_tokens()}
+    assert all(tuple(r.tolist()) in train for r in got.contexts)  # every one was trained on
+    assert not {tuple(r.tolist()) for r in got.contexts} & {tuple(r.tolist()) for r in held.contexts}
+
+    # the user's command writes beside the held-out evaluation, not over it
+    assert main([str(run), "--training-contexts", "--no-lm-loss", "--no-progress"]) == 0
+    files = sorted((run / "evaluations").glob("*_ctx64_trained.json"))
+    assert len(files) == 1
+    doc = json.loads(files[0].read_text())
+    assert doc["corpus"]["training_contexts"] and math.isfinite(doc["explained_variance"])
+    assert main([str(run), "--training-contexts", "--context-len", "128"]) == 2
+    assert "--training-contexts" in capsys.readouterr().err

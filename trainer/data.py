@@ -213,9 +213,15 @@ class ContextData:
         eval_contexts: int = 16,
         seed: int = 42,
         use_bos: bool = True,
+        eval_phase: Optional[int] = None,
     ) -> None:
         if eval_every < 2:
             raise DataError(f"--eval-every: expected >= 2, got {eval_every}")
+        # which residue of i % eval_every is held out: eval_every - 1 (the run's rule); another phase picks
+        # contexts the run trained on, e.g. to compare an SAE's fit on them with its held-out one
+        self.eval_phase = eval_every - 1 if eval_phase is None else eval_phase
+        if not 0 <= self.eval_phase < eval_every:
+            raise DataError(f"eval_phase: expected 0 <= eval_phase < eval_every = {eval_every}, got {eval_phase}")
         self.docs, self.tokenizer = docs, tokenizer
         self.context_len, self.lm_batch_size = context_len, lm_batch_size
         self.eval_every, self.n_eval_max, self.seed = eval_every, eval_contexts, seed
@@ -248,7 +254,7 @@ class ContextData:
             self.eval = torch.tensor(ev, dtype=torch.int64).reshape(-1, context_len)
 
     def _is_eval(self, i: int) -> bool:
-        return i % self.eval_every == self.eval_every - 1 and i // self.eval_every < self.n_eval_max
+        return i % self.eval_every == self.eval_phase and i // self.eval_every < self.n_eval_max
 
     @property
     def special_ids(self) -> List[int]:

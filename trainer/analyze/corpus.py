@@ -4,7 +4,9 @@
 for the first ``ceil(eval_tokens / context_len)`` such contexts. Given a run's settings
 (``train_config.json``) and nothing else, ``held_out_contexts`` returns exactly those contexts; with
 more ``tokens`` the same rule continues past the run's split (those later contexts were trained on);
-with another ``dataset`` or ``context_len`` the rule picks contexts of that stream.
+with another ``dataset`` or ``context_len`` the rule picks contexts of that stream. With ``trained`` it
+picks, by the same rule, the context just before each held-out one (``i % eval_every == 0``), which the
+run trained on: an SAE's EV there against its held-out EV is how much it fits its training text only.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ class Corpus:
 
 def held_out_contexts(settings: Dict[str, Any], lm, *, dataset: Optional[str] = None, tokens: Optional[int] = None,
                       context_len: Optional[int] = None, dataset_config: Optional[str] = None,
-                      split: Optional[str] = None, text_column: Optional[str] = None) -> Corpus:
+                      split: Optional[str] = None, text_column: Optional[str] = None,
+                      trained: bool = False) -> Corpus:
     s = dict(FALLBACK)
     s.update({k: v for k, v in settings.items() if v is not None})
     own_data = dataset is None or dataset == s["dataset"]
@@ -49,13 +52,22 @@ def held_out_contexts(settings: Dict[str, Any], lm, *, dataset: Optional[str] = 
                           dataset_config=dataset_config if dataset_config is not None else
                           (s.get("dataset_config") if own_data else None),
                           streaming=s.get("streaming") if own_data else None)
+    if trained and not (own_data and T == int(s["context_len"]) and settings):
+        raise ValueError("--training-contexts: expected the run's own data and context length (no --dataset, "
+                         "--context-len other than the run's; a released checkpoint has no training text)")
     n_ctx = max(1, math.ceil(n_tok / T))
     data = ContextData(docs, lm.tokenizer, T, int(s["lm_batch_size"]), eval_every=int(s["eval_every"]),
-                       eval_contexts=n_ctx, seed=int(s["seed"]), use_bos=bool(s["use_bos"]))
+                       eval_contexts=n_ctx, seed=int(s["seed"]), use_bos=bool(s["use_bos"]),
+                       eval_phase=0 if trained else None)
     special = sorted(set(lm.special_ids) | set(data.special_ids))
-    same = own_data and T == int(s["context_len"]) and n_ctx <= math.ceil(int(s["eval_tokens"]) / int(s["context_len"]))
-    rule = (f"every {s['eval_every']}th context of the packed stream, the first {len(data.eval)}"
-            + (" (the run's held-out split)" if same and settings else ""))
+    same = (own_data and T == int(s["context_len"]) and not trained
+            and n_ctx <= math.ceil(int(s["eval_tokens"]) / int(s["context_len"])))
+    if trained:
+        rule = (f"every {s['eval_every']}th context of the packed stream starting at 0, the first {len(data.eval)}: "
+                "the context before each held-out one, trained on")
+    else:
+        rule = (f"every {s['eval_every']}th context of the packed stream, the first {len(data.eval)}"
+                + (" (the run's held-out split)" if same and settings else ""))
     contexts = data.eval
     if len(contexts) < n_ctx:
         rule += f"; the data holds only {len(contexts)} such contexts"
@@ -63,4 +75,5 @@ def held_out_contexts(settings: Dict[str, Any], lm, *, dataset: Optional[str] = 
     return Corpus(contexts, special, {
         "dataset": ds, "n_contexts": int(len(contexts)), "context_len": T,
         "tokens": int(contexts.numel()) - n_special, "rule": rule, "held_out": bool(same and settings),
+        "training_contexts": bool(trained),
     })

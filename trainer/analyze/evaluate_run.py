@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure delta LM loss and CE score (runs the whole LM 3x; default: as the run did)")
     p.add_argument("--position-buckets", metavar="E", default=None,
                    help="comma-separated bucket edges over token positions (default: 0,64,128,256,...,context_len)")
+    p.add_argument("--training-contexts", action="store_true",
+                   help="evaluate on contexts the run trained on instead of its held-out ones: the context just "
+                        "before each held-out one, as many (the run's own data and context length only). The EV "
+                        "there minus the held-out EV is how much the SAE fits its training text only; the output "
+                        "file's name ends in _trained")
     p.add_argument("--output", metavar="PATH", default=None,
                    help="JSON file to write (the figure goes beside it as .svg); one RUN with one SAE only")
     return show_defaults(p)
@@ -141,7 +146,8 @@ def run_evaluation(args, log=print) -> List[Dict[str, Any]]:
         if m.layer >= lm.n_layers:
             raise RunError(f"{m.folder}: layer {m.layer}, but the model has {lm.n_layers} layers")
     corpus = held_out_contexts(settings, lm, dataset=args.dataset, tokens=args.tokens, context_len=args.context_len,
-                               dataset_config=args.dataset_config, split=args.split, text_column=args.text_column)
+                               dataset_config=args.dataset_config, split=args.split, text_column=args.text_column,
+                               trained=args.training_contexts)
     T = corpus.info["context_len"]
     edges = bucket_edges(args.position_buckets, T)
     lm_loss = args.lm_loss if args.lm_loss is not None else bool(settings.get("eval_lm_loss", True))
@@ -179,7 +185,8 @@ def run_evaluation(args, log=print) -> List[Dict[str, Any]]:
         if args.output:
             path = Path(args.output)
         else:
-            path = m.folder / "evaluations" / f"{_slug(doc['model_short'])}_{_slug(doc['dataset'])}_ctx{T}.json"
+            tail = "_trained" if args.training_contexts else ""
+            path = m.folder / "evaluations" / f"{_slug(doc['model_short'])}_{_slug(doc['dataset'])}_ctx{T}{tail}.json"
         write_json(path, doc)
         path.with_suffix(".svg").write_text(figure(doc), encoding="utf-8")
         line = (f"{m.name}: EV {r['explained_variance']:.4f} (per token {r['explained_variance_per_token']:.4f}), "
