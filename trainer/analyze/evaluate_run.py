@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated bucket edges over token positions (default: 0,64,128,256,...,context_len)")
     p.add_argument("--training-contexts", action="store_true",
                    help="evaluate on contexts the run trained on instead of its held-out ones: the context just "
-                        "before each held-out one, as many (the run's own data and context length only). The EV "
+                        "before each held-out one, as many (the run's own data and context length only; trained on when the "
+                        "run made a pass over in-memory data, or streamed past them). The EV "
                         "there minus the held-out EV is how much the SAE fits its training text only; the output "
                         "file's name ends in _trained")
     p.add_argument("--output", metavar="PATH", default=None,
