@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure delta LM loss and CE score (runs the whole LM 3x; default: as the run did)")
     p.add_argument("--position-buckets", metavar="E", default=None,
                    help="comma-separated bucket edges over token positions (default: 0,64,128,256,...,context_len)")
-    p.add_argument("--training-contexts", action="store_true",
+    p.add_argument("--training-contexts", action=argparse.BooleanOptionalAction, default=False,
                    help="evaluate on contexts the run trained on instead of its held-out ones: the context just "
                         "before each held-out one, as many (the run's own data and context length only; trained on when the "
                         "run made a pass over in-memory data, or streamed past them). The EV "
