@@ -12,7 +12,10 @@ parameter and the moments once (torch's Adam arithmetic), and in the same pass:
 * reads a flag per latent (FLAGS: 1 one per row of a 2-D weight, 2 one per element of a bias): bit
   HOLD (1) keeps the parameter's value (the moments still take the step), bit RESET (2) zeroes both
   moments before the step. The SAE step holds the latents no token selected (Adam's momentum would
-  otherwise keep moving them) and resets the moments of latents that just died.
+  otherwise keep moving them) and resets the moments of latents that just died;
+* reads a step size and a second-moment correction per latent instead of the scalars (ROW_BC: 1 one
+  per row, 2 one per element): a row's Adam restarted by a reset counts its bias corrections from
+  the reset (``sae_kernels.optim``).
 
 The parameter is viewed as rows of ``n_cols`` elements (its real rows for a 2-D weight; 128-element
 chunks of a 1-D bias); a program updates BLOCK_R rows, BLOCK_C columns at a time. Moments may be
@@ -28,9 +31,11 @@ def _adam_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr,        # [n_elem] fp32 parameter, gradient (any float), moments (fp32 or bf16)
     copy_ptr, sumsq_ptr, scale_ptr,    # [n_elem] compute copy, [n_rows] fp32 row sums of squares, [1] grad factor
     flags_ptr,                         # uint8 per row (FLAGS 1) or per element (FLAGS 2): HOLD 1, RESET 2
+    rstep_ptr, rbc2_ptr,               # fp32 per row (ROW_BC 1) or per element (ROW_BC 2): step size, bc2_sqrt
     n_elem, n_rows, n_cols,
     beta1, beta2, eps, step_size, bc2_sqrt,
     HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, HAS_SUMSQ: tl.constexpr, FLAGS: tl.constexpr,
+    ROW_BC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -42,6 +47,9 @@ def _adam_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     if FLAGS == 1:
         row_flags = tl.load(flags_ptr + rows, mask=row_mask, other=0).to(tl.int32)
+    if ROW_BC == 1:
+        row_step = tl.load(rstep_ptr + rows, mask=row_mask, other=0.0)[:, None]
+        row_bc2 = tl.load(rbc2_ptr + rows, mask=row_mask, other=1.0)[:, None]
     for c0 in range(0, n_cols, BLOCK_C):
         col = c0 + offs
         i = rows[:, None] * n_cols + col[None, :]
@@ -60,7 +68,14 @@ def _adam_kernel(
             v = tl.where(reset, 0.0, v)
         m = m + (1.0 - beta1) * (g - m)                  # exp_avg.lerp_(grad, 1 - beta1)
         v = v * beta2 + (1.0 - beta2) * g * g            # exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
-        new = p - step_size * (m / (tl.sqrt(v) / bc2_sqrt + eps))
+        if ROW_BC == 1:
+            new = p - row_step * (m / (tl.sqrt(v) / row_bc2 + eps))
+        elif ROW_BC == 2:
+            e_step = tl.load(rstep_ptr + i, mask=mask, other=0.0)
+            e_bc2 = tl.load(rbc2_ptr + i, mask=mask, other=1.0)
+            new = p - e_step * (m / (tl.sqrt(v) / e_bc2 + eps))
+        else:
+            new = p - step_size * (m / (tl.sqrt(v) / bc2_sqrt + eps))
         if FLAGS != 0:
             new = tl.where((f & 1) != 0, p, new)
         p = new

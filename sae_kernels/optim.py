@@ -12,8 +12,12 @@
   traffic, at the cost of moment precision.
 * **Row flags.** ``step(row_flags={param: flags})``, ``flags`` uint8 over the parameter's leading index
   (a row of a 2-D weight, an element of a 1-D bias): ``HOLD`` keeps the values (Adam would otherwise
-  go on moving a row whose gradient is zero, by its momentum), ``RESET`` zeroes both moments first
-  (the step size then follows the row's new gradients, not ones from long ago); ``HOLD | RESET`` both.
+  go on moving a row whose gradient is zero, by its momentum), ``RESET`` restarts the row's Adam: both
+  moments start from zero and its bias corrections count the steps since the reset (state
+  ``row_step0``, the step count at the row's last reset), so the row steps as a fresh Adam would.
+  Zeroed moments alone, corrected with the run's step count ``t``, leave the second moment
+  under-corrected by ``n / t`` after ``n`` steps since the reset, and the row's steps up to
+  ``sqrt(t / n)`` times too large. ``HOLD | RESET`` both.
 
 On CUDA (Triton) the update of each parameter is one fused kernel (``csrc_triton/adam.py``) that
 reads the parameter, its gradient and both moments once and writes the parameter, the moments, the
@@ -159,13 +163,38 @@ class SAEAdam(torch.optim.Adam):
             st["exp_avg_sq"] = st["exp_avg_sq"].to(mdt)
         return st
 
+    @staticmethod
+    def _mark_restarts(p: Tensor, st: Dict[str, Tensor], flags: Tensor) -> None:
+        """Record the step count (before this step) of the rows that ``flags`` resets, in
+        ``st["row_step0"]`` (fp32, exact up to 2**24 steps; created at the first flags, all zeros:
+        0 is 'never reset', whose corrections use the run's step count). No host sync."""
+        r = st.get("row_step0")
+        if r is None:
+            r = st["row_step0"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+        reset = (flags & RESET) != 0
+        r.copy_(torch.where(reset, torch.full_like(r, float(st["step"])), r))
+
+    @staticmethod
+    def _restart_factors(group, st: Dict[str, Tensor], t: float):
+        """Per-row ``(lr / (1 - beta1**n), sqrt(1 - beta2**n))``, fp32, with ``n = t - row_step0``
+        the steps since a row's last reset (``t`` for rows never reset); None without restarts."""
+        r = st.get("row_step0")
+        if r is None:
+            return None
+        beta1, beta2 = group["betas"]
+        n = (t - r.double()).clamp_min(1.0)
+        return ((group["lr"] / (1 - beta1 ** n)).float(), (1 - beta2 ** n).sqrt().float())
+
     def _kernel_step(self, group, p: Tensor, grad_scale: Optional[Tensor], flags: Optional[Tensor]) -> None:
         from . import triton_ops
 
         st = self._state(p)
         beta1, beta2 = group["betas"]
+        if flags is not None:
+            self._mark_restarts(p, st, flags)
         st["step"] += 1
         t = float(st["step"])  # a CPU tensor: no device sync
+        per_row = self._restart_factors(group, st, t)
         t_rec = self._tracked.get(id(p))
         if t_rec is not None and (t_rec.version != p._version or t_rec.ptr != p.data_ptr()):
             self._recompute(p, t_rec)  # modified outside the step: copies must start right
@@ -179,6 +208,7 @@ class SAEAdam(torch.optim.Adam):
             p, grad, st["exp_avg"], st["exp_avg_sq"], beta1=beta1, beta2=beta2, eps=group["eps"],
             step_size=group["lr"] / (1 - beta1 ** t), bc2_sqrt=math.sqrt(1 - beta2 ** t),
             scale=scale, copy=copy, row_sumsq=sumsq, flags=None if flags is None else flags.contiguous(),
+            row_step_size=None if per_row is None else per_row[0], row_bc2_sqrt=None if per_row is None else per_row[1],
         )
         if sumsq is not None:
             sumsq.sqrt_()
@@ -195,15 +225,22 @@ class SAEAdam(torch.optim.Adam):
             for p in params:
                 p.grad.mul_(grad_scale.to(p.grad.dtype))
         held = []  # (param, row ids, their values): written back after torch's step
+        restarted = []  # (param, row ids, their values): rows since a reset, re-stepped with their own corrections
         for p in params:
             f = flags.get(id(p))
+            st = self.state.get(p)
+            if f is not None and st:
+                reset = ((f & RESET) != 0).nonzero().squeeze(1)
+                if reset.numel():
+                    st["exp_avg"].index_fill_(0, reset, 0)
+                    st["exp_avg_sq"].index_fill_(0, reset, 0)
+                self._mark_restarts(p, st, f)
+            if st and "row_step0" in st:
+                ids = (st["row_step0"] > 0).nonzero().squeeze(1)
+                if ids.numel():
+                    restarted.append((p, ids, p.detach().index_select(0, ids)))
             if f is None:
                 continue
-            st = self.state.get(p)
-            reset = ((f & RESET) != 0).nonzero().squeeze(1)
-            if st and reset.numel():
-                st["exp_avg"].index_fill_(0, reset, 0)
-                st["exp_avg_sq"].index_fill_(0, reset, 0)
             hold = ((f & HOLD) != 0).nonzero().squeeze(1)
             if hold.numel():
                 held.append((p, hold, p.detach().index_select(0, hold)))
@@ -227,6 +264,13 @@ class SAEAdam(torch.optim.Adam):
                     st = self.state[p]
                     st["exp_avg"] = st["exp_avg"].to(self.moments_dtype)
                     st["exp_avg_sq"] = st["exp_avg_sq"].to(self.moments_dtype)
+        for p, ids, values in restarted:  # torch's update with the rows' own bias corrections
+            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+            st = self.state[p]
+            step_size, bc2_sqrt = (f.index_select(0, ids).to(p.dtype).view((-1,) + (1,) * (p.dim() - 1))
+                                   for f in self._restart_factors(group, st, float(st["step"])))
+            m, v = st["exp_avg"].index_select(0, ids).to(p.dtype), st["exp_avg_sq"].index_select(0, ids).to(p.dtype)
+            p.detach().index_copy_(0, ids, values - step_size * (m / (v.sqrt() / bc2_sqrt + group["eps"])))
         for p, ids, values in held:
             p.detach().index_copy_(0, ids, values)
         for p in params:

@@ -162,8 +162,8 @@ def _scatter_config(dtype: torch.dtype, interpret: Optional[bool] = None) -> Dic
                 BLOCK_L=_SCAT_BLOCK_L, BLOCK_E=_SCAT_BLOCK_E, BLOCK_D=_SCAT_BLOCK_D, num_warps=_ROW_WARPS)
 
 
-def _adam_config(has_copy: bool, flags: int = 0) -> Dict[str, Any]:
-    return dict(HAS_SCALE=True, HAS_COPY=has_copy, HAS_SUMSQ=True, FLAGS=flags, BLOCK_R=_ADAM_BLOCK_R,
+def _adam_config(has_copy: bool, flags: int = 0, row_bc: int = 0) -> Dict[str, Any]:
+    return dict(HAS_SCALE=True, HAS_COPY=has_copy, HAS_SUMSQ=True, FLAGS=flags, ROW_BC=row_bc, BLOCK_R=_ADAM_BLOCK_R,
                 BLOCK_C=_ADAM_BLOCK_C, num_warps=_ADAM_WARPS)
 
 
@@ -427,14 +427,17 @@ def scatter_outer(values: Tensor, indices: Tensor, Y: Tensor, n_rows: int, with_
 def adam_step(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, beta1: float, beta2: float,
               eps: float, step_size: float, bc2_sqrt: float, scale: Optional[Tensor] = None,
               copy: Optional[Tensor] = None, row_sumsq: Optional[Tensor] = None,
-              flags: Optional[Tensor] = None) -> None:
+              flags: Optional[Tensor] = None, row_step_size: Optional[Tensor] = None,
+              row_bc2_sqrt: Optional[Tensor] = None) -> None:
     """One fused Adam update of the fp32 parameter ``p`` in place (torch's arithmetic; see
     ``csrc_triton/adam.py``): gradient times ``scale`` (device scalar, e.g. the clip factor), moments
     in their own dtype, ``copy`` (same shape, compute dtype) rewritten from the new ``p``, and
     ``row_sumsq`` [rows] the sums of squares of the new rows of a 2-D ``p``. ``flags``: uint8
     ``[p.shape[0]]`` (a row of a 2-D ``p``, an element of a 1-D one): ``HOLD`` (1) keeps the value,
-    ``RESET`` (2) zeroes both moments before the step (``sae_kernels.optim``)."""
-    device = _check_device(p, grad, exp_avg, exp_avg_sq, scale, copy, row_sumsq, flags)
+    ``RESET`` (2) zeroes both moments before the step (``sae_kernels.optim``). ``row_step_size``,
+    ``row_bc2_sqrt``: fp32 ``[p.shape[0]]``, both or neither, used instead of ``step_size`` and
+    ``bc2_sqrt`` (per-row bias corrections of rows restarted by a reset)."""
+    device = _check_device(p, grad, exp_avg, exp_avg_sq, scale, copy, row_sumsq, flags, row_step_size, row_bc2_sqrt)
     if p.dtype != torch.float32 or not (p.is_contiguous() and grad.is_contiguous()
                                         and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()):
         raise ValueError("adam_step: expected contiguous tensors and an fp32 parameter")
@@ -442,6 +445,11 @@ def adam_step(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, b
                               or not flags.is_contiguous() or p.dim() not in (1, 2)):
         raise ValueError(f"adam_step: flags: expected a contiguous uint8 [{p.shape[0]}] tensor for a 1-D or 2-D "
                          f"parameter, got {flags.dtype} {list(flags.shape)} for {list(p.shape)}")
+    if (row_step_size is None) != (row_bc2_sqrt is None) or any(
+            r is not None and (r.dtype != torch.float32 or tuple(r.shape) != (p.shape[0],) or not r.is_contiguous()
+                               or p.dim() not in (1, 2)) for r in (row_step_size, row_bc2_sqrt)):
+        raise ValueError(f"adam_step: row_step_size, row_bc2_sqrt: expected both or neither, contiguous fp32 "
+                         f"[{p.shape[0]}] tensors for a 1-D or 2-D parameter of shape {list(p.shape)}")
     n_elem = p.numel()
     n_cols = p.shape[-1] if p.dim() == 2 else _ADAM_CHUNK
     n_rows = max(1, triton.cdiv(n_elem, n_cols))
@@ -453,8 +461,11 @@ def adam_step(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, b
         _adam_kernel[(triton.cdiv(n_rows, _ADAM_BLOCK_R),)](
             p, grad, exp_avg, exp_avg_sq, copy if copy is not None else p, row_sumsq, scale,
             flags if flags is not None else row_sumsq,
+            row_step_size if row_step_size is not None else row_sumsq,
+            row_bc2_sqrt if row_bc2_sqrt is not None else row_sumsq,
             n_elem, n_rows, n_cols, beta1, beta2, eps, step_size, bc2_sqrt,
-            **_adam_config(copy is not None, 0 if flags is None else (1 if p.dim() == 2 else 2)),
+            **_adam_config(copy is not None, 0 if flags is None else (1 if p.dim() == 2 else 2),
+                           0 if row_step_size is None else (1 if p.dim() == 2 else 2)),
         )
 
 
@@ -493,10 +504,11 @@ def launch_configs() -> Iterator[Tuple[str, Any, List[Any], Dict[str, Any]]]:
                    [out, d, f32, dt, i64, i64, i64, dt, d, n, d], _scatter_config(dt, interpret=False))
     for mdt in (f32, torch.bfloat16):
         for cdt in (None, torch.bfloat16, torch.float16):
-            for fl in (0, 1, 2):  # no flags, one per row (W_enc, W_dec), one per element (b_enc)
-                yield (f"adam[moments={_dn(mdt)},copy={_dn(cdt) if cdt else 'none'},flags={fl}]", _adam_kernel,
-                       [f32, f32, mdt, mdt, cdt or f32, f32, f32, torch.uint8 if fl else f32,
-                        n * d, n, d, 0.9, 0.9999, 1e-8, 1e-3, 0.5], _adam_config(cdt is not None, fl))
+            # no flags, one per row (W_enc, W_dec), one per element (b_enc); with and without per-row corrections
+            for fl, rb in ((0, 0), (1, 0), (2, 0), (1, 1), (2, 2)):
+                yield (f"adam[moments={_dn(mdt)},copy={_dn(cdt) if cdt else 'none'},flags={fl},row_bc={rb}]",
+                       _adam_kernel, [f32, f32, mdt, mdt, cdt or f32, f32, f32, torch.uint8 if fl else f32, f32, f32,
+                                      n * d, n, d, 0.9, 0.9999, 1e-8, 1e-3, 0.5], _adam_config(cdt is not None, fl, rb))
 
 
 def _dn(dt: torch.dtype) -> str:

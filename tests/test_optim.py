@@ -52,19 +52,24 @@ def test_saeadam_equals_torch_adam_with_scaled_gradients(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_row_flags_hold_values_and_reset_moments_against_float64(backend):
-    """``row_flags``: a HOLD row keeps its values while its moments take the step; a RESET row starts
-    its moments from zero (then steps like any row); HOLD | RESET both. Rows of a 2-D weight and
-    elements of a bias (13 x 37 and 1000: odd, several kernel blocks), against Adam in float64."""
+    """``row_flags``: a HOLD row keeps its values while its moments take the step; a RESET row restarts
+    its Adam: moments from zero and bias corrections counting the steps since its reset (a fresh Adam
+    on that row); HOLD | RESET both. Rows of a 2-D weight and elements of a bias (13 x 37 and 1000: odd,
+    several kernel blocks), against Adam in float64, over enough steps that the restarted rows'
+    corrections differ from the run's."""
     params = _params(3)
     W, b = params
     opt = SAEAdam(params, lr=1e-2, betas=(0.9, 0.999))
     ref = [p.detach().double().cpu().clone() for p in params]
     m = [torch.zeros_like(r) for r in ref]
     v = [torch.zeros_like(r) for r in ref]
+    t0 = [torch.zeros(p.shape[0], dtype=torch.float64) for p in params]  # step count at each row's last reset
     g = torch.Generator().manual_seed(9)
-    for t in range(1, 5):
+    for t in range(1, 9):
         _grads(params, 20 + t)
         flags = [torch.randint(0, 4, (p.shape[0],), generator=g, dtype=torch.uint8) for p in params]
+        if t > 4:  # rarer resets later: rows that go on stepping long after theirs
+            flags = [f & torch.where(torch.rand(f.shape, generator=g) < 0.2, 3, 1).to(torch.uint8) for f in flags]
         if t == 1:
             flags = [torch.zeros_like(f) for f in flags]  # the first step creates the state
         for p, f in zip(params, flags):  # held rows see no gradient, as an SAE's unselected latents
@@ -79,13 +84,18 @@ def test_row_flags_hold_values_and_reset_moments_against_float64(backend):
             hold = ((f & HOLD) != 0).view(shape)
             m[j] = torch.where(reset, 0.0, m[j]) * 0.9 + 0.1 * gr
             v[j] = torch.where(reset, 0.0, v[j]) * 0.999 + 0.001 * gr * gr
-            upd = 1e-2 / (1 - 0.9 ** t) * m[j] / (v[j].sqrt() / (1 - 0.999 ** t) ** 0.5 + 1e-8)
+            t0[j] = torch.where(reset.view(-1), float(t - 1), t0[j])
+            n = (t - t0[j]).view(shape)  # steps since the row's reset (t when never reset)
+            upd = 1e-2 / (1 - 0.9 ** n) * m[j] / (v[j].sqrt() / (1 - 0.999 ** n) ** 0.5 + 1e-8)
             ref[j] = torch.where(hold, ref[j], ref[j] - upd)
     for j, p in enumerate(params):
         st = opt.state[p]
         assert torch.allclose(p.detach().double().cpu(), ref[j], rtol=1e-5, atol=1e-6), f"param {j}"
-        assert torch.allclose(st["exp_avg"].double().cpu(), m[j], rtol=1e-5, atol=1e-9), f"exp_avg {j}"
+        assert torch.allclose(st["exp_avg"].double().cpu(), m[j], rtol=1e-5, atol=1e-7), f"exp_avg {j}"  # fp32 ulps
         assert torch.allclose(st["exp_avg_sq"].double().cpu(), v[j], rtol=1e-5, atol=1e-12), f"exp_avg_sq {j}"
+        assert torch.equal(st["row_step0"].double().cpu(), t0[j]), f"row_step0 {j}"
+    # restarted rows step differently from the run's corrections: this test would see the difference
+    assert any(bool((r > 0).any()) for r in t0)
     with pytest.raises(ValueError, match="row_flags: expected uint8"):
         opt.step(row_flags={W: torch.zeros(W.shape[0], dtype=torch.bool, device=DEVICE)})
 

@@ -234,12 +234,14 @@ def topk_worker(ctx, out_dir):
 def step_config():
     """The trainer's StepConfig for the tiny problem: K-annealing 11 -> 5, warmup, decay, clipping,
     AuxK with a dead window of two steps (so dead latents exist from step 2 on), the data-dependent
-    biases at step 0 (means over the global batch, b_enc from each shard's rows)."""
+    biases at step 0 (means over the global batch, b_enc from each shard's rows), the Adam row flags
+    (held dead latents; restarted rows, whose per-row state is gathered and sharded by rows)."""
     from trainer.train import StepConfig
 
     return StepConfig(k=5, k_start=11, total_steps=STEPS, anneal_steps=3, warmup_steps=2, decay_fraction=0.5,
                       lr=LR, clip_grad_norm=MAX_NORM, loss="llama_scope", auxk=True, auxk_coef=1 / 32,
-                      k_aux=13, dead_window_tokens=2 * BATCH, data_init=True)
+                      k_aux=13, dead_window_tokens=2 * BATCH, data_init=True, hold_dead=True,
+                      reset_dead_moments=True)
 
 
 def trainer_step_reference():
@@ -378,9 +380,12 @@ def _opt_diff(a: dict, b: dict):
     worst = 0.0
     for i, st in b["state"].items():
         got = a["state"][i]
+        assert got.keys() == st.keys(), (got.keys(), st.keys())
         for key in ("exp_avg", "exp_avg_sq"):
             worst = max(worst, (got[key].double() - st[key].double()).abs().max().item())
         assert float(got["step"]) == float(st["step"])
+        if "row_step0" in st:  # SAEAdam's restarted rows: step counts, equal on every layout
+            assert torch.equal(got["row_step0"], st["row_step0"]), i
     return worst
 
 
@@ -631,6 +636,8 @@ def step_reference():
 def _check_step(run_dir, ref, label):
     got = torch.load(Path(run_dir) / "step.pt", weights_only=True)
     assert any(m.get("auxk_loss", 0) > 0 for m in ref["metrics"]), "AuxK never engaged: the test is too easy"
+    assert any(bool((st.get("row_step0", torch.zeros(1)) > 0).any()) for st in ref["opt"]["state"].values()), \
+        "no row was restarted: the test is too easy"
     for t, (g, w) in enumerate(zip(got["metrics"], ref["metrics"])):
         assert g.keys() == w.keys(), (g.keys(), w.keys())
         for key in w:

@@ -118,9 +118,11 @@ class TrainConfig:
         "latents negative on every token, out of AuxK's reach. Latents that never died are not held. Default: on "
         "(off with --released-recipe).", default=None)
     reset_dead_moments: Optional[bool] = _help(
-        "When a latent becomes dead (and AuxK starts training it), zero its Adam moments, so AuxK moves it at the "
-        "full step size rather than scaled down by the second moments of its alive past. Default: on (off with "
-        "--released-recipe).", default=None)
+        "When a latent becomes dead (and AuxK starts training it), restart its Adam: zero its moments and count "
+        "its bias corrections from the reset, so AuxK moves it at the full step size rather than scaled down by "
+        "the second moments of its alive past, and it steps from then on as a fresh Adam would (with the run's "
+        "step count its steps stayed too large long after it revived). Default: on (off with --released-recipe).",
+        default=None)
     auxk: Optional[bool] = _help(
         "Add the AuxK loss (Gao et al.): the top --k-aux dead latents reconstruct the residual, in the main loss's "
         "units. Default: on (off with --released-recipe).", default=None)

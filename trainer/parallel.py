@@ -981,7 +981,9 @@ def gather_optimizer_state_dict(ctx: ParallelContext, optimizer: torch.optim.Opt
         new = {}
         for key in sorted(st):
             v = st[key]
-            if isinstance(v, Tensor) and is_sharded(p) and v.dim() >= 1 and v.shape == p.shape:
+            # the moments (the parameter's shape) and per-row state (SAEAdam's row_step0: [rows])
+            if isinstance(v, Tensor) and is_sharded(p) and v.dim() >= 1 and (v.shape == p.shape
+                                                                              or tuple(v.shape) == (p.shape[0],)):
                 new[key] = ctx.gather_rows(v)
             else:
                 new[key] = v.detach().cpu().clone() if isinstance(v, Tensor) else v
@@ -1003,7 +1005,7 @@ def shard_optimizer_state_dict(
         new = {}
         for key, v in st.items():
             if isinstance(v, Tensor) and is_sharded(p) and v.dim() >= 1 and v.shape[0] == p.shape[0] * ctx.tp \
-                    and tuple(v.shape[1:]) == tuple(p.shape[1:]):
+                    and (tuple(v.shape[1:]) == tuple(p.shape[1:]) or v.dim() == 1):
                 new[key] = ctx.shard_rows(v, device=p.device)
             elif isinstance(v, Tensor) and v.dim() >= 1:
                 new[key] = v.to(p.device)

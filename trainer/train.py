@@ -137,7 +137,7 @@ class StepConfig:
     # Once per dead window, latents dead for two windows whose pre-activation is <= 0 on every token
     # of the batch (out of AuxK's reach) get b_enc = -W_enc @ mean(x_n) (``SAEStep.recentre_unreachable``).
     recentre_dead: bool = False
-    # Adam row flags (``SAEStep.row_flags``): latents that just died start AuxK with zeroed moments, and
+    # Adam row flags (``SAEStep.row_flags``): latents that just died start AuxK with a restarted Adam, and
     # dead latents move only on the steps where AuxK gives them a gradient (no drift by momentum).
     hold_dead: bool = False
     reset_dead_moments: bool = False
@@ -371,8 +371,10 @@ class SAEStep:
         are reduced; None when neither option is on.
 
         * ``reset_dead_moments``: a latent that becomes dead at this step (its AuxK training starts)
-          gets zeroed moments, so AuxK's small gradients move it at the full step size instead of
-          being divided by the second moments of its alive past (beta2 0.9999 remembers ~10k steps).
+          gets a restarted Adam (``SAEAdam``'s RESET: zeroed moments, bias corrections counted from
+          the reset), so AuxK's small gradients move it at the full step size instead of being divided
+          by the second moments of its alive past (beta2 0.9999 remembers ~10k steps), and once it
+          fires again it steps like a fresh Adam, not ``sqrt(t / n)`` larger (n steps after the reset).
         * ``hold_dead``: a latent that is dead, or was ever reset (revived: its moments are young),
           and whose b_enc gradient is zero this step (no token selected it, AuxK did not train it)
           keeps its rows. Adam would otherwise move it on by its momentum for about
