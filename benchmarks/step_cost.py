@@ -200,10 +200,11 @@ def _kernel_cost(op: Dict[str, Any], size) -> Tuple[float, float, float]:
     if name == "_scatter_rows_kernel":  # dW, dsum, values, crow, order, token, Y
         y_elt = t[6][1]
         return sum(nb(i) for i in range(7)), B * k * d * y_elt, 2 * B * k * d
-    if name == "_adam_kernel":  # p, g, m, v, copy|p, sumsq, scale, flags|sumsq
+    if name == "_adam_kernel":  # p, g, m, v, copy|p, sumsq, scale, flags|sumsq, row step|sumsq, row bc2|sumsq
         c = op["constexprs"]
         rw = 2 * nb(0) + nb(1) + 2 * nb(2) + 2 * nb(3) + (nb(4) if c.get("HAS_COPY") else 0)
-        return rw + (nb(5) if c.get("HAS_SUMSQ") else 0) + (nb(7) if c.get("FLAGS") else 0), 0, 0
+        return (rw + (nb(5) if c.get("HAS_SUMSQ") else 0) + (nb(7) if c.get("FLAGS") else 0)
+                + (nb(8) + nb(9) if c.get("ROW_BC") else 0)), 0, 0
     return sum(nb(i) for i in range(len(t))), 0, 0
 
 

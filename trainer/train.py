@@ -374,7 +374,7 @@ class SAEStep:
           gets a restarted Adam (``SAEAdam``'s RESET: zeroed moments, bias corrections counted from
           the reset), so AuxK's small gradients move it at the full step size instead of being divided
           by the second moments of its alive past (beta2 0.9999 remembers ~10k steps), and once it
-          fires again it steps like a fresh Adam, not ``sqrt(t / n)`` larger (n steps after the reset).
+          fires again it steps like a fresh Adam, not up to ~``sqrt(t / n)`` larger (n steps after the reset).
         * ``hold_dead``: a latent that is dead, or was ever reset (revived: its moments are young),
           and whose b_enc gradient is zero this step (no token selected it, AuxK did not train it)
           keeps its rows. Adam would otherwise move it on by its momentum for about
