@@ -147,7 +147,7 @@ class SAEAdam(torch.optim.Adam):
                 if p.grad is not None:
                     (kernel_params if self._use_kernel(p) else other).append((group, p))
         if other:
-            self._torch_step([p for _, p in other], grad_scale, flags)
+            self._torch_step(other, grad_scale, flags)
         for group, p in kernel_params:
             self._kernel_step(group, p, grad_scale, flags.get(id(p)))
         return loss
@@ -173,7 +173,7 @@ class SAEAdam(torch.optim.Adam):
         if r is None:
             r = st["row_step0"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
         reset = (flags & RESET) != 0
-        r.copy_(torch.where(reset, torch.full_like(r, float(st["step"])), r))
+        r.masked_fill_(reset, float(st["step"]))
 
     @staticmethod
     def _restart_factors(group, st: Dict[str, Tensor], t: float):
@@ -221,13 +221,15 @@ class SAEAdam(torch.optim.Adam):
         if t_rec is not None:
             t_rec.version, t_rec.ptr = p._version, p.data_ptr()
 
-    def _torch_step(self, params, grad_scale: Optional[Tensor], flags: Dict[int, Tensor]) -> None:
+    def _torch_step(self, grouped, grad_scale: Optional[Tensor], flags: Dict[int, Tensor]) -> None:
+        """torch's Adam over ``grouped`` ``[(group, param)]``, with HOLD / RESET and restarted rows."""
+        params = [p for _, p in grouped]
         if grad_scale is not None:
             for p in params:
                 p.grad.mul_(grad_scale.to(p.grad.dtype))
         held = []  # (param, row ids, their values): written back after torch's step
         restarted = []  # (group, param) with restarted rows: Adam with per-row corrections, below
-        for p in params:
+        for group, p in grouped:
             f = flags.get(id(p))
             st = self.state.get(p)
             if f is not None and st:
@@ -237,7 +239,7 @@ class SAEAdam(torch.optim.Adam):
                     st["exp_avg_sq"].index_fill_(0, reset, 0)
                 self._mark_restarts(p, st, f)
             if st and "row_step0" in st and bool((st["row_step0"] > 0).any()):
-                restarted.append((next(g for g in self.param_groups if any(q is p for q in g["params"])), p))
+                restarted.append((group, p))
             if f is None:
                 continue
             hold = ((f & HOLD) != 0).nonzero().squeeze(1)

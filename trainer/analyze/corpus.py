@@ -44,6 +44,10 @@ def held_out_contexts(settings: Dict[str, Any], lm, *, dataset: Optional[str] = 
         raise ValueError(f"--context-len: expected at least 2, got {T}")
     if n_tok < 1:
         raise ValueError(f"--tokens: expected a positive number, got {n_tok}")
+    run_layout = own_data and T == int(s["context_len"])  # the run's own stream of contexts
+    if trained and not (run_layout and settings):
+        raise ValueError("--training-contexts: expected the run's own data and context length (no --dataset, "
+                         "--context-len other than the run's; a released checkpoint has no training text)")
     max_pos = getattr(getattr(lm.model, "config", None), "max_position_embeddings", None)
     if isinstance(max_pos, int) and T > max_pos:
         raise ValueError(f"--context-len {T}: the model supports at most {max_pos} positions")
@@ -52,15 +56,12 @@ def held_out_contexts(settings: Dict[str, Any], lm, *, dataset: Optional[str] = 
                           dataset_config=dataset_config if dataset_config is not None else
                           (s.get("dataset_config") if own_data else None),
                           streaming=s.get("streaming") if own_data else None)
-    if trained and not (own_data and T == int(s["context_len"]) and settings):
-        raise ValueError("--training-contexts: expected the run's own data and context length (no --dataset, "
-                         "--context-len other than the run's; a released checkpoint has no training text)")
     n_ctx = max(1, math.ceil(n_tok / T))
     data = ContextData(docs, lm.tokenizer, T, int(s["lm_batch_size"]), eval_every=int(s["eval_every"]),
                        eval_contexts=n_ctx, seed=int(s["seed"]), use_bos=bool(s["use_bos"]),
                        eval_phase=0 if trained else None)
     special = sorted(set(lm.special_ids) | set(data.special_ids))
-    same = (own_data and T == int(s["context_len"]) and not trained
+    same = (run_layout and not trained
             and n_ctx <= math.ceil(int(s["eval_tokens"]) / int(s["context_len"])))
     if trained:
         rule = (f"every {s['eval_every']}th context of the packed stream starting at 0, the first {len(data.eval)}: "
