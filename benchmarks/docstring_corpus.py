@@ -41,9 +41,9 @@ def main(argv=None) -> int:
     if len(argv) != 1 or not argv[0].endswith(".jsonl"):
         print("usage: python benchmarks/docstring_corpus.py OUT.jsonl", file=sys.stderr)
         return 2
-    from pydoc_data.topics import topics
+    from trainer.data import pydoc_documents
 
-    docs = [topics[k] for k in sorted(topics)]
+    docs = list(pydoc_documents())  # the embedded default's documents, in its order
     n_default = len(docs)
     lib = sysconfig.get_paths()["stdlib"]
     for root, dirs, files in os.walk(lib):
