@@ -5,7 +5,7 @@
 
 The JSONL holds ``pydoc_data.topics`` (sorted keys, exactly the documents of the embedded default), then,
 one document per module, the docstrings longer than 200 characters of the running Python's standard
-library (tests, idlelib and lib2to3 left out): about 370k training tokens with SmolLM2's tokenizer
+library (folders whose path contains test, idlelib, lib2to3 or site-packages left out, so unittest too): about 370k training tokens with SmolLM2's tokenizer
 against 103k. The first documents being those of the default, the held-out contexts (the first of
 every 10th context) are bitwise the default's: it measures one pass over more text against the
 default's replays of its small corpus (README, 'Dead latents').
