@@ -140,12 +140,14 @@ class _SelectFromPre(torch.autograd.Function):
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, indices, W_dec, b_dec, W_c):
-        # W_dec / b_dec receive the gradients; W_c (W_dec or its compute copy) is read.
+    def forward(ctx, values, indices, W_dec, b_dec, W_c, out_dtype=None):
+        # W_dec / b_dec receive the gradients; W_c (W_dec or its compute copy) is read. out_dtype: the
+        # output's dtype (default W_c's; the trainer asks fp32 from a bf16 copy: no rounding of the sum).
         impl = get_impl(values.device, W_c.dtype)
-        out = impl.gather_rows(values.to(W_c.dtype), indices, W_c)
+        out_dtype = out_dtype or W_c.dtype
+        out = impl.gather_rows(values.to(W_c.dtype), indices, W_c, out_dtype)
         if b_dec is not None:
-            out = out + b_dec.to(W_c.dtype)
+            out = out + b_dec.to(out_dtype)
         ctx.save_for_backward(values, indices, W_c)
         ctx.impl, ctx.w_dtype = impl, W_dec.dtype
         ctx.b_dtype = b_dec.dtype if b_dec is not None else None
@@ -165,7 +167,7 @@ class _SparseDecode(torch.autograd.Function):
         if ctx.b_dtype is not None and ctx.needs_input_grad[3]:
             acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
             db = grad_out.sum(0, dtype=acc).to(ctx.b_dtype)
-        return dvalues, None, dW, db, None
+        return dvalues, None, dW, db, None, None
 
 
 # -------------------------------------------------------------------------------- public ops
@@ -295,6 +297,11 @@ class EncodeScores:
         self._args = (x, W_enc, b_enc, dec_norm, W_c, b_c)
         self.pre = pre
 
+    @property
+    def dec_norm(self) -> Optional[Tensor]:
+        """The decoder row norms the encode weighted its selection by (None: plain TopK)."""
+        return self._args[3]
+
     def select(self, k: int, allowed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """``(values, indices)`` of the top-k of ``relu(pre) * dec_norm`` where latents with
         ``allowed`` False count as zero; differentiable w.r.t. x, W_enc, b_enc like the encode."""
@@ -351,11 +358,14 @@ def decode_for_training(
     b_dec: Optional[Tensor] = None,
     *,
     compute: Optional[Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """``sparse_decode`` for a training loop: no host sync. ``indices`` must be a tensor an encode
     returned (``topk_encode``, ``encode_for_training`` or ``EncodeScores.select``), unmodified since:
     anything else is a ValueError, so no unchecked index reaches a kernel. ``compute``: the copy of
-    ``W_dec`` the math reads (gradients still go to ``W_dec`` in its dtype)."""
+    ``W_dec`` the math reads (gradients still go to ``W_dec`` in its dtype). ``out_dtype``: the
+    reconstruction's dtype (default the compute copy's): fp32 from a bf16 copy keeps the fp32 sum,
+    so partial sums of latent shards add up to what one process computes."""
     W_c = compute if compute is not None else W_dec
     n, d, k = _decode_args(values, indices, W_c, b_dec)
     if W_dec.shape != W_c.shape:
@@ -364,7 +374,7 @@ def decode_for_training(
         raise ValueError("indices: decode_for_training takes only indices returned by an encode "
                          "(unmodified); use sparse_decode for indices of other origin")
     lead = values.shape[:-1]
-    out = _SparseDecode.apply(values.reshape(-1, k), indices.reshape(-1, k), W_dec, b_dec, W_c)
+    out = _SparseDecode.apply(values.reshape(-1, k), indices.reshape(-1, k), W_dec, b_dec, W_c, out_dtype)
     return out.reshape(*lead, d)
 
 
@@ -380,7 +390,8 @@ class _DenseFromPre(torch.autograd.Function):
         # positive on few tokens: ~10-25% of them per token in the default runs) and is skipped; the
         # count costs a host sync, which is free on the CPU, the route's only user.
         if k_aux < z.shape[1] and int((z > 0).sum(1).max()) > k_aux:
-            score = z if dec_norm is None else z * dec_norm.index_select(0, ids).to(z.dtype)
+            acc = torch.float64 if z.dtype == torch.float64 else torch.float32  # rank as the kernels do
+            score = z if dec_norm is None else z.to(acc) * dec_norm.index_select(0, ids).to(acc)
             keep = torch.topk(score, k_aux, dim=1, sorted=False).indices
             z = torch.zeros_like(z).scatter_(1, keep, z.gather(1, keep))
         ctx.save_for_backward(x, W_c, z, ids)

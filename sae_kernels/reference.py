@@ -50,6 +50,15 @@ def _scratch_buffer(slot: str, rows: int, cols: int, like: Tensor) -> Tensor:
     return buf[: rows * cols].view(rows, cols)
 
 
+def _score(z: Tensor, dec_norm: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """The weighted score ``z * dec_norm`` in the accumulation dtype (fp32 for half z), as the kernels
+    rank: a bf16 value times an fp32 norm is not rounded back to bf16 before the comparison."""
+    acc = _acc_dtype(z.dtype)
+    if z.dtype == acc:
+        return torch.mul(z, dec_norm.to(acc), out=out)
+    return torch.mul(z.to(acc), dec_norm.to(acc), out=out)
+
+
 @torch.no_grad()  # writes into scratch buffers (out=); the autograd lives in ops.py
 def encode_select(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dec_norm: Optional[Tensor], *, return_pre: bool = False
@@ -70,7 +79,7 @@ def encode_select(
     z = torch.addmm(b_enc, x, W_enc.t(), out=buf).relu_()
     score = z
     if dec_norm is not None:
-        score = torch.mul(z, dec_norm.to(z.dtype), out=_scratch_buffer("score", N, n, x))
+        score = _score(z, dec_norm, _scratch_buffer("score", N, n, z.new_empty((), dtype=_acc_dtype(z.dtype))))
     _, indices = torch.topk(score, k, dim=1, sorted=False)
     values = z.gather(1, indices)
     return (values, indices, z) if return_pre else (values, indices)
@@ -82,19 +91,20 @@ def select_from_pre(pre: Tensor, k: int, dec_norm: Optional[Tensor], allowed: Op
     """A second top-k over what ``encode_select(..., return_pre=True)`` kept (``relu(pre)`` here),
     without another GEMM; latents where ``allowed`` (bool ``[n]``) is False count as zero."""
     z = pre if allowed is None else pre * allowed.to(pre.dtype)
-    score = z if dec_norm is None else z * dec_norm.to(z.dtype)
+    score = z if dec_norm is None else _score(z, dec_norm)
     _, indices = torch.topk(score, k, dim=1, sorted=False)
     return z.gather(1, indices), indices
 
 
-def gather_rows(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
-    """``out[t] = sum_j values[t, j] * W[indices[t, j]]`` with fp32 accumulation, in ``W.dtype``."""
+def gather_rows(values: Tensor, indices: Tensor, W: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``out[t] = sum_j values[t, j] * W[indices[t, j]]`` with fp32 accumulation, in ``out_dtype``
+    (default ``W.dtype``)."""
     acc = _acc_dtype(W.dtype)
     # detach: with requires_grad set on either, embedding_bag also builds its own backward's bookkeeping.
     out = F.embedding_bag(
         indices, W.detach().to(acc), per_sample_weights=values.detach().to(acc), mode="sum"
     )
-    return out.to(W.dtype)
+    return out.to(out_dtype or W.dtype)
 
 
 def gather_dot(grad_out: Tensor, indices: Tensor, W: Tensor) -> Tensor:

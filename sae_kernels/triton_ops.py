@@ -341,18 +341,20 @@ def _mm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
     return (a.float() @ b.float()).to(out_dtype)
 
 
-def gather_rows(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
-    """out[t] = sum_j values[t, j] * W[indices[t, j]] -> [N, d] in W.dtype (fp32 accumulation)."""
+def gather_rows(values: Tensor, indices: Tensor, W: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """out[t] = sum_j values[t, j] * W[indices[t, j]] -> [N, d] in ``out_dtype`` (default W.dtype; fp32
+    accumulation either way)."""
     device = _check_device(values, indices, W)
     lead = values.shape[:-1]
     values, indices, W = _rows2d(values), _rows2d(indices), W.contiguous()
     n_tokens, k = values.shape
     d_sae, d_model = W.shape
+    out_dtype = out_dtype or W.dtype
     with _on_device(device):
         if n_tokens and _dense_ok(n_tokens, d_sae, k, W.dtype):
-            out = _coefficients(values, indices, d_sae, W.dtype) @ W
+            out = _mm(_coefficients(values, indices, d_sae, W.dtype), W, out_dtype)
         else:
-            out = torch.empty((n_tokens, d_model), device=device, dtype=W.dtype)
+            out = torch.empty((n_tokens, d_model), device=device, dtype=out_dtype)
             if n_tokens > 0:
                 grid = (n_tokens, triton.cdiv(d_model, _ROW_BLOCK_D))
                 _gather_rows_kernel[grid](
@@ -494,8 +496,9 @@ def launch_configs() -> Iterator[Tuple[str, Any, List[Any], Dict[str, Any]]]:
     # (coefficient dtype, W dtype): equal in the ops; fp32 coefficients on a half W are also accepted.
     pairs = [(dt, dt) for dt in KERNEL_DTYPES] + [(f32, torch.bfloat16), (f32, torch.float16)]
     for vdt, wdt in pairs:
-        yield (f"gather_rows[{_dn(vdt)},{_dn(wdt)}]", _gather_rows_kernel,
-               [wdt, d, vdt, i64, k, wdt, d, n, d, k], _gather_config())
+        for odt in sorted({wdt, f32}, key=str):  # the trainer's decode writes fp32 from a half W
+            yield (f"gather_rows[{_dn(vdt)},{_dn(wdt)}->{_dn(odt)}]", _gather_rows_kernel,
+                   [odt, d, vdt, i64, k, wdt, d, n, d, k], _gather_config())
         yield (f"gather_dot[{_dn(vdt)},{_dn(wdt)}]", _gather_dot_kernel,
                [vdt, vdt, d, i64, k, wdt, d, n, d, k], _dot_config())
     for dt in KERNEL_DTYPES:

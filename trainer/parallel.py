@@ -39,7 +39,7 @@ What each part does:
   ("connection closed by peer"), a hung one after ``timeout_s``. ``ctx.guard()`` turns any
   exception into ``os._exit(1)`` so a rank never hangs in teardown. torchrun then stops the rest.
 
-``trainer.parallel_step.ParallelSAEStep`` plugs all of this into the trainer's ``SAEStep``.
+``trainer.train.SAEStep`` runs on a context: the one step of every layout.
 
 A world of one process with ``tp == 1`` is a no-op context: every helper returns its input and
 ``ShardedTopKSAE`` computes exactly ``TopKSAE``'s forward, so the trainer can always use this path.
@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from sae_kernels import SAEConfig, TopKSAE
 from sae_kernels._validate import check_k, check_tensor
-from sae_kernels.ops import decode_for_training, encode_for_training
+from sae_kernels.ops import EncodeScores, decode_for_training, encode_for_training, select_dense, subset_decode
 
 from .h2d import gather_rows
 
@@ -237,6 +237,15 @@ class ParallelContext:
         """Sum / mean / max over every rank (e.g. the dataset-norm estimate: ``op="mean"``)."""
         return self._reduce(t, self.world_group, self.world_size, op)
 
+    def data_mean(self, t: Tensor) -> Tensor:
+        """Mean over the data-parallel groups (identity with one): a value of the whole step's batch
+        from each group's share (an FVU denominator, a logged metric)."""
+        return self.data_all_reduce(t, "mean")
+
+    def batch_mean(self, y: Tensor) -> Tensor:
+        """Mean over the tokens of the whole step's batch (every data group's share), ``[1, d]``."""
+        return self.data_all_reduce(y.mean(0, keepdim=True), "mean")
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier(group=self.world_group)
@@ -338,45 +347,114 @@ class ParallelContext:
         k: int,
         weighted: bool = True,
         d_sae: Optional[int] = None,
+        *,
+        dec_norm: Optional[Tensor] = None,
+        compute: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
+        keep_pre: bool = False,
+        out_dtype: Optional[torch.dtype] = None,
     ) -> "ShardedTopK":
         """Exact global (weighted) TopK SAE forward in normalised space over row shards.
 
         ``x_n [N, d_model]`` must be the same on every rank of the model group; ``W_enc, b_enc, W_dec``
-        are this rank's rows, ``b_dec`` the replicated bias (or None), ``k`` the global number of
-        latents kept per token. See ``ShardedTopK`` for what comes back.
+        are this rank's rows (the parameters that receive the gradients), ``b_dec`` the replicated bias
+        (or None), ``k`` the global number of latents kept per token. See ``ShardedTopK`` for what comes
+        back. In one process (tp 1) it is exactly the single-process forward: one encode, one decode.
 
-        With tp > 1 the partial reconstructions are summed in fp32 when the weights are bf16/fp16
-        (``x_hat`` is then fp32): one rounding per shard instead of bf16 sums across ranks.
+        Args:
+            weighted: weight the selection by the decoder row norms (``dec_norm``, or computed from the
+                decoder the math reads).
+            dec_norm: this shard's decoder row norms, when the caller keeps them (``SAEAdam``'s fp32 norms).
+            compute: ``(W_enc, b_enc, W_dec)`` as the math reads them (bf16 copies of fp32 masters;
+                default: the parameters themselves). x_n must have their dtype.
+            keep_pre: keep the encode's pre-activations (``ShardedTopK.scores``) for a second selection
+                (AuxK: ``sharded_select_decode``).
+            out_dtype: the reconstruction's dtype (default: the compute dtype; with tp > 1 a half
+                compute dtype gives fp32, so shard partials are summed unrounded).
         """
-        n_local = W_enc.shape[0]
+        W_c, b_c, Wd_c = compute if compute is not None else (W_enc, b_enc, W_dec)
+        n_local = W_c.shape[0]
         n = n_local * self.tp if d_sae is None else d_sae
         k = check_k(k, n)
-        offset = self.model_rank * n_local
-        dec_norm = _row_norms(W_dec) if weighted else None
+        if dec_norm is None and weighted:
+            dec_norm = _row_norms(Wd_c)
+        if out_dtype is None and self.tp > 1 and Wd_c.dtype in (torch.bfloat16, torch.float16):
+            out_dtype = torch.float32
         if self.tp == 1:
             # Exactly TopKSAE.forward's ops (same kernels, b_dec inside sparse_decode).
-            values, idx = encode_for_training(x_n, W_enc, b_enc, k, dec_norm)
-            x_hat = decode_for_training(values, idx, W_dec, b_dec)
+            out = encode_for_training(x_n, W_enc, b_enc, k, dec_norm, compute=(W_c, b_c), keep_pre=keep_pre)
+            values, idx = out[0], out[1]
+            x_hat = decode_for_training(values, idx, W_dec, b_dec, compute=Wd_c, out_dtype=out_dtype)
             win = torch.ones_like(idx, dtype=torch.bool)
-            return ShardedTopK(x_hat, values, idx, idx, win, k)
-        k_local = min(k, n_local)
+            return ShardedTopK(x_hat, values, idx, idx, win, k, out[2] if keep_pre else None)
         if x_n.requires_grad:  # only then: SAE training reads activations without gradient
             x_n = _CopyToGroup.apply(x_n, self.model_group)
-        values, idx = encode_for_training(x_n, W_enc, b_enc, k_local, dec_norm)
+        out = encode_for_training(x_n, W_enc, b_enc, min(k, n_local), dec_norm, compute=(W_c, b_c),
+                                  keep_pre=keep_pre)
+        kept, own, x_hat = self._merge_decode(out[0], out[1], dec_norm, W_dec, Wd_c, b_dec, k, n, out_dtype)
+        offset = self.model_rank * n_local
+        return ShardedTopK(x_hat, kept, out[1] + offset, out[1], own, k, out[2] if keep_pre else None)
+
+    def sharded_select_decode(
+        self,
+        scores: "EncodeScores",
+        allowed: Tensor,
+        k: int,
+        W_dec: Tensor,
+        *,
+        compute: Optional[Tensor] = None,
+        d_sae: Optional[int] = None,
+        out_dtype: Optional[torch.dtype] = None,
+    ) -> Optional[Tensor]:
+        """The reconstruction (no ``b_dec``) by the exact global top-``k`` of the weighted scores among
+        the latents where ``allowed`` (this shard's bool ``[n_local]``) is True, from the pre-activations
+        ``sharded_forward(..., keep_pre=True)`` kept: AuxK's selection among dead latents, with no second
+        encoder GEMM where they were kept. Not-allowed latents count as zero, so rows with fewer than
+        ``k`` allowed positive latents add nothing more. Returns None when no latent is allowed and the
+        route knows it without a collective (one process on the CPU); the caller adds nothing then.
+
+        One process on the CPU (a host sync is free): dense over the allowed latents only
+        (``select_dense`` / ``subset_decode``: work in proportion to their number). Elsewhere: the
+        masked top-k of ``EncodeScores.select`` on each shard, merged over the model group like the
+        forward's selection.
+        """
+        Wd_c = compute if compute is not None else W_dec
+        n_local = Wd_c.shape[0]
+        n = n_local * self.tp if d_sae is None else d_sae
+        k = check_k(k, n)
+        if self.tp == 1 and scores.pre is not None and scores.pre.device.type == "cpu":
+            ids = allowed.nonzero().squeeze(1)
+            if ids.numel() == 0:
+                return None
+            return subset_decode(select_dense(scores, ids, k), W_dec, ids, compute=Wd_c)
+        values, idx = scores.select(min(k, n_local), allowed=allowed)
+        if self.tp == 1:
+            return decode_for_training(values, idx, W_dec, None, compute=Wd_c, out_dtype=out_dtype)
+        dec_norm = scores.dec_norm
+        if out_dtype is None and Wd_c.dtype in (torch.bfloat16, torch.float16):
+            out_dtype = torch.float32
+        return self._merge_decode(values, idx, dec_norm, W_dec, Wd_c, None, k, n, out_dtype)[2]
+
+    def _merge_decode(self, values: Tensor, idx: Tensor, dec_norm: Optional[Tensor], W_dec: Tensor, Wd_c: Tensor,
+                      b_dec: Optional[Tensor], k: int, n: int, out_dtype: Optional[torch.dtype]):
+        """Each shard's local top-k candidates ``(values, local ids)`` -> the global top-k (winners the
+        same on every rank) -> ``(kept values, own winners, x_hat)``: losers hold 0, the partial decodes
+        summed over the model group (fp32 for half weights), ``+ b_dec`` after the sum."""
+        offset = self.model_rank * Wd_c.shape[0]
         with torch.no_grad():
             v = values.detach()
-            scores = v if dec_norm is None else v * dec_norm[idx]
-            gidx = idx + offset
-            win_all = self._global_winners(scores, gidx, k, n)
+            # rank as the encode ranks: the value times the fp32 norm, not rounded back to a half dtype
+            acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+            scores = v if dec_norm is None else v.to(acc) * dec_norm.to(acc)[idx]
+            win_all = self._global_winners(scores, idx + offset, k, n)
             own = win_all[:, self.model_rank]
         kept = torch.where(own, values, torch.zeros_like(values))
-        partial = decode_for_training(kept, idx, W_dec, None)
+        partial = decode_for_training(kept, idx, W_dec, None, compute=Wd_c, out_dtype=out_dtype)
         if partial.dtype in (torch.bfloat16, torch.float16):
             partial = partial.float()
         x_hat = _AllReduceSum.apply(partial, self.model_group)
         if b_dec is not None:
             x_hat = x_hat + b_dec.to(x_hat.dtype)
-        return ShardedTopK(x_hat, kept, idx + offset, idx, own, k)
+        return kept, own, x_hat
 
     def _global_winners(self, scores: Tensor, gidx: Tensor, k: int, n: int) -> Tensor:
         """All-gather the candidates of the model group; bool ``[N, tp, k_local]`` winners (same on all ranks)."""
@@ -435,22 +513,20 @@ class ParallelContext:
     def grad_norm(self, params: Iterable[Tensor]) -> Tensor:
         """Global L2 norm of the gradients of the whole (unsharded) model, the same on every rank.
 
-        Call after ``sync_grads``. Sharded gradients contribute the sum of their squared shard norms
-        over the model group; replicated ones count once. fp32 scalar tensor, no host sync.
+        Call after ``sync_grads``. The norm of the parameters' norms; a sharded parameter's norm is
+        the root of its shards' squared norms summed over the model group. fp32 scalar tensor, no host
+        sync; in one process exactly ``vector_norm`` of the per-parameter norms.
         """
-        sq_sh = torch.zeros((), dtype=torch.float32, device=self.device)
-        sq_rep = torch.zeros((), dtype=torch.float32, device=self.device)
-        for p in params:
-            if p.grad is None:
-                continue
-            sq = torch.linalg.vector_norm(p.grad, dtype=torch.float32).pow(2)
-            if is_sharded(p):
-                sq_sh = sq_sh + sq
-            else:
-                sq_rep = sq_rep + sq
-        if self.tp > 1:
-            sq_sh = self.model_all_reduce(sq_sh)
-        return torch.sqrt(sq_sh + sq_rep)
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            return torch.zeros((), dtype=torch.float32, device=self.device)
+        norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params]
+        sharded = [i for i, p in enumerate(params) if is_sharded(p)]
+        if self.tp > 1 and sharded:
+            sq = self.model_all_reduce(torch.stack([norms[i] for i in sharded]).square())
+            for j, i in enumerate(sharded):
+                norms[i] = sq[j].sqrt()
+        return torch.linalg.vector_norm(torch.stack(norms))
 
     def clip_grad_norm_(self, params: Iterable[Tensor], max_norm: float) -> Tensor:
         """``torch.nn.utils.clip_grad_norm_`` with the global norm (``grad_norm``); returns the norm."""
@@ -531,6 +607,7 @@ class ShardedTopK:
         local_indices: ``[N, k_local]`` the same ids relative to this shard (for per-shard statistics).
         winners: ``[N, k_local]`` bool, the slots in the global top-k (exactly ``k`` per row over the group).
         k: the global k.
+        scores: the encode's kept pre-activations (``keep_pre=True``) for ``sharded_select_decode``, or None.
     """
 
     x_hat: Tensor
@@ -539,6 +616,7 @@ class ShardedTopK:
     local_indices: Tensor
     winners: Tensor
     k: int
+    scores: Optional[EncodeScores] = None
 
     def __iter__(self):  # (x_hat, values, indices), as in the single-process API
         return iter((self.x_hat, self.values, self.indices))
@@ -859,6 +937,22 @@ class ShardedTopKSAE(nn.Module):
         """Shard a full ``TopKSAE`` (every rank builds it from the same seed, or loads it)."""
         out = cls(sae.cfg, ctx, device=device)
         out.load_full_state_dict(sae.state_dict())
+        return out
+
+    @classmethod
+    def adopt(cls, sae: TopKSAE, ctx: ParallelContext) -> "ShardedTopKSAE":
+        """The whole ``sae`` as the one shard of a model group of one (tp 1: one process, or data
+        parallel): the same parameter tensors, not copies, so an optimizer built on ``sae`` updates it."""
+        if ctx.tp != 1:
+            raise ValueError(f"sae: a TopKSAE is the whole model, which one rank holds only at tp 1 (got tp {ctx.tp}); "
+                             "shard it with ShardedTopKSAE.from_full(sae, ctx)")
+        out = cls.__new__(cls)
+        nn.Module.__init__(out)
+        out.cfg, out.ctx, out.n_local, out.offset = sae.cfg, ctx, sae.cfg.d_sae, 0
+        for name in ("W_enc", "b_enc", "W_dec"):
+            setattr(out, name, _mark_sharded(getattr(sae, name)))
+        out.b_dec = sae.b_dec
+        out.register_buffer("threshold", sae.threshold)
         return out
 
     @property

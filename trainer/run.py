@@ -52,7 +52,6 @@ from .data import ContextData, load_documents
 from .evaluate import EV_CONVENTION, evaluate_sites
 from .model import hook_point_names, load_model, model_facts, position_hooks
 from .parallel import RowExchange, RowNeed, ShardedTopKSAE, init_parallel, member_contexts, place_members
-from .parallel_step import ParallelSAEStep
 from .preflight import available_bytes, check_sae_memory, model_weight_bytes, offline_if_unreachable
 from .producer import ActivationSource
 from .run_folder import (
@@ -318,11 +317,9 @@ def _run(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSta
         nm = norms[m.name]
         sae.cfg = sae.cfg.replace(norm_in=math.sqrt(d) / nm["in"], norm_out=math.sqrt(d) / nm["out"])
         step_cfg = StepConfig.from_train_config(scfg, compute_dtype)
-        if mc.distributed:  # every rank of the member built the same full SAE; keep this rank's rows
-            sae = ShardedTopKSAE.from_full(sae, mc)
-            step = ParallelSAEStep(sae, make_optimizer(sae, cfg.lr, (cfg.beta1, cfg.beta2)), step_cfg, mc)
-        else:
-            step = SAEStep(sae, make_optimizer(sae, cfg.lr, (cfg.beta1, cfg.beta2)), step_cfg)
+        # every rank of the member built the same full SAE; each keeps its rows (all of them at tp 1)
+        sae = ShardedTopKSAE.from_full(sae, mc) if mc.tp > 1 else ShardedTopKSAE.adopt(sae, mc)
+        step = SAEStep(sae, make_optimizer(sae, cfg.lr, (cfg.beta1, cfg.beta2)), step_cfg, mc)
         members.append(Member(m.name, out / m.name, step, block[hp_in], None if hp_out == hp_in else block[hp_out],
                               extra_state={"norms": nm}))
     trainer = Trainer(members, buffer, total_steps=cfg.total_steps, batch_size=cfg.batch_size, output=out,
@@ -347,11 +344,11 @@ def _run(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSta
     # user reloads; its members share one pass over the held-out contexts (one clean LM pass)
     mine: Dict[str, Tuple[Member, TopKSAE, Dict[str, int]]] = {}
     for mem in members:
-        full = mem.step.full_sae() if hasattr(mem.step, "full_sae") else mem.step.sae
+        full = mem.step.full_sae()
         deaths = mem.step.deaths
         dead = {"dead_latents_train": int((mem.step.since_fired >= mem.step.cfg.dead_window_tokens).sum()),
                 "latents_died_train": int((deaths > 0).sum()), "death_events_train": int(deaths.sum())}
-        if mem.comm.is_main:
+        if mem.ctx.is_main:
             mine[mem.name] = (mem, full.to(device), dead)
     ctx.barrier()
     spec_of = {m.name: m for m in specs}
@@ -372,7 +369,7 @@ def _run(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSta
                 "data_init": cfg.data_init, "b_dec_init_fraction": cfg.b_dec_init_fraction,
                 "recentre_dead": cfg.recentre_dead, "hold_dead": cfg.hold_dead, "reset_dead_moments": cfg.reset_dead_moments,
                 "released_recipe": cfg.released_recipe,
-                "dtype": f"torch.{cfg.export_dtype}", "tp_size": ctx.tp, "ddp_size": mem.comm.world_size // ctx.tp,
+                "dtype": f"torch.{cfg.export_dtype}", "tp_size": ctx.tp, "ddp_size": mem.ctx.dp,
             }
             sae.to_llama_scope(mem.run_dir, hyperparams=hyper, lm_config=lm.lm_config(), dtype=cfg.export_dtype)
             saes.setdefault((m.layer, m.position), {})[name] = TopKSAE.from_llama_scope(mem.run_dir, device=device)

@@ -3,10 +3,8 @@
 * ``estimate_norm``: dataset-wise norm ``mu = mean_t ||x_t||``; the SAE trains on ``s * x`` with
   ``s = sqrt(d_model) / mu``, separately for inputs and targets.
 * ``SAEStep``: one optimiser step (weighted TopK encode, sparse decode, Llama Scope or FVU loss,
-  optional AuxK, gradient clipping, Adam, schedules, dead-latent counters) with no host sync. It
-  takes a ``Collectives`` object (single-process by default) so that a data / tensor parallel
-  trainer can wrap or subclass it: override ``encode_decode`` for sharded latents and the
-  ``Collectives`` methods for the all-reduces.
+  optional AuxK, gradient clipping, Adam, schedules, dead-latent counters) with no host sync, on any
+  layout: it runs over the member's ``ParallelContext`` (a no-op 1 x 1 mesh in one process).
 * ``Member``: one SAE of a run (a suite of one or many): its step, folder and buffer columns.
 * ``Trainer``: the loop around the members' steps, one global batch per step shared by every member:
   each member's metrics.jsonl every ``log_every`` steps, tqdm counted in tokens, atomic resumable
@@ -20,21 +18,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from sae_kernels import TopKSAE
-from sae_kernels.ops import decode_for_training, encode_for_training, select_dense, subset_decode
 from sae_kernels.optim import HOLD, RESET, SAEAdam
 
 from .checkpoint import CheckpointWriteError, describe_os_error, load_state, save_state
+from .parallel import ParallelContext, ShardedTopK, ShardedTopKSAE, gather_full_state, shard_state
 from .run_folder import truncate_metrics
 from .schedules import k_schedule, lr_factor
 from .stop import NAMES as SIGNAL_NAMES, Interrupted, StopSignals
 
-_DEAD_BIAS = -1e30  # large negative, finite: pushes alive latents out of the AuxK selection
 
 
 # ----------------------------------------------------------------------------------- pieces
@@ -71,45 +68,6 @@ def fvu_loss(x_hat: Tensor, y: Tensor, mean: Optional[Tensor] = None, reduce=Non
     den = (y - mean).pow(2).sum()
     den = den if reduce is None else reduce(den)
     return (x_hat - y).pow(2).sum() / den.clamp_min(1e-12)
-
-
-class Collectives:
-    """Single-process collectives. A parallel trainer passes a subclass that all-reduces.
-
-    The step calls ``all_reduce_grads`` after backward, ``grad_norm`` for clipping (a sharded
-    model must reduce the squared norms of its shards) and ``metric`` on logged values.
-    """
-
-    rank = 0
-    world_size = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_grads(self, params: List[Tensor]) -> None:
-        """Average gradients over data-parallel ranks (no-op here)."""
-
-    def grad_norm(self, params: List[Tensor]) -> Tensor:
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=params[0].device)
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-
-    def metric(self, t: Tensor) -> Tensor:
-        """Average a logged scalar over data-parallel ranks (no-op here)."""
-        return t
-
-    def barrier(self) -> None:
-        """Synchronise ranks (no-op here)."""
-
-    def batch_mean(self, y: Tensor) -> Tensor:
-        """Mean of the whole step's batch over tokens, ``[1, d]`` (data parallel: all groups)."""
-        return y.mean(0, keepdim=True)
-
-    def data_mean(self, t: Tensor) -> Tensor:
-        """Average of a per-group value over data-parallel groups (no-op here)."""
-        return t
 
 
 @dataclass
@@ -166,29 +124,44 @@ def make_optimizer(sae: TopKSAE, lr: float, betas: Tuple[float, float],
 
 
 class SAEStep:
-    """One training step of a TopK SAE in normalised space (SPEC.md sec. 2-4).
+    """One training step of a TopK SAE in normalised space (SPEC.md sec. 2-4), on any layout.
 
-    ``step(x, y, t)`` takes raw activations ``x [B, d]`` (and targets ``y``, None for an SAE),
-    normalises them with the SAE's ``norm_in`` / ``norm_out``, and returns detached scalar tensors
-    (loss, explained variance of the batch, L0, ...). Nothing in it waits for the device.
+    ``step(x, y, t)`` takes raw activations ``x [B, d]`` (and targets ``y``, None for an SAE) of this
+    rank's model group (its share of the step's global batch: ``B = batch / dp``; the whole batch in one
+    process), normalises them with the SAE's ``norm_in`` / ``norm_out``, and returns detached scalar
+    tensors (loss, explained variance of the batch, L0, ...). Nothing in it waits for the device.
+
+    ``ctx`` is the member's ``ParallelContext``: in one process (the default) a 1 x 1 mesh whose
+    collectives are no-ops, so the single process runs exactly the ops the sharded step runs on each
+    shard. The model is this rank's ``ShardedTopKSAE`` (its rows of the latents; all of them at tp 1):
+    a ``TopKSAE`` given here is adopted as the one shard, sharing its parameters, so an optimizer built
+    on it trains it. The selection is the exact global (weighted) TopK over the model group, the losses
+    are centred on the global batch, gradients are averaged over data groups and clipped by the global
+    norm, and the dead-latent counters (full width, the same on every rank) count the firings of the
+    whole world: every layout trains the single process's SAE.
     """
 
-    def __init__(self, sae: TopKSAE, optimizer: torch.optim.Optimizer, cfg: StepConfig,
-                 collectives: Optional[Collectives] = None) -> None:
+    def __init__(self, sae: Union[TopKSAE, ShardedTopKSAE], optimizer: torch.optim.Optimizer, cfg: StepConfig,
+                 ctx: Optional[ParallelContext] = None) -> None:
         if (cfg.hold_dead or cfg.reset_dead_moments) and not isinstance(optimizer, SAEAdam):
             raise ValueError("hold_dead / reset_dead_moments: expected an SAEAdam optimizer (its row flags), got "
                              f"{type(optimizer).__name__}")
-        self.sae, self.opt, self.cfg = sae, optimizer, cfg
-        self.comm = collectives or Collectives()
+        if isinstance(sae, ShardedTopKSAE):
+            ctx = sae.ctx if ctx is None else ctx
+        else:
+            ctx = ParallelContext(device=sae.W_enc.device) if ctx is None else ctx
+            sae = ShardedTopKSAE.adopt(sae, ctx)
+        self.sae, self.opt, self.cfg, self.ctx = sae, optimizer, cfg, ctx
         self.params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
-        dev = sae.W_enc.device
-        # tokens since each latent last fired (dead-latent tracking, AuxK)
-        self.since_fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=dev)
-        self.fire_count = torch.zeros(sae.d_sae, dtype=torch.int64, device=dev)
-        self.was_reset = torch.zeros(sae.d_sae, dtype=torch.bool, device=dev)  # reset_dead_moments, ever
-        self.deaths = torch.zeros(sae.d_sae, dtype=torch.int64, device=dev)  # times each latent became dead
+        n, dev = sae.cfg.d_sae, sae.W_enc.device
+        # Full-width counters (every latent of the SAE, identical on every rank of the member):
+        # tokens since each latent last fired (dead latents, AuxK), its firings, and
+        self.since_fired = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.fire_count = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.was_reset = torch.zeros(n, dtype=torch.bool, device=dev)  # reset_dead_moments, ever
+        self.deaths = torch.zeros(n, dtype=torch.int64, device=dev)  # times each latent became dead
         self._tracking = False  # SAEAdam keeps the compute copies / decoder norms once asked
-        self._scores = None  # the encode's pre-activations, kept for AuxK within one step
+        self._fwd: Optional[ShardedTopK] = None  # this step's forward, kept for AuxK within the step
 
     # -- schedules
     def k_at(self, t: int) -> int:
@@ -199,19 +172,10 @@ class SAEStep:
         c = self.cfg
         return c.lr * lr_factor(t, c.total_steps, c.warmup_steps, c.decay_fraction)
 
-    # -- the math; a tensor-parallel version overrides encode_decode / auxk_loss
-    def weights(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Differentiable weights in the compute dtype (casts of the fp32 masters): what a subclass
-        that runs its own ops (the tensor-parallel step) reads. The single-process step does not
-        cast: it reads ``compute_weights()`` and writes fp32 master gradients directly."""
-        dt = self.cfg.compute_dtype
-        W = (self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec)
-        if dt is None or dt == self.sae.W_enc.dtype:
-            return W
-        return tuple(w.to(dt) for w in W)  # differentiable casts: fp32 master weights get the grads
-
+    # -- the math
     def compute_weights(self) -> Tuple[Tuple[Tensor, Tensor, Tensor, Tensor], Optional[Tensor]]:
-        """``((W_enc, b_enc, W_dec, b_dec) as the math reads them, decoder row norms or None)``.
+        """``((W_enc, b_enc, W_dec, b_dec) as the math reads them, decoder row norms or None)``: this
+        shard's rows.
 
         With ``SAEAdam`` the compute-dtype copies and the fp32 decoder norms are rewritten by the
         optimizer's step (and recomputed if the masters were changed outside it): no cast, no norm
@@ -232,27 +196,30 @@ class SAEStep:
             norms = sae.W_dec.detach().float().norm(dim=1) if weighted else None
         return copies, norms
 
-    def encode_decode(self, x_n: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor]:
-        """``(values [B, k], indices [B, k], x_hat_n [B, d])`` in normalised space.
+    def _out_dtype(self) -> torch.dtype:
+        """The reconstructions' dtype: fp32 for a half compute dtype (the decode's fp32 sum, unrounded)."""
+        return torch.promote_types(self.cfg.compute_dtype or self.sae.W_enc.dtype, torch.float32)
 
-        The trainer's route of the ops (``encode_for_training`` / ``decode_for_training``): no host
-        sync, indices trusted only because the encode made them, fp32 master gradients. With AuxK
-        on, the encode keeps its pre-activations (``self._scores``) for ``auxk_loss``."""
+    def encode_decode(self, x_n: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(values, indices, x_hat_n)`` in normalised space: this rank's ``[B, min(k, d_sae/tp)]`` slots
+        (global latent ids; slots that lost the global selection hold 0) and the full reconstruction
+        (the same on the model group). Through ``ParallelContext.sharded_forward``: the trainer's route
+        of the ops (no host sync, indices trusted because the encode made them, fp32 master gradients).
+        With AuxK on, the encode keeps its pre-activations for ``auxk_loss``."""
         sae = self.sae
         (W_enc, b_enc, W_dec, _), dec_norm = self.compute_weights()
-        out = encode_for_training(x_n, sae.W_enc, sae.b_enc, k, dec_norm, compute=(W_enc, b_enc),
-                                  keep_pre=self.cfg.auxk)
-        values, indices = out[0], out[1]
-        self._scores = out[2] if self.cfg.auxk else None
-        x_hat = decode_for_training(values, indices, sae.W_dec, sae.b_dec, compute=W_dec)
-        return values, indices, x_hat
+        out = self.ctx.sharded_forward(x_n, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, k, sae.cfg.weighted_topk,
+                                       sae.cfg.d_sae, dec_norm=dec_norm, compute=(W_enc, b_enc, W_dec),
+                                       keep_pre=self.cfg.auxk, out_dtype=self._out_dtype())
+        self._fwd = out
+        return out.values, out.indices, out.x_hat
 
     def loss_denominator(self, y_n: Tensor, mean: Tensor) -> Tensor:
         """What the reconstruction loss divides by: ``||y_t - mean||`` per token (``[B, 1]``, the Llama
         Scope loss) or ``sum_t ||y_t - mean||^2`` over the global batch (FVU)."""
         if self.cfg.loss == "llama_scope":
             return (y_n - mean).norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        return self.comm.data_mean((y_n - mean).pow(2).sum()).clamp_min(1e-12)
+        return self.ctx.data_mean((y_n - mean).pow(2).sum()).clamp_min(1e-12)
 
     def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor, den: Tensor) -> Tensor:
         """Gao et al.'s AuxK: the top-``k_aux`` dead latents reconstruct the detached residual
@@ -262,34 +229,22 @@ class SAEStep:
         it against the main loss whatever the main loss (the residual's own variance, the earlier
         denominator, made AuxK outweigh a Llama Scope main loss by about two orders of magnitude).
 
-        The selection reuses the forward's pre-activations when the encode kept them (two-pass path:
-        no second encoder GEMM); otherwise a second encode with the alive latents pushed to zero. On
-        the CPU, where a host sync is free, it is dense over the dead latents only (``select_dense``,
-        ``subset_decode``: work in proportion to their number, none when no latent is dead); elsewhere
-        a top-k_aux over all latents with the alive ones counted as zero, without a sync."""
-        sae = self.sae
-        (W_enc, b_enc, W_dec, _), dec_norm = self.compute_weights()
-        scores = getattr(self, "_scores", None)
-        if scores is not None and scores.pre is not None and x_n.device.type == "cpu":
-            self._scores = None
-            ids = dead.nonzero().squeeze(1)
-            if ids.numel() == 0:
-                return torch.zeros((), device=residual.device)
-            acts = select_dense(scores, ids, self.cfg.k_aux)
-            e_hat = subset_decode(acts, sae.W_dec, ids, compute=W_dec).float()
-            return _normalised_sq_error(e_hat, residual, den, self.cfg.loss)
-        if scores is not None and scores.pre is not None:
-            v, i = scores.select(self.cfg.k_aux, allowed=dead)
-        else:
-            dead_bias = torch.where(dead, 0.0, _DEAD_BIAS).to(b_enc.dtype)
-            v, i = encode_for_training(x_n, sae.W_enc, sae.b_enc, self.cfg.k_aux, dec_norm,
-                                       compute=(W_enc, b_enc + dead_bias))
-        self._scores = None
-        e_hat = decode_for_training(v, i, sae.W_dec, None, compute=W_dec).float()
-        return _normalised_sq_error(e_hat, residual, den, self.cfg.loss) * dead.any()
+        The selection is the exact global top-``k_aux`` among the dead latents of every shard, from the
+        forward's kept pre-activations (``ParallelContext.sharded_select_decode``: no second encoder GEMM
+        where the encode kept them; dense over the dead latents only in one CPU process). Zero when no
+        latent is dead."""
+        sae, fwd = self.sae, self._fwd
+        self._fwd = None
+        (_, _, W_dec, _), _ = self.compute_weights()
+        mine = dead[sae.offset: sae.offset + sae.n_local]
+        e_hat = self.ctx.sharded_select_decode(fwd.scores, mine, self.cfg.k_aux, sae.W_dec, compute=W_dec,
+                                               d_sae=sae.cfg.d_sae, out_dtype=self._out_dtype())
+        if e_hat is None:
+            return torch.zeros((), device=residual.device)
+        return _normalised_sq_error(e_hat.float(), residual, den, self.cfg.loss) * dead.any()
 
     def __call__(self, x: Tensor, y: Optional[Tensor], t: int) -> Dict[str, Tensor]:
-        c, sae = self.cfg, self.sae
+        c, sae, ctx = self.cfg, self.sae, self.ctx
         k = self.k_at(t)
         lr = self.lr_at(t)
         for g in self.opt.param_groups:
@@ -304,9 +259,9 @@ class SAEStep:
             self.recentre_unreachable(x_n)
         values, indices, x_hat = self.encode_decode(x_n, k)
         x_hat = x_hat.float()
-        mean = self.comm.batch_mean(y_n)
+        mean = ctx.batch_mean(y_n)
         loss = (llama_scope_loss(x_hat, y_n, mean) if c.loss == "llama_scope"
-                else fvu_loss(x_hat, y_n, mean, self.comm.data_mean))
+                else fvu_loss(x_hat, y_n, mean, ctx.data_mean))
         total = loss
         aux = None
         dead = self.since_fired >= c.dead_window_tokens
@@ -314,11 +269,11 @@ class SAEStep:
             aux = self.auxk_loss(x_n, (y_n - x_hat).detach(), dead, self.loss_denominator(y_n, mean))
             total = loss + c.auxk_coef * aux
         total.backward()
-        self._scores = None
-        self.comm.all_reduce_grads(self.params)
+        self._fwd = None
+        ctx.sync_grads(self.params)
         scale = None
         if c.clip_grad_norm > 0:
-            norm = self.comm.grad_norm(self.params)
+            norm = ctx.grad_norm(self.params)
             scale = (c.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         if isinstance(self.opt, SAEAdam):
             # the clip factor and the row flags are applied inside the fused update
@@ -331,17 +286,19 @@ class SAEStep:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            fired = values > 0
-            counts = torch.zeros(sae.d_sae, dtype=torch.int64, device=values.device)
+            fired = values > 0  # this rank's winners (losers of the global selection hold 0)
+            counts = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=values.device)
             counts.scatter_add_(0, indices.reshape(-1), fired.reshape(-1).long())
-            self.advance_counters(self.since_fired, self.fire_count, self.deaths, counts, x.shape[0])
+            # the firings of every latent on every data group's tokens: one all-reduce of d_sae ints
+            counts = ctx.world_all_reduce(counts)
+            self.advance_counters(self.since_fired, self.fire_count, self.deaths, counts, self.tokens_per_step(x_n))
             # sums over the global batch (one collective under data parallelism)
-            err_var = self.comm.data_mean(torch.stack([(x_hat - y_n).pow(2).sum(), (y_n - mean).pow(2).sum()]))
+            err_var = ctx.data_mean(torch.stack([(x_hat - y_n).pow(2).sum(), (y_n - mean).pow(2).sum()]))
             err, var = err_var[0], err_var[1].clamp_min(1e-12)
             out = {
                 "loss": loss.detach(),
                 "explained_variance": 1 - err / var,
-                "l0": fired.sum(-1).float().mean(),
+                "l0": ctx.model_all_reduce(fired.sum(-1).float().mean()),  # each shard counts its winners
                 "dead_fraction": dead.float().mean(),
             }
             if aux is not None:
@@ -356,12 +313,12 @@ class SAEStep:
         token because its random encoder row points away from the inputs' mean, and the latents do not
         all have to carry the mean while ``b_dec`` learns it (Adam moves a bias by about ``lr`` per
         step). Architecture and checkpoint format are unchanged. The means are over the global batch
-        (``Collectives.batch_mean``), so every layout sets the same biases. ``b_dec_init < 1`` leaves
+        (``ParallelContext.batch_mean``), so every layout sets the same biases. ``b_dec_init < 1`` leaves
         part of the mean to the latents: at layer 12 of the embedded model the latents that carry it
         are also what reconstructs the rare massive-activation tokens (README, 'Dead latents')."""
         sae = self.sae
-        mx = self.comm.batch_mean(x_n.float())[0]
-        my = self.comm.batch_mean(y_n.float())[0]
+        mx = self.ctx.batch_mean(x_n.float())[0]
+        my = self.ctx.batch_mean(y_n.float())[0]
         sae.b_enc.copy_((-(sae.W_enc.float() @ mx)).to(sae.b_enc.dtype))
         sae.b_dec.copy_((self.cfg.b_dec_init * my).to(sae.b_dec.dtype))
 
@@ -387,9 +344,8 @@ class SAEStep:
         c, sae = self.cfg, self.sae
         if not (c.hold_dead or c.reset_dead_moments):
             return None
-        n = sae.b_enc.shape[0]
-        flags = torch.zeros(n, dtype=torch.uint8, device=sae.b_enc.device)
-        mine = slice(getattr(sae, "offset", 0), getattr(sae, "offset", 0) + n)  # this shard's latents
+        flags = torch.zeros(sae.n_local, dtype=torch.uint8, device=sae.b_enc.device)
+        mine = slice(sae.offset, sae.offset + sae.n_local)  # this shard's latents
         if c.reset_dead_moments:
             newly = dead & (self.since_fired < c.dead_window_tokens + self.tokens_per_step(x_n))
             self.was_reset |= newly
@@ -411,8 +367,8 @@ class SAEStep:
         self.since_fired = new
 
     def tokens_per_step(self, x_n: Tensor) -> int:
-        """Tokens the dead-latent counters advance by per step (the global batch)."""
-        return x_n.shape[0]
+        """Tokens the dead-latent counters advance by per step: the global batch (every data group's share)."""
+        return x_n.shape[0] * self.ctx.dp
 
     @torch.no_grad()
     def recentre_unreachable(self, x_n: Tensor) -> None:
@@ -427,17 +383,30 @@ class SAEStep:
         w, B = c.dead_window_tokens, self.tokens_per_step(x_n)
         sf = self.since_fired
         due = (sf >= 2 * w) & (sf % w < B)
-        off, n = getattr(sae, "offset", 0), sae.W_enc.shape[0]
-        due = due[off: off + n]  # this shard's rows (all of them in one process)
+        due = due[sae.offset: sae.offset + sae.n_local]  # this shard's rows (all of them at tp 1)
         if not bool(due.any()):
             return
         ids = due.nonzero().squeeze(1)
         W, b = sae.W_enc.index_select(0, ids).float(), sae.b_enc.index_select(0, ids).float()
         reach = (torch.addmm(b, x_n.float(), W.t()) > 0).any(0).float()
-        unreachable = self.comm.data_mean(reach) == 0  # no positive pre on any data group's tokens
-        mx = self.comm.batch_mean(x_n.float())[0]
+        unreachable = self.ctx.data_mean(reach) == 0  # no positive pre on any data group's tokens
+        mx = self.ctx.batch_mean(x_n.float())[0]
         new = torch.where(unreachable, -(W @ mx), b)
         sae.b_enc.index_copy_(0, ids, new.to(sae.b_enc.dtype))
+
+    # -- state in single-process shapes (any layout writes and reads the same checkpoint)
+    def full_state(self) -> Tuple[Optional[Dict[str, Tensor]], Optional[Dict[str, Any]]]:
+        """``(SAE state dict, optimizer state dict)`` in single-process shapes, on CPU, on the member's
+        rank 0 (None elsewhere). Every rank of the member must call it."""
+        return gather_full_state(self.ctx, self.sae, self.opt)
+
+    def load_full_state(self, sae_sd: Dict[str, Tensor], opt_sd: Dict[str, Any]) -> None:
+        """Load single-process-shaped state (written by any layout) and keep this rank's rows."""
+        shard_state(self.ctx, self.sae, self.opt, sae_sd, opt_sd)
+
+    def full_sae(self) -> Optional[TopKSAE]:
+        """The whole ``TopKSAE`` (on CPU) on the member's rank 0 (None elsewhere), for export and evaluation."""
+        return self.sae.to_full()
 
     def state_dict(self) -> Dict[str, Tensor]:
         return {"since_fired": self.since_fired.cpu(), "fire_count": self.fire_count.cpu(),
@@ -502,8 +471,9 @@ class Member:
         self.step_seconds = 0.0  # time in this member's steps (without device syncs: launch time on GPUs)
 
     @property
-    def comm(self) -> Collectives:
-        return self.step.comm
+    def ctx(self) -> ParallelContext:
+        """The member's context: the ranks that train it."""
+        return self.step.ctx
 
     @property
     def metrics_path(self) -> Path:
@@ -511,20 +481,6 @@ class Member:
 
     def state_path(self, step: int) -> Path:
         return self.run_dir / "resume" / f"step{step}.pt"
-
-    def full_state(self) -> Tuple[Optional[Dict[str, Tensor]], Optional[Dict[str, Any]]]:
-        """SAE and Adam state dicts in single-process shapes (on the member's main rank)."""
-        if hasattr(self.step, "full_state"):  # sharded: gathered
-            return self.step.full_state()
-        return {k: v.detach().cpu() for k, v in self.step.sae.state_dict().items()}, self.step.opt.state_dict()
-
-    def load_full_state(self, sae_sd: Dict[str, Tensor], opt_sd: Dict[str, Any]) -> None:
-        if hasattr(self.step, "load_full_state"):  # re-shards to this run's tp
-            self.step.load_full_state(sae_sd, opt_sd)
-        else:
-            sae = self.step.sae
-            sae.load_state_dict({k: v.to(sae.W_enc.device) for k, v in sae_sd.items()})
-            self.step.opt.load_state_dict(opt_sd)
 
 
 class Trainer:
@@ -564,8 +520,6 @@ class Trainer:
         extra_state: Optional[Dict[str, Any]] = None,
         log: Callable[[str], None] = print,
     ) -> None:
-        from .parallel import ParallelContext
-
         self.members, self.batches, self.exchange = list(members), batches, exchange
         self.ctx = ctx if ctx is not None else ParallelContext()
         self.total_steps, self.batch_size = total_steps, batch_size
@@ -611,9 +565,9 @@ class Trainer:
         shard_name = f"buffer-step{t}-rank{ctx.rank}-of{ctx.world_size}.safetensors"
         write(lambda p: atomic_save_safetensors(p, shard), self.output / "resume" / shard_name)
         for m in self.members:
-            sae_sd, opt_sd = m.full_state()
-            sums = {k: m.comm.metric(v).detach().cpu() for k, v in m.sums.items()}  # global means
-            if m.comm.is_main:
+            sae_sd, opt_sd = m.step.full_state()
+            sums = {k: m.ctx.data_mean(v).detach().cpu() for k, v in m.sums.items()}  # global means
+            if m.ctx.is_main:
                 write(lambda p: save_state({
                     "version": 2, "step": t, "name": m.name, "sae_cfg": m.step.sae.cfg.to_dict(), "sae": sae_sd,
                     "optimizer": opt_sd, "step_state": m.step.state_dict(), "metric_sums": [sums, m.n_acc],
@@ -669,13 +623,13 @@ class Trainer:
             raise ValueError(f"--resume: the checkpoint trains {state['members']}, this run {sorted(self.member_dirs)}")
         for m in self.members:
             ms = load_state(m.state_path(t))
-            m.load_full_state(ms["sae"], ms["optimizer"])
+            m.step.load_full_state(ms["sae"], ms["optimizer"])
             m.step.load_state_dict(ms["step_state"])
             sums, n_acc = ms["metric_sums"]
             dev = m.step.sae.W_enc.device
             m.sums, m.n_acc = {k: v.to(dev) for k, v in sums.items()}, int(n_acc)
             # metrics.jsonl: keep the lines up to the checkpoint, drop what the killed run wrote after it
-            if m.comm.is_main:
+            if m.ctx.is_main:
                 truncate_metrics(m.metrics_path, t)
         self.batches.load_state_dict(state["buffer"], _shard_reader(self.state_path.parent, state["shards"]))
         set_rng_state(state["rng"])
@@ -696,7 +650,7 @@ class Trainer:
         files = {}
         stop = StopSignals(self.ctx).__enter__()  # SIGTERM / Ctrl-C: checkpoint, then Interrupted
         for m in self.members:
-            if m.comm.is_main:
+            if m.ctx.is_main:
                 m.run_dir.mkdir(parents=True, exist_ok=True)
                 files[m.name] = open(m.metrics_path, "a")
         try:
@@ -719,7 +673,7 @@ class Trainer:
                 if self.t % self.log_every == 0 or self.t == self.total_steps:
                     now = time.perf_counter()
                     for m in self.members:
-                        vals = {key: float(m.comm.metric(v / m.n_acc)) for key, v in m.sums.items()}  # host sync
+                        vals = {key: float(m.ctx.data_mean(v / m.n_acc)) for key, v in m.sums.items()}  # host sync
                         rec = {"step": self.t, "tokens": self.t * self.batch_size, **vals,
                                "k": m.step.k_at(self.t - 1), "lr": m.step.lr_at(self.t - 1),
                                "tokens_per_s": steps_log * self.batch_size / max(now - t_log, 1e-9)}
