@@ -32,5 +32,5 @@ setup(
         "bench": ["pytest>=7", "pytest-benchmark>=4", "eai-sparsify"],
     },
     entry_points={"console_scripts": ["sae-train=trainer.run:main", "sae-analyze=trainer.analyze.cli:main",
-                                      "sae-evaluate=trainer.analyze.evaluate_run:main"]},
+                                      "sae-evaluate=trainer.evaluate.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""A suite from one LM pass against one SAE and against separate runs (README, 'Suites').
+"""A suite from one LM pass against one SAE and against separate runs (docs/suites.md).
 
     python benchmarks/bench_suite.py                 # the embedded default on the CPU (~30-60 minutes)
     python benchmarks/bench_suite.py --tokens 60000  # shorter; any other trainer.run flag passes through

@@ -8,7 +8,7 @@ one document per module, the docstrings longer than 200 characters of the runnin
 library (folders whose path contains test, idlelib, lib2to3 or site-packages left out, so unittest too): about 370k training tokens with SmolLM2's tokenizer
 against 103k. The first documents being those of the default, the held-out contexts (the first of
 every 10th context) are bitwise the default's: it measures one pass over more text against the
-default's replays of its small corpus (README, 'Dead latents').
+default's replays of its small corpus (docs/method.md sec. 13).
 """
 from __future__ import annotations
 

@@ -437,7 +437,7 @@ class _LMSource:
         self.gen = torch.Generator(device="cpu").manual_seed(3)
 
     def forward(self):
-        from trainer.model import capture, run_capture
+        from trainer.data.lm import capture, run_capture
 
         ids = torch.randint(0, self.cfg.vocab_size, (self.lm_batch, self.ctx), generator=self.gen).to(self.dev)
         with torch.inference_mode(), capture(self.model, self.layer, "R", stop=True) as store:
@@ -445,7 +445,7 @@ class _LMSource:
             return store["in"].reshape(-1, self.cfg.hidden_size)
 
     def __iter__(self):
-        from trainer.buffer import Chunk
+        from trainer.data.buffer import Chunk
 
         i = 0
         while self.limit is None or i < self.limit:
@@ -457,7 +457,7 @@ class _LMSource:
 
 
 def e2e(c: Check) -> Dict[str, Any]:
-    from trainer.buffer import ActivationBuffer
+    from trainer.data.buffer import ActivationBuffer
     from trainer.parallel import RowExchange, RowNeed, init_parallel
 
     dev = _device()

@@ -30,7 +30,7 @@ Tensor = torch.Tensor
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PROVIDERS = ("dense", "torch", "triton", "sparsify")
 MODES = ("forward", "backward", "full")
-# Llama Scope optimiser (SPEC sec. 4): Adam, betas (0.9, 0.9999), lr 8e-4, no weight decay.
+# Llama Scope optimiser (docs/method.md sec. 4): Adam, betas (0.9, 0.9999), lr 8e-4, no weight decay.
 ADAM = dict(lr=8e-4, betas=(0.9, 0.9999))
 
 # Seconds of timed rounds per benchmark, within [MIN_ROUNDS, MAX_ROUNDS]: the whole CPU suite stays

@@ -24,7 +24,7 @@ from sae_kernels import SAEConfig, TopKSAE
 from trainer.analyze.corpus import held_out_contexts
 from trainer.analyze.features import PassConfig, analysis_pass
 from trainer.analyze.runs import resolve_run
-from trainer.model import activations, load_model
+from trainer.data.lm import activations, load_model
 
 ROUNDS = int(os.environ.get("SAE_ANALYZE_ROUNDS", "3"))
 

@@ -34,7 +34,7 @@ class SAEConfig:
             The JumpReLU gate compares the same weighted score with the threshold.
         activation: "topk" or "jumprelu" (per-latent thresholds in the module's ``threshold`` buffer).
         dtype: parameter dtype, one of float32, bfloat16, float16, float64.
-        norm_in: ``s_in``: the encoder reads ``norm_in * x`` (dataset-wise normalisation, SPEC sec. 3).
+        norm_in: ``s_in``: the encoder reads ``norm_in * x`` (dataset-wise normalisation, docs/method.md sec. 3).
         norm_out: ``s_out``: the decoder output is divided by ``norm_out`` to return to raw units.
         hook_point_in / hook_point_out: TransformerLens-style names of where the SAE reads / writes.
         model_name, layer, position: provenance of the activations (position in R, A, M, TC).

@@ -1,105 +1,55 @@
 """Checkpoint formats: our own, the released Llama Scope layout, SAELens and EleutherAI sparsify.
 
-Every file is written atomically (a temporary file in the same folder, fsync, ``os.replace``), so a
-killed process leaves either the old file or the new one, never half of one.
+Readers and writers work on an SAE's state, never on the module (``TopKSAE`` builds itself from
+what a reader returns, ``TopKSAE.from_state``, and hands its state to a writer):
+
+* ``read_sae`` / ``read_llama_scope`` / ``read_saelens`` / ``read_sparsify`` return ``(cfg, tensors)``:
+  an ``SAEConfig`` and a dict of latent-major tensors ``W_enc [d_sae, d_model]``, ``b_enc [d_sae]``,
+  ``W_dec [d_sae, d_model]``, ``b_dec [d_model]``, ``threshold [d_sae]`` (JumpReLU thresholds; zeros
+  for a TopK SAE), the layout of ``sae_kernels.fold``. Whatever a format does differently (a
+  transposed matrix, ``b_dec`` subtracted from the input, a gated encoder, the decoder-norm rescaling)
+  is converted into these in float64, so the tensors of the foreign formats are float64 and
+  ``cfg.dtype`` names the dtype to cast them to: the one the checkpoint stores (SAELens, sparsify),
+  float64 for Llama Scope. ``read_sae`` returns the tensors as stored (``cfg.dtype``'s).
+* ``write_sae`` / ``write_llama_scope`` / ``write_saelens`` / ``write_sparsify`` take ``(cfg, tensors)``
+  in the same layout (a module's ``state_dict()`` is one) and a folder.
+
+Every file is written atomically (``sae_kernels.atomic``), so a killed process leaves either the old
+file or the new one, never half of one.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import re
-import secrets
-import stat
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import safe_open
 
 from ._validate import as_int
+from .atomic import atomic_save_safetensors, atomic_write_json
 from .config import DTYPES, SAEConfig
-from .sae import TopKSAE
+from .fold import fold_decoder_norm, folded, score_scale
+from .sites import Site, hook_layer, hook_points
 
 PathLike = Union[str, "os.PathLike[str]"]
+Tensors = Dict[str, torch.Tensor]
+State = Tuple[SAEConfig, Tensors]
 
 LLAMA_SCOPE_WEIGHTS = "checkpoints/final.safetensors"
-
-# TransformerLens hook names of the four positions (SPEC sec. 1): (input, output).
-HOOK_NAMES = {
-    "R": ("blocks.{L}.hook_resid_post", "blocks.{L}.hook_resid_post"),
-    "A": ("blocks.{L}.hook_attn_out", "blocks.{L}.hook_attn_out"),
-    "M": ("blocks.{L}.hook_mlp_out", "blocks.{L}.hook_mlp_out"),
-    "TC": ("blocks.{L}.ln2.hook_normalized", "blocks.{L}.hook_mlp_out"),
-}
-
-
-def hook_points(layer: int, position: str) -> tuple:
-    """TransformerLens names ``(hook_point_in, hook_point_out)`` of ``position`` at ``layer``."""
-    if position not in HOOK_NAMES:
-        raise ValueError(f"position: expected one of {tuple(HOOK_NAMES)}, got {position!r}")
-    return tuple(h.format(L=layer) for h in HOOK_NAMES[position])
-
-
-# ------------------------------------------------------------------------------ atomic writes
-
-
-@contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a new file created with mode 0666 gets the umask's permissions like any other file (mkstemp: 0600)
-    while True:
-        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.filename is None:  # e.g. a full disk during write(): name the file being written
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_json(path: PathLike, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-
-def atomic_save_safetensors(path: PathLike, tensors: Dict[str, torch.Tensor], metadata=None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        umask_mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask (see atomic_path)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.chmod(tmp, umask_mode)  # safetensors writes its files with mode 0600
-        except SafetensorError as e:  # an I/O error (disk full) as the OSError it is, naming the file
-            code = re.search(r"os error (\d+)", str(e))
-            if code is None:
-                raise
-            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
 
 # ------------------------------------------------------------------------------ reading helpers
 
 
-def _read_json(path: Path, what: str) -> Dict[str, Any]:
-    """A JSON object from ``path``; every failure is a ValueError naming the file and the problem."""
+def read_json(path: PathLike, what: str) -> Dict[str, Any]:
+    """A JSON object from ``path``; every failure is a ValueError naming the file and the problem
+    (``what``, e.g. "hyperparams.json" or "--resume", starts the message)."""
+    path = Path(path)
     if not path.is_file():
         raise ValueError(f"{what}: expected a file {path}, but it does not exist")
     try:
@@ -195,58 +145,49 @@ def _get_str(obj: Dict[str, Any], key: str, where: str, default: Optional[str] =
     return v
 
 
-def _finish(sae: TopKSAE, dtype: Optional[str], device) -> TopKSAE:
-    """Cast a module assembled in float64 to ``dtype`` (name) and move it to ``device``."""
-    if dtype is not None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
-        sae.cfg = sae.cfg.replace(dtype=dtype)
-        sae.to(DTYPES[dtype])  # parameters and the threshold buffer
-    if device is not None:
-        sae.to(device)
-    return sae
-
-
-@torch.no_grad()
-def _assemble(cfg: SAEConfig, W_enc, b_enc, W_dec, b_dec, threshold=None) -> TopKSAE:
-    sae = TopKSAE(cfg, init=False)
-    sae.W_enc.copy_(W_enc)
-    sae.b_enc.copy_(b_enc)
-    sae.W_dec.copy_(W_dec)
-    sae.b_dec.copy_(b_dec)
-    if threshold is not None:
-        sae.threshold.copy_(torch.as_tensor(threshold, dtype=torch.float64).expand(cfg.d_sae))
-    return sae
-
-
 def _tensor_dtype_name(t: torch.Tensor) -> str:
     name = str(t.dtype).replace("torch.", "")
     return name if name in DTYPES else "float32"
 
 
-def _layer_position(hook_in: Optional[str], hook_out: Optional[str]):
-    """(layer, position) of TransformerLens hook names written by ``hook_points``, else (layer or None, None)."""
-    m = re.match(r"blocks\.(\d+)\.", hook_in or "")
-    if not m:
-        return None, None
-    layer = int(m.group(1))
-    for pos in HOOK_NAMES:
-        if hook_points(layer, pos) == (hook_in, hook_out or hook_in):
-            return layer, pos
-    return layer, None
+def _state(cfg: SAEConfig, W_enc, b_enc, W_dec, b_dec, threshold=None) -> State:
+    """``(cfg, tensors)`` from converted float64 tensors: contiguous (a transposed view would change the
+    order of the folds' row-norm sums, and so their last bit), the threshold a ``[d_sae]`` tensor
+    (from a scalar, or zeros when None)."""
+    th = torch.zeros(()) if threshold is None else threshold
+    tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec,
+               "threshold": torch.as_tensor(th, dtype=torch.float64).expand(cfg.d_sae)}
+    return cfg, {k: v.to(torch.float64).contiguous() for k, v in tensors.items()}
+
+
+def _site(hook_in: Optional[str], hook_out: Optional[str]) -> Tuple[Optional[int], Optional[str]]:
+    """(layer, position) of TransformerLens hook names (``sae_kernels.sites``), else (layer or None, None)."""
+    site = Site.from_hooks(hook_in, hook_out or hook_in)
+    return (site.layer, site.position) if site is not None else (hook_layer(hook_in), None)
 
 
 # ------------------------------------------------------------------------------ our own format
 
 
-def save_sae(sae: TopKSAE, path: PathLike) -> None:
+def _given(tensors: Tensors, cfg: SAEConfig, what: str) -> Tensors:
+    """The five state tensors of ``tensors`` (a missing threshold is zeros), detached; a missing one is
+    a ValueError naming ``what``."""
+    missing = [k for k in TENSOR_NAMES[:4] if k not in tensors]
+    if missing:
+        raise ValueError(f"{what}: tensors: missing {missing} (expected {list(TENSOR_NAMES)})")
+    out = {k: tensors[k].detach() for k in TENSOR_NAMES[:4]}
+    th = tensors.get("threshold")
+    out["threshold"] = th.detach() if th is not None else torch.zeros(cfg.d_sae, dtype=out["W_enc"].dtype)
+    return out
+
+
+def write_sae(cfg: SAEConfig, tensors: Tensors, path: PathLike) -> None:
+    """Our format: ``path/sae.safetensors`` (the five state tensors as given) + ``path/config.json``
+    (``cfg.to_dict()``), the config last."""
     path = Path(path)
-    tensors = {
-        "W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec,
-        "threshold": sae.threshold,
-    }
-    atomic_save_safetensors(path / "sae.safetensors", tensors, metadata={"format": "sae-kernels"})
-    atomic_write_json(path / "config.json", sae.cfg.to_dict())
+    t = _given(tensors, cfg, "write_sae")
+    atomic_save_safetensors(path / "sae.safetensors", t, metadata={"format": "sae-kernels"})
+    atomic_write_json(path / "config.json", cfg.to_dict())
 
 
 def _other_format_hint(path: Path) -> str:
@@ -264,7 +205,9 @@ def _other_format_hint(path: Path) -> str:
     return ""
 
 
-def load_sae(path: PathLike, device=None) -> TopKSAE:
+def read_sae(path: PathLike) -> State:
+    """A folder written by ``write_sae`` (``TopKSAE.save``): its config and its tensors as stored. A folder
+    in another format is refused with a pointer to its loader."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"path: expected a folder written by TopKSAE.save, got {str(path)!r}")
@@ -275,17 +218,13 @@ def load_sae(path: PathLike, device=None) -> TopKSAE:
             + (f"; {hint}" if hint else "")
         )
     cfg_file = path / "config.json"
-    cfg = SAEConfig.from_dict(_read_json(cfg_file, "config.json"), source=f"config.json ({cfg_file})")
+    cfg = SAEConfig.from_dict(read_json(cfg_file, "config.json"), source=f"config.json ({cfg_file})")
     n, d = cfg.d_sae, cfg.d_model
     t = _read_tensors(
         path / "sae.safetensors", "path",
         {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,), "threshold": (n,)},
     )
-    sae = TopKSAE(cfg, init=False)
-    with torch.no_grad():
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
-            getattr(sae, name).copy_(t[name])
-    return sae.to(device) if device is not None else sae
+    return cfg, {name: t[name] for name in TENSOR_NAMES}
 
 
 # ------------------------------------------------------------------------------ Llama Scope
@@ -337,13 +276,18 @@ def _resolve_llama_scope(path_or_repo: PathLike, name: Optional[str]) -> Path:
     )
 
 
-def load_llama_scope(
-    path_or_repo: PathLike, name: Optional[str] = None, *, fold: bool = True,
-    dtype: Optional[str] = "float32", device=None,
-) -> TopKSAE:
+def read_llama_scope(path_or_repo: PathLike, name: Optional[str] = None, *, fold: bool = True) -> State:
+    """A released Llama Scope SAE (a local folder, or a Hub repo id plus SAE name; docs/method.md sec. 7).
+
+    ``fold=True`` returns the state of the method's inference: dataset norms folded, then decoder norms
+    folded into the encoder, with the released scalar ``jump_relu_threshold`` (act_fn jumprelu) as the
+    threshold of every latent, exactly. ``fold=False`` returns the raw training state (normalised space,
+    ``norm_in`` / ``norm_out``, weighted selection) with the threshold in that state's score units.
+    The tensors are float64 and ``cfg.dtype`` is "float64".
+    """
     folder = _resolve_llama_scope(path_or_repo, name)
     hp_file = folder / "hyperparams.json"
-    hp = _read_json(hp_file, "hyperparams.json")
+    hp = read_json(hp_file, "hyperparams.json")
     where = f"hyperparams.json ({hp_file})"
     d = _get_int(hp, "d_model", where)
     n = _get_int(hp, "d_sae", where)
@@ -388,7 +332,7 @@ def load_llama_scope(
         b_dec = torch.zeros_like(b_dec)
     if pre_b_dec:
         b_enc = b_enc - W_enc @ b_dec  # W_enc (x_n - b_dec) + b_enc, in normalised space
-    layer, position = _layer_position(hook_in, hook_out)
+    layer, position = _site(hook_in, hook_out)
     cfg = SAEConfig(
         d_model=d, d_sae=n, k=k, weighted_topk=weighted, activation=act,
         dtype="float64", norm_in=s_in, norm_out=s_out, hook_point_in=hook_in, hook_point_out=hook_out,
@@ -398,34 +342,44 @@ def load_llama_scope(
     if act == "jumprelu":
         _require(hp, ("jump_relu_threshold",), where)
         theta = _get_float(hp, "jump_relu_threshold", where)
-    # Threshold in the module's score units: the method gates h' = z * n / s_out (weighted) or z / s_in.
-    factor = s_out if weighted else s_in
-    sae = _assemble(cfg, W_enc, b_enc, W_dec, b_dec, None if theta is None else theta * factor)
+    # Threshold in the unfolded state's score units: the method gates h' = z * n / s_out (weighted) or
+    # z / s_in, and folding the dataset norms divides the threshold by that factor.
+    state = _state(cfg, W_enc, b_enc, W_dec, b_dec, None if theta is None else theta * score_scale(cfg))
     if fold:
-        sae = sae.folded()
-        if theta is not None:
-            sae.threshold.fill_(theta)  # exactly the released scalar, no rounding through the factor
-    return _finish(sae, dtype, device)
+        cfg, tensors = folded(*state)
+        if theta is not None:  # exactly the released scalar, no rounding through the factor
+            tensors["threshold"] = torch.full((n,), theta, dtype=torch.float64)
+        state = cfg, tensors
+    return state
 
 
 def _read_model_name(folder: Path) -> Optional[str]:
     f = folder / "lm_config.json"
     if not f.is_file():
         return None
-    lm = _read_json(f, "lm_config.json")
+    lm = read_json(f, "lm_config.json")
     return _get_str(lm, "model_name", f"lm_config.json ({f})")
 
 
-def save_llama_scope(
-    sae: TopKSAE, path: PathLike, hyperparams: Optional[dict] = None, lm_config: Optional[dict] = None,
-    dtype: Optional[str] = None,
+def write_llama_scope(
+    cfg: SAEConfig, tensors: Tensors, path: PathLike, hyperparams: Optional[dict] = None,
+    lm_config: Optional[dict] = None, dtype: Optional[str] = None,
 ) -> None:
-    cfg = sae.cfg
+    """The released Llama Scope layout (docs/method.md sec. 7): ``hyperparams.json`` (with
+    ``hyperparams`` merged in, written last), ``lm_config.json``, ``checkpoints/final.safetensors``.
+
+    The state is written unfolded, as given: ``norm_in`` / ``norm_out`` become the dataset norms and a
+    JumpReLU SAE's one threshold (per-latent thresholds are refused) is written in the folded units the
+    release uses. Tensors in ``dtype`` (default: ``W_enc``'s).
+    """
+    if dtype and dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
+    t = _given(tensors, cfg, "write_llama_scope")
     d, n = cfg.d_model, cfg.d_sae
-    factor = cfg.norm_out if cfg.weighted_topk else cfg.norm_in
+    factor = score_scale(cfg)
     theta = 0.0
     if cfg.activation == "jumprelu":
-        th = sae.threshold.double()
+        th = t["threshold"].double()
         if not bool((th == th[0]).all()):
             raise ValueError(
                 "sae: the Llama Scope format stores one scalar jump_relu_threshold; this SAE has per-latent "
@@ -457,11 +411,11 @@ def save_llama_scope(
             stacklevel=3,
         )
         lm["model_name"] = "unknown"
-    dt = DTYPES[dtype] if dtype else sae.W_enc.dtype
+    dt = DTYPES[dtype] if dtype else t["W_enc"].dtype
     path = Path(path)
     atomic_save_safetensors(path / LLAMA_SCOPE_WEIGHTS, {
-        "encoder.weight": sae.W_enc.to(dt), "encoder.bias": sae.b_enc.to(dt),
-        "decoder.weight": sae.W_dec.to(dt).t(), "decoder.bias": sae.b_dec.to(dt),
+        "encoder.weight": t["W_enc"].to(dt), "encoder.bias": t["b_enc"].to(dt),
+        "decoder.weight": t["W_dec"].to(dt).t(), "decoder.bias": t["b_dec"].to(dt),
     })
     atomic_write_json(path / "lm_config.json", lm)
     atomic_write_json(path / "hyperparams.json", hp)  # last: its presence marks a complete folder
@@ -485,12 +439,20 @@ _SAELENS_REFUSED = {
 SAELENS_FORMAT_VERSION = "6.0.0"
 
 
-def load_saelens(path: PathLike, device=None, dtype: Optional[str] = None) -> TopKSAE:
+def read_saelens(path: PathLike) -> State:
+    """A SAELens folder (``cfg.json`` + ``sae_weights.safetensors``, SAELens 6 or earlier), as the state
+    whose latents equal SAELens's ``encode`` (see ``TopKSAE.from_saelens`` for the architectures).
+
+    ``apply_b_dec_to_input`` is folded into ``b_enc``, a gated encoder becomes a JumpReLU one, 5.x's
+    ``scaling_factor`` goes into the decoder rows, and ``rescale_acts_by_decoder_norm`` is read as
+    weighted selection and then folded (``fold_decoder_norm``: unit-norm decoder rows). The tensors are
+    float64; ``cfg.dtype`` is the config's ``dtype``, else the stored tensors'.
+    """
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"path: expected a SAELens folder (cfg.json + sae_weights.safetensors), got {str(path)!r}")
     cfg_file = path / "cfg.json"
-    c = _read_json(cfg_file, "cfg.json")
+    c = read_json(cfg_file, "cfg.json")
     where = f"cfg.json ({cfg_file})"
     meta = c.get("metadata") or {}
     if not isinstance(meta, dict):
@@ -544,9 +506,9 @@ def load_saelens(path: PathLike, device=None, dtype: Optional[str] = None) -> To
     layer = field("hook_layer")
     if layer is not None:
         layer = _get_int({"hook_layer": layer}, "hook_layer", where, lo=0)
-    _, position = _layer_position(hook_name, hook_out)
+    site_layer, position = _site(hook_name, hook_out)
     if layer is None:
-        layer = _layer_position(hook_name, hook_out)[0]
+        layer = site_layer
 
     req = {"W_enc": (d, n), "W_dec": (n, d), "b_dec": (d,)}
     req.update({"b_gate": (n,), "b_mag": (n,), "r_mag": (n,)} if arch == "gated" else {"b_enc": (n,)})
@@ -589,20 +551,19 @@ def load_saelens(path: PathLike, device=None, dtype: Optional[str] = None) -> To
         W_dec = W_dec * _checked(t, "scaling_factor", (n,), path).double()[:, None]
     if apply_b_dec:
         b_enc = b_enc - W_enc @ b_dec
+    dtype = c.get("dtype")
+    dtype = dtype.replace("torch.", "") if isinstance(dtype, str) else None
+    if dtype not in DTYPES:
+        dtype = _tensor_dtype_name(t["W_enc"])
     cfg = SAEConfig(
-        d_model=d, d_sae=n, k=k, weighted_topk=weighted, activation=activation, dtype="float64",
+        d_model=d, d_sae=n, k=k, weighted_topk=weighted, activation=activation, dtype=dtype,
         hook_point_in=hook_name, hook_point_out=hook_out, model_name=field("model_name"), layer=layer,
         position=position, reshape_activations=reshape,
     )
-    sae = _assemble(cfg, W_enc, b_enc, W_dec, b_dec, threshold)
-    if weighted:
-        sae.fold_decoder_norm()  # latents = SAELens's encode (relu(pre) * ||W_dec[i]||), unit-norm rows
-    if dtype is None:
-        dtype = c.get("dtype")
-        dtype = dtype.replace("torch.", "") if isinstance(dtype, str) else None
-        if dtype not in DTYPES:
-            dtype = _tensor_dtype_name(t["W_enc"])
-    return _finish(sae, dtype, device)
+    state = _state(cfg, W_enc, b_enc, W_dec, b_dec, threshold)
+    if weighted:  # latents = SAELens's encode (relu(pre) * ||W_dec[i]||), unit-norm rows
+        return fold_decoder_norm(*state)
+    return state
 
 
 def _checked(t: Dict[str, torch.Tensor], key: str, shape: tuple, path: Path) -> torch.Tensor:
@@ -614,22 +575,23 @@ def _checked(t: Dict[str, torch.Tensor], key: str, shape: tuple, path: Path) -> 
     return v
 
 
-def save_saelens(sae: TopKSAE, path: PathLike) -> None:
-    """Write SAELens' layout from a folded copy (SAELens selects and gates on the plain pre-activation)."""
-    f = sae.folded()
-    cfg = f.cfg
+def write_saelens(cfg: SAEConfig, tensors: Tensors, path: PathLike) -> None:
+    """SAELens 6's layout (``cfg.json`` + ``sae_weights.safetensors``), written from the folded state
+    (SAELens selects and gates on the plain pre-activation): architecture topk, or jumprelu / standard
+    (every threshold 0) and their transcoder forms; metadata with model_name, hook_name, hook_layer."""
+    cfg, f = folded(cfg, _given(tensors, cfg, "write_saelens"))
     hook_in = cfg.hook_point_in
     hook_out = cfg.hook_point_out or hook_in
     transcoder = hook_out != hook_in
-    tensors = {"W_enc": f.W_enc.t(), "W_dec": f.W_dec, "b_enc": f.b_enc, "b_dec": f.b_dec}
+    out = {"W_enc": f["W_enc"].t(), "W_dec": f["W_dec"], "b_enc": f["b_enc"], "b_dec": f["b_dec"]}
     if cfg.activation == "topk":
         arch = "topk"  # SAELens has no TopK transcoder: metadata.hook_name_out records the target
     else:
-        relu = bool((f.threshold == 0).all())
+        relu = bool((f["threshold"] == 0).all())
         arch = ("transcoder" if relu else "jumprelu_transcoder") if transcoder else ("standard" if relu else "jumprelu")
         if not relu:
-            tensors["threshold"] = f.threshold.to(f.W_enc.dtype)
-    layer = cfg.layer if cfg.layer is not None else _layer_position(hook_in, hook_out)[0]
+            out["threshold"] = f["threshold"].to(f["W_enc"].dtype)
+    layer = cfg.layer if cfg.layer is not None else hook_layer(hook_in)
     metadata = {
         "sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
         "model_name": cfg.model_name, "hook_name": hook_in, "hook_layer": layer, "hook_head_index": None,
@@ -651,19 +613,22 @@ def save_saelens(sae: TopKSAE, path: PathLike) -> None:
     if arch in ("transcoder", "jumprelu_transcoder"):
         c["d_out"] = cfg.d_model
     path = Path(path)
-    atomic_save_safetensors(path / "sae_weights.safetensors", tensors)
+    atomic_save_safetensors(path / "sae_weights.safetensors", out)
     atomic_write_json(path / "cfg.json", c)
 
 
 # ------------------------------------------------------------------------------ EleutherAI sparsify
 
 
-def load_sparsify(path: PathLike, device=None, dtype: Optional[str] = None) -> TopKSAE:
+def read_sparsify(path: PathLike) -> State:
+    """An EleutherAI sparsify folder (``cfg.json`` + ``sae.safetensors``): ``relu(encoder(x - b_dec))``
+    (``b_dec`` folded into ``b_enc``; a transcoder's encoder reads ``x``), TopK, ``W_dec``, ``b_dec``.
+    The tensors are float64; ``cfg.dtype`` is the stored tensors'."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"path: expected a sparsify folder (cfg.json + sae.safetensors), got {str(path)!r}")
     cfg_file = path / "cfg.json"
-    c = _read_json(cfg_file, "cfg.json")
+    c = read_json(cfg_file, "cfg.json")
     where = f"cfg.json ({cfg_file})"
     if c.get("activation", "topk") != "topk":
         raise ValueError(f"{where}: activation: expected 'topk', got {c['activation']!r}")
@@ -681,26 +646,25 @@ def load_sparsify(path: PathLike, device=None, dtype: Optional[str] = None) -> T
     W_dec, b_dec = t["W_dec"].double(), t["b_dec"].double()
     if not transcode:
         b_enc = b_enc - W_enc @ b_dec  # sparsify encodes x - b_dec
-    cfg = SAEConfig(d_model=d, d_sae=n, k=k, weighted_topk=False, dtype="float64")
-    sae = _assemble(cfg, W_enc, b_enc, W_dec, b_dec)
-    return _finish(sae, dtype or _tensor_dtype_name(t["encoder.weight"]), device)
+    cfg = SAEConfig(d_model=d, d_sae=n, k=k, weighted_topk=False, dtype=_tensor_dtype_name(t["encoder.weight"]))
+    return _state(cfg, W_enc, b_enc, W_dec, b_dec)
 
 
-def save_sparsify(sae: TopKSAE, path: PathLike) -> None:
-    """sparsify's layout, from a folded copy: ``relu(encoder(x - b_dec))``, TopK, ``W_dec``, ``b_dec``."""
-    if sae.cfg.activation != "topk":
+def write_sparsify(cfg: SAEConfig, tensors: Tensors, path: PathLike) -> None:
+    """sparsify's layout (read by ``sparsify.SparseCoder.load_from_disk``), from the folded state:
+    ``relu(encoder(x - b_dec))``, TopK, ``W_dec``, ``b_dec``. TopK SAEs only (sparsify has no JumpReLU)."""
+    if cfg.activation != "topk":
         raise ValueError(
             "sae: sparsify stores TopK SAEs only; this SAE is JumpReLU (use to_saelens() or save() instead)"
         )
-    f = sae.folded()
-    cfg = f.cfg
+    cfg, f = folded(cfg, _given(tensors, cfg, "write_sparsify"))
     transcode = cfg.hook_point_out is not None and cfg.hook_point_in != cfg.hook_point_out
-    dt = f.W_enc.dtype
-    bias = f.b_enc.double()
+    dt = f["W_enc"].dtype
+    bias = f["b_enc"].double()
     if not transcode:
-        bias = bias + f.W_enc.double() @ f.b_dec.double()  # undo sparsify's x - b_dec
+        bias = bias + f["W_enc"].double() @ f["b_dec"].double()  # undo sparsify's x - b_dec
     n, d = cfg.d_sae, cfg.d_model
-    norms = f.W_dec.detach().double().norm(dim=1)
+    norms = f["W_dec"].double().norm(dim=1)
     tol = 1e-2 if dt in (torch.bfloat16, torch.float16) else 1e-5
     c = {
         "activation": "topk", "expansion_factor": max(1, n // d), "num_latents": n, "k": cfg.k,
@@ -709,6 +673,6 @@ def save_sparsify(sae: TopKSAE, path: PathLike) -> None:
     }
     path = Path(path)
     atomic_save_safetensors(path / "sae.safetensors", {
-        "encoder.weight": f.W_enc, "encoder.bias": bias.to(dt), "W_dec": f.W_dec, "b_dec": f.b_dec,
+        "encoder.weight": f["W_enc"], "encoder.bias": bias.to(dt), "W_dec": f["W_dec"], "b_dec": f["b_dec"],
     })
     atomic_write_json(path / "cfg.json", c)

@@ -1,6 +1,6 @@
 """``TopKSAE``: a drop-in TopK sparse autoencoder module built on the fused ops.
 
-Conventions (SPEC.md sections 2, 3 and 5):
+Conventions (docs/method.md sec. 2, 3 and 5):
 
 * Parameters are latent-major: ``W_enc [d_sae, d_model]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_model]``,
   ``b_dec [d_model]``; the buffer ``threshold [d_sae]`` holds the JumpReLU thresholds, in the
@@ -9,18 +9,24 @@ Conventions (SPEC.md sections 2, 3 and 5):
   output by ``norm_out`` (dataset-wise normalisation). ``fold_dataset_norm`` removes the factors.
 * The selection (TopK) and the gate (JumpReLU) compare the score ``relu(pre) * ||W_dec[i]||`` when
   ``weighted_topk`` is on, ``relu(pre)`` otherwise; the latent value kept is always ``relu(pre)``.
+
+The fold maths live in ``sae_kernels.fold`` and the checkpoint formats in ``sae_kernels.formats``, both
+on ``(cfg, tensors)``: the module hands them its ``state_dict()`` and builds itself from what they return
+(``TopKSAE.from_state``).
 """
 from __future__ import annotations
 
 import copy
 import math
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from . import formats, saebench
 from ._validate import as_int, check_finite, check_k, check_tensor
-from .config import SAEConfig
+from .config import DTYPES, SAEConfig
+from .fold import fold_dataset_norm, fold_decoder_norm, folded as folded_state
 from .ops import sparse_decode, topk_encode
 
 PathLike = Union[str, "os.PathLike[str]"]  # noqa: F821
@@ -31,7 +37,7 @@ class TopKSAE(nn.Module):
 
     Args:
         cfg: the ``SAEConfig``.
-        transcoder: initialise the encoder independently of the decoder (SPEC sec. 2).
+        transcoder: initialise the encoder independently of the decoder (docs/method.md sec. 2).
         device: where to allocate the parameters.
         init: run the Llama Scope initialisation (turn off when the tensors will be loaded).
 
@@ -194,7 +200,52 @@ class TopKSAE(nn.Module):
         out = self.decode_sparse(values, indices, check_indices=False).to(x.dtype)
         return out.reshape(x.shape) if out.shape != x.shape else out
 
-    # ------------------------------------------------------------------ folding (SPEC sec. 3 and 5)
+    # ------------------------------------------------------------------ state and folding (docs/method.md sec. 3 and 5)
+
+    @classmethod
+    @torch.no_grad()
+    def from_state(
+        cls,
+        cfg: SAEConfig,
+        tensors: Dict[str, Tensor],
+        dtype: Optional[str] = None,
+        device: Optional[Union[str, torch.device]] = None,
+    ) -> "TopKSAE":
+        """A module holding ``tensors`` (``W_enc [d_sae, d_model]``, ``b_enc``, ``W_dec [d_sae, d_model]``,
+        ``b_dec`` and optionally ``threshold``, a ``[d_sae]`` tensor or a scalar; zeros when absent), as
+        ``formats``' readers and ``state_dict()`` give them. The parameters are ``dtype`` (a name; default
+        ``cfg.dtype``, and ``cfg.dtype`` becomes ``dtype``), each tensor cast once, on ``device``."""
+        if not isinstance(cfg, SAEConfig):
+            raise ValueError(f"cfg: expected an SAEConfig, got {type(cfg).__name__}")
+        if dtype is not None:
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
+            cfg = cfg.replace(dtype=dtype)
+        sae = cls(cfg, init=False, device=device)
+        sae._assign(cfg, tensors)
+        return sae
+
+    @torch.no_grad()
+    def _assign(self, cfg: SAEConfig, tensors: Dict[str, Tensor]) -> None:
+        """Copy ``tensors`` into the parameters and buffer (cast to their dtype) and set ``cfg``."""
+        n, d = cfg.d_sae, cfg.d_model
+        shapes = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+        for name, shape in shapes.items():
+            t = tensors.get(name)
+            if not isinstance(t, Tensor):
+                raise ValueError(f"tensors: expected a tensor {name!r} of shape {list(shape)}, got {type(t).__name__}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"tensors: {name}: expected shape {list(shape)}, got {list(t.shape)}")
+            getattr(self, name).copy_(t)
+        th = tensors.get("threshold")
+        if th is None:
+            self.threshold.zero_()
+        else:
+            th = torch.as_tensor(th)
+            if th.dim() > 1 or th.numel() not in (1, n):
+                raise ValueError(f"tensors: threshold: expected shape [{n}] or a scalar, got {list(th.shape)}")
+            self.threshold.copy_(th.reshape(-1).expand(n))
+        self.cfg = cfg
 
     @torch.no_grad()
     def fold_dataset_norm(self) -> "TopKSAE":
@@ -202,54 +253,36 @@ class TopKSAE(nn.Module):
 
         ``b_enc /= s_in``, ``b_dec /= s_out``, ``W_dec *= s_in / s_out``; the latent values scale by
         ``1 / s_in`` and the JumpReLU thresholds follow the score (``1 / s_out`` weighted, else ``1 / s_in``).
+        See ``sae_kernels.fold.fold_dataset_norm``.
         """
-        s_in, s_out = self.cfg.norm_in, self.cfg.norm_out
-        if s_in == 1.0 and s_out == 1.0:
+        if self.cfg.norm_in == 1.0 and self.cfg.norm_out == 1.0:
             return self
-        self._set(self.b_enc, self.b_enc.double() / s_in)
-        self._set(self.b_dec, self.b_dec.double() / s_out)
-        self._set(self.W_dec, self.W_dec.double() * (s_in / s_out))
-        self.threshold.copy_(self.threshold.double() / (s_out if self.cfg.weighted_topk else s_in))
-        self.cfg = self.cfg.replace(norm_in=1.0, norm_out=1.0)
+        self._assign(*fold_dataset_norm(self.cfg, self.state_dict()))
         return self
 
     @torch.no_grad()
     def fold_decoder_norm(self) -> "TopKSAE":
-        """Move the decoder row norms into the encoder, in place (SPEC sec. 5 step 1).
+        """Move the decoder row norms into the encoder, in place (docs/method.md sec. 5 step 1).
 
         ``W_enc[i] *= n_i``, ``b_enc[i] *= n_i``, ``W_dec[i] /= n_i``: the latent value becomes the
         weighted score, so selection and gate are unchanged while ``weighted_topk`` turns off.
         Needs ``weighted_topk``: on a plain TopK SAE the fold would change which latents win.
+        See ``sae_kernels.fold.fold_decoder_norm``.
         """
-        if not self.cfg.weighted_topk:
-            raise ValueError(
-                "fold_decoder_norm: expected an SAE with weighted_topk=True; on a plain TopK SAE moving "
-                "decoder norms into the encoder would change the selection"
-            )
-        n = self.W_dec.double().norm(dim=1)
-        safe = torch.where(n > 0, n, torch.ones_like(n))
-        self._set(self.W_enc, self.W_enc.double() * safe[:, None])
-        self._set(self.b_enc, self.b_enc.double() * safe)
-        self._set(self.W_dec, self.W_dec.double() / safe[:, None])
-        self.cfg = self.cfg.replace(weighted_topk=False)
+        self._assign(*fold_decoder_norm(self.cfg, self.state_dict()))
         return self
-
-    @staticmethod
-    def _set(p: Tensor, value: Tensor) -> None:
-        p.copy_(value.to(p.dtype))
 
     def folded(self) -> "TopKSAE":
         """A copy with dataset norm and (if weighted) decoder norms folded: takes raw activations,
-        unit-norm decoder rows, latent values equal to the Llama Scope inference activations."""
+        unit-norm decoder rows, latent values equal to the Llama Scope inference activations
+        (``sae_kernels.fold.folded``)."""
         out = copy.deepcopy(self)
-        out.fold_dataset_norm()
-        if out.cfg.weighted_topk:
-            out.fold_decoder_norm()
+        out._assign(*folded_state(self.cfg, self.state_dict()))
         return out
 
     @torch.no_grad()
     def to_jumprelu(self, activations: Tensor, k: Optional[int] = None, batch_size: int = 4096) -> "TopKSAE":
-        """Post-process into a JumpReLU SAE (SPEC sec. 5); returns a new, folded module.
+        """Post-process into a JumpReLU SAE (docs/method.md sec. 5); returns a new, folded module.
 
         ``activations [N, d_model]``: raw activations of non-special tokens (32,768 in the recipe).
         The shared threshold ``theta`` is the ``(N * k)``-th largest folded pre-activation
@@ -288,21 +321,18 @@ class TopKSAE(nn.Module):
         out.threshold.fill_(theta)
         return out
 
-    # ------------------------------------------------------------------ formats (see formats.py)
+    # ------------------------------------------------------------------ formats (see sae_kernels.formats)
 
     def save(self, path: PathLike) -> None:
         """Our format: ``path/config.json`` + ``path/sae.safetensors`` (written atomically)."""
-        from .formats import save_sae
-
-        save_sae(self, path)
+        formats.write_sae(self.cfg, self.state_dict(), path)
 
     @classmethod
     def load(cls, path: PathLike, device: Optional[Union[str, torch.device]] = None) -> "TopKSAE":
         """Load a folder written by ``save``. A folder in another format (Llama Scope, SAELens,
         sparsify) is refused with a pointer to its loader (``from_llama_scope``, ...)."""
-        from .formats import load_sae
-
-        return load_sae(path, device=device)
+        cfg, tensors = formats.read_sae(path)
+        return cls.from_state(cfg, tensors, device=device)
 
     @classmethod
     def from_llama_scope(
@@ -321,9 +351,8 @@ class TopKSAE(nn.Module):
         jumprelu) or TopK (act_fn topk) on the folded pre-activations. ``fold=False`` keeps the raw
         training state (normalised space, weighted selection) for further training.
         """
-        from .formats import load_llama_scope
-
-        return load_llama_scope(path_or_repo, name, fold=fold, dtype=dtype, device=device)
+        cfg, tensors = formats.read_llama_scope(path_or_repo, name, fold=fold)
+        return cls.from_state(cfg, tensors, dtype=dtype, device=device)
 
     def to_llama_scope(
         self, path: PathLike, hyperparams: Optional[dict] = None, lm_config: Optional[dict] = None,
@@ -331,9 +360,8 @@ class TopKSAE(nn.Module):
     ) -> None:
         """Write the released Llama Scope layout (hyperparams.json, lm_config.json,
         checkpoints/final.safetensors); tensors in ``dtype`` (default: the module's)."""
-        from .formats import save_llama_scope
-
-        save_llama_scope(self, path, hyperparams=hyperparams, lm_config=lm_config, dtype=dtype)
+        formats.write_llama_scope(self.cfg, self.state_dict(), path, hyperparams=hyperparams,
+                                  lm_config=lm_config, dtype=dtype)
 
     @classmethod
     def from_saelens(cls, path: PathLike, device=None, dtype: Optional[str] = None) -> "TopKSAE":
@@ -345,30 +373,24 @@ class TopKSAE(nn.Module):
         selection and then folded (unit-norm decoder rows); ``apply_b_dec_to_input`` (SAELens's default:
         true) is folded into ``b_enc``. Others (abstopk, skip transcoders, temporal, matching_pursuit,
         ``normalize_activations`` other than "none") are refused with the reason."""
-        from .formats import load_saelens
-
-        return load_saelens(path, device=device, dtype=dtype)
+        cfg, tensors = formats.read_saelens(path)
+        return cls.from_state(cfg, tensors, dtype=dtype, device=device)
 
     def to_saelens(self, path: PathLike) -> None:
         """Write SAELens 6's layout from a folded copy: architecture topk or jumprelu (standard when
         every threshold is 0), metadata with model_name, hook_name, hook_layer."""
-        from .formats import save_saelens
-
-        save_saelens(self, path)
+        formats.write_saelens(self.cfg, self.state_dict(), path)
 
     @classmethod
     def from_sparsify(cls, path: PathLike, device=None, dtype: Optional[str] = None) -> "TopKSAE":
         """Load an EleutherAI sparsify folder (``cfg.json`` + ``sae.safetensors``)."""
-        from .formats import load_sparsify
-
-        return load_sparsify(path, device=device, dtype=dtype)
+        cfg, tensors = formats.read_sparsify(path)
+        return cls.from_state(cfg, tensors, dtype=dtype, device=device)
 
     def to_sparsify(self, path: PathLike) -> None:
         """Write EleutherAI sparsify's layout (read by ``sparsify.SparseCoder.load_from_disk``) from a
         folded copy; TopK SAEs only (sparsify has no JumpReLU)."""
-        from .formats import save_sparsify
-
-        save_sparsify(self, path)
+        formats.write_sparsify(self.cfg, self.state_dict(), path)
 
     def to_saebench(
         self, model_name: Optional[str] = None, hook_layer: Optional[int] = None,
@@ -379,7 +401,5 @@ class TopKSAE(nn.Module):
         ``architecture``, ...), whose ``encode`` / ``decode`` / ``forward`` equal this SAE's folded
         copy. Defaults come from ``cfg`` (``model_name``, ``layer``, ``hook_point_in``). See
         ``sae_kernels.saebench``; sae_bench itself is imported only when it is installed."""
-        from .saebench import to_saebench
-
-        return to_saebench(self, model_name=model_name, hook_layer=hook_layer, hook_name=hook_name,
-                           context_size=context_size)
+        return saebench.to_saebench(self, model_name=model_name, hook_layer=hook_layer, hook_name=hook_name,
+                                    context_size=context_size)

@@ -10,17 +10,17 @@ SAEBench (``sae_bench.custom_saes.base_sae.BaseSAE`` and its custom-SAE README) 
 * a ``cfg`` with ``model_name``, ``d_in``, ``d_sae``, ``hook_layer``, ``hook_name``, ``architecture``,
   ``dtype``, ``device`` and the blank SAELens fields its core evaluation reads (``CustomSAEConfig``).
 
-The adapter holds the folded SAE (dataset norms folded, decoder norms folded into the encoder), so its
-``encode`` / ``decode`` equal ``sae.folded()``'s. A plain-TopK SAE whose decoder rows are not unit-norm
-cannot be folded without changing its selection; the adapter then normalises the rows, scales the latents
-by the row norms (as SAELens's ``fold_W_dec_norm`` does) and keeps selecting by the unscaled value, so
-``forward`` is unchanged. sae_bench is imported only when it is installed (for its ``CustomSAEConfig``).
+The adapter holds the folded SAE (dataset norms folded, decoder norms folded into the encoder:
+``sae_kernels.fold.folded`` of the SAE's state), so its ``encode`` / ``decode`` equal ``sae.folded()``'s.
+A plain-TopK SAE whose decoder rows are not unit-norm cannot be folded without changing its selection;
+the adapter then normalises the rows, scales the latents by the row norms (as SAELens's
+``fold_W_dec_norm`` does) and keeps selecting by the unscaled value, so ``forward`` is unchanged.
+sae_bench is imported only when it is installed (for its ``CustomSAEConfig``).
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from ._validate import as_int, check_tensor
+from .fold import folded
+from .sites import hook_layer as hook_layer_of
 
 
 @dataclass
@@ -85,23 +87,22 @@ class SAEBenchSAE(nn.Module):
     def __init__(self, sae, model_name: str, hook_layer: int, hook_name: str,
                  context_size: Optional[int] = None) -> None:
         super().__init__()
-        f = sae.folded()
-        c = f.cfg
+        c, f = folded(sae.cfg, sae.state_dict())
         n, d = c.d_sae, c.d_model
-        W_enc, b_enc, W_dec = f.W_enc.detach().double(), f.b_enc.detach().double(), f.W_dec.detach().double()
-        threshold = f.threshold.detach().double()
+        W_enc, b_enc, W_dec = f["W_enc"].double(), f["b_enc"].double(), f["W_dec"].double()
+        threshold = f["threshold"].double()
         norms = W_dec.norm(dim=1)
         norms = torch.where(norms > 0, norms, torch.ones_like(norms))
-        tol = 1e-2 if f.dtype in (torch.bfloat16, torch.float16) else 1e-5
+        dt, dev = f["W_enc"].dtype, f["W_enc"].device
+        tol = 1e-2 if dt in (torch.bfloat16, torch.float16) else 1e-5
         rescale = not bool(torch.allclose(norms, torch.ones_like(norms), atol=tol, rtol=0))
         if rescale:  # only a plain TopK SAE (or plain JumpReLU) gets here: weighted ones are folded
             W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
             threshold = threshold * norms
-        dt, dev = f.dtype, f.device
         self.W_enc = nn.Parameter(W_enc.t().contiguous().to(dt))
         self.b_enc = nn.Parameter(b_enc.to(dt))
         self.W_dec = nn.Parameter(W_dec.to(dt))
-        self.b_dec = nn.Parameter(f.b_dec.detach().clone())
+        self.b_dec = nn.Parameter(f["b_dec"].clone())
         self.activation = c.activation
         self.register_buffer("k", torch.tensor(c.k, dtype=torch.int64, device=dev))
         self.register_buffer("threshold", threshold.to(dt))
@@ -197,8 +198,7 @@ def to_saebench(sae, model_name: Optional[str] = None, hook_layer: Optional[int]
     if hook_layer is None:
         hook_layer = c.layer
     if hook_layer is None and hook_name is not None:
-        m = re.match(r"blocks\.(\d+)\.", hook_name)
-        hook_layer = int(m.group(1)) if m else None
+        hook_layer = hook_layer_of(hook_name)
     if hook_layer is None:
         raise ValueError(
             "hook_layer: SAEBench needs the layer the SAE reads; the SAE's cfg has no layer or "

@@ -14,7 +14,7 @@ from trainer.analyze.features import HIST_BINS, HIST_MIN_EXP, HIST_PER_OCTAVE, P
 from trainer.analyze.logits import logit_effects, unembedding
 from trainer.analyze.runs import parse_hook_point, resolve_run
 from trainer.analyze.stream import StreamingTopN
-from trainer.model import activations, load_model
+from trainer.data.lm import activations, load_model
 from trainer.testing import tiny_llama_folder
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.analyze.evaluate_run import main
+from trainer.evaluate.cli import main
 
 KEYS = ("explained_variance", "explained_variance_per_token", "l0", "mse", "dead_latents_eval", "n_tokens",
         "ce_clean", "ce_sae", "ce_zero_ablation", "delta_lm_loss", "ce_score", "ce_tokens")
@@ -68,7 +68,7 @@ def test_training_contexts_are_contexts_the_run_trained_on(tiny_suite, capsys):
     from trainer.analyze.corpus import held_out_contexts
     from trainer.analyze.runs import resolve_run
     from trainer.data import ContextData, load_documents
-    from trainer.model import load_model
+    from trainer.data.lm import load_model
 
     model, suite = tiny_suite
     run = suite / "L1R-8x"

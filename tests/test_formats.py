@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from helpers import assert_close
 from sae_kernels import SAEConfig, TopKSAE
-from sae_kernels.formats import hook_points
+from sae_kernels.sites import hook_points
 
 D, N_LAT = 40, 96
 MU_IN, MU_OUT = 10.8125, 3.25  # MU_IN is the real L15R-8x figure

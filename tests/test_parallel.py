@@ -1,4 +1,4 @@
-"""trainer/parallel.py: exact global TopK over sharded latents, data x tensor parallel training.
+"""trainer.parallel: exact global TopK over sharded latents, data x tensor parallel training.
 
 Multi-process tests launch this file as a script once per rank with torchrun's environment
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1, a free MASTER_PORT), gloo on CPU. One launch
@@ -27,6 +27,9 @@ if str(REPO) not in sys.path:
 from sae_kernels import SAEConfig, TopKSAE, sparse_decode, topk_encode  # noqa: E402
 from sae_kernels.reference import dense_topk_sae  # noqa: E402
 from trainer import parallel as P  # noqa: E402
+from trainer.parallel import mesh  # noqa: E402
+
+import parallel_helpers as H  # noqa: E402  (the parallel API only tests use)
 
 # ----------------------------------------------------------------------------------------------
 # The problem every run shares: a tiny SAE on synthetic activations (not an LM), so it is fast.
@@ -74,7 +77,7 @@ def make_sae(distinct_norms: bool = False) -> TopKSAE:
 
 
 def llama_scope_loss(x_hat: torch.Tensor, y: torch.Tensor, y_mean: torch.Tensor) -> torch.Tensor:
-    """SPEC sec. 2: per element (x_hat - y)^2 / ||y - mean_batch(y)||, averaged over elements.
+    """docs/method.md sec. 2: per element (x_hat - y)^2 / ||y - mean_batch(y)||, averaged over elements.
     ``y_mean`` is the mean over the *global* batch (all data-parallel groups)."""
     denom = (y - y_mean).norm(dim=-1, keepdim=True).clamp_min(1e-8)
     return ((x_hat - y) ** 2 / denom).mean()
@@ -150,7 +153,7 @@ def parallel_train(ctx, start_step=0, resume_from=None, save_dir=None, log_path=
     sae = P.ShardedTopKSAE.from_full(full, ctx)
     opt = torch.optim.Adam(sae.parameters(), lr=LR, betas=BETAS)
     if resume_from is not None:
-        state = P.load_checkpoint(ctx, resume_from, sae, opt)
+        state = H.load_checkpoint(ctx, resume_from, sae, opt)
         start_step = state["step"]
     b = BATCH // ctx.world_size
     log = []
@@ -162,22 +165,22 @@ def parallel_train(ctx, start_step=0, resume_from=None, save_dir=None, log_path=
             time.sleep(3600)  # a rank hangs (a stuck data loader, a deadlock) outside any collective
         # The producers are data-parallel over every rank: global rank g makes rows [g*b, (g+1)*b).
         x_local = make_batch(t)[ctx.rank * b:(ctx.rank + 1) * b]
-        x = ctx.all_gather_batch(x_local)                      # the model group's tp*b tokens
+        x = H.all_gather_batch(ctx, x_local)                      # the model group's tp*b tokens
         y_mean = ctx.data_all_reduce(x.mean(0), "mean")        # mean over the global batch
         opt.zero_grad(set_to_none=True)
         out = sae.forward_normalised(x, K_SCHEDULE[t])
         loss = llama_scope_loss(out.x_hat, x, y_mean)
         loss.backward()
         ctx.sync_grads(sae.parameters())
-        norm = ctx.clip_grad_norm_(sae.parameters(), MAX_NORM)
+        norm = H.clip_grad_norm_(ctx, sae.parameters(), MAX_NORM)
         opt.step()
         log.append({"step": t, "loss": ctx.data_all_reduce(loss.detach(), "mean").item(), "grad_norm": norm.item(),
-                    "l0": (ctx.model_all_reduce(out.l0_sum()).item() / x.shape[0])})
+                    "l0": (ctx.model_all_reduce(H.l0_sum(out)).item() / x.shape[0])})
         if save_dir is not None and t + 1 == SAVE_AT:
-            P.save_checkpoint(ctx, Path(save_dir) / f"step{SAVE_AT}", sae, opt, trainer_state={"step": t + 1},
+            H.save_checkpoint(ctx, Path(save_dir) / f"step{SAVE_AT}", sae, opt, trainer_state={"step": t + 1},
                               model_name=MODEL_NAME)
     if save_dir is not None:
-        P.save_checkpoint(ctx, Path(save_dir) / "final", sae, opt, trainer_state={"step": STEPS}, model_name=MODEL_NAME)
+        H.save_checkpoint(ctx, Path(save_dir) / "final", sae, opt, trainer_state={"step": STEPS}, model_name=MODEL_NAME)
     # Replicated b_dec must be identical on every rank; shards identical across data ranks.
     checks = {}
     bd = sae.b_dec.detach()
@@ -195,8 +198,8 @@ def topk_worker(ctx, out_dir):
         d, n, N, k, weighted = case
         x, W_enc, b_enc, W_dec, b_dec = make_topk_problem(case, seed=ci)
         sh = [ctx.shard_rows(t) for t in (W_enc, b_enc, W_dec)]
-        out = ctx.sharded_forward(x, sh[0], sh[1], sh[2], b_dec, k, weighted)
-        vals, idx = ctx.gather_selection(out)
+        out = P.sharded_forward(ctx, x, sh[0], sh[1], sh[2], b_dec, k, weighted)
+        vals, idx = H.gather_selection(ctx, out)
         results[ci] = {"x_hat": out.x_hat.detach(), "values": vals, "indices": idx}
     # Exact ties across shards at the k-th place: k-1 dominant latents, then latent 3 and an exact
     # copy of it at n-1 (another shard). The k-th slot must go to the smaller global index, 3.
@@ -204,14 +207,14 @@ def topk_worker(ctx, out_dir):
         for weighted in (True, False):
             x, W_enc, b_enc, W_dec = make_tie_problem(k)
             sh = [ctx.shard_rows(t) for t in (W_enc, b_enc, W_dec)]
-            out = ctx.sharded_forward(x, sh[0], sh[1], sh[2], torch.zeros(x.shape[1]), k, weighted)
-            results[f"tie_{k}_{weighted}"] = ctx.gather_selection(out)[1]
+            out = P.sharded_forward(ctx, x, sh[0], sh[1], sh[2], torch.zeros(x.shape[1]), k, weighted)
+            results[f"tie_{k}_{weighted}"] = H.gather_selection(ctx, out)[1]
     # Gradients through the sharded forward (one backward, no collective) equal the unsharded ones.
     x, W_enc, b_enc, W_dec, b_dec = make_topk_problem(TOPK_CASES[0], seed=0)
     params = [ctx.shard_rows(t).requires_grad_() for t in (W_enc, b_enc, W_dec)]
     bd = b_dec.clone().requires_grad_()
     xr = x.clone().requires_grad_()
-    out = ctx.sharded_forward(xr, *params, bd, TOPK_CASES[0][3], True)
+    out = P.sharded_forward(ctx, xr, *params, bd, TOPK_CASES[0][3], True)
     (out.x_hat.sin().sum()).backward()
     results["grads"] = {
         "W_enc": ctx.gather_rows(params[0].grad), "b_enc": ctx.gather_rows(params[1].grad),
@@ -220,14 +223,14 @@ def topk_worker(ctx, out_dir):
     # bf16 weights (the trainer's GPU precision): partial sums are reduced in fp32.
     x, W_enc, b_enc, W_dec, b_dec = (t.bfloat16() for t in make_topk_problem(TOPK_CASES[0], seed=0))
     sh = [ctx.shard_rows(t) for t in (W_enc, b_enc, W_dec)]
-    out = ctx.sharded_forward(x, sh[0], sh[1], sh[2], b_dec, TOPK_CASES[0][3], True)
-    results["bf16"] = {"x_hat": out.x_hat.detach(), "indices": ctx.gather_selection(out)[1]}
+    out = P.sharded_forward(ctx, x, sh[0], sh[1], sh[2], b_dec, TOPK_CASES[0][3], True)
+    results["bf16"] = {"x_hat": out.x_hat.detach(), "indices": H.gather_selection(ctx, out)[1]}
     # Data-parallel use (evaluation, LM splicing): each rank passes its own rows, different counts.
     full = make_sae()
     sae = P.ShardedTopKSAE.from_full(full, ctx)
     rows = 3 + ctx.model_rank  # unequal on purpose
     xs = make_batch(50 + ctx.rank)[:rows].reshape(1, rows, D)
-    got = sae.forward_local(xs, 7)
+    got = H.forward_local(sae, xs, 7)
     results["forward_local_err"] = ctx.world_all_reduce((got - full(xs, 7)).abs().max(), "max")
     # Dataset-norm estimate: every rank estimates on its own tokens, the world mean is the estimate.
     xs = make_batch(99)
@@ -339,15 +342,15 @@ def worker_main(argv):
     ap.add_argument("--timeout", type=float, default=60.0)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    P._GATHER_CHUNK_BYTES = 500  # checkpoint gathers in chunks of 5 rows of 24 floats: exercise chunking
-    P._BUCKET_NUMEL = 1000  # W_enc / W_dec gradients all-reduced in place, biases bucketed
+    mesh._GATHER_CHUNK_BYTES = 500  # checkpoint gathers in chunks of 5 rows of 24 floats: exercise chunking
+    mesh._BUCKET_NUMEL = 1000  # W_enc / W_dec gradients all-reduced in place, biases bucketed
     ctx = None
     for spec in a.jobs.split(","):
         tp, job = spec.split(":")
         ctx = P.init_parallel(int(tp), timeout_s=a.timeout)
         out = Path(a.out) / f"tp{ctx.tp}_dp{ctx.dp}"
         out.mkdir(parents=True, exist_ok=True)
-        with ctx.guard():
+        with H.guard(ctx):
             if job == "topk":
                 topk_worker(ctx, out)
             elif job == "step":
@@ -360,9 +363,9 @@ def worker_main(argv):
                 parallel_train(ctx, resume_from=a.resume, save_dir=out / "resumed", log_path=out / "resume.json")
             else:
                 raise ValueError(f"unknown job {job!r}")
-    with ctx.guard():
+    with H.guard(ctx):
         ctx.barrier()
-        P.shutdown_parallel()
+        H.shutdown_parallel()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,7 +451,7 @@ def _load_folder(folder):
     ctx = P.init_parallel(1)
     sae = TopKSAE(SAEConfig(d_model=D, d_sae=N_LAT, k=K_SCHEDULE[-1]), init=False)
     opt = torch.optim.Adam(sae.parameters(), lr=LR, betas=BETAS)
-    state = P.load_checkpoint(ctx, folder, sae, opt)
+    state = H.load_checkpoint(ctx, folder, sae, opt)
     return sae.state_dict(), opt.state_dict(), state
 
 
@@ -474,7 +477,7 @@ def sp_checkpoint(tmp_path_factory, reference):
     opt = torch.optim.Adam(sae.parameters(), lr=LR, betas=BETAS)
     sae.load_state_dict(reference["saved"][0])
     opt.load_state_dict(reference["saved"][1])
-    P.save_checkpoint(ctx, folder, sae, opt, trainer_state={"step": SAVE_AT}, model_name=MODEL_NAME)
+    H.save_checkpoint(ctx, folder, sae, opt, trainer_state={"step": SAVE_AT}, model_name=MODEL_NAME)
     return folder
 
 
@@ -514,7 +517,7 @@ def test_select_global_topk_breaks_ties_by_global_index():
 def test_single_process_context_is_the_topksae_path(reference):
     """tp=1, world=1: ShardedTopKSAE + ctx helpers reproduce TopKSAE + torch's Adam/clipping."""
     ctx = P.init_parallel(1)
-    assert not ctx.distributed and ctx.all_gather_batch(torch.ones(2)).shape == (2,)
+    assert not ctx.distributed and H.all_gather_batch(ctx, torch.ones(2)).shape == (2,)
     sae = P.ShardedTopKSAE.from_full(make_sae(), ctx)
     opt = torch.optim.Adam(sae.parameters(), lr=LR, betas=BETAS)
     full = make_sae()
@@ -526,7 +529,7 @@ def test_single_process_context_is_the_topksae_path(reference):
         out = sae.forward_normalised(x, K_SCHEDULE[t])
         llama_scope_loss(out.x_hat, x, x.mean(0)).backward()
         ctx.sync_grads(sae.parameters())
-        norm = ctx.clip_grad_norm_(sae.parameters(), MAX_NORM)
+        norm = H.clip_grad_norm_(ctx, sae.parameters(), MAX_NORM)
         assert abs(norm.item() - reference["log"][t]["grad_norm"]) <= 1e-6 * reference["log"][t]["grad_norm"]
         opt.step()
     diff = _max_diff(sae.state_dict(), reference["sd"])
@@ -542,13 +545,13 @@ def test_save_checkpoint_names_the_model_or_refuses(tmp_path):
     ctx = P.init_parallel(1)
     sae = make_sae()
     with pytest.raises(ValueError, match="save_checkpoint: no model name"):
-        P.save_checkpoint(ctx, tmp_path / "none", sae)
+        H.save_checkpoint(ctx, tmp_path / "none", sae)
     assert not (tmp_path / "none").exists()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "no model name" warning from to_llama_scope
-        P.save_checkpoint(ctx, tmp_path / "passed", sae, model_name=MODEL_NAME)
+        H.save_checkpoint(ctx, tmp_path / "passed", sae, model_name=MODEL_NAME)
         named = TopKSAE(SAEConfig(d_model=D, d_sae=N_LAT, k=K_SCHEDULE[-1], model_name="from/cfg"))
-        P.save_checkpoint(ctx, tmp_path / "cfg", named)
+        H.save_checkpoint(ctx, tmp_path / "cfg", named)
     assert json.loads((tmp_path / "passed" / "lm_config.json").read_text())["model_name"] == MODEL_NAME
     assert json.loads((tmp_path / "cfg" / "lm_config.json").read_text())["model_name"] == "from/cfg"
 

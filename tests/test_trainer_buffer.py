@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from trainer.buffer import ActivationBuffer, Chunk, ProducerError
+from trainer.data.buffer import ActivationBuffer, Chunk, ProducerError
 
 
 class CountingSource:

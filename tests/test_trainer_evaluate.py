@@ -9,7 +9,7 @@ from sae_kernels import SAEConfig, TopKSAE
 from trainer.config import TrainConfig
 from trainer.data import ContextData, load_documents
 from trainer.evaluate import collect, sae_metrics
-from trainer.model import load_model
+from trainer.data.lm import load_model
 from trainer.run import run
 from trainer.testing import tiny_llama_folder
 
@@ -103,7 +103,7 @@ def test_evaluate_reports_delta_lm_loss_and_ce_score_by_their_formulas(tiny):
     special targets ignored), then delta_lm_loss = ce_sae - ce_clean and
     ce_score = (ce_zero - ce_sae) / (ce_zero - ce_clean) checked on evaluate_sites()'s output."""
     from trainer.evaluate import evaluate_sites
-    from trainer.model import splice_sae, zero_ablate
+    from trainer.data.lm import splice_sae, zero_ablate
 
     lm = load_model(tiny[0])
     with torch.no_grad():

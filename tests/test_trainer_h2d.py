@@ -5,7 +5,7 @@ Needs CUDA (pinned memory and streams); skipped on the CPU-only CI, run by bench
 import pytest
 import torch
 
-from trainer.buffer import ActivationBuffer, Chunk
+from trainer.data.buffer import ActivationBuffer, Chunk
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned memory, streams)")
 

@@ -1,6 +1,6 @@
 """The same SAEs whatever the layout: full ``trainer.run`` jobs on 2 and 4 gloo processes end at the
 single-process checkpoint (relative 1e-5 per tensor), and a run stopped under one layout resumes
-under another (SPEC.md sec. 8, layout independence; sec. 10, suites under torchrun).
+under another (docs/method.md sec. 8, layout independence; sec. 10, suites under torchrun).
 
 Every job trains the suite ``L1R, L2TC`` (an R and a TC member; a suite member is bitwise the SAE
 trained alone, see test_trainer_suite.py) or one of its members, on a tiny random Llama. One launch
@@ -161,7 +161,7 @@ def runs(tmp_path_factory):
 def _initial_encoder(name):
     """The member's initial W_enc, as trainer.run draws it (seeded by the run's seed and the name)."""
     from sae_kernels import SAEConfig, TopKSAE
-    from trainer.run import member_seed
+    from trainer.members import member_seed
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(member_seed(42, name))

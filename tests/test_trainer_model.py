@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from trainer.model import (
-    ModelError, activations, capture, decoder_layers, hook_point_names, load_model, replace_activation,
+from trainer.data.lm import (
+    ModelError, activations, capture, decoder_layers, load_model, replace_activation,
     run_capture, splice_sae, zero_ablate,
 )
 from trainer.testing import tiny_llama_folder
@@ -158,9 +158,3 @@ def test_errors_name_the_flag(lm, tmp_path):
     with pytest.raises(ModelError, match="--model"):
         load_model(str(tmp_path))  # exists, but holds no model
 
-
-def test_hook_point_names():
-    assert hook_point_names(15, "R") == ("blocks.15.hook_resid_post",) * 2
-    assert hook_point_names(18, "A") == ("blocks.18.hook_attn_out",) * 2
-    assert hook_point_names(18, "M") == ("blocks.18.hook_mlp_out",) * 2
-    assert hook_point_names(3, "TC") == ("blocks.3.ln2.hook_normalized", "blocks.3.hook_mlp_out")

@@ -105,7 +105,7 @@ def test_offline_a_cached_hub_model_is_still_found(tmp_path, monkeypatch):
     import huggingface_hub.constants as hc
     import transformers
 
-    from trainer.model import ModelError, model_facts
+    from trainer.data.lm import ModelError, model_facts
 
     snap = tmp_path / "models--org--cached" / "snapshots" / "abc123"
     snap.mkdir(parents=True)
@@ -188,7 +188,7 @@ def test_sigterm_before_the_training_loop_ends_in_one_line(tiny, tmp_path, monke
 
 def test_a_buffer_that_cannot_fit_is_refused_before_the_model_loads(tiny, tmp_path, monkeypatch, capsys, no_model_load):
     """2^24 tokens x 1 hook point x d_model 32 x 4 bytes = 2 GiB of buffer against 1 GiB free (faked)."""
-    monkeypatch.setattr(R, "available_bytes", lambda device: 2**30)
+    monkeypatch.setattr(P, "available_bytes", lambda device: 2**30)
     assert main(small(tiny[0], tmp_path / "o", "--buffer-tokens", str(2**24))) == 2
     assert last_error(capsys).startswith(
         "error: --buffer-tokens: the activation buffer needs 2.00 GiB on this rank (16,777,216 tokens x 1 hook point "

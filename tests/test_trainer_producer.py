@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from trainer.data import ContextData, DocumentSource
-from trainer.model import activations, load_model, position_hooks
-from trainer.producer import ActivationSource
+from sae_kernels.sites import Site
+from trainer.data.lm import activations, load_model
+from trainer.data.source import ActivationSource
 from trainer.testing import tiny_llama_folder
 
 
@@ -30,7 +31,7 @@ def chunks(src, n):
 @pytest.mark.parametrize("position", ["R", "TC"])
 def test_chunks_are_the_non_special_activations_of_each_batch(setup, position):
     lm, data = setup
-    src = ActivationSource(lm, data, position_hooks(1, position))
+    src = ActivationSource(lm, data, list(Site(1, position).reads))
     got = chunks(src, 2)
     row = 0
     for c, (key, ids) in zip(got, data.iter_batches(0)):
@@ -47,7 +48,7 @@ def test_many_hooks_one_forward_and_the_deal_to_ranks(setup):
     """A suite's chunk holds every hook's columns, each equal to that hook read alone; with two ranks each
     runs the LM on its own LM batches only, and both know every batch's rows without running it."""
     lm, data = setup
-    hooks = position_hooks(0, "R") + position_hooks(2, "TC")
+    hooks = [*Site(0, "R").reads, *Site(2, "TC").reads]
     single = ActivationSource(lm, data, hooks)
     one = chunks(single, data.n_batches)
     for c, (_, ids) in zip(one, data.iter_batches(0)):
@@ -69,8 +70,8 @@ def test_many_hooks_one_forward_and_the_deal_to_ranks(setup):
 def test_cache_replays_exactly_what_the_lm_computes(setup):
     lm, data = setup
     nb = data.n_batches
-    cached = ActivationSource(lm, data, position_hooks(1, "R"), cache_max_bytes=1 << 30)
-    plain = ActivationSource(lm, data, position_hooks(1, "R"), cache_max_bytes=0)
+    cached = ActivationSource(lm, data, list(Site(1, "R").reads), cache_max_bytes=1 << 30)
+    plain = ActivationSource(lm, data, list(Site(1, "R").reads), cache_max_bytes=0)
     assert cached.cache is not None and plain.cache is None
     a = chunks(cached, 3 * nb)  # three epochs: two replayed from the cache
     b = chunks(plain, 3 * nb)
@@ -83,10 +84,10 @@ def test_cache_replays_exactly_what_the_lm_computes(setup):
 
 def test_cursor_regenerates_a_chunk(setup):
     lm, data = setup
-    src = ActivationSource(lm, data, position_hooks(2, "M"), cache_max_bytes=0)
+    src = ActivationSource(lm, data, list(Site(2, "M").reads), cache_max_bytes=0)
     got = chunks(src, data.n_batches + 3)
     target = got[-2]
-    again = ActivationSource(lm, data, position_hooks(2, "M"))
+    again = ActivationSource(lm, data, list(Site(2, "M").reads))
     again.load_state_dict(target.cursor)
     first = next(iter(again))
     assert first.cursor == target.cursor and first.row0 == target.row0 and torch.equal(first.x, target.x)
@@ -94,11 +95,11 @@ def test_cursor_regenerates_a_chunk(setup):
 
 def test_cache_is_skipped_when_too_large(setup):
     lm, data = setup
-    src = ActivationSource(lm, data, position_hooks(1, "TC"), cache_max_bytes=10)
+    src = ActivationSource(lm, data, list(Site(1, "TC").reads), cache_max_bytes=10)
     assert src.cache is None and src.row_bytes() == 2 * 32 * 4
 
 
 def test_finite_epochs(setup):
     lm, data = setup
-    src = ActivationSource(lm, data, position_hooks(0, "R"), epochs=1)
+    src = ActivationSource(lm, data, list(Site(0, "R").reads), epochs=1)
     assert len(list(src)) == data.n_batches

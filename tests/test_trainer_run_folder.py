@@ -238,7 +238,7 @@ def test_a_full_disk_during_a_checkpoint_ends_in_one_line(tiny, tmp_path, how, m
     """Disk full at the checkpoint of step 6 (resumed from the one of step 3): one line naming the file and
     the errno, this step's partial files removed, the previous checkpoint intact and resumable. ``tmpfs``: a
     real 4 MiB filesystem filled to 64 KiB (root only); ``injected``: ENOSPC from the member state's write."""
-    import trainer.checkpoint as C
+    import trainer.train.checkpoint as C
 
     model = tiny[0]
     disk = tmp_path / "disk"

@@ -1,9 +1,9 @@
-"""K-annealing and the learning-rate factor of the released recipe (SPEC.md sec. 4)."""
+"""K-annealing and the learning-rate factor of the released recipe (docs/method.md sec. 4)."""
 import math
 
 import pytest
 
-from trainer.schedules import default_warmup, k_schedule, lr_factor
+from trainer.train.schedules import default_warmup, k_schedule, lr_factor
 
 
 def test_k_annealing_matches_formula():

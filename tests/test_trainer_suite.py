@@ -1,4 +1,4 @@
-"""Suites (SPEC.md sec. 10): many SAEs from one LM pass, each member exactly the SAE trained alone.
+"""Suites (docs/method.md sec. 10): many SAEs from one LM pass, each member exactly the SAE trained alone.
 
 On a tiny random Llama: a suite of L1R, L2R and L2TC at two widths (six members, four hook points)
 equals, member by member and bitwise, the six SAEs trained alone with the same flags and seed; a suite

@@ -303,7 +303,7 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_non_zero(tiny, long_ref, mo
     while the buffer hands out the batch of step 6, the CLI's main() running in it). The run checkpoints the
     step it is at (the first periodic one would be at step 20), says so in one line, returns exit status 143;
     --resume ends exactly at the uninterrupted run."""
-    from trainer.buffer import ActivationBuffer
+    from trainer.data.buffer import ActivationBuffer
     from trainer.run import main
 
     root = tiny[2]
@@ -415,7 +415,7 @@ def test_load_checkpoint_restores_the_rng_states(tmp_path):
 
 
 def test_ctrl_c_writes_a_final_checkpoint_then_raises(tmp_path):
-    from trainer.stop import Interrupted
+    from trainer.train.stop import Interrupted
 
     tr = fake_trainer(tmp_path, total=40, checkpoint_every=10, signal_at=6)
     before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
@@ -442,7 +442,7 @@ import torch
 import torch.distributed as dist
 from sae_kernels import SAEConfig, TopKSAE
 from trainer.parallel import init_parallel
-from trainer.stop import Interrupted
+from trainer.train.stop import Interrupted
 from trainer.train import Member, SAEStep, StepConfig, Trainer, make_optimizer
 
 out = Path(sys.argv[1])

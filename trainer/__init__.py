@@ -14,6 +14,6 @@ import os as _os
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .config import TrainConfig
-from .model import capture, load_model, replace_activation, splice_sae, zero_ablate
+from .data.lm import capture, load_model, replace_activation, splice_sae, zero_ablate
 
 __all__ = ["TrainConfig", "load_model", "capture", "replace_activation", "splice_sae", "zero_ablate"]

@@ -4,7 +4,7 @@ Fields left at ``None`` are filled by ``resolve`` once the model is known. Two s
 
 * the embedded default (``--model embedded``, SmolLM2-135M on CPython's docs): a CPU run of a few
   minutes (``EMBEDDED_DEFAULTS``);
-* any other model: the released Llama Scope recipe (``RECIPE_DEFAULTS``; SPEC.md sec. 2-4).
+* any other model: the released Llama Scope recipe (``RECIPE_DEFAULTS``; docs/method.md sec. 2-4).
 """
 from __future__ import annotations
 
@@ -14,21 +14,23 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .model import DEFAULT_MODEL, POSITIONS
+from sae_kernels.sites import POSITIONS, Site
+
+from .data.lm import DEFAULT_MODEL
 
 LOSSES = ("llama_scope", "fvu")
 PRECISIONS = ("auto", "fp32", "bf16")
 EXPORT_DTYPES = ("bfloat16", "float32")
 
-# Released recipe (SPEC.md sec. 4): 800M tokens (8x), batch 2048, lr 8e-4, 500k-token buffer.
+# Released recipe (docs/method.md sec. 4): 800M tokens (8x), batch 2048, lr 8e-4, 500k-token buffer.
 RECIPE_DEFAULTS: Dict[str, Any] = dict(
     tokens=800_000_000, batch_size=2048, lr=8e-4, buffer_tokens=500_000, lm_batch_size=8,
     context_len=1024, eval_tokens=65_536, checkpoint_every=50_000, log_every=100,
     cache_activations_gb=0.0,
 )
-# Embedded CPU default (README.md, 'Training an SAE', has the measured run): layer 12 of 30, 300k training
-# tokens = ~3 passes over the ~100k training tokens of the pydoc corpus (the LM runs once; later
-# passes replay cached activations), batch 1024 (292 steps), lr 2e-3 (held-out EV at 300k tokens,
+# Embedded CPU default (the measured run: benchmarks/results/default-run-cpu-2026-12-02.md): layer 12 of 30,
+# 300k training tokens = ~3 passes over the ~100k training tokens of the pydoc corpus (the LM runs once;
+# later passes replay cached activations), batch 1024 (292 steps), lr 2e-3 (held-out EV at 300k tokens,
 # same data: 1e-3 0.860, 2e-3 0.879, 4e-3 0.874), warmup 5% of the steps, the released clip 0.001.
 EMBEDDED_DEFAULTS: Dict[str, Any] = dict(
     layer=12, tokens=300_000, batch_size=1024, lr=2e-3, buffer_tokens=65_536, lm_batch_size=4,
@@ -94,48 +96,36 @@ class TrainConfig:
     loss: str = _help("'llama_scope': sum (x_hat-y)^2 / ||y - mean_batch(y)|| per token, averaged; 'fvu': normalised MSE.",
                       default="llama_scope")
     released_recipe: bool = _help(
-        "Train with Llama Scope's released recipe exactly: no AuxK and plain Adam (what the trainer did before it "
-        "kept latents alive; README, 'Dead latents'). Changes only the defaults of --auxk, --hold-dead and "
-        "--reset-dead-moments; both recipes start the biases at zero (see --data-init).",
+        "Train with Llama Scope's released recipe exactly: no AuxK and plain Adam. Changes only the defaults of "
+        "--auxk, --hold-dead and --reset-dead-moments (docs/method.md sec. 13).",
         default=False)
     data_init: bool = _help(
         "At step 0 set b_dec to --b-dec-init-fraction x the mean of the first batch's targets and b_enc to "
-        "-W_enc @ mean(inputs), so every latent's pre-activation starts centred on the data. Off by default (zero "
-        "biases, as in the released recipe): on the embedded model it kept a few more latents alive but cost "
-        "held-out EV at A (0.8071 against 0.8100 without it, five seeds; README, 'Dead latents').",
+        "-W_enc @ mean(inputs), so every latent's pre-activation starts centred on the data (default: zero biases, "
+        "as in the released recipe).",
         default=False)
     b_dec_init_fraction: float = _help(
-        "With --data-init: b_dec starts at this fraction of the first batch's target mean (b_enc is always centred on "
-        "the full input mean). 1 removes the most dead latents; the default 0.25 keeps part of the mean in the latents, "
-        "which rare massive-activation tokens of the residual stream need (README, 'Dead latents').", default=0.25)
+        "With --data-init: b_dec starts at this fraction of the first batch's target mean (b_enc is always centred "
+        "on the full input mean).", default=0.25)
     recentre_dead: bool = _help(
-        "Once per dead window, give latents dead for two windows whose pre-activation is <= 0 on every token of the "
-        "batch (which AuxK cannot train) the centred encoder bias -W_enc @ mean(inputs). Off by default: on the embedded model, "
-        "before --hold-dead and --reset-dead-moments, it removed a third of the remaining dead latents at A and TC but "
-        "cost 0.008 held-out EV at A (README, 'Dead latents').",
+        "Once per dead window, give latents dead for two windows whose pre-activation is <= 0 on every token of "
+        "the batch (which AuxK cannot train) the centred encoder bias -W_enc @ mean(inputs).",
         default=False)
     hold_dead: Optional[bool] = _help(
         "A latent that is dead, or was ever reset by --reset-dead-moments, keeps its weights on the steps where it "
-        "gets no gradient: Adam's momentum (full-size with young moments) does not carry it in between, which drove "
-        "latents negative on every token, out of AuxK's reach. Latents that never died are not held. Default: on "
-        "(off with --released-recipe).", default=None)
-    reset_dead_moments: Optional[bool] = _help(
-        "When a latent becomes dead (and AuxK starts training it), restart its Adam: zero its moments and count "
-        "its bias corrections from the reset, so AuxK moves it at the full step size rather than scaled down by "
-        "the second moments of its alive past, and it steps from then on as a fresh Adam would (with the run's "
-        "step count its steps stayed too large long after it revived). Default: on (off with --released-recipe).",
+        "gets no gradient (Adam's momentum does not carry it). Default: on (off with --released-recipe).",
         default=None)
+    reset_dead_moments: Optional[bool] = _help(
+        "When a latent becomes dead, restart its Adam: zero its moments and count its bias corrections from the "
+        "reset. Default: on (off with --released-recipe).", default=None)
     auxk: Optional[bool] = _help(
         "Add the AuxK loss (Gao et al.): the top --k-aux dead latents reconstruct the residual, in the main loss's "
         "units. Default: on (off with --released-recipe).", default=None)
-    auxk_coef: float = _help("AuxK coefficient (Gao et al.: 1/32; default 1/4, which kept more latents alive on the "
-                             "embedded model than 1/8 at a small cost in EV at A; README, 'Dead latents').", default=1 / 4)
+    auxk_coef: float = _help("AuxK coefficient (Gao et al.: 1/32).", default=1 / 4)
     k_aux: Optional[int] = _help("Latents in the AuxK reconstruction (default d_model / 2).", default=None)
     dead_window_tokens: Optional[int] = _help(
-        "A latent is dead when it has not fired for this many training tokens "
-        "(default min(10M, max(16 batches, tokens / 20)): 16384 on the embedded default; a shorter window "
-        "counts rare latents as dead, and the moment reset and AuxK that follow disturb them: README, "
-        "'Dead latents').", default=None)
+        "A latent is dead when it has not fired for this many training tokens (default min(10M, max(16 batches, "
+        "tokens / 20)): 16384 on the embedded default).", default=None)
     precision: str = _help("'fp32', 'bf16' (activations and SAE compute in bf16, fp32 master weights), "
                            "or 'auto' (bf16 on CUDA, fp32 on CPU).", default="auto")
     seed: int = _help("Seed of the SAE init, data order and buffer shuffles.", default=42)
@@ -165,7 +155,8 @@ class TrainConfig:
         "--no-eval-lm-loss skips them (big suites).", default=True)
     eval_lm_tokens: Optional[int] = _help(
         "Held-out tokens (whole contexts, a prefix of the eval set) for delta LM loss and CE score.", default=None)
-    jumprelu: bool = _help("After training, also write the JumpReLU post-processing (README, 'Outputs') to <run>/jumprelu.",
+    jumprelu: bool = _help("After training, also write Llama Scope's JumpReLU post-processing (docs/method.md sec. 5) "
+                           "to <run>/jumprelu.",
                            default=False)
     jumprelu_tokens: int = _help("Non-special training tokens for the JumpReLU threshold.", default=32768)
     output: str = _help("Output root: each SAE goes to <output>/L{layer}{position}-{expansion}x/, the suite's "
@@ -296,7 +287,7 @@ class TrainConfig:
         if c.tokens < c.batch_size:
             raise ValueError(f"--tokens: expected at least one batch ({c.batch_size} tokens), got {c.tokens}")
         if c.warmup_steps is None:
-            from .schedules import default_warmup
+            from .train.schedules import default_warmup
 
             c.warmup_steps = default_warmup(c.total_steps)
         if c.dead_window_tokens is None:
@@ -330,7 +321,7 @@ class TrainConfig:
                 raise ValueError("TrainConfig.members: the layer is not known yet (resolve() first)")
             sites = [(layer, p) for layer in layers for p in positions]
         out = sorted({MemberSpec(layer, p, e) for layer, p in sites for e in widths},
-                     key=lambda m: (m.layer, POSITIONS.index(m.position), m.expansion))
+                     key=lambda m: (*m.site.sort_key(), m.expansion))
         return out
 
     @property
@@ -369,15 +360,14 @@ class MemberSpec:
     expansion: int
 
     @property
-    def name(self) -> str:
-        return f"L{self.layer}{self.position}-{self.expansion}x"
+    def site(self) -> Site:
+        return Site(self.layer, self.position)
 
     @property
-    def site(self) -> str:
-        return f"L{self.layer}{self.position}"
+    def name(self) -> str:
+        return self.site.member(self.expansion)
 
 
-_HOOKPOINT = re.compile(r"^L(\d+)(R|A|M|TC)$")
 _RANGE = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
 
 
@@ -407,11 +397,8 @@ def parse_hookpoints(text: str) -> List[Tuple[int, str]]:
     items = _nonempty("--hookpoints", text, "L3R,L6R,L9M,L12TC")
     out = []
     for item in items:
-        m = _HOOKPOINT.match(item)
-        if m is None:
-            raise ValueError(f"--hookpoints: {item!r} is not a hook point name: expected L{{layer}}{{position}} "
-                             f"with a position among {', '.join(POSITIONS)}, e.g. L3R or L12TC")
-        out.append((int(m.group(1)), m.group(2)))
+        site = Site.parse(item, "--hookpoints")
+        out.append((site.layer, site.position))
     _no_repeats("--hookpoints", out, items)
     return out
 

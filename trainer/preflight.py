@@ -3,6 +3,7 @@
 * ``offline_if_unreachable``: when the model or the dataset is a Hub name and the Hub cannot be reached,
   switch the Hugging Face libraries to their offline mode (the local cache only) for the run, so that a
   misspelt name fails at once instead of after ~30-50 s of retries.
+* ``check_buffer_memory``: this rank's share of the activation buffer against the free memory of its device.
 * ``check_sae_memory``: the SAEs' state (fp32 weights, gradients and Adam moments: 16 bytes per
   parameter), their step activations, the LM's weights and the activation buffer against the free
   memory of the device they go to: ``--expansion 100000`` is refused with its size, not an allocator
@@ -21,13 +22,13 @@ from urllib.parse import urlparse
 
 import torch
 
-from .model import DEFAULT_MODEL
+from .data.lm import DEFAULT_MODEL
 
 
 def _needs_hub(name: Optional[str], builtin: str) -> bool:
     """A name that only the Hub can resolve: not the built-in default, not an existing path, and not a
     path that is missing (those are missing-file errors)."""
-    from .data import looks_like_path
+    from .data.text import looks_like_path
 
     if name in (builtin, "", None) or os.path.exists(str(name)):
         return False
@@ -116,7 +117,7 @@ def available_bytes(device: torch.device) -> Optional[int]:
 def model_weight_bytes(name: str, elem: int) -> int:
     """Bytes of the LM's weights at ``elem`` bytes per parameter, from its configuration (Llama-like
     fields; a .gguf file: its size, a lower bound); 0 when the configuration does not say."""
-    from .model import EMBEDDED_GGUF, embedded_model_folder
+    from .data.lm import EMBEDDED_GGUF, embedded_model_folder
 
     try:
         if name in (DEFAULT_MODEL, "", None):
@@ -196,5 +197,25 @@ def check_sae_memory(*, expansions: Sequence[int], d_model: int, rank: int, tp: 
         f"and Adam moments: {gib(need['state'])}; step activations about {gib(need['activations'])}), besides "
         f"the model ({gib(model_bytes)}){' and the activation buffer (' + gib(buffer_bytes) + ')' if same else ''}: "
         f"{gib(total)} in all, more than the {gib(free)} free on {on}; lower --expansion, train fewer SAEs per "
-        "run, or split each SAE over more GPUs with --tp (README, 'Training on several GPUs')"
+        "run, or split each SAE over more GPUs with --tp (docs/parallelism.md)"
     )
+
+
+def check_buffer_memory(cfg, n_hooks: int, d_model: int, elem: int, world: int,
+                        device: torch.device) -> int:
+    """Bytes of this rank's activation buffer; refuses (naming --buffer-tokens) what does not fit."""
+    rows = cfg.buffer_tokens if world == 1 else -(-cfg.buffer_tokens // world) + 2 * cfg.batch_size
+    need = rows * n_hooks * d_model * elem
+    free = available_bytes(device)
+    # host memory is shared by the ranks of a node
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) if device.type == "cpu" else 1
+    if free is not None and need * sharing > 0.9 * free:
+        per = f" / {world} ranks" if world > 1 else ""
+        on = f"{device}" + (f" (shared by {sharing} ranks)" if sharing > 1 else "")
+        raise ValueError(
+            f"--buffer-tokens: the activation buffer needs {need / 2**30:.2f} GiB on this rank "
+            f"({cfg.buffer_tokens:,} tokens{per} x {n_hooks} hook point column blocks x d_model {d_model} x "
+            f"{elem} bytes), more than the {free / 2**30:.2f} GiB free on {on}; lower --buffer-tokens "
+            "or train fewer hook points per run"
+        )
+    return need

@@ -1,4 +1,12 @@
-"""The run folders on disk: one run at a time in them, and only the trainer's own files touched.
+"""The run folders on disk: the name of every file a run writes, one run at a time in them, and only the
+trainer's own files touched.
+
+* The names: the output root holds ``resume/`` (``STATE``, ``RESUME_CONFIG``, the buffer's checkpoint
+  shards ``buffer_shard``) and the suite's files (``SUITE_FILES``); each member folder
+  ``<output>/L{layer}{position}-{expansion}x/`` holds the released layout (``LLAMA_SCOPE_FILES``),
+  ``METRICS``, ``EVAL``, ``TRAIN_CONFIG``, with ``--jumprelu`` a ``JUMPRELU/`` folder, and while training
+  its checkpoints (``member_state``).
+* ``check_run_dirs`` / ``create_run_dirs``: what a run may replace or resume, and the folders it starts with.
 
 * ``RunFolderLock``: an exclusive ``flock`` on ``<folder>/.lock`` of the output root and of every member
   folder, held for the whole run by one process (rank 0 under torchrun). A second run into any of those
@@ -27,15 +35,38 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from sae_kernels.atomic import atomic_path, atomic_write_text
+from sae_kernels.formats import read_json
+
 LOCK_NAME = ".lock"
 
+# The output root: the run's checkpoint (resume/) and the suite's files.
+STATE = "resume/state.pt"  # the step, the buffer's global state, the layout; replaced last by a checkpoint
+RESUME_CONFIG = "resume/train_config.json"  # the flags, checked by --resume
+SUITE_JSON, SUITE_MD, SUITE_CSV, SUITE_PNG = "suite.json", "suite.md", "suite.csv", "suite.png"
+SUITE_FILES = (SUITE_JSON, SUITE_MD, SUITE_CSV, SUITE_PNG)
+# A member folder: the released Llama Scope layout, the run's records, the JumpReLU export.
+LLAMA_SCOPE_FILES = ("hyperparams.json", "lm_config.json", "checkpoints/final.safetensors")
+METRICS, EVAL, TRAIN_CONFIG = "metrics.jsonl", "eval.json", "train_config.json"
+JUMPRELU = "jumprelu"
+# files that show a member folder holds a run (not replaced without --overwrite)
+PRECIOUS = ("hyperparams.json", EVAL)
+
 # The files a run writes into a member folder and into the output root (relative paths).
-MEMBER_FILES = (
-    "hyperparams.json", "lm_config.json", "checkpoints/final.safetensors", "metrics.jsonl", "eval.json",
-    "train_config.json", "jumprelu/hyperparams.json", "jumprelu/lm_config.json",
-    "jumprelu/checkpoints/final.safetensors",
-)
-ROOT_FILES = ("resume/state.pt", "resume/train_config.json", "suite.json", "suite.md", "suite.csv", "suite.png")
+MEMBER_FILES = (*LLAMA_SCOPE_FILES, METRICS, EVAL, TRAIN_CONFIG, *(f"{JUMPRELU}/{f}" for f in LLAMA_SCOPE_FILES))
+ROOT_FILES = (STATE, RESUME_CONFIG, *SUITE_FILES)
+
+
+def member_state(member_dir: Path, step: int) -> Path:
+    """A member's checkpoint at ``step``: its SAE, Adam, counters, metric sums (``<member>/resume/``)."""
+    return Path(member_dir) / "resume" / f"step{step}.pt"
+
+
+def buffer_shard(step: int, rank: int, world: int) -> str:
+    """The name (under the root's ``resume/``) of rank ``rank``'s share of the buffer at ``step``."""
+    return f"buffer-step{step}-rank{rank}-of{world}.safetensors"
+
+
 RESUME_PATTERNS = (re.compile(r"step\d+\.pt"), re.compile(r"buffer-step\d+-rank\d+-of\d+\.safetensors"),
                    re.compile(r"state\.pt"), re.compile(r"train_config\.json"))
 # subfolders a run creates, removed when the run's files are gone and they are empty
@@ -278,8 +309,6 @@ def truncate_metrics(path: Path, step: int) -> None:
             break  # the torn last line of a killed write
         if int(rec.get("step", 0)) <= step:
             keep.append(raw)
-    from sae_kernels.formats import atomic_path
-
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(b"".join(ln + b"\n" for ln in keep))
@@ -292,3 +321,65 @@ def same_path(a: Optional[str], b: Optional[str]) -> bool:
     if not isinstance(a, str) or not isinstance(b, str):
         return False
     return os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b)
+
+
+# ----------------------------------------------------------------------------------- starting a run
+
+
+def check_run_dirs(cfg, specs) -> Optional[str]:
+    """Refuses to replace a finished or resumable run unless ``--overwrite``; with ``--resume`` the
+    output folder must hold a checkpoint of a run with the same flags (paths compared resolved; the
+    folder itself may have moved: returns where it was). Read-only (every rank checks)."""
+    out = Path(cfg.output)
+    state = out / STATE
+    if cfg.resume:
+        if not state.is_file():
+            raise ValueError(f"--resume: no checkpoint {state} to resume from")
+        saved = read_json(out / RESUME_CONFIG, "--resume")
+        diff = [
+            f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}"
+            for k, v in cfg.to_dict().items()
+            if k not in cfg.RUNTIME_FIELDS + ("output",) and not same_path(saved.get(k), v)
+        ]
+        if diff:
+            raise ValueError("--resume: the flags differ from the run being resumed: " + "; ".join(diff))
+        was = saved.get("output")
+        return was if isinstance(was, str) and not same_path(was, str(out)) else None
+    if state.exists() and not cfg.overwrite:
+        raise ValueError(f"--output: {out} holds an unfinished run ({state}); pass --resume to continue it "
+                         "or --overwrite to replace it")
+    for m in specs:
+        run_dir = out / m.name
+        precious = [f for f in PRECIOUS if (run_dir / f).exists()]
+        if precious and not cfg.overwrite:
+            raise ValueError(f"--output: the run folder {run_dir} already holds a run ({', '.join(precious)}); "
+                             "pass --overwrite to replace it")
+    return None
+
+
+def create_run_dirs(cfg, specs, d_model: int, moved_from: Optional[str] = None,
+                    log: Callable[[str], None] = print) -> None:
+    """Every member's folder with its train_config.json (exactly a run alone's), and ``resume/``. Removes
+    the temporary files of a killed run, and (a new run) the files of an earlier run of this trainer
+    that check_run_dirs allowed to replace; never anything else. Rank 0, holding the folders' locks."""
+    out = Path(cfg.output)
+    member_dirs = [out / m.name for m in specs]
+    gone, size = remove_stale_temps(out, member_dirs)
+    if gone:
+        log(describe_removed(gone, size))
+    if cfg.resume:
+        if moved_from is not None:  # a moved run folder: its configs name where it is now
+            log(f"--resume: the run folder moved from {moved_from} to {out}")
+            _write_configs(out, cfg, specs, d_model)
+        return
+    clear_run_files(out, member_dirs)  # --overwrite, or leftovers of a failed start (checked by check_run_dirs)
+    for folder in [out / "resume"] + member_dirs:
+        folder.mkdir(parents=True, exist_ok=True)
+    _write_configs(out, cfg, specs, d_model)
+
+
+def _write_configs(out: Path, cfg, specs, d_model: int) -> None:
+    """The run's flags (``RESUME_CONFIG``) and each member's ``train_config.json``, exactly a run alone's."""
+    atomic_write_text(out / RESUME_CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    for m in specs:
+        atomic_write_text(out / m.name / TRAIN_CONFIG, json.dumps(cfg.solo(m, d_model).to_dict(), indent=2) + "\n")

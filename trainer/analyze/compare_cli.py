@@ -34,13 +34,15 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .cli import add_corpus_args, device_of, load_lm_for, run_cli, show_defaults
+from sae_kernels.atomic import atomic_write_text
+
+from ..cli.common import add_corpus_args, device_of, run_cli, show_defaults
 from .compare import blocked_matches, cofire_counts, families, pca_2d, umap_2d, unit_rows
 from .corpus import held_out_contexts
 from .dashboard import asset, page, rel, write_data
 from .export import r4, write_json
 from .features import _encode, capture_points
-from .runs import RunError, resolve_run
+from .runs import RunError, load_lm_for, resolve_run
 from .svg import PALETTE, Figure
 
 FORMAT = "sae-kernels-compare/1"
@@ -133,7 +135,7 @@ def compare(args, log=print) -> Dict[str, Any]:
         sp, sc = (sa, sb) if parent == "a" else (sb, sa)
         pp, pc = (pts[0], pts[1]) if parent == "a" else (pts[1], pts[0])
         base = getattr(lm.model, "model", lm.model)
-        from ..model import run_capture, special_mask
+        from ..data.lm import run_capture, special_mask
 
         bs = args.batch_size or int(settings.get("lm_batch_size") or 4)
         with capture_points(lm.model, pts) as (store, hook):
@@ -236,9 +238,8 @@ def compare(args, log=print) -> Dict[str, Any]:
     figs = write_figures(an, slug, doc, args.map_points)
     html_path = dash / f"compare-{slug}.html"
     body = '<header id="head"></header>\n<main style="grid-template-columns:1fr 1fr" id="cmp"></main>'
-    html_path.write_text(page(f"{ma.name} vs {mb.name}", body, [asset("compare.js")],
-                              [f"data/compare-{slug}.js"], f"SAECompare.start({json.dumps('compare-' + slug)});"),
-                         encoding="utf-8")
+    atomic_write_text(html_path, page(f"{ma.name} vs {mb.name}", body, [asset("compare.js")],
+                                      [f"data/compare-{slug}.js"], f"SAECompare.start({json.dumps('compare-' + slug)});"))
     _register(dash, {"name": mb.name, "href": html_path.name})
     mc = doc["median_best_cos"]
     live = (f" (live latents: {mc['a_to_b_live']:.3f}, {mc['b_to_a_live']:.3f})"
@@ -272,7 +273,7 @@ def write_figures(an: Path, slug: str, doc: Dict[str, Any], max_points: int) -> 
     f.bars(h["edges"], h["a_to_b" + live], PALETTE[0], f"{a}{' live' if live else ''} -> best in {b}", opacity=0.6)
     f.bars(h["edges"], h["b_to_a" + live], PALETTE[1], f"{b}{' live' if live else ''} -> best in {a}", opacity=0.6)
     out1 = an / f"compare-{slug}-similarity.svg"
-    out1.write_text(f.svg(), encoding="utf-8")
+    atomic_write_text(out1, f.svg())
     pa, pb = doc["map"]["a"], doc["map"]["b"]
     g = torch.Generator().manual_seed(0)
 
@@ -305,7 +306,7 @@ def write_figures(an: Path, slug: str, doc: Dict[str, Any], max_points: int) -> 
     f2.points([p[0] for p in sa], [p[1] for p in sa], PALETTE[0], f"{a} ({len(pa) - n_da} live)" if dead else f"{a} ({len(pa)})",
               r=1.5, opacity=0.6)
     out2 = an / f"compare-{slug}-map.svg"
-    out2.write_text(f2.svg(), encoding="utf-8")
+    atomic_write_text(out2, f2.svg())
     return [out1, out2]
 
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 from torch import Tensor
 
-from ..data import ContextData, load_documents
+from ..data.text import ContextData, load_documents
 
 # what a run folder without train_config.json (a released checkpoint) is analysed on by default
 FALLBACK = {"dataset": "pydoc", "context_len": 1024, "eval_every": 10, "eval_tokens": 8192, "seed": 42,

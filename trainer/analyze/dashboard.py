@@ -15,6 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from sae_kernels.atomic import atomic_write_text
+
 ASSETS = "assets"
 
 
@@ -34,10 +36,7 @@ def write_data(dash_dir: Path, name: str, json_text: str) -> None:
     """``dash_dir/data/<name without .json>.js`` holding the JSON document ``name``."""
     path = dash_dir / "data" / (name[:-5] if name.endswith(".json") else name)
     path = path.with_name(path.name + ".js")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(wrap_data(name, json_text), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, wrap_data(name, json_text))
 
 
 def page(title: str, body: str, scripts: List[str], data_scripts: List[str], tail: str) -> str:
@@ -63,7 +62,7 @@ def write_member_page(dash_dir: Path, name: str, links: Dict[str, Any]) -> Path:
     text = page(f"{name} - SAE dashboard", body, [asset("dashboard.js"), f"SAEDash.links({json.dumps(links)});"],
                 ["data/features.js", "data/compares.js"], "SAEDash.start();")
     out = dash_dir / "index.html"
-    out.write_text(text, encoding="utf-8")
+    atomic_write_text(out, text)
     return out
 
 
@@ -105,5 +104,5 @@ def write_suite_page(suite_dir: Path, title: str, members: List[Dict[str, Any]])
             '<th>latents</th><th>live</th><th>dead</th><th>EV</th><th>L0</th><th>&Delta; LM loss</th></tr>'
             + "".join(rows) + "</table></section></main>")
     out = dash / "index.html"
-    out.write_text(page(title, body, [], [], ""), encoding="utf-8")
+    atomic_write_text(out, page(title, body, [], [], ""))
     return out

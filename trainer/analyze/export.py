@@ -40,12 +40,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from sae_kernels.atomic import atomic_write_text
 
 from .features import HIST_BINS, LatentStats, PassConfig, frequency, hist_edges, mean_activation, peak_context_maxima
 
@@ -169,10 +170,7 @@ def token_texts(tokenizer, ids: Sequence[int]) -> Dict[str, str]:
 def write_json(path: Path, obj: Any) -> str:
     """Write compact JSON atomically; returns the text (the dashboard wraps the same text)."""
     text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     return text
 
 
@@ -242,5 +240,5 @@ def export_member(out_dir: Path, stats: LatentStats, cfg: PassConfig, corpus: Te
     text = write_json(out_dir / "features.json", summary)
     if on_chunk:
         on_chunk("features.json", text)
-    (out_dir / "density.svg").write_text(density_figure(summary), encoding="utf-8")
+    atomic_write_text(out_dir / "density.svg", density_figure(summary))
     return summary

@@ -28,7 +28,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..model import LoadedModel, capture_hooks, position_hooks, run_capture, special_mask
+from ..data.lm import LoadedModel, capture_hooks, run_capture, site_of, special_mask
 from .stream import StreamingTopN, WindowLookup
 
 HIST_PER_OCTAVE = 4
@@ -114,7 +114,7 @@ def capture_points(model, points: Sequence[Tuple[int, str]]) -> Iterator[Tuple[D
     """The SAE inputs of every (layer, position) of ``points`` from one forward that stops once they all
     exist (``capture_hooks``): yields ``(store, hook)``, ``hook[point]`` the point's hook name; call
     ``run_capture(base, ids, store)``, then read ``store[hook[point]]``."""
-    hook = {pt: position_hooks(pt[0], pt[1])[0] for pt in points}
+    hook = {pt: site_of(pt[0], pt[1]).reads[0] for pt in points}
     with capture_hooks(model, list(dict.fromkeys(hook.values())), stop=True) as store:
         yield store, hook
 

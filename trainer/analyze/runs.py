@@ -13,12 +13,15 @@ whole; name member folders one by one to analyse fewer.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from sae_kernels.formats import HOOK_NAMES
+import torch
+
+from sae_kernels.sites import POSITIONS, Site
+
+from ..data.lm import load_model
 
 WEIGHTS = "checkpoints/final.safetensors"
 
@@ -56,17 +59,10 @@ class Member:
         return str(self.folder)
 
 
-_HOOK_RE = {pos: re.compile("^" + re.escape(names[0]).replace(r"\{L\}", r"(\d+)") + "$")
-            for pos, names in HOOK_NAMES.items()}
-
-
 def parse_hook_point(hook_point_in: str) -> Optional[Tuple[int, str]]:
     """``blocks.15.hook_resid_post`` -> ``(15, "R")``; None for names of no known position."""
-    for pos, rx in _HOOK_RE.items():
-        m = rx.match(hook_point_in or "")
-        if m:
-            return int(m.group(1)), pos
-    return None
+    site = Site.from_hooks(hook_point_in or None)
+    return (site.layer, site.position) if site is not None else None
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
@@ -91,7 +87,7 @@ def load_member(folder: Path, suite: Optional[Path] = None) -> Member:
     # trainer runs write train_config.json in the member folder; a suite may keep one at its root
     cfg = _read_json(folder / "train_config.json") or (_read_json(suite / "train_config.json") if suite else {})
     where = parse_hook_point(str(hyper.get("hook_point_in", "")))
-    if where is None and isinstance(hyper.get("layer"), int) and hyper.get("position") in HOOK_NAMES:
+    if where is None and isinstance(hyper.get("layer"), int) and hyper.get("position") in POSITIONS:
         where = (int(hyper["layer"]), str(hyper["position"]))
     if where is None:
         raise RunError(
@@ -104,7 +100,7 @@ def load_member(folder: Path, suite: Optional[Path] = None) -> Member:
     if not isinstance(exp, (int, float)):
         exp = int(hyper.get("d_sae", 0)) // max(int(hyper.get("d_model", 1)), 1)
     exp_s = str(int(exp)) if float(exp).is_integer() else f"{exp:g}"
-    name = f"L{layer}{position}-{exp_s}x"
+    name = f"{Site(layer, position).name}-{exp_s}x"
     return Member(folder=folder, name=name, layer=layer, position=position, hyper=hyper, train_config=cfg,
                   eval=_read_json(folder / "eval.json"), suite=suite)
 
@@ -148,9 +144,8 @@ def suite_members(folder: Path) -> List[Path]:
 
 
 def _member_order(p: Path):
-    m = re.match(r"^L(\d+)(R|A|M|TC)-(\d+)x$", p.name)
-    return (0, int(m.group(1)), "RAMTC".index(m.group(2)) if m.group(2) != "TC" else 4, int(m.group(3)), p.name) if m \
-        else (1, 0, 0, 0, p.name)
+    named = Site.parse_member(p.name)
+    return (0, *named[0].sort_key(), named[1], p.name) if named else (1, 0, 0, 0, p.name)
 
 
 @dataclass
@@ -185,3 +180,20 @@ def settings_of(members: List[Member]) -> Dict[str, Any]:
         if m.train_config:
             return dict(m.train_config)
     return {}
+
+
+def load_lm_for(members: List[Member], model: Optional[str], device: torch.device):
+    settings = settings_of(members)
+    name = model or settings.get("model") or members[0].model or "embedded"
+    models = {m.model for m in members if m.model}
+    if model is None and len({m.train_config.get("model") for m in members if m.train_config}) > 1:
+        raise RunError(f"RUN: the SAEs were trained on different models ({sorted(models)}); one LM pass needs one "
+                       "model: analyse them separately or pass --model")
+    lm = load_model(name, device=device, dtype=torch.float32)
+    for m in members:
+        d = int(m.hyper.get("d_model", 0))
+        if d != lm.d_model:
+            raise RunError(f"{m.folder}: d_model {d} does not match the model's {lm.d_model} ({lm.name})")
+        if m.layer >= lm.n_layers:
+            raise RunError(f"{m.folder}: layer {m.layer}, but the model has {lm.n_layers} layers")
+    return lm, settings

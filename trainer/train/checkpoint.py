@@ -1,24 +1,33 @@
 """Resume-checkpoint files: written atomically with the umask's permissions, read without running code.
 
-* ``save_state(obj, path)``: ``torch.save`` to ``.<name>.<pid>.tmp`` beside ``path`` (created like any
-  file, so the umask decides its mode), fsync, ``os.replace``. A failed write (disk full, quota, I/O
-  error) removes the temporary file and raises ``OSError`` naming ``path``; ``path`` itself is untouched.
+* ``save_state(obj, path)``: ``torch.save`` through the package's one atomic writer
+  (``sae_kernels.atomic``): a temporary file beside ``path`` (the umask decides its mode), fsync,
+  ``os.replace``. A failed write (disk full, quota, I/O error) removes the temporary file and raises
+  ``OSError`` naming ``path``; ``path`` itself is untouched.
 * ``load_state(path)``: ``torch.load(weights_only=True)`` (tensors, numbers, strings, lists, tuples and
   dicts; never an arbitrary object), memory-mapped. A file that needs more than that (a crafted pickle
   whose payload would run at load time), a truncated file or a missing one is a ``CheckpointError``
   naming the file: nothing in it is executed.
 * ``CheckpointWriteError``: the one-line end of a run whose checkpoint could not be written (which
   file, the errno, and whether the previous checkpoint is intact).
+* ``rng_state`` / ``set_rng_state``: the random states a checkpoint carries; ``shard_reader``: the rows
+  of the activation buffer's checkpoint shards (written one per rank, read by any layout).
+
+What each checkpoint holds and where its files live: ``trainer.train.loop.Trainer.save_checkpoint`` and
+``trainer.run_folder`` (the file names).
 """
 from __future__ import annotations
 
 import errno as _errno
-import os
 import pickle
+import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
+from torch import Tensor
+
+from sae_kernels.atomic import atomic_torch_save
 
 
 class CheckpointError(ValueError):
@@ -33,29 +42,10 @@ class CheckpointWriteError(RuntimeError):
         self.errno = errno
 
 
-def temp_path(path: Path) -> Path:
-    """The temporary name ``save_state`` writes ``path`` through (see run_folder's stale clean-up)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def save_state(obj: Any, path: Path) -> None:
-    """``torch.save(obj)`` to ``path`` atomically; the file gets the mode of any new file (umask)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:  # open() honours the umask (mkstemp would give 0600)
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-    except RuntimeError as e:  # torch's zip writer reports some write failures as RuntimeError
-        raise OSError(_errno.EIO, f"write failed ({str(e).splitlines()[0]})", str(path)) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """``torch.save(obj)`` to ``path`` atomically (``sae_kernels.atomic``: a temporary file beside it,
+    fsync, rename; the umask's mode); a failed write raises ``OSError`` naming ``path`` and leaves it as it was."""
+    atomic_torch_save(obj, path)
 
 
 def load_state(path: Path, what: str = "--resume") -> Any:
@@ -83,3 +73,41 @@ def describe_os_error(e: OSError) -> str:
     code = f"[Errno {e.errno}] " if e.errno is not None else ""
     name = f" ({_errno.errorcode[e.errno]})" if e.errno in _errno.errorcode else ""
     return f"{e.filename}: {code}{e.strerror or e}{name}"
+
+
+def rng_state() -> Dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: Dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def shard_reader(folder: Path, shards: List[str]) -> Callable[[Tensor], Tensor]:
+    """``read_rows(slots)`` over the buffer shards of a checkpoint: the rows of the sorted global
+    ``slots``, each shard read only where it holds them (safetensors slices)."""
+    from safetensors import safe_open
+
+    def read_rows(slots: Tensor) -> Tensor:
+        pieces_s, pieces_r = [], []
+        for name in shards:
+            with safe_open(str(folder / name), framework="pt", device="cpu") as f:
+                have = f.get_tensor("slots")
+                lo = int(torch.searchsorted(have, slots[0]))
+                hi = int(torch.searchsorted(have, slots[-1], right=True))
+                if hi > lo:
+                    pieces_s.append(have[lo:hi])
+                    pieces_r.append(f.get_slice("rows")[lo:hi])
+        got = torch.cat(pieces_s) if pieces_s else torch.empty(0, dtype=torch.int64)
+        order = got.argsort()
+        if not torch.equal(got[order], slots):
+            raise ValueError(f"checkpoint {folder}: the buffer shards do not hold the rows of {slots.numel()} slots")
+        return torch.cat(pieces_r)[order]
+
+    return read_rows

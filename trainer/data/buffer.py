@@ -1,6 +1,6 @@
-"""The activation buffer (SPEC.md sec. 9): a producer thread fills it while SAE steps consume it.
+"""The activation buffer (docs/method.md sec. 9): a producer thread fills it while SAE steps consume it.
 
-One global buffer, defined as a single process defines it, whatever the layout (SPEC.md sec. 8):
+One global buffer, defined as a single process defines it, whatever the layout (docs/method.md sec. 8):
 
 * The run's rows form one global stream (row ``j`` = the ``j``-th non-special token of the global
   sequence of LM batches, see ``trainer.producer``). The buffer has ``capacity`` global *slots*. The

@@ -6,7 +6,7 @@ batch's non-special tokens, in row-major order, and each row holds the activatio
 point the run reads (``hooks``: TransformerLens names, ``blocks.3.hook_resid_post``, ...), side by
 side: ``x [n, len(hooks) * d_model]``. The LM runs once per batch, up to the deepest hook.
 
-Every layout walks the same sequence (SPEC.md sec. 8). LM batch ``b`` is dealt to rank
+Every layout walks the same sequence (docs/method.md sec. 8). LM batch ``b`` is dealt to rank
 ``b % world``: only that rank runs the LM on it (``chunk.x``); on the other ranks the chunk has
 ``x = None`` but still says where its rows sit in the global row stream (``row0``, ``n``, ``owner``).
 ``n`` is a function of the token ids alone (the special-token mask), so every rank knows the whole
@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from .buffer import Chunk
-from .data import ContextData
-from .model import LoadedModel, hook_activations, special_mask
+from .lm import LoadedModel, hook_activations, special_mask
+from .text import ContextData
 
 
 class ActivationSource:

@@ -1,4 +1,4 @@
-"""The released recipe's schedules (SPEC.md sec. 4): K-annealing and the learning-rate factor."""
+"""The released recipe's schedules (docs/method.md sec. 4): K-annealing and the learning-rate factor."""
 from __future__ import annotations
 
 import math

@@ -1,0 +1,68 @@
+"""What a run writes to each member's ``eval.json``: the exported SAE, as a user reloads it, measured on the
+run's held-out contexts (``metrics.evaluate_sites``: one clean LM pass for all the members of a rank), with
+the training's own figures and each number's convention.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Callable, Dict, Sequence, Tuple
+
+from sae_kernels.atomic import atomic_write_text
+
+from .. import run_folder as names
+from ..config import TrainConfig
+from ..export import Exported
+from .metrics import EV_CONVENTION, evaluate_sites
+
+DEAD_LATENTS_CONVENTION = (
+    "dead_latents_eval: no activation on any held-out token; dead_latents_train: no activation in the last "
+    "dead_window_tokens training tokens; latents_died_train: latents that were dead (by that window) at some "
+    "step; death_events_train: how often a latent became dead, summed"
+)
+
+
+def evaluate_members(cfg: TrainConfig, exported: Sequence[Exported], lm, contexts, special_ids: Sequence[int], *,
+                     d_model: int, lm_tokens: int, suite_members: int,
+                     seconds: Callable[[Exported], Dict[str, float]],
+                     log: Callable[[str], None] = print) -> Dict[str, Dict[str, Any]]:
+    """Evaluate the exported members on ``contexts``; write each one's ``eval.json``; returns them by name.
+    ``seconds(e)``: the phase times recorded in a member's result."""
+    if not exported:
+        return {}
+    saes: Dict[Tuple[int, str], Dict[str, Any]] = {}
+    for e in exported:
+        site = (e.spec.layer, e.spec.position)
+        saes.setdefault(site, {})[e.member.name] = e.sae
+        if e.jumprelu is not None:
+            saes[site][e.member.name + "/" + names.JUMPRELU] = e.jumprelu
+    log(f"evaluating on {len(contexts)} held-out contexts ...")
+    metrics, _ = evaluate_sites(lm, saes, contexts, special_ids=special_ids,
+                                batch_size=max(1, min(cfg.lm_batch_size, 2)), lm_loss=cfg.eval_lm_loss,
+                                lm_loss_contexts=max(1, math.ceil(cfg.eval_lm_tokens / cfg.context_len)))
+    results: Dict[str, Dict[str, Any]] = {}
+    for e in exported:
+        m, name = e.spec, e.member.name
+        result: Dict[str, Any] = dict(metrics[name])
+        result.update({
+            "k": cfg.k, "d_sae": e.sae.d_sae, "d_model": d_model, "layer": m.layer, "position": m.position,
+            "expansion": m.expansion, "model": lm.name, "dataset": cfg.dataset,
+            **e.dead, "dead_window_tokens": cfg.dead_window_tokens,
+            "dead_latents_convention": DEAD_LATENTS_CONVENTION,
+            "explained_variance_convention": EV_CONVENTION,
+            "checkpoint": str(e.member.run_dir), "checkpoint_dtype": cfg.export_dtype,
+            "evaluated": "the exported checkpoint as reloaded by TopKSAE.from_llama_scope",
+            "train_final": e.member.last, "train_steps": cfg.total_steps,
+            "train_tokens": cfg.total_steps * cfg.batch_size, "lm_tokens": lm_tokens, "suite_members": suite_members,
+            "seconds": seconds(e),
+        })
+        if e.jumprelu is not None:
+            result["jumprelu"] = dict(metrics[name + "/" + names.JUMPRELU],
+                                      checkpoint=str(e.member.run_dir / names.JUMPRELU),
+                                      threshold=float(e.jumprelu.threshold[0]))
+        atomic_write_text(e.member.run_dir / names.EVAL, json.dumps(result, indent=2) + "\n")
+        names.remove_resume_files(e.member.run_dir / "resume")  # complete: the final weights are in checkpoints/
+        results[name] = result
+    return results
+
+
