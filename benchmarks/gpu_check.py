@@ -15,8 +15,8 @@ skipped and listed under ``skipped_for_time``, so the whole run stays within 8 m
 Sections (figures at d_model 4096, d_sae 32768 and 131072, 4096 tokens, bf16):
 
 1. ``env``: device, driver, torch, triton, commit.
-2. ``tests``: the kernel, op, optimizer and staging tests (``tests/test_triton_kernels.py``,
-   ``test_ops.py``, ``test_optim.py``, ``test_trainer_h2d.py``) compiled for real, fp32 and bf16, in
+2. ``tests``: the kernel, op, optimizer and staging tests (``tests/unit/test_triton_kernels.py``,
+   ``tests/unit/test_ops.py``, ``tests/unit/test_optim.py``, ``tests/unit/test_h2d.py``) compiled for real, fp32 and bf16, in
    four concurrent pytest processes (compilation is CPU-bound); their output in ``OUTDIR/tests_*.log``.
 3. ``kernels``: ``triton.testing.do_bench`` medians of the bare cuBLAS GEMM (``addmm``, bf16
    out), the two-pass encode and its select alone, ``torch.topk`` on the same pre-activations, the
@@ -155,10 +155,10 @@ def env_info(c: Check) -> Dict[str, Any]:
 # The device run's test groups, run as concurrent pytest processes: compiling the kernels for each
 # specialisation the tests reach is CPU-bound and single-threaded per process, the GPU work is tiny.
 TEST_GROUPS = [
-    ["tests/test_triton_kernels.py", "-k", "encode or select"],
-    ["tests/test_triton_kernels.py", "-k", "not (encode or select)"],
-    ["tests/test_ops.py"],
-    ["tests/test_optim.py", "tests/test_trainer_h2d.py"],
+    ["tests/unit/test_triton_kernels.py", "-k", "encode or select"],
+    ["tests/unit/test_triton_kernels.py", "-k", "not (encode or select)"],
+    ["tests/unit/test_ops.py"],
+    ["tests/unit/test_optim.py", "tests/unit/test_h2d.py"],
 ]
 TESTS_TIMEOUT_S = 270
 
@@ -168,8 +168,8 @@ def run_tests(c: Check) -> Dict[str, Any]:
             "--durations=5"]
     env = dict(os.environ)
     if c.tiny:  # the mechanism only: every file collected (imported), one quick test run, interpreted
-        groups = [["tests/test_triton_kernels.py", "tests/test_ops.py", "tests/test_optim.py",
-                   "tests/test_trainer_h2d.py", "-k", "test_gather_rows"]]
+        groups = [["tests/unit/test_triton_kernels.py", "tests/unit/test_ops.py", "tests/unit/test_optim.py",
+                   "tests/unit/test_h2d.py", "-k", "test_gather_rows"]]
         env["TRITON_INTERPRET"] = "1"
     else:
         groups = TEST_GROUPS

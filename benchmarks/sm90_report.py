@@ -3,7 +3,7 @@
 ``python benchmarks/sm90_report.py [--jobs N] [--json OUT]`` prints, per configuration of
 ``sae_kernels.triton_ops.launch_configs()``, the registers per thread, spill stores / loads, shared
 memory (bytes) and compile seconds, from Triton's own sm_90 pipeline (``GPUTarget("cuda", 90, 32)``)
-and ``ptxas -v`` (the ptxas Triton bundles for sm_90). ``tests/test_compile_sm90.py`` runs it and
+and ``ptxas -v`` (the ptxas Triton bundles for sm_90). ``tests/e2e/test_compile_sm90.py`` runs it and
 fails on spills, shared memory over the limit, or a TF32 MMA in an fp32 kernel.
 
 These are internal APIs of Triton 3.9 (``ASTSource``, ``make_backend``, ``MockTensor``,

@@ -478,7 +478,7 @@ def launch_configs() -> Iterator[Tuple[str, Any, List[Any], Dict[str, Any]]]:
     """Every (kernel, argument types, compile-time arguments) the launchers above can launch, as
     ``(name, kernel, args, kwargs)``: a ``torch.dtype`` in ``args`` stands for a tensor of that dtype,
     ints for runtime integers (values typical of d_model 4096, d_sae 32768, 4096 tokens). Used by
-    ``tests/test_compile_sm90.py`` to compile each one for sm_90 without a GPU."""
+    ``tests/e2e/test_compile_sm90.py`` to compile each one for sm_90 without a GPU."""
     f32, i32, i64 = torch.float32, torch.int32, torch.int64
     N, d, n, k = 4096, 4096, 32768, 50
     for dt in KERNEL_DTYPES:

@@ -29,16 +29,24 @@ def backend(request, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_suite(tmp_path_factory):
+def tiny_llama(tmp_path_factory) -> str:
+    """The tests' one LM: a random 3-layer Llama (d_model 32, GQA) with a byte-level tokenizer, as a local
+    Hugging Face folder (``trainer.testing.tiny_llama_folder``). Read-only: tests write elsewhere."""
+    from trainer.testing import tiny_llama_folder
+
+    return tiny_llama_folder(str(tmp_path_factory.mktemp("tiny_llama")), layers=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_suite(tiny_llama, tmp_path_factory):
     """A tiny random Llama and a suite of two SAEs on its layer 1 (L1R-8x, L1R-32x, k=8) trained from one
     LM pass, as ``python -m trainer.run --expansion 8,32`` writes it: member folders and suite.json
     (tests/test_analyze*.py)."""
     from trainer.config import TrainConfig
     from trainer.run import run
-    from trainer.testing import tiny_llama_folder
 
     root = tmp_path_factory.mktemp("suite")
-    model = tiny_llama_folder(str(root / "model"), layers=3)
+    model = tiny_llama
     out = root / "suite"
     run(TrainConfig(model=model, layer=1, context_len=64, lm_batch_size=4, tokens=4096, batch_size=256,
                     buffer_tokens=1024, eval_tokens=512, eval_every=5, expansion="8,32", k=8, lr=4e-3,

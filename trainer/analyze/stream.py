@@ -11,7 +11,7 @@ context id, position, activation and a window of the latent's activations around
 
 Ties: candidates arrive in stream order and the kept rows of a latent are always earlier than a
 batch's candidates, so among equal scores the earlier event wins; the result equals sorting all
-events of a latent by ``(-score, order of arrival)`` and keeping ``n`` (``tests/test_analyze.py``
+events of a latent by ``(-score, order of arrival)`` and keeping ``n`` (``tests/e2e/test_analyze.py``
 checks it against a dense brute force).
 """
 from __future__ import annotations

@@ -10,15 +10,13 @@ import pytest
 from sae_kernels import TopKSAE
 from trainer.config import TrainConfig
 from trainer.run import build_parser, main
-from trainer.testing import tiny_llama_folder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    return tiny_llama_folder(str(root / "model"), layers=3), root
+def tiny(tiny_llama, tmp_path_factory):
+    return tiny_llama, tmp_path_factory.mktemp("cli")
 
 
 def small(model, out, *extra):

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from helpers import assert_close  # noqa: E402
 from sae_kernels import triton_ops  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -45,18 +46,9 @@ def _randn(*shape, g, dtype=torch.float32, scale=1.0):
 
 
 def _assert_close(actual, expected, dtype, what):
-    """Compare against a float64 reference; report the number and worst of the mismatches."""
+    """Against a float64 reference, with the dtype's per-entry tolerance (``helpers.assert_close``)."""
     atol, rtol = TOL[dtype]
-    actual = actual.double().cpu()
-    expected = expected.double().cpu()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    err = (actual - expected).abs()
-    bad = err > atol + rtol * expected.abs()
-    n_bad = int(bad.sum())
-    assert n_bad == 0, (
-        f"{what}: {n_bad}/{bad.numel()} mismatches (atol={atol}, rtol={rtol}), "
-        f"max abs err {err.max().item():.3e}, first at {tuple(bad.nonzero()[0].tolist())}"
-    )
+    assert_close(actual, expected, atol=atol, rtol=rtol, what=what)
 
 
 def _with_sentinel(t, value):

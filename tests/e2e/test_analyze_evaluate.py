@@ -38,7 +38,7 @@ def test_longer_contexts_and_the_module_entry_point(tiny_suite, tmp_path):
     # the user's command: python -m trainer.evaluate (trainer/evaluate.py's __main__ entry)
     r = subprocess.run([sys.executable, "-m", "trainer.evaluate", str(suite / "L1R-8x"), "--context-len", "256",
                         "--tokens", "1024", "--output", str(out)], capture_output=True, text=True,
-                       cwd=Path(__file__).resolve().parents[1], timeout=300)
+                       cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["context_len"] == 256 and got["corpus"]["n_contexts"] == 4

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from helpers import BACKENDS, DEVICE
+from helpers import BACKENDS, DEVICE, assert_close
 from sae_kernels import SAEConfig, TopKSAE
 from sae_kernels.optim import HOLD
 from trainer.config import TrainConfig
@@ -39,7 +39,7 @@ def test_data_init_centres_every_latent_on_the_data(transcoder):
     st.init_from_data(x * st.sae.cfg.norm_in, y_n)
     pre = x @ st.sae.W_enc.detach().t() + st.sae.b_enc.detach()
     assert pre.mean(0).abs().max() <= 1e-5 * pre.std(0).max()
-    torch.testing.assert_close(st.sae.b_dec.detach(), y_n.mean(0), rtol=0, atol=1e-6)
+    assert_close(st.sae.b_dec.detach(), y_n.mean(0), rtol=0, atol=1e-6)
 
     # through the step: at t = 0 (before its update; Adam then moves b_dec by at most ~lr) and never again
     st = _step(transcoder=transcoder, data_init=True)
@@ -176,7 +176,7 @@ def test_recentre_unreachable_resets_only_dead_latents_out_of_auxks_reach():
     want = -(sae.W_enc.detach() @ x.mean(0))
     reset = torch.ones(96, dtype=torch.bool)
     reset[[5, 7]] = False
-    torch.testing.assert_close(sae.b_enc.detach()[reset], want[reset], rtol=1e-5, atol=1e-5)
+    assert_close(sae.b_enc.detach()[reset], want[reset], rtol=1e-5, atol=1e-5)
     assert torch.equal(sae.b_enc.detach()[~reset], b0[~reset])
     with torch.no_grad():
         sae.b_enc.copy_(b0)
@@ -226,12 +226,12 @@ def test_row_flags_of_the_step_hold_dead_latents_and_reset_newly_dead_ones(backe
         assert bool(mv[fired].all()), "selected latents move"
         assert bool(mv[idle & ~newly & had].all()), "latents that are not dead move by their momentum"
         assert bool(mv[newly & had].any()) == (not hold and not reset), "dead latents without a gradient"
-    torch.testing.assert_close(m[newly], torch.zeros_like(m[newly]) if reset else 0.9 * m_before[newly])
-    torch.testing.assert_close(m[idle & ~newly], 0.9 * m_before[idle & ~newly])  # zero gradient: decay only
+    assert_close(m[newly], torch.zeros_like(m[newly]) if reset else 0.9 * m_before[newly], rtol=1.3e-6, atol=1e-5)
+    assert_close(m[idle & ~newly], 0.9 * m_before[idle & ~newly], rtol=1.3e-6, atol=1e-5)  # zero gradient: decay only
     st.since_fired[:24] = 72 + 32  # dead for longer: not reset again
     m_before = m.clone()
     moved = moved_by(7)
-    torch.testing.assert_close(m[newly], 0.9 * m_before[newly])
+    assert_close(m[newly], 0.9 * m_before[newly], rtol=1.3e-6, atol=1e-5)
     for mv in moved:
         assert bool(mv[newly & had].any()) == (not hold and not reset)
     # revived (alive again) after a reset: its moments are young, so it is still held when idle
@@ -300,10 +300,10 @@ def test_select_dense_and_subset_decode_against_float64(N, d, n, k, m, k_aux, sh
     x64, We, be, Wd = leaves
     want = (torch.relu(x64 @ We[ids].t() + be[ids]) * nz) @ Wd[ids]
     (want * grad.double()).sum().backward()
-    torch.testing.assert_close(out.double(), want.detach(), rtol=tol, atol=tol * float(want.detach().abs().max()))
+    assert_close(out.double(), want.detach(), rtol=tol, atol=tol * float(want.detach().abs().max()))
     for name, got, ref in zip(("dx", "dW_enc", "db_enc", "dW_dec"), (x, W_enc, b_enc, W_dec), leaves):
         assert got.grad is not None and got.grad.dtype == dtype, name
         scale = float(ref.grad.abs().max()) + 1e-12
-        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=tol, atol=tol * scale, msg=name)
+        assert_close(got.grad.double(), ref.grad, rtol=tol, atol=tol * scale, what=name)
     with pytest.raises(ValueError, match="ids: expected an int64"):
         subset_decode(a, W_dec, ids.float())

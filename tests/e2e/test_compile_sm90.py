@@ -15,7 +15,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_kernel_configuration_compiles_for_sm90_without_spills(tmp_path):

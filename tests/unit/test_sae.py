@@ -39,13 +39,13 @@ def test_init_follows_llama_scope():
     torch.manual_seed(1)
     sae = TopKSAE(SAEConfig(d_model=48, d_sae=200, k=8))
     norms = sae.W_dec.detach().norm(dim=1)
-    assert torch.allclose(norms, torch.full_like(norms, 0.5), atol=1e-6)
+    assert_close(norms, torch.full_like(norms, 0.5), atol=1e-6)
     assert torch.equal(sae.W_enc, sae.W_dec)
     assert sae.b_enc.abs().sum() == 0 and sae.b_dec.abs().sum() == 0
     torch.manual_seed(1)
     tc = TopKSAE(SAEConfig(d_model=48, d_sae=200, k=8), transcoder=True)
     assert not torch.equal(tc.W_enc, tc.W_dec)
-    assert torch.allclose(tc.W_enc.detach().norm(dim=1), torch.full((200,), 0.5), atol=1e-6)
+    assert_close(tc.W_enc.detach().norm(dim=1), torch.full((200,), 0.5), atol=1e-6)
     assert sae.W_dec.shape == (200, 48)  # latent-major
 
 

@@ -6,7 +6,7 @@ CPU; the PyTorch path is torch's foreach Adam. Shapes are small and odd.
 import pytest
 import torch
 
-from helpers import BACKENDS, DEVICE
+from helpers import BACKENDS, DEVICE, assert_close
 from sae_kernels import SAEConfig, TopKSAE
 from sae_kernels.optim import HOLD, RESET, SAEAdam
 from trainer.train import SAEStep, StepConfig, make_optimizer
@@ -90,9 +90,9 @@ def test_row_flags_hold_values_and_reset_moments_against_float64(backend):
             ref[j] = torch.where(hold, ref[j], ref[j] - upd)
     for j, p in enumerate(params):
         st = opt.state[p]
-        assert torch.allclose(p.detach().double().cpu(), ref[j], rtol=1e-5, atol=1e-6), f"param {j}"
-        assert torch.allclose(st["exp_avg"].double().cpu(), m[j], rtol=1e-5, atol=1e-7), f"exp_avg {j}"  # fp32 ulps
-        assert torch.allclose(st["exp_avg_sq"].double().cpu(), v[j], rtol=1e-5, atol=1e-12), f"exp_avg_sq {j}"
+        assert_close(p.detach().double().cpu(), ref[j], rtol=1e-5, atol=1e-6, what=f"param {j}")
+        assert_close(st["exp_avg"].double().cpu(), m[j], rtol=1e-5, atol=1e-7, what=f"exp_avg {j}")  # fp32 ulps
+        assert_close(st["exp_avg_sq"].double().cpu(), v[j], rtol=1e-5, atol=1e-12, what=f"exp_avg_sq {j}")
         assert torch.equal(st["row_step0"].double().cpu(), t0[j]), f"row_step0 {j}"
     # restarted rows step differently from the run's corrections: this test would see the difference
     assert any(bool((r > 0).any()) for r in t0)

@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 
 from trainer.config import TrainConfig
 from trainer.run import main, run
-from trainer.testing import tiny_llama_folder
 from trainer.train import Trainer
 
 SUITE = dict(hookpoints="L1R,L2R,L2TC", expansion="4,8")
@@ -24,9 +23,8 @@ NAMES = ["L1R-4x", "L1R-8x", "L2R-4x", "L2R-8x", "L2TC-4x", "L2TC-8x"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("suite")
-    return tiny_llama_folder(str(root / "model"), layers=3), root
+def tiny(tiny_llama, tmp_path_factory):
+    return tiny_llama, tmp_path_factory.mktemp("suite")
 
 
 def cfg(tiny, out, **kw):

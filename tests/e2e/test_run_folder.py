@@ -21,20 +21,20 @@ import torch
 import trainer.run as R
 from trainer.run import main
 from trainer.run_folder import LOCK_NAME, FolderBusy, RunFolderLock, truncate_metrics
-from trainer.testing import tiny_llama_folder
 from trainer.train import Trainer
 
 RUN_FOLDER_PY = Path(R.__file__).with_name("run_folder.py")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("folders")
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
     with open(root / "docs.jsonl", "w") as f:  # ~14k byte tokens: tokenised in milliseconds
         for i in range(60):
             f.write(json.dumps({"text": " ".join(words[(i * j) % len(words)] for j in range(30 + i % 7))}) + "\n")
-    return tiny_llama_folder(str(root / "model"), layers=3), root
+    (root / "model").symlink_to(tiny_llama)  # beside its data, as argv expects
+    return str(root / "model"), root
 
 
 def argv(model, out, *extra, layer=True, data=None):

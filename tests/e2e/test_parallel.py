@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]
+for _p in (REPO, REPO / "tests"):  # run as a script by each rank: the package and the tests' helpers
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 from sae_kernels import SAEConfig, TopKSAE, sparse_decode, topk_encode  # noqa: E402
 from sae_kernels.reference import dense_topk_sae  # noqa: E402
@@ -773,13 +774,12 @@ def test_hung_rank_makes_others_exit_within_timeout(tmp_path):
     assert 3 < delay < 30, f"rank 0 failed {delay:.1f} s after the hang"
 
 
-def test_cli_under_torchrun_tp2(tmp_path):
+def test_cli_under_torchrun_tp2(tiny_llama, tmp_path):
     """The user-facing launch: torchrun --standalone --nproc_per_node 2 -m trainer.run --tp 2 on a tiny
     random Llama, on the CPU; rank 0 exports a checkpoint that loads, every rank exits 0."""
     pytest.importorskip("transformers")
-    from trainer.testing import tiny_llama_folder
 
-    model = tiny_llama_folder(str(tmp_path / "tiny"), hidden_size=32, layers=2)
+    model = tiny_llama
     words = "alpha beta gamma delta sparse auto encoder latent token layer".split()
     g = torch.Generator().manual_seed(0)
     lines = [" ".join(words[i] for i in torch.randint(0, len(words), (60,), generator=g).tolist()) for _ in range(200)]

@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from helpers import assert_close
+
 from sae_kernels import SAEConfig, TopKSAE
 from trainer.analyze.cli import main
 from trainer.analyze.corpus import held_out_contexts
@@ -15,7 +17,6 @@ from trainer.analyze.logits import logit_effects, unembedding
 from trainer.analyze.runs import parse_hook_point, resolve_run
 from trainer.analyze.stream import StreamingTopN
 from trainer.data.lm import activations, load_model
-from trainer.testing import tiny_llama_folder
 
 
 def test_streaming_topn_with_ties_equals_sorting_everything():
@@ -44,8 +45,8 @@ def test_streaming_topn_with_ties_equals_sorting_everything():
 
 
 @pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    return load_model(tiny_llama_folder(str(tmp_path_factory.mktemp("an") / "m"), layers=3))
+def tiny_lm(tiny_llama):
+    return load_model(tiny_llama)
 
 
 def _random_sae(d, n, k, seed):
@@ -79,7 +80,7 @@ def test_analysis_pass_equals_dense_brute_force(tiny_lm, position):
         active = dense > 0
         assert torch.equal(st.count, active.sum((0, 1)))
         assert st.n_tokens == int(keep.sum())
-        torch.testing.assert_close(st.sum, dense.double().sum((0, 1)), rtol=1e-6, atol=1e-9)
+        assert_close(st.sum, dense.double().sum((0, 1)), rtol=1e-6, atol=1e-9)
         v = dense[active]
         bins = ((torch.log2(v) - HIST_MIN_EXP) * HIST_PER_OCTAVE).floor().clamp(0, HIST_BINS - 1).long()
         lat = active.nonzero()[:, 2]
@@ -123,8 +124,8 @@ def test_logit_effects_equal_float64(tiny_lm):
     hi = eff.topk(7, dim=1)
     lo = eff.topk(7, dim=1, largest=False)
     assert torch.equal(got["top_ids"], hi.indices) and torch.equal(got["bottom_ids"], lo.indices)
-    torch.testing.assert_close(got["top_values"].double(), hi.values, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got["bottom_values"].double(), lo.values, rtol=1e-5, atol=1e-5)
+    assert_close(got["top_values"].double(), hi.values, rtol=1e-5, atol=1e-5)
+    assert_close(got["bottom_values"].double(), lo.values, rtol=1e-5, atol=1e-5)
     # the LM's own unembedding and final norm gain
     W, gm = unembedding(tiny_lm.model)
     assert W.data_ptr() == tiny_lm.model.lm_head.weight.data_ptr()

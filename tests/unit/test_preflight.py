@@ -9,13 +9,11 @@ import trainer.preflight as P
 import trainer.run as R
 from trainer.preflight import hub_reachable, sae_bytes
 from trainer.run import main
-from trainer.testing import tiny_llama_folder
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("preflight")
-    return tiny_llama_folder(str(root / "model"), layers=3), root
+def tiny(tiny_llama, tmp_path_factory):
+    return tiny_llama, tmp_path_factory.mktemp("preflight")
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -124,14 +124,13 @@ def weights(run_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tiny_llama, tmp_path_factory):
     """The single-process reference and every layout's runs (three launches)."""
     from trainer.config import TrainConfig
     from trainer.run import run
-    from trainer.testing import tiny_llama_folder
 
     root = tmp_path_factory.mktemp("layouts")
-    model = tiny_llama_folder(str(root / "model"), layers=3)
+    model = tiny_llama
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
     with open(root / "docs.jsonl", "w") as f:
         for i in range(60):

@@ -3,16 +3,17 @@ deal of LM batches to ranks; cache; cursors; epochs."""
 import pytest
 import torch
 
+from helpers import assert_close
+
 from trainer.data import ContextData, DocumentSource
 from sae_kernels.sites import Site
 from trainer.data.lm import activations, load_model
 from trainer.data.source import ActivationSource
-from trainer.testing import tiny_llama_folder
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    lm = load_model(tiny_llama_folder(str(tmp_path_factory.mktemp("prod")), layers=3))
+def setup(tiny_llama):
+    lm = load_model(tiny_llama)
     texts = [f"doc {i}: " + "lorem ipsum " * (2 + i % 5) for i in range(30)]
     docs = DocumentSource("mem", lambda: iter(texts), in_memory=True)
     data = ContextData(docs, lm.tokenizer, 32, 4, eval_every=6, eval_contexts=2, seed=3)
@@ -41,7 +42,7 @@ def test_chunks_are_the_non_special_activations_of_each_batch(setup, position):
         assert c.row0 == row and c.owner == 0
         row += c.n
         want = x if y is None else torch.cat([x, y], dim=1)  # a row holds every hook point side by side
-        torch.testing.assert_close(c.x, want, rtol=0, atol=0)
+        assert_close(c.x, want, rtol=0, atol=0)
 
 
 def test_many_hooks_one_forward_and_the_deal_to_ranks(setup):
