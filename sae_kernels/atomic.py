@@ -112,16 +112,45 @@ def atomic_save_safetensors(path: PathLike, tensors: Dict[str, torch.Tensor], me
             raise OSError(num, os.strerror(num), str(path)) from None
 
 
+class _UnbufferedWriter:
+    """What ``torch.save`` writes through: each ``write`` goes to the file descriptor in full or raises the
+    ``OSError`` it met. Given a buffered Python file, torch's zip writer turns a short write on a full disk
+    into a RuntimeError ("unexpected pos") and the errno is lost; here ENOSPC stays ENOSPC."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd, self.name = fd, name  # name: the file being written, like a Python file's
+        self.error: Optional[OSError] = None  # torch may catch it and report a RuntimeError instead
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += os.write(self.fd, view[done:])
+        except OSError as e:
+            self.error = self.error or e
+            raise
+        return len(view)
+
+    def flush(self) -> None:
+        pass
+
+
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """``torch.save(obj)`` to ``path`` atomically; the file gets the umask's mode like any new file.
 
-    torch's zip writer reports some write failures as a RuntimeError: they come out as
-    ``OSError(EIO, "write failed (...)", path)``.
+    A write that fails keeps its errno (a full disk is ENOSPC); a failure torch itself reports as a
+    RuntimeError comes out as ``OSError(EIO, "write failed (...)", path)``.
     """
     with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)  # the file atomic_path created: its mode is kept
+        writer = _UnbufferedWriter(fd, tmp)
         try:
-            with open(tmp, "wb") as f:  # the file atomic_path created: its mode is kept
-                torch.save(obj, f)
+            torch.save(obj, writer)
         except RuntimeError as e:
+            if writer.error is not None:
+                raise OSError(writer.error.errno, writer.error.strerror, str(path)) from None
             first = str(e).strip().splitlines()
             raise OSError(errno.EIO, f"write failed ({first[0] if first else type(e).__name__})", str(path)) from None
+        finally:
+            os.close(fd)

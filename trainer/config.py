@@ -19,6 +19,7 @@ from sae_kernels.sites import POSITIONS, Site
 from .data.lm import DEFAULT_MODEL
 
 LOSSES = ("llama_scope", "fvu")
+MAX_DIST_TIMEOUT_S = 30 * 86400.0  # torch.distributed keeps timeouts in milliseconds: far beyond overflows
 PRECISIONS = ("auto", "fp32", "bf16")
 EXPORT_DTYPES = ("bfloat16", "float32")
 
@@ -221,6 +222,11 @@ class TrainConfig:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
                 raise ValueError(f"--{_flag(name)}: expected a {'positive' if name == 'lr' else 'non-negative'} number, got {v!r}")
+        if self.dist_timeout == 0 or self.dist_timeout > MAX_DIST_TIMEOUT_S:
+            raise ValueError(f"--dist-timeout: expected seconds in (0, {MAX_DIST_TIMEOUT_S:g}] (30 days), "
+                             f"got {self.dist_timeout!r}")
+        if not isinstance(self.output, str) or not self.output.strip():
+            raise ValueError(f"--output: expected a folder for the run, got {self.output!r}")
         if self.k_start is not None and self.k_start < self.k:
             raise ValueError(f"--k-start: expected >= --k ({self.k}), got {self.k_start}")
         if self.resume and self.overwrite:

@@ -219,3 +219,15 @@ def check_buffer_memory(cfg, n_hooks: int, d_model: int, elem: int, world: int,
             "or train fewer hook points per run"
         )
     return need
+
+
+def check_context_len(cfg) -> None:
+    """``--context-len`` within the model's ``max_position_embeddings`` (from its configuration, before the
+    weights load): a longer context runs the model outside what it was built for, and a huge one would
+    end in a MemoryError after minutes."""
+    from .data.lm import max_positions
+
+    limit = max_positions(cfg.model)
+    if limit is not None and cfg.context_len > limit:
+        raise ValueError(f"--context-len: expected at most {limit} tokens (the model's max_position_embeddings), "
+                         f"got {cfg.context_len}")

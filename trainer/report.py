@@ -133,7 +133,7 @@ def finish(suite: Dict[str, Any], results: Dict[str, Dict[str, Any]], log) -> No
     """Write the suite's files and print the members' summaries, the table and the phase times."""
     out = Path(suite["settings"]["output"])
     write_suite_files(out, suite)
-    names.remove_resume_files(out / "resume")
+    names.finish_run(out, [out / m["name"] for m in suite["members"]])  # from here on the run is finished
     for name in list(results)[:8]:
         log(f"{name}: " + summary(results[name]).replace("\n", f"\n{name}: "))
     log(suite_table(suite))

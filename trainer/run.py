@@ -28,6 +28,7 @@ the suite's files in ``<output>/``, ``<output>/resume/`` while training (docs/tr
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -53,11 +54,13 @@ from .evaluate.results import evaluate_members
 from .export import export_members
 from .members import Columns, build_members, dataset_norms
 from .parallel import ParallelContext, RowExchange, init_parallel, member_contexts, place_members, row_needs
-from .preflight import check_buffer_memory, check_sae_memory, model_weight_bytes, offline_if_unreachable
+from .preflight import (
+    check_buffer_memory, check_context_len, check_sae_memory, model_weight_bytes, offline_if_unreachable,
+)
 from .report import finish, suite_record
-from .run_folder import check_run_dirs, create_run_dirs, locked_run_folders
-from .train import CheckpointWriteError, Interrupted, Member, StopTraining, Trainer
-from .train.checkpoint import load_state
+from .run_folder import RunFinished, check_run_dirs, create_run_dirs, locked_run_folders
+from .train import CheckpointWriteError, Diverged, Interrupted, Member, StopTraining, Trainer
+from .train.checkpoint import describe_os_error, load_state
 
 
 def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
@@ -66,7 +69,10 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
     or ``{"stopped": step}`` (``--stop-after-steps``). Holds the run folders' locks for the whole run."""
     clock = Clock()
     with contextlib.ExitStack() as stack:
-        job = setup(cfg, log, stack, clock)
+        try:
+            job = setup(cfg, log, stack, clock)
+        except RunFinished as done:  # --resume of a run killed after it finished: only stale files are left
+            return finished(done, log)
         members, norms, resume_state = make_members(job)
         trainer = fit(job, members, norms, resume_state, clock)
         if trainer.t < job.cfg.total_steps:
@@ -122,6 +128,7 @@ def setup(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSt
     stack.callback(offline_if_unreachable(cfg.model, cfg.dataset, log))  # a Hub name fails fast offline
     n_layers, d = model_facts(cfg.model)  # every flag that names layers is checked against the model's config
     cfg = cfg.resolve(n_layers, d, device.type)
+    check_context_len(cfg)
     specs = cfg.members()
     for m in specs:
         ctx.check_width(m.expansion * d)
@@ -215,6 +222,16 @@ def fit(job: Job, members: List[Member], norms, state, clock: "Clock") -> Traine
     return trainer
 
 
+def finished(done: RunFinished, log: Callable[[str], None]) -> Dict[str, Any]:
+    """A finished run: say so, remove the checkpoint files a kill during its clean-up left (rank 0, holding
+    the folders' locks), return its members' ``eval.json``."""
+    log(str(done))
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # rank 0 of the job (the context was not built)
+        names.finish_run(done.root, done.folders)
+    return {"finished": True,
+            "members": {f.name: json.loads((f / names.EVAL).read_text()) for f in done.folders}}
+
+
 def report(job: Job, trainer: Trainer, members: List[Member], results: Dict[str, Dict[str, Any]],
            clock: "Clock") -> Dict[str, Any]:
     """Rank 0 gathers every rank's results and statistics and writes the suite's files."""
@@ -300,8 +317,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except CheckpointWriteError as e:
+    except (CheckpointWriteError, Diverged) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a permission, a link outside a checkpoint write: one line
+        print(f"error: could not write {describe_os_error(e)}; the files written before are intact", file=sys.stderr)
         return 1
     except Interrupted as e:
         print(str(e), file=sys.stderr)

@@ -136,7 +136,13 @@ class RunFolderLock:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / LOCK_NAME
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:  # never through a symbolic link: its target would be truncated and overwritten
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                raise FolderBusy(f"--output: {path} is a symbolic link; the trainer writes no file through a link: "
+                                 "remove it") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -246,6 +252,32 @@ def remove_resume_files(folder: Path) -> None:
     _rmdir_empty(Path(folder), ("",))
 
 
+def finish_run(root: Path, member_dirs: Iterable[Path]) -> None:
+    """The end of a finished run: its checkpoint goes, ``STATE`` first. Until then a kill at any instant
+    leaves a checkpoint that ``--resume`` finishes from; from then on the run is finished
+    (``run_is_finished``), and what a kill leaves behind is only stale checkpoint files."""
+    root = Path(root)
+    _remove([root / STATE])
+    remove_resume_files(root / "resume")
+    for d in member_dirs:
+        remove_resume_files(Path(d) / "resume")
+
+
+def run_is_finished(root: Path, specs) -> bool:
+    """No checkpoint left, the suite's files written and every member evaluated."""
+    root = Path(root)
+    return (not (root / STATE).exists() and (root / SUITE_JSON).is_file()
+            and all((root / m.name / EVAL).is_file() for m in specs))
+
+
+class RunFinished(Exception):
+    """``--resume`` of a run that has nothing left to do: ``folders`` are its member folders."""
+
+    def __init__(self, message: str, root: Path, folders: List[Path]) -> None:
+        super().__init__(message)
+        self.root, self.folders = Path(root), list(folders)
+
+
 def _our_temp(name: str) -> bool:
     """``.<file>.<pid>.tmp`` / ``.<file>.<pid>.<hex>.tmp`` / ``.<file>.<random>.tmp`` of a file a run writes."""
     if not (name.startswith(".") and name.endswith(".tmp")):
@@ -287,14 +319,16 @@ def describe_removed(gone: Sequence[Path], size: int) -> str:
             f"({size / 2**20:.1f} MiB): {shown}")
 
 
-def truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> Optional[dict]:
     """Keep the records of ``metrics.jsonl`` up to ``step`` (a checkpoint's), drop the later ones and a
-    torn last line (a run killed while writing it); a corrupt line before the end is a ValueError."""
+    torn last line (a run killed while writing it); a corrupt line before the end is a ValueError.
+    Returns the last record kept (None when there is none)."""
     path = Path(path)
     if not path.exists():
-        return
+        return None
     lines = path.read_bytes().split(b"\n")
     keep: List[bytes] = []
+    last = None
     for i, raw in enumerate(lines):
         if not raw.strip():
             continue
@@ -309,9 +343,11 @@ def truncate_metrics(path: Path, step: int) -> None:
             break  # the torn last line of a killed write
         if int(rec.get("step", 0)) <= step:
             keep.append(raw)
+            last = rec
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(b"".join(ln + b"\n" for ln in keep))
+    return last
 
 
 def same_path(a: Optional[str], b: Optional[str]) -> bool:
@@ -334,7 +370,12 @@ def check_run_dirs(cfg, specs) -> Optional[str]:
     state = out / STATE
     if cfg.resume:
         if not state.is_file():
-            raise ValueError(f"--resume: no checkpoint {state} to resume from")
+            if run_is_finished(out, specs):
+                raise RunFinished(f"--resume: the run in {out} is finished ({SUITE_JSON} and every member's {EVAL} "
+                                  "are written): nothing to resume", out, [out / m.name for m in specs])
+            off = (out / RESUME_CONFIG).is_file() and read_json(out / RESUME_CONFIG, "--resume").get("checkpoint_every") == 0
+            raise ValueError(f"--resume: no checkpoint {state} to resume from"
+                             + (" (the run wrote none: --checkpoint-every 0); start it again with --overwrite" if off else ""))
         saved = read_json(out / RESUME_CONFIG, "--resume")
         diff = [
             f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}"

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from helpers import assert_close
 from trainer.evaluate.cli import main
 
 KEYS = ("explained_variance", "explained_variance_per_token", "l0", "mse", "dead_latents_eval", "n_tokens",
@@ -30,6 +32,36 @@ def test_reproduces_the_runs_eval_json(tiny_suite):
         assert sum(bp["ce_tokens"]) == got["ce_tokens"]
         ce = sum(c * n for c, n in zip(bp["ce_sae"], bp["ce_tokens"])) / got["ce_tokens"]
         assert ce == pytest.approx(got["ce_sae"], rel=1e-9)
+
+
+def test_reproduces_eval_json_whose_lm_loss_covers_a_prefix(tiny_llama, tmp_path):
+    """A run whose delta LM loss covers only a prefix of the held-out set (eval_lm_tokens 100 of eval_tokens
+    512: ceil(100 / 64) = 2 of the 8 contexts): ``python -m trainer.evaluate RUN`` takes the same prefix and
+    reproduces eval.json, and the CE counts exactly the non-special targets of those two contexts."""
+    from trainer.analyze.corpus import held_out_contexts
+    from trainer.analyze.runs import resolve_run
+    from trainer.config import TrainConfig
+    from trainer.data.lm import load_model
+    from trainer.run import run
+
+    out = tmp_path / "runs"
+    run(TrainConfig(model=tiny_llama, layer=1, context_len=64, lm_batch_size=4, tokens=2048, batch_size=256,
+                    buffer_tokens=1024, eval_tokens=512, eval_lm_tokens=100, eval_every=5, k=8, lr=4e-3,
+                    progress=False, output=str(out)), log=lambda s: None)
+    run_dir = out / "L1R-8x"
+    saved = json.loads((run_dir / "eval.json").read_text())
+    assert main([str(run_dir), "--no-progress"]) == 0
+    files = sorted((run_dir / "evaluations").glob("*_ctx64.json"))
+    assert len(files) == 1
+    got = json.loads(files[0].read_text())
+    f64 = torch.float64
+    for k in KEYS:
+        assert_close(torch.tensor(got[k], dtype=f64), torch.tensor(saved[k], dtype=f64), rtol=1e-9, atol=1e-12, what=k)
+    assert got["corpus"]["n_contexts"] == 8 and got["corpus"]["held_out"] and got["lm_loss_contexts"] == 2
+    held = held_out_contexts(resolve_run(run_dir).members[0].train_config, load_model(tiny_llama))
+    targets = held.contexts[:2, 1:]
+    assert saved["ce_tokens"] == int((~torch.isin(targets, torch.tensor(held.special_ids))).sum()) > 64
+    assert saved["n_tokens"] == held.info["tokens"] >= 3 * saved["ce_tokens"]  # EV: all 8 contexts
 
 
 def test_longer_contexts_and_the_module_entry_point(tiny_suite, tmp_path):

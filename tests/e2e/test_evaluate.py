@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from helpers import assert_close
 from sae_kernels import SAEConfig, TopKSAE
 from trainer.config import TrainConfig
 from trainer.data import ContextData, load_documents
@@ -65,6 +66,15 @@ def test_every_position_trains_evaluates_and_reloads(tiny, position):
     assert again["n_tokens"] == saved["n_tokens"]
     for key in ("explained_variance", "explained_variance_per_token", "l0"):
         assert again[key] == pytest.approx(saved[key], abs=1e-6), key
+    # ... and the formulas, in float64 from the reloaded SAE's output (a transcoder's target y: EV is centred
+    # on mean(y), not on the inputs' mean)
+    y = (got["x"] if got["y"] is None else got["y"]).double()
+    with torch.no_grad():
+        err = (y - sae(got["x"]).double()).pow(2).sum(-1)
+    var = (y - y.mean(0)).pow(2).sum(-1)
+    for key, want in (("explained_variance", 1 - err.sum() / var.sum()),
+                      ("explained_variance_per_token", (1 - err / var).mean())):
+        assert_close(torch.tensor(saved[key], dtype=torch.float64), want, atol=1e-6, what=f"{key} formula")
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     rec = json.loads(lines[-1])
     assert {"step", "tokens", "loss", "explained_variance", "l0", "k", "lr", "tokens_per_s"} <= set(rec)

@@ -85,3 +85,26 @@ def test_dict_round_trip():
     with pytest.raises(ValueError, match="unknown"):
         TrainConfig.from_dict({**c.to_dict(), "bogus": 1})
     assert all(f.metadata.get("help") for f in dataclasses.fields(TrainConfig))
+
+
+def test_each_member_of_a_suite_clamps_k_start_and_k_aux_to_its_own_width():
+    """--expansion 1,8 (d_model 64: widths 64 and 512). The suite's resolve leaves the clamps to each member
+    (``solo``), and each member's step (StepConfig.from_train_config(cfg.solo(m, d_model)), as
+    trainer.members builds it) gets k_start and k_aux at most its own d_sae: values over the narrow
+    width are clamped there and kept by the wide member; the defaults (d_model / 2) fit both."""
+    from trainer.train import StepConfig
+
+    def per_member(**kw):
+        cfg = TrainConfig(model="org/model", expansion="1,8", k=8, **kw).resolve(4, 64, "cpu")
+        out = {}
+        for m in cfg.members():
+            sc = StepConfig.from_train_config(cfg.solo(m, 64))
+            out[m.expansion] = (sc.k_start, sc.k_aux)
+        return out
+
+    assert per_member() == {1: (32, 32), 8: (32, 32)}  # the defaults: d_model / 2 for both
+    got = per_member(k_start=100, k_aux=200)
+    assert got[1] == (64, 64), f"the 64-latent member: (k_start, k_aux) = {got[1]}, expected both clamped to 64"
+    assert got[8] == (100, 200), f"the 512-latent member: (k_start, k_aux) = {got[8]}, expected (100, 200) kept"
+    single = TrainConfig(model="org/model", expansion=1, k=8, k_start=100, k_aux=200).resolve(4, 64, "cpu")
+    assert (single.k_start, single.k_aux) == (64, 64)  # one SAE: resolve clamps them itself

@@ -8,7 +8,7 @@ import torch
 
 from helpers import BACKENDS, DEVICE, assert_close
 from sae_kernels import SAEConfig, TopKSAE
-from sae_kernels.optim import HOLD
+from sae_kernels.optim import HOLD, RESET
 from trainer.config import TrainConfig
 from trainer.train import SAEStep, StepConfig, estimate_norm, make_optimizer
 
@@ -307,3 +307,124 @@ def test_select_dense_and_subset_decode_against_float64(N, d, n, k, m, k_aux, sh
         assert_close(got.grad.double(), ref.grad, rtol=tol, atol=tol * scale, what=name)
     with pytest.raises(ValueError, match="ids: expected an int64"):
         subset_decode(a, W_dec, ids.float())
+
+
+# ----------------------------------------------------------------------------------- tests that could fail (issue 29)
+
+
+@pytest.mark.parametrize("loss", ["llama_scope", "fvu"])
+def test_transcoder_steps_auxk_is_divided_by_the_targets_statistics(loss):
+    """Through the step of a transcoder (targets y != inputs x, on another scale): the reported AuxK loss
+    equals a float64 computation from the (fp32) weights before the step, with the residual y_n - x_hat_n and
+    the denominator of the *target's* batch (||y_t - mean(y)|| per token, or sum (y - mean(y))^2). The
+    normalised inputs spread ~1.8x as far as the targets here: their statistics give ~0.56x (Llama Scope)
+    or ~0.3x (FVU) the loss."""
+    st = _step(transcoder=True, loss=loss, auxk=True, k_aux=6, dead_window_tokens=1)
+    sae = st.sae
+    sae.cfg = sae.cfg.replace(norm_in=0.7, norm_out=1.9)  # the normalisation is the target's too
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(96, 1, generator=g) + 0.5)  # unequal decoder norms
+    x = torch.randn(40, 24, generator=g) * 2.5 + 1
+    y = torch.randn(40, 24, generator=g) * 0.5 - 2
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[torch.randperm(96, generator=g)[:40]] = True
+    st.since_fired[dead] = 1  # dead (window 1 token) before this step
+    W_enc, b_enc, W_dec, b_dec = (p.detach().double() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+
+    m = st(x, y, 5)
+
+    x_n, y_n = x.double() * 0.7, y.double() * 1.9
+    z = torch.relu(x_n @ W_enc.t() + b_enc)
+    score = z * W_dec.norm(dim=1)
+    top = score.topk(4, dim=1).indices
+    f = torch.zeros_like(z).scatter(1, top, z.gather(1, top))
+    x_hat = f @ W_dec + b_dec
+    residual = y_n - x_hat
+    idx = torch.where(dead, score, torch.full_like(score, -1.0)).topk(6, dim=1).indices
+    e_hat = (z.gather(1, idx)[..., None] * W_dec[idx]).sum(1)
+    centred = y_n - y_n.mean(0, keepdim=True)
+    if loss == "llama_scope":
+        main = ((x_hat - y_n) ** 2 / centred.norm(dim=1, keepdim=True)).mean()
+        want = ((e_hat - residual) ** 2 / centred.norm(dim=1, keepdim=True)).mean()
+    else:
+        main = ((x_hat - y_n) ** 2).sum() / (centred ** 2).sum()
+        want = ((e_hat - residual) ** 2).sum() / (centred ** 2).sum()
+    assert_close(m["loss"], main, rtol=1e-4, what="main loss (the reference's x_hat)")
+    assert_close(m["auxk_loss"], want, rtol=1e-4, what=f"AuxK loss ({loss}) of a transcoder step")
+
+
+@pytest.mark.parametrize("transcoder", [False, True], ids=["sae", "transcoder"])
+def test_b_dec_init_fraction_reaches_the_data_init(transcoder):
+    """``--data-init --b-dec-init-fraction 0.6`` through TrainConfig -> StepConfig -> the step: at step 0
+    b_dec = 0.6 x the mean of the batch's normalised targets (neither the whole mean nor the default 0.25 of
+    it; b_enc is centred on the whole input mean whatever the fraction), and Adam's first update moves it by
+    about lr only."""
+    cfg = TrainConfig(data_init=True, b_dec_init_fraction=0.6, k=4, expansion=4).resolve(30, 24, "cpu")
+    sc = StepConfig.from_train_config(cfg)
+    assert sc.data_init
+    assert sc.b_dec_init == 0.6, f"--b-dec-init-fraction 0.6 reached the step as {sc.b_dec_init}"
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(24, 96, k=4), transcoder=transcoder)
+    sae.check_inputs = False
+    sae.cfg = sae.cfg.replace(norm_in=0.8, norm_out=1.7 if transcoder else 0.8)
+    st = SAEStep(sae, make_optimizer(sae, cfg.lr, (cfg.beta1, cfg.beta2)), sc)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(64, 24, generator=g) + torch.randn(24, generator=g) * 4
+    y = torch.randn(64, 24, generator=g) * 0.5 + torch.randn(24, generator=g) * 3 if transcoder else None
+    y_n = (x if y is None else y) * sae.cfg.norm_out
+    after_init = {}
+    real = st.init_from_data
+
+    def spy(x_n, yn):
+        real(x_n, yn)
+        after_init.update((k, p.detach().clone()) for k, p in (("b_dec", sae.b_dec), ("b_enc", sae.b_enc),
+                                                                ("W_enc", sae.W_enc)))
+
+    st.init_from_data = spy
+    st(x, y, 0)
+    assert_close(after_init["b_dec"], 0.6 * y_n.mean(0), rtol=1e-5, atol=1e-6, what="b_dec after the data init")
+    assert_close(after_init["b_enc"], -(after_init["W_enc"] @ (x * 0.8).mean(0)), 1e-5, what="b_enc after the data init")
+    drift = float((sae.b_dec.detach() - 0.6 * y_n.mean(0)).abs().max())
+    assert drift <= 1.5 * cfg.lr, f"b_dec after step 0 is {drift:.3g} from 0.6 x the target mean"
+
+
+def test_each_death_restarts_adam_once_when_the_window_is_whole_batches():
+    """The default dead window is a whole number of batches (16384 = 16 x 1024 on the embedded default), so a
+    latent that stops firing reaches the window exactly at a step boundary. Over a run with the trainer's
+    defaults (TrainConfig -> StepConfig: AuxK, reset_dead_moments and hold_dead on; window 16 batches),
+    every RESET row flag the step hands SAEAdam must match one death (the ``deaths`` counter): latents that
+    never fire die once, latents forced to fire again die twice, and none is reset on two steps of the
+    same death."""
+    B, steps = 8, 60
+    cfg = TrainConfig(tokens=B * steps, batch_size=B, buffer_tokens=1024, k=4, expansion=4).resolve(30, 24, "cpu")
+    assert cfg.dead_window_tokens == 16 * B and cfg.reset_dead_moments and cfg.auxk
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(24, 96, k=4))
+    sae.check_inputs = False
+    st = SAEStep(sae, make_optimizer(sae, cfg.lr, (cfg.beta1, cfg.beta2)), StepConfig.from_train_config(cfg))
+    resets = torch.zeros(96, dtype=torch.int64)
+    real = st.opt.step
+
+    def spy(*a, **kw):
+        flags = kw["row_flags"][sae.W_enc]
+        resets.add_(((flags & RESET) != 0).long())
+        return real(*a, **kw)
+
+    st.opt.step = spy
+    never, revived = torch.arange(0, 16), torch.arange(16, 20)
+    fire_at = {0, 30}  # revived: fire at these steps only (dead over steps 17-30, and again from step 47)
+    g = torch.Generator().manual_seed(7)
+    deaths_before_last = None
+    for t in range(steps):
+        with torch.no_grad():
+            sae.b_enc[never] = -1e4  # no positive pre-activation: never selected, out of AuxK's reach
+            sae.b_enc[revived] = 1e3 if t in fire_at else -1e4  # the top 4 of every token at those steps
+        deaths_before_last = st.deaths.clone()
+        st(torch.randn(B, 24, generator=g), None, t)
+    # a RESET at step s answers the death counted at the end of step s - 1: compare up to the last step
+    assert torch.equal(deaths_before_last[never], torch.ones(16, dtype=torch.int64))
+    assert torch.equal(deaths_before_last[revived], torch.full((4,), 2, dtype=torch.int64))
+    bad = (resets != deaths_before_last).nonzero().squeeze(1).tolist()
+    assert not bad, (f"latents {bad[:8]}: RESET flags {resets[bad[:8]].tolist()} against deaths "
+                     f"{deaths_before_last[bad[:8]].tolist()} (a death restarted Adam more or less than once)")

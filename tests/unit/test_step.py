@@ -235,10 +235,10 @@ class FakeBatches:
         self.i = int(meta["i"])
 
 
-def fake_trainer(out, total=12, checkpoint_every=4, signal_at=None):
+def fake_trainer(out, total=12, checkpoint_every=4, signal_at=None, **step_kw):
     from trainer.train import Member
 
-    st = make_step(total=total)
+    st = make_step(total=total, **step_kw)
     member = Member("m", Path(out) / "m", st)
     return Trainer([member], FakeBatches(signal_at=signal_at), total_steps=total, batch_size=32, output=Path(out),
                    log_every=2, checkpoint_every=checkpoint_every, progress=False, log=lambda s: None)
@@ -279,3 +279,39 @@ def test_ctrl_c_writes_a_final_checkpoint_then_raises(tmp_path):
     with pytest.raises(Interrupted, match="after step 4 of 40; checkpointing is off"):
         tr.fit()
     assert not (tmp_path / "off" / Trainer.STATE_FILE).exists()
+
+
+def test_metrics_jsonl_logs_the_k_and_lr_of_the_steps_it_averages(tmp_path):
+    """Each metrics.jsonl record (every 2 steps, and the last) averages steps step-2 .. step-1: its k and lr
+    must be those the step used at its last step, step - 1 (K annealed 16 -> 4 over steps 0-4, lr warmed
+    up over 2 steps and decayed over the last 8), not those of the next step."""
+    import json
+
+    from trainer.train.schedules import k_schedule, lr_factor
+
+    tr = fake_trainer(tmp_path, total=41, checkpoint_every=0, k_start=16)
+    st = tr.members[0].step
+    used = {}
+    real_encode, real_step = st.encode_decode, st.opt.step
+
+    def encode_spy(x_n, k):
+        used[len(used)] = {"k": k}
+        return real_encode(x_n, k)
+
+    def step_spy(*a, **kw):
+        used[len(used) - 1]["lr"] = st.opt.param_groups[0]["lr"]
+        return real_step(*a, **kw)
+
+    st.encode_decode, st.opt.step = encode_spy, step_spy
+    tr.fit()
+    recs = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(2, 41, 2)) + [41] and len(used) == 41
+    c = st.cfg
+    assert c.anneal_steps == 4 and {used[t]["k"] for t in range(5)} == {16, 13, 10, 7, 4}
+    for r in recs:
+        t = r["step"] - 1
+        assert (r["k"], r["lr"]) == (used[t]["k"], used[t]["lr"]), (  # the same float: JSON round-trips it
+            f"record of step {r['step']}: k {r['k']}, lr {r['lr']:.6g}; step {t} used k {used[t]['k']}, "
+            f"lr {used[t]['lr']:.6g}")
+        assert r["k"] == k_schedule(t, c.k, c.k_start, c.anneal_steps)
+        assert r["lr"] == c.lr * lr_factor(t, c.total_steps, c.warmup_steps, c.decay_fraction)

@@ -12,9 +12,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
-import torch
 
 from ..cli.common import add_corpus_args, device_of, run_cli, show_defaults
 from .corpus import held_out_contexts

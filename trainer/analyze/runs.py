@@ -69,7 +69,9 @@ def _read_json(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RunError(f"{path}: not UTF-8 text (byte {e.start}): not a JSON file this trainer wrote") from None
     except (OSError, json.JSONDecodeError) as e:
         raise RunError(f"{path}: not valid JSON ({e})") from None
     return obj if isinstance(obj, dict) else {}

@@ -175,8 +175,10 @@ def load_model(
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
-def _gguf_facts(path: str) -> Tuple[int, int]:
-    """``(n_layers, d_model)`` from a GGUF file's metadata header (no tensor is read)."""
+def _gguf_config(path: str) -> Dict[str, object]:
+    """The facts the trainer needs from a GGUF file's metadata header (no tensor is read), in
+    ``config.json``'s names: ``num_hidden_layers``, ``hidden_size`` and, when given,
+    ``max_position_embeddings``."""
     with open(path, "rb") as f:
         def read(fmt):
             size = struct.calcsize(fmt)
@@ -205,21 +207,27 @@ def _gguf_facts(path: str) -> Tuple[int, int]:
             key = read_str()
             kv[key] = read_value(read("<I"))
             arch = kv.get("general.architecture")
-            if arch and f"{arch}.block_count" in kv and f"{arch}.embedding_length" in kv:
-                return int(kv[f"{arch}.block_count"]), int(kv[f"{arch}.embedding_length"])
-    raise ModelError(f"--model {path!r}: the GGUF metadata has no block_count / embedding_length")
+            if arch and all(f"{arch}.{k}" in kv for k in ("block_count", "embedding_length", "context_length")):
+                break  # before the tokenizer's arrays: the rest of the header is not needed
+    arch = kv.get("general.architecture")
+    if not arch or f"{arch}.block_count" not in kv or f"{arch}.embedding_length" not in kv:
+        raise ModelError(f"--model {path!r}: the GGUF metadata has no block_count / embedding_length")
+    out = {"num_hidden_layers": int(kv[f"{arch}.block_count"]), "hidden_size": int(kv[f"{arch}.embedding_length"])}
+    if isinstance(kv.get(f"{arch}.context_length"), int):
+        out["max_position_embeddings"] = int(kv[f"{arch}.context_length"])
+    return out
 
 
-def model_facts(name: str = DEFAULT_MODEL) -> Tuple[int, int]:
-    """``(n_layers, d_model)`` of a model from its configuration alone (no weights are loaded), so that
-    flags naming layers can be checked before the model loads. Same names as ``load_model``."""
+def model_config(name: str = DEFAULT_MODEL) -> Dict[str, object]:
+    """A model's configuration (``config.json``'s keys; a GGUF file's header in those names) without
+    loading its weights. Same names as ``load_model``."""
     import json
 
     try:
         if name in (DEFAULT_MODEL, None, ""):
-            return _gguf_facts(os.path.join(embedded_model_folder(), EMBEDDED_GGUF))
+            return _gguf_config(os.path.join(embedded_model_folder(), EMBEDDED_GGUF))
         if os.path.isfile(name) and name.endswith(".gguf"):
-            return _gguf_facts(name)
+            return _gguf_config(name)
         if os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json")):
             cfg = json.loads(open(os.path.join(name, "config.json")).read())
         else:
@@ -247,12 +255,25 @@ def model_facts(name: str = DEFAULT_MODEL) -> Tuple[int, int]:
     except (OSError, ValueError, KeyError, ImportError, struct.error) as e:
         raise ModelError(f"--model {name!r}: could not read its configuration ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+    return cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+
+
+def model_facts(name: str = DEFAULT_MODEL) -> Tuple[int, int]:
+    """``(n_layers, d_model)`` of a model from its configuration alone (no weights are loaded), so that
+    flags naming layers can be checked before the model loads."""
+    cfg = model_config(name)
     n_layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
     d_model = cfg.get("hidden_size", cfg.get("n_embd"))
     if not isinstance(n_layers, int) or not isinstance(d_model, int):
         raise ModelError(f"--model {name!r}: its configuration names no num_hidden_layers / hidden_size")
     return n_layers, d_model
+
+
+def max_positions(name: str = DEFAULT_MODEL) -> Optional[int]:
+    """The longest context the model was built for (``max_position_embeddings``), or None if it says none."""
+    cfg = model_config(name)
+    n = cfg.get("max_position_embeddings", cfg.get("n_positions"))
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -252,6 +252,10 @@ class ContextData:
                 if self._is_eval(i):
                     ev.append(ctx)
             self.eval = torch.tensor(ev, dtype=torch.int64).reshape(-1, context_len)
+        if len(self.eval) == 0:
+            raise DataError(f"--dataset {docs.name!r}: no held-out context to evaluate on: every {eval_every}-th "
+                            f"{context_len}-token context is held out (--eval-every), and the text makes fewer; give "
+                            "more text, or a smaller --eval-every or --context-len")
 
     def _is_eval(self, i: int) -> bool:
         return i % self.eval_every == self.eval_phase and i // self.eval_every < self.n_eval_max

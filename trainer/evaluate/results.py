@@ -61,7 +61,6 @@ def evaluate_members(cfg: TrainConfig, exported: Sequence[Exported], lm, context
                                       checkpoint=str(e.member.run_dir / names.JUMPRELU),
                                       threshold=float(e.jumprelu.threshold[0]))
         atomic_write_text(e.member.run_dir / names.EVAL, json.dumps(result, indent=2) + "\n")
-        names.remove_resume_files(e.member.run_dir / "resume")  # complete: the final weights are in checkpoints/
         results[name] = result
     return results
 

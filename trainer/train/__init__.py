@@ -8,11 +8,11 @@
 * ``stop``: SIGTERM and Ctrl-C at a step boundary.
 """
 from .checkpoint import CheckpointError, CheckpointWriteError
-from .loop import Member, StopTraining, Trainer
+from .loop import Diverged, Member, StopTraining, Trainer
 from .schedules import default_warmup, k_schedule, lr_factor
 from .step import SAEStep, StepConfig, estimate_norm, fvu_loss, llama_scope_loss, make_optimizer
 from .stop import Interrupted
 
 __all__ = ["SAEStep", "StepConfig", "make_optimizer", "estimate_norm", "llama_scope_loss", "fvu_loss", "Member",
-           "Trainer", "StopTraining", "Interrupted", "CheckpointError", "CheckpointWriteError", "k_schedule",
+           "Trainer", "StopTraining", "Diverged", "Interrupted", "CheckpointError", "CheckpointWriteError", "k_schedule",
            "lr_factor", "default_warmup"]

@@ -70,6 +70,8 @@ def load_state(path: Path, what: str = "--resume") -> Any:
 
 def describe_os_error(e: OSError) -> str:
     """``file: [Errno 28] No space left on device`` for a write error."""
+    if e.errno == _errno.ELOOP:
+        return f"{e.filename}: it is a symbolic link, and the trainer writes no file through a link (remove it)"
     code = f"[Errno {e.errno}] " if e.errno is not None else ""
     name = f" ({_errno.errorcode[e.errno]})" if e.errno in _errno.errorcode else ""
     return f"{e.filename}: {code}{e.strerror or e}{name}"
@@ -111,3 +113,33 @@ def shard_reader(folder: Path, shards: List[str]) -> Callable[[Tensor], Tensor]:
         return torch.cat(pieces_r)[order]
 
     return read_rows
+
+
+def check_shards(folder: Path, shards: List[str]) -> None:
+    """Every buffer shard a checkpoint names exists and is a safetensors file with its rows: a
+    ``CheckpointError`` naming the file otherwise (before anything is loaded)."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in shards:
+        path = Path(folder) / name
+        if not path.is_file():
+            raise CheckpointError(f"--resume: the checkpoint's buffer shard {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                missing = {"slots", "rows"} - set(f.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"--resume: could not read the buffer shard {path} ({str(e).splitlines()[0][:200]}); "
+                                  "it is truncated or not a checkpoint") from None
+        if missing:
+            raise CheckpointError(f"--resume: the buffer shard {path} has no {', '.join(sorted(missing))}")
+
+
+def check_identity(state: Dict[str, Any], member, path: Path) -> None:
+    """A member's checkpoint is the checkpoint of this member (name, shapes, settings): a
+    ``CheckpointError`` naming the file otherwise, so swapped or foreign files are never loaded."""
+    saved = state.get("identity") or {"name": state.get("name")}
+    want = member.identity
+    for key in ["name"] + sorted((set(saved) | set(want)) - {"name"}):
+        if key in saved and key in want and saved[key] != want[key]:
+            raise CheckpointError(f"--resume: {path} is not a checkpoint of {member.name}: its {key} is "
+                                  f"{saved[key]!r}, expected {want[key]!r}")

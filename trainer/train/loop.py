@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,7 +26,8 @@ from .. import run_folder as names
 from ..run_folder import truncate_metrics
 from ..parallel import ParallelContext
 from .checkpoint import (
-    CheckpointWriteError, describe_os_error, load_state, rng_state, save_state, set_rng_state, shard_reader,
+    CheckpointWriteError, check_identity, check_shards, describe_os_error, load_state, rng_state, save_state,
+    set_rng_state, shard_reader,
 )
 from .step import SAEStep
 from .stop import NAMES as SIGNAL_NAMES, Interrupted, StopSignals
@@ -34,11 +37,17 @@ class StopTraining(Exception):
     """Raised by ``Trainer.fit`` when ``stop_after_steps`` is reached (the run is resumable)."""
 
 
+class Diverged(RuntimeError):
+    """The loss or the weights stopped being finite: the run ends without exporting (the last checkpoint
+    holds finite weights)."""
+
+
 @dataclass
 class Member:
     """One SAE of a run (a suite of one or many): its name, output folder, step and the columns of the
     buffer it reads (``block_in``; ``block_out`` for targets, None when the targets are the inputs).
-    ``extra_state``: JSON-able facts stored in its checkpoints (the dataset norms)."""
+    ``extra_state``: JSON-able facts stored in its checkpoints (the dataset norms). ``identity``: what a
+    checkpoint of it must match to be loaded into it (its name, shapes, K and hook points; more by the caller)."""
 
     name: str
     run_dir: Path
@@ -46,9 +55,14 @@ class Member:
     block_in: int = 0
     block_out: Optional[int] = None
     extra_state: Dict[str, Any] = field(default_factory=dict)
+    identity: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
+        c = self.step.sae.cfg
+        self.identity = {"name": self.name, "d_model": c.d_model, "d_sae": c.d_sae, "k": c.k, "layer": c.layer,
+                         "position": c.position, "hook_point_in": c.hook_point_in, "hook_point_out": c.hook_point_out,
+                         **self.identity}
         self.sums: Dict[str, Tensor] = {}  # metrics summed since the last log line
         self.n_acc = 0
         self.last: Dict[str, Any] = {}  # the last metrics.jsonl record
@@ -131,6 +145,7 @@ class Trainer:
         rank removes this step's files and ends the run on every rank with ``CheckpointWriteError``: one
         line naming the file and the errno; the previous checkpoint is left as it was."""
         ctx, t = self.ctx, self.t
+        self._check_finite_weights()  # the last checkpoint is always one with finite weights
         failed: List[OSError] = []
         written: List[Path] = []
 
@@ -151,7 +166,7 @@ class Trainer:
             sums = {k: m.ctx.data_mean(v).detach().cpu() for k, v in m.sums.items()}  # global means
             if m.ctx.is_main:
                 write(lambda p: save_state({
-                    "version": 2, "step": t, "name": m.name, "sae_cfg": m.step.sae.cfg.to_dict(), "sae": sae_sd,
+                    "version": 2, "step": t, "name": m.name, "identity": m.identity, "sae_cfg": m.step.sae.cfg.to_dict(), "sae": sae_sd,
                     "optimizer": opt_sd, "step_state": m.step.state_dict(), "metric_sums": [sums, m.n_acc],
                     "extra": m.extra_state,
                 }, p), m.state_path(t))
@@ -174,6 +189,49 @@ class Trainer:
                         f.unlink()
         self._agree_written(failed, written)  # (the barrier after)
         self.last_checkpoint = t
+
+    # -- what leaves the loop: metrics lines, and nothing that is not finite
+    def _open_metrics(self, m: "Member") -> int:
+        """``metrics.jsonl`` for appending, unbuffered and never through a symbolic link."""
+        try:
+            return os.open(m.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as e:
+            e.filename = e.filename or str(m.metrics_path)
+            raise CheckpointWriteError(f"could not open {describe_os_error(e)}", e.errno) from None
+
+    def _write_line(self, fd: int, m: "Member", rec: Dict[str, Any]) -> None:
+        data = (json.dumps(rec) + "\n").encode()
+        try:
+            done = 0
+            while done < len(data):
+                done += os.write(fd, data[done:])
+        except OSError as e:  # disk full: one line, not a traceback
+            e.filename = e.filename or str(m.metrics_path)
+            raise CheckpointWriteError(f"step {self.t}: could not write {describe_os_error(e)}; "
+                                       f"{self._intact()}", e.errno) from None
+
+    def _check_finite_metrics(self) -> None:
+        """At each metrics line (the host sync is already paid): a loss that is not finite ends the run."""
+        for m in self.members:
+            loss = m.last.get("loss")
+            if loss is not None and not math.isfinite(loss):
+                self._diverged(m, f"its loss is {loss}")
+
+    def _check_finite_weights(self) -> None:
+        """Before a checkpoint and before the export: every member's weights finite on every rank (one
+        all-reduce of a flag), else ``Diverged``; the previous checkpoint stays the last one."""
+        bad = [m for m in self.members if not all(bool(torch.isfinite(p).all()) for p in m.step.params)]
+        flag = torch.tensor([1 if bad else 0], dtype=torch.int64, device=self.ctx.device)
+        if self.ctx.distributed:
+            flag = self.ctx.world_all_reduce(flag, op="max")
+        if int(flag.item()):
+            self._diverged(bad[0] if bad else None, "its weights are no longer finite")
+
+    def _diverged(self, m: Optional["Member"], what: str) -> None:
+        who = f"{m.name}: {what}" if m is not None else f"a member on another rank: {what}"
+        lr = f" (--lr {m.step.cfg.lr:g})" if m is not None else ""
+        raise Diverged(f"step {self.t}: {who}: the training diverged, most likely a learning rate too high{lr}; "
+                       f"nothing was exported; {self._intact()}. Lower --lr and start again with --overwrite")
 
     def _agree_written(self, failed: List[OSError], written: List[Path]) -> None:
         """All ranks learn whether any rank failed to write its part; if one did, each removes what it
@@ -204,8 +262,10 @@ class Trainer:
         t = int(state["step"])
         if sorted(state["members"]) != sorted(self.member_dirs):
             raise ValueError(f"--resume: the checkpoint trains {state['members']}, this run {sorted(self.member_dirs)}")
+        check_shards(self.state_path.parent, state["shards"])
         for m in self.members:
             ms = load_state(m.state_path(t))
+            check_identity(ms, m, m.state_path(t))
             m.step.load_full_state(ms["sae"], ms["optimizer"])
             m.step.load_state_dict(ms["step_state"])
             sums, n_acc = ms["metric_sums"]
@@ -213,7 +273,7 @@ class Trainer:
             m.sums, m.n_acc = {k: v.to(dev) for k, v in sums.items()}, int(n_acc)
             # metrics.jsonl: keep the lines up to the checkpoint, drop what the killed run wrote after it
             if m.ctx.is_main:
-                truncate_metrics(m.metrics_path, t)
+                m.last = truncate_metrics(m.metrics_path, t) or {}
         self.batches.load_state_dict(state["buffer"], shard_reader(self.state_path.parent, state["shards"]))
         set_rng_state(state["rng"])
         self.t = t
@@ -232,11 +292,11 @@ class Trainer:
         t_log, steps_log = self._t0, 0
         files = {}
         stop = StopSignals(self.ctx).__enter__()  # SIGTERM / Ctrl-C: checkpoint, then Interrupted
-        for m in self.members:
-            if m.ctx.is_main:
-                m.run_dir.mkdir(parents=True, exist_ok=True)
-                files[m.name] = open(m.metrics_path, "a")
         try:
+            for m in self.members:
+                if m.ctx.is_main:
+                    m.run_dir.mkdir(parents=True, exist_ok=True)
+                    files[m.name] = self._open_metrics(m)
             while self.t < self.total_steps:
                 t_wait = time.perf_counter()
                 rows = self.batches.next_batch(self.exchange)
@@ -262,14 +322,9 @@ class Trainer:
                                "tokens_per_s": steps_log * self.batch_size / max(now - t_log, 1e-9)}
                         m.last = rec
                         if m.name in files:
-                            try:
-                                files[m.name].write(json.dumps(rec) + "\n")
-                                files[m.name].flush()
-                            except OSError as e:  # disk full: one line, not a traceback
-                                e.filename = e.filename or str(m.metrics_path)
-                                raise CheckpointWriteError(f"step {self.t}: could not write {describe_os_error(e)}; "
-                                                           f"{self._intact()}", e.errno) from None
+                            self._write_line(files[m.name], m, rec)
                         m.sums, m.n_acc = {}, 0
+                    self._check_finite_metrics()
                     if self.members:
                         rec = self.members[0].last
                         bar.set_postfix(loss=f"{rec['loss']:.4g}", ev=f"{rec['explained_variance']:.3f}",
@@ -284,10 +339,15 @@ class Trainer:
                 signum = stop.poll()  # every step on every rank (under torchrun: the job's agreed answer)
                 if signum is not None and self.t < self.total_steps:
                     self._interrupt(signum, stop)
+            # the end of training is a checkpoint too: a run killed in its export, evaluation or report
+            # resumes there and finishes what is left (and nothing non-finite is exported)
+            self._check_finite_weights()
+            if self.checkpoint_every and self.last_checkpoint != self.t:
+                self.save_checkpoint()
         finally:
             bar.close()
-            for f in files.values():
-                f.close()
+            for fd in files.values():
+                os.close(fd)  # unbuffered: nothing left to flush, so closing cannot fail on a full disk
             stop.__exit__(*sys.exc_info())
         self.elapsed += time.perf_counter() - self._t0
         return {m.name: m.last for m in self.members}
