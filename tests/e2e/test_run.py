@@ -114,14 +114,67 @@ def test_overwrite_guard_and_resume_checks(tiny, tmp_path, capsys):
     assert main(small(model, out)) == 2
     err = capsys.readouterr().err
     assert "--overwrite" in err and "L1R-8x" in err
-    assert main(small(model, out, "--resume")) == 2  # finished: nothing to resume
-    assert "--resume" in capsys.readouterr().err
+    assert main(small(model, out, "--resume")) == 0  # finished: nothing to resume, and it says so
+    err = capsys.readouterr().err
+    assert f"--resume: the run in {out} is finished" in err and "nothing to resume" in err, err
     assert main(small(model, out, "--overwrite")) == 0
     # an interrupted run resumes only with the same flags
     assert main(small(model, out, "--overwrite", "--stop-after-steps", "3")) == 0
     assert main(small(model, out, "--resume", "--lr", "1e-2")) == 2
     assert "--lr" in capsys.readouterr().err
     assert main(small(model, out, "--resume")) == 0
+
+
+def test_resume_refuses_another_seed(tiny, tmp_path, capsys):
+    """The seed sets the init, the data order and the buffer's shuffles: --resume with another --seed would
+    finish a run that no command describes. Refused (exit 2) naming --seed; the checkpoint stays as it was."""
+    model, _ = tiny
+    out = tmp_path / "runs"
+    assert main(small(model, out, "--checkpoint-every", "2", "--stop-after-steps", "3")) == 0
+    state = out / "resume" / "state.pt"
+    before = state.read_bytes()
+    capsys.readouterr()
+    assert main(small(model, out, "--checkpoint-every", "2", "--resume", "--seed", "7")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume") and "--seed 42 -> 7" in err, err
+    assert state.read_bytes() == before
+    assert sorted(p.name for p in (out / "L1R-8x" / "resume").iterdir()) == ["step3.pt"]
+
+
+@pytest.mark.parametrize("item", ["L1RX", "L3RX", "L1R8", "L1TCX"])
+def test_a_hookpoint_with_trailing_characters_is_refused(tiny, item, capsys, monkeypatch):
+    """``L1RX`` is not ``L1R``: exit status 2 naming --hookpoints and the item, before the model loads."""
+    import trainer.run as R
+
+    def no_load(*a, **k):
+        raise AssertionError(f"--hookpoints {item} was accepted: the model was loaded")
+
+    monkeypatch.setattr(R, "load_model", no_load)
+    argv = small(tiny[0], tiny[1] / "trailing", "--hookpoints", item)
+    argv.remove("--layer"), argv.remove("1")  # every other flag valid: only the hook point can be refused
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --hookpoints") and repr(item) in err, err
+
+
+def test_an_exported_sae_without_eval_json_is_not_overwritten(tiny, tmp_path, capsys):
+    """A member folder holding an exported SAE (hyperparams.json + checkpoints/final.safetensors) but no
+    eval.json (evaluation never ran, or was deleted) is a run: refused without --overwrite, untouched."""
+    model, _ = tiny
+    out = tmp_path / "runs"
+    folder = out / "L1R-8x"
+    files = {"hyperparams.json": b'{"d_model": 32, "d_sae": 256}\n',
+             "checkpoints/final.safetensors": b"weights that took a week",
+             "lm_config.json": b"{}\n", "notes.txt": b"mine"}
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    assert main(small(model, out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output") and "--overwrite" in err and str(folder) in err, err
+    assert "hyperparams.json" in err
+    assert {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == files
+    assert sorted(p.name for p in out.iterdir()) == ["L1R-8x"]  # nothing started: no resume/, no lock left
 
 
 def test_embedded_default_model_end_to_end(tmp_path):

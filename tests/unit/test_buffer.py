@@ -176,6 +176,28 @@ def test_first_rows_are_the_stream_prefix():
         assert n == 32 and x1[:, 0].tolist() == list(range(32))  # at most the buffer
 
 
+def test_first_rows_of_a_dataset_shorter_than_asked_are_what_it_holds():
+    """A dataset of 13 rows, 20 asked (buffer of 32): 13 rows, counted as 13, and the dataset norm is the
+    mean over exactly those rows (an overstated count would divide by 20 or average unwritten slots)."""
+    from trainer.config import MemberSpec
+    from trainer.members import Columns, dataset_norms
+    from trainer.parallel import ParallelContext
+
+    buf = ActivationBuffer(CountingSource(13, d=4), capacity=32, batch_size=8, width=4, seed=0)
+    with buf:
+        x, n = buf.first_rows(20)
+        assert n == 13 and x[:, 0].tolist() == list(range(13))
+        x, n = buf.first_rows(5)  # still the prefix when fewer than the data are asked
+        assert n == 5 and x[:, 0].tolist() == list(range(5))
+    spec = MemberSpec(1, "R", 8)
+    buf = ActivationBuffer(CountingSource(13, d=4), capacity=32, batch_size=8, width=4, seed=0)
+    with buf:
+        norms, mu, n = dataset_norms(buf, ParallelContext(), Columns([spec.site]), [spec], 20, d_model=4)
+    want = sum(2.0 * j for j in range(13)) / 13  # row j is j in each of 4 columns: norm 2j
+    assert n == 13 and norms[spec.name] == {"in": want, "out": want, "tokens": 13}
+    assert mu == {"blocks.1.hook_resid_post": want}
+
+
 def test_short_source_is_drained():
     buf = ActivationBuffer(CountingSource(13), capacity=32, batch_size=8, width=4)
     with buf:
