@@ -6,13 +6,15 @@ The autograd Functions only save tensors and call the primitives of the chosen b
 Two routes reach the same Functions:
 
 * the public ops validate everything a user can get wrong: shapes, dtypes, devices, k, and (one host
-  sync each, on by default) non-finite inputs, negative decoder norms and out-of-range indices.
-  Indices that ``topk_encode`` returned are in range by construction, so ``sparse_decode`` trusts
-  exactly those tensors (unmodified since: their version counter is checked) and checks any other;
-  there is no way to skip the check for indices of unknown origin.
+  sync each) non-finite inputs (on by default), negative decoder norms and out-of-range indices.
+  ``sparse_decode`` range-checks every call, including indices that ``topk_encode`` returned: those
+  are in range when returned, but writes through ``.data``, a ``.numpy()`` view or a
+  ``torch.from_numpy`` round trip change them without moving their version counter, so nothing
+  cheaper proves them unmodified. There is no way to skip the check.
 * ``encode_for_training`` / ``decode_for_training``: the trainer's hot loop. No host sync at all:
   inputs may hold NaN (the documented NaN semantics apply and every index stays in range), and
-  ``decode_for_training`` accepts only indices an encode produced (anything else is a ValueError).
+  ``decode_for_training`` accepts only indices an encode produced, unmodified (anything else, as far
+  as the version counter tells, is a ValueError; see its docstring for what it cannot tell).
   Both take an optional compute copy of the weights (bf16 copies of fp32 masters, kept current by
   ``sae_kernels.optim.SAEAdam``): the math reads the copy, the gradients are written in the
   masters' dtype directly (no bf16 gradient, no cast of the weights in the step).
@@ -54,7 +56,10 @@ def _trust(indices: Tensor, n: int) -> None:
 
 
 def _trusted(indices: Tensor, n: int) -> bool:
-    """True for a tensor an encode returned, unmodified since, selected from at most ``n`` latents."""
+    """True for a tensor an encode returned, selected from at most ``n`` latents, whose version counter
+    has not moved since. Writes that bypass the counter (``.data``, ``.numpy()`` views, tensors sharing
+    the memory through ``torch.from_numpy`` / DLPack) are not seen: only ``decode_for_training``, the
+    trainer's internal route, relies on this; the public ``sparse_decode`` range-checks every call."""
     entry = _TRUSTED.get(id(indices))
     return (entry is not None and entry[0]() is indices and not indices.is_inference()
             and entry[1] == indices._version and entry[2] <= n)
@@ -266,10 +271,10 @@ def sparse_decode(
     Args:
         values: ``[..., k]`` latent values. indices: ``[..., k]`` int64 latent ids in ``[0, d_sae)``.
         W_dec: ``[d_sae, d_model]`` decoder, latent-major. b_dec: ``[d_model]`` or None.
-        check_indices: kept for compatibility; there is no unchecked path. Indices exactly as
-            ``topk_encode`` returned them (same tensor, not modified since) are in range by
-            construction and never re-checked; any other indices are range-checked (one host sync)
-            and out-of-range ids raise a ValueError.
+        check_indices: kept for compatibility; there is no unchecked path. Every call range-checks
+            ``indices`` (one host sync) and out-of-range ids raise a ValueError on both backends,
+            also for indices that ``topk_encode`` returned: writes through ``.data`` or a NumPy view
+            change them without moving the version counter, so their origin proves nothing.
 
     Returns ``[..., d_model]`` in ``W_dec.dtype``; differentiable w.r.t. values, W_dec and b_dec.
     Repeated indices within a row add up.
@@ -277,10 +282,21 @@ def sparse_decode(
     n, d, k = _decode_args(values, indices, W_dec, b_dec)
     lead = values.shape[:-1]
     idx2 = indices.reshape(-1, k).long()
-    if not _trusted(indices, n):
-        _check_index_range(idx2, n)
+    _check_index_range(idx2, n)  # every call: see check_indices above
     b = b_dec.to(W_dec.dtype) if b_dec is not None else None
     out = _SparseDecode.apply(values.reshape(-1, k).contiguous(), idx2.contiguous(), W_dec, b, W_dec)
+    return out.reshape(*lead, d)
+
+
+def decode_selected(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Optional[Tensor] = None) -> Tensor:
+    """``sparse_decode`` of indices the caller selected itself, from ``W_dec``'s rows, and never let out of
+    its hands (``TopKSAE.forward``): in range by construction, so no range check and no host sync.
+    Shapes, dtypes and devices are checked as ``sparse_decode`` checks them."""
+    n, d, k = _decode_args(values, indices, W_dec, b_dec)
+    lead = values.shape[:-1]
+    b = b_dec.to(W_dec.dtype) if b_dec is not None else None
+    out = _SparseDecode.apply(values.reshape(-1, k).contiguous(), indices.reshape(-1, k).long().contiguous(), W_dec, b,
+                              W_dec)
     return out.reshape(*lead, d)
 
 
@@ -361,8 +377,12 @@ def decode_for_training(
     out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """``sparse_decode`` for a training loop: no host sync. ``indices`` must be a tensor an encode
-    returned (``topk_encode``, ``encode_for_training`` or ``EncodeScores.select``), unmodified since:
-    anything else is a ValueError, so no unchecked index reaches a kernel. ``compute``: the copy of
+    returned (``topk_encode``, ``encode_for_training`` or ``EncodeScores.select``), passed on
+    unmodified: another tensor, or one modified in place (its version counter moved), is a
+    ValueError. Writes that bypass the version counter (``.data``, ``.numpy()`` views, memory shared
+    through ``torch.from_numpy``) cannot be seen without a host sync: the caller must not make them
+    (an out-of-range id would then be dropped by the Triton kernels, and fail in ``embedding_bag``
+    with a RuntimeError on the PyTorch path); ``sparse_decode`` checks every call. ``compute``: the copy of
     ``W_dec`` the math reads (gradients still go to ``W_dec`` in its dtype). ``out_dtype``: the
     reconstruction's dtype (default the compute copy's): fp32 from a bf16 copy keeps the fp32 sum,
     so partial sums of latent shards add up to what one process computes."""

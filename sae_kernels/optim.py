@@ -26,9 +26,11 @@ copy and the row sums of squares once. Elsewhere (CPU) it is torch's Adam (``for
 the same bookkeeping with torch ops. The state layout and ``state_dict`` are torch.optim.Adam's, so
 checkpoints load in either.
 
-Copies and norms are also refreshed whenever a tracked parameter was modified outside the step
-(``load_state_dict``, in-place edits: the tensor's version counter moved), so they can never be
-stale; ``refresh()`` forces it.
+Copies and norms are also refreshed whenever a tracked parameter was modified outside the step: an
+in-place edit or ``load_state_dict`` (the tensor's version counter moved) or new storage (``p.data = t``,
+``.to()``: its address changed; the old storage is kept alive until then, so the address cannot be
+reused). In-place writes that bypass the version counter (through ``p.data``, or a NumPy view) cannot
+be seen: call ``refresh()`` after them.
 """
 from __future__ import annotations
 
@@ -45,13 +47,16 @@ HOLD, RESET = 1, 2  # row flags (see the module docstring)
 
 
 class _Tracked:
-    __slots__ = ("copy", "norms", "version", "ptr")
+    __slots__ = ("copy", "norms", "version", "ptr", "storage")
 
     def __init__(self) -> None:
         self.copy: Optional[Tensor] = None
         self.norms: Optional[Tensor] = None
         self.version = -1
         self.ptr = -1
+        # the storage the copies were made from, kept alive: a parameter given new storage (``p.data = t``,
+        # a ``.to()`` round trip) can then never land at the old address and pass for unchanged
+        self.storage = None
 
 
 class SAEAdam(torch.optim.Adam):
@@ -95,7 +100,7 @@ class SAEAdam(torch.optim.Adam):
             t.copy.copy_(param)
         if t.norms is not None:
             torch.linalg.vector_norm(param.float(), dim=1, out=t.norms)
-        t.version, t.ptr = param._version, param.data_ptr()
+        t.version, t.ptr, t.storage = param._version, param.data_ptr(), param.untyped_storage()
 
     def compute_copy(self, param: Tensor) -> Tensor:
         """The tracked low-precision copy of ``param`` (``param`` itself when none is kept)."""

@@ -27,7 +27,7 @@ from . import formats, saebench
 from ._validate import as_int, check_finite, check_k, check_tensor
 from .config import DTYPES, SAEConfig
 from .fold import fold_dataset_norm, fold_decoder_norm, folded as folded_state
-from .ops import sparse_decode, topk_encode
+from .ops import decode_selected, sparse_decode, topk_encode
 
 PathLike = Union[str, "os.PathLike[str]"]  # noqa: F821
 
@@ -197,7 +197,8 @@ class TopKSAE(nn.Module):
         """Reconstruction of raw ``x [..., d_model]`` in raw units, in ``x``'s dtype and shape (a hook_z
         SAE given ``[..., n_heads, d_head]`` returns that shape)."""
         values, indices = self.encode_sparse(x, k)
-        out = self.decode_sparse(values, indices, check_indices=False).to(x.dtype)
+        out = decode_selected(values, indices, self.W_dec, self.b_dec)  # just selected: no range check, no sync
+        out = (out / self.cfg.norm_out if self.cfg.norm_out != 1.0 else out).to(x.dtype)
         return out.reshape(x.shape) if out.shape != x.shape else out
 
     # ------------------------------------------------------------------ state and folding (docs/method.md sec. 3 and 5)

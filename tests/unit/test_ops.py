@@ -228,7 +228,8 @@ def test_negative_decoder_norms_are_rejected_or_safe(backend):
 def test_sparse_decode_has_no_unchecked_path(backend):
     """check_indices=False no longer skips the range check for indices of unknown origin (an id of
     2^40 crashed the process on the Triton path); indices straight from topk_encode are trusted
-    without a host sync, and lose that trust once modified in place."""
+    (``_trusted``: what ``decode_for_training`` takes) and lose that trust once modified in place;
+    the public ``sparse_decode`` range-checks them either way (see the test below)."""
     g = torch.Generator().manual_seed(2)
     W, b = torch.randn(64, 20, generator=g).to(DEVICE), torch.randn(20, generator=g).to(DEVICE)
     v = torch.randn(4, 3, generator=g).to(DEVICE)
@@ -247,6 +248,46 @@ def test_sparse_decode_has_no_unchecked_path(backend):
     assert not _trusted(idx, 64)
     with pytest.raises(ValueError, match="indices: expected values in"):
         sparse_decode(values, idx, W, b)
+
+
+def _edit_data(idx, i, value):
+    idx.data[0, i] = value
+
+
+def _edit_numpy(idx, i, value):
+    idx.numpy()[0, i] = value
+
+
+def _edit_from_numpy(idx, i, value):
+    torch.from_numpy(idx.numpy())[0, i] = value
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("edit", [_edit_data, _edit_numpy, _edit_from_numpy], ids=["data", "numpy", "from_numpy"])
+def test_sparse_decode_checks_encoded_indices_edited_past_the_version_counter(backend, edit):
+    """Writes through ``.data``, a ``.numpy()`` view or a ``torch.from_numpy`` round trip change the
+    indices ``topk_encode`` returned without moving their version counter: such tensors still look
+    trusted, but the public ``sparse_decode`` range-checks them anyway and raises its ValueError on
+    both backends (the Triton path silently dropped the id; the PyTorch path must not fail in
+    embedding_bag with another error)."""
+    g = torch.Generator().manual_seed(21)
+    W, b = torch.randn(64, 20, generator=g).to(DEVICE), torch.randn(20, generator=g).to(DEVICE)
+    x = torch.randn(4, 20, generator=g).to(DEVICE)
+    if edit is not _edit_data and DEVICE != "cpu":
+        pytest.skip("numpy views are of CPU tensors")
+    for i, bad in ((0, 10 ** 6), (2, 64), (1, -1)):
+        values, idx = topk_encode(x, W, b.new_zeros(64), 3)
+        want = sparse_decode(values, idx, W, b)  # trusted, in range: decodes
+        version = idx._version
+        edit(idx, i, bad)
+        assert int(idx[0, i]) == bad and idx._version == version  # the counter did not see the write
+        with pytest.raises(ValueError, match=r"indices: expected values in \[0, 64\)"):
+            sparse_decode(values, idx, W, b)
+        edit(idx, i, 5)  # in range again: decodes, with latent 5 at that slot
+        fixed = torch.zeros(4, 64, dtype=torch.float64).scatter_add(1, idx.cpu(), values.detach().double().cpu())
+        out = sparse_decode(values, idx, W, b)
+        assert_close(out, fixed @ W.double().cpu() + b.double().cpu(), 1e-5, "x_hat after an in-range edit")
+        assert want.shape == out.shape
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)

@@ -541,6 +541,50 @@ def test_select_from_pre_matches_a_masked_encode(dtype):
     assert bool((v.cpu()[~allowed[i.cpu()]] == 0).all()), "a disallowed latent kept a value"
 
 
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_two_pass_encode_in_several_slabs_keeps_all_or_no_pre_activations(backend, monkeypatch):
+    """The two-pass encode in row slabs (TWO_PASS_MAX_BYTES made small: 11 rows in slabs of 4, 4, 3)
+    returns the same selection as in one slab, and with ``return_pre`` either None or the
+    pre-activations of every row (never the last slab's alone); in one slab, all of them. AuxK's
+    second selection from what ``encode_for_training(..., keep_pre=True)`` kept then equals a fresh
+    encode whose disallowed latents are pushed to zero, values and gradients."""
+    from sae_kernels.ops import encode_for_training
+
+    n_tokens, d_model, d_sae = 11, 24, 90
+    x, W, b, norm = _encode_inputs(71, n_tokens, d_model, d_sae, torch.float32, True)
+    monkeypatch.setattr(triton_ops, "ENCODE_METHOD", "two_pass")
+    pre64 = x.double().cpu() @ W.double().cpu().T + b.double().cpu()
+    v1, i1, pre1 = triton_ops.encode_select(x, W, b, 5, norm, return_pre=True)  # one slab
+    assert pre1 is not None and pre1.shape == (n_tokens, d_sae), "one slab: the pre-activations of every row"
+    _assert_close(pre1, pre64, torch.float32, "pre-activations, one slab")
+    monkeypatch.setattr(triton_ops, "TWO_PASS_MAX_BYTES", 4 * d_sae * 4)  # 4 fp32 rows per slab
+    v3, i3, pre3 = triton_ops.encode_select(x, W, b, 5, norm, return_pre=True)
+    assert torch.equal(i3, i1) and torch.equal(v3, v1), "the slabs select as one slab does"
+    if pre3 is not None:
+        assert pre3.shape == (n_tokens, d_sae), f"pre-activations of {list(pre3.shape)}, expected every row"
+        _assert_close(pre3, pre64, torch.float32, "pre-activations, several slabs")
+    # AuxK's route: the kept scores (whatever the slabs kept), then a second selection among allowed latents
+    Wg, bg = W.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    allowed = (torch.rand(d_sae, generator=_gen(72)) < 0.4).to(DEVICE)
+    _, _, scores = encode_for_training(x, Wg, bg, 5, norm, keep_pre=True)
+    assert scores.pre is None or scores.pre.shape == (n_tokens, d_sae), "EncodeScores kept part of the rows"
+    va, ia = scores.select(9, allowed)
+    assert va.shape == ia.shape == (n_tokens, 9)
+    grad = _randn(n_tokens, 9, g=_gen(73))
+    ga = torch.autograd.grad((va * grad).sum(), (Wg, bg))
+    vb, ib = triton_ops.encode_select(x, W, b + torch.where(allowed, 0.0, -1e30), 9, norm)
+    for r in range(n_tokens):  # the latents with a positive value agree; zero-valued slots may differ
+        a, b_ = ia[r][va[r] > 0].sort().values, ib[r][vb[r] > 0].sort().values
+        assert torch.equal(a, b_), (r, a.tolist(), b_.tolist())
+    assert bool(allowed[ia[va > 0]].all()), "a disallowed latent has a positive value"
+    _assert_close(torch.sort(va.detach(), 1).values, torch.sort(vb, 1).values.double(), torch.float32, "AuxK values")
+    # gradients of the selected (positive) values: relu(pre) at (row, latent) has d/dW = x_row, d/db = 1
+    coef = torch.zeros(n_tokens, d_sae, dtype=torch.float64)
+    coef.scatter_add_(1, ia.cpu(), torch.where(va.detach().cpu() > 0, grad.double().cpu(), 0.0))
+    _assert_close(ga[0], coef.T @ x.double().cpu(), torch.float32, "AuxK dW_enc")
+    _assert_close(ga[1], coef.sum(0), torch.float32, "AuxK db_enc")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_dense_switch_matches_float64(dtype, monkeypatch):
     """Above the crossover k the decode, d(values) and the backward reductions are dense GEMMs on a
@@ -590,11 +634,16 @@ def test_out_of_range_ids_read_nothing():
     assert bool(torch.isfinite(dots).all()) and bool((dots[~ok] == 0).all())
 
 
+@pytest.mark.parametrize("restart", [False, True], ids=["no-flags", "flags-row-bc"])
 @pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16], ids=["fp32-moments", "bf16-moments"])
 @pytest.mark.parametrize("shape", [(11, 123), (1000,), (5,)], ids=["2d", "1d", "tiny"])
-def test_adam_kernel_matches_float64(shape, moments):
+def test_adam_kernel_matches_float64(shape, moments, restart):
     """Three fused Adam steps with a gradient factor against torch's Adam formulas in float64; the
-    bf16 compute copy equals the new fp32 parameter rounded; the row sums of squares are exact."""
+    bf16 compute copy equals the new fp32 parameter rounded; the row sums of squares are exact.
+    ``flags-row-bc``: with what the trainer's default recipe passes on every step, row flags (HOLD,
+    RESET: FLAGS 1 per row of a 2-D parameter, 2 per element of a 1-D one) and per-row bias
+    corrections counted from each row's reset (ROW_BC), and eps = 0.1, large against
+    sqrt(v) / sqrt(1 - beta2**n): the order of that correction and eps changes the update severalfold."""
     g = _gen(len(shape) * 10 + shape[0])
     p = torch.randn(*shape, generator=g).to(DEVICE)
     m = torch.zeros(*shape, dtype=moments, device=DEVICE)
@@ -604,15 +653,36 @@ def test_adam_kernel_matches_float64(shape, moments):
     sumsq = torch.empty(rows, device=DEVICE)
     p64, m64, v64 = p.double().cpu(), torch.zeros(*shape, dtype=torch.float64), torch.zeros(*shape, dtype=torch.float64)
     lr, b1, b2, eps = 1e-2, 0.9, 0.9999, 1e-8
+    if restart:
+        b2, eps = 0.999, 0.1
+    lead = (-1,) + (1,) * (len(shape) - 1)  # a flag / correction per row (2-D) or per element (1-D)
+    step0 = torch.zeros(shape[0], dtype=torch.float64)  # the step count at each row's last reset
     for t in range(1, 4):
         grad = torch.randn(*shape, generator=g).to(DEVICE)
         scale = torch.tensor(0.37 if t != 2 else 1.0, device=DEVICE)
+        kw = {}
+        reset = hold = torch.zeros(shape[0], dtype=torch.bool)
+        n = torch.full((shape[0],), float(t), dtype=torch.float64)
+        if restart:
+            if t > 1:
+                reset = torch.rand(shape[0], generator=g) < 0.4
+                hold = torch.rand(shape[0], generator=g) < 0.3
+                reset[0], hold[0] = True, False  # at least one restarted row that steps
+            flags = reset.to(torch.uint8) * 2 | hold.to(torch.uint8) * 1
+            step0 = torch.where(reset, float(t - 1), step0)
+            n = t - step0
+            kw = dict(flags=flags.to(DEVICE), row_step_size=(lr / (1 - b1 ** n)).float().to(DEVICE),
+                      row_bc2_sqrt=(1 - b2 ** n).sqrt().float().to(DEVICE))
         triton_ops.adam_step(p, grad, m, v, beta1=b1, beta2=b2, eps=eps, step_size=lr / (1 - b1 ** t),
-                             bc2_sqrt=(1 - b2 ** t) ** 0.5, scale=scale, copy=copy, row_sumsq=sumsq)
+                             bc2_sqrt=(1 - b2 ** t) ** 0.5, scale=scale, copy=copy, row_sumsq=sumsq, **kw)
         g64 = grad.double().cpu() * float(scale)
+        m64 = torch.where(reset.view(lead), 0.0, m64)
+        v64 = torch.where(reset.view(lead), 0.0, v64)
         m64 = b1 * m64 + (1 - b1) * g64
         v64 = b2 * v64 + (1 - b2) * g64 * g64
-        p64 = p64 - lr / (1 - b1 ** t) * m64 / (v64.sqrt() / (1 - b2 ** t) ** 0.5 + eps)
+        nb = n.view(lead)
+        upd = lr / (1 - b1 ** nb) * m64 / (v64.sqrt() / (1 - b2 ** nb) ** 0.5 + eps)
+        p64 = torch.where(hold.view(lead), p64, p64 - upd)
         if moments == torch.bfloat16:  # the reference rounds its moments as the kernel stores them
             m64, v64 = m64.to(torch.bfloat16).double(), v64.to(torch.bfloat16).double()
     tol = torch.float32 if moments == torch.float32 else torch.bfloat16
