@@ -169,13 +169,19 @@ class TrainConfig:
                          "(same flags; any number of processes and --tp).", default=False)
     checkpoint_every: Optional[int] = _help("Steps between resumable checkpoints (0: none).", default=None)
     log_every: Optional[int] = _help("Steps between metrics.jsonl lines (each costs one host sync).", default=None)
-    progress: bool = _help("Show the tqdm progress bar.", default=True)
+    progress: bool = _help("Show progress bars (loading, the first buffer fill, training, evaluation).", default=True)
+    wandb: bool = _help("Also log the metrics to Weights & Biases: one run per suite, keys <member>/<metric> "
+                        "(WANDB_MODE=offline needs no network; needs the wandb package).", default=False)
+    wandb_project: str = _help("The Weights & Biases project (with --wandb).", default="sae-kernels")
+    tensorboard: bool = _help("Also write TensorBoard event files to <output>/tensorboard (needs the tensorboard "
+                              "package).", default=False)
     stop_after_steps: Optional[int] = _help(
         "Stop (as if killed) after this many steps, right after writing a checkpoint: for testing --resume.",
         default=None)
 
     # Fields that may differ between a run and its --resume.
-    RUNTIME_FIELDS = ("resume", "overwrite", "progress", "stop_after_steps", "device", "tp", "dist_timeout")
+    RUNTIME_FIELDS = ("resume", "overwrite", "progress", "stop_after_steps", "device", "tp", "dist_timeout", "wandb",
+                      "wandb_project", "tensorboard")
 
     def __post_init__(self) -> None:
         def pos_int(name: str, allow_none: bool = True, allow_zero: bool = False) -> None:

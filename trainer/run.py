@@ -59,6 +59,7 @@ from .preflight import (
 )
 from .report import finish, suite_record
 from .run_folder import RunFinished, check_run_dirs, create_run_dirs, locked_run_folders
+from .track import Trackers, open_trackers
 from .train import CheckpointWriteError, Diverged, Interrupted, Member, StopTraining, Trainer
 from .train.checkpoint import describe_os_error, load_state
 
@@ -106,6 +107,7 @@ class Job:
     placement: List[List[int]]
     exchange: RowExchange
     buffer_bytes: int
+    trackers: Trackers
 
     def calibration(self) -> ActivationSource:
         """A fresh pass over the training stream in fp32 (the JumpReLU thresholds), replaying the run's
@@ -134,7 +136,6 @@ def setup(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSt
         ctx.check_width(m.expansion * d)
     out = Path(cfg.output)
     stack.enter_context(locked_run_folders(out, [out / m.name for m in specs], ctx, log))  # one run at a time
-    moved_from = check_run_dirs(cfg, specs)  # read-only: every rank checks, then rank 0 creates
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     docs = load_documents(cfg.dataset, split=cfg.split, text_column=cfg.text_column,
@@ -148,6 +149,7 @@ def setup(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSt
                      batch_size=cfg.batch_size, bf16=bf16, device=device,
                      model_bytes=model_weight_bytes(cfg.model, 2 if bf16 else 4), buffer_bytes=buffer_bytes,
                      buffer_device=buf_device, sharing=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    moved_from = check_run_dirs(cfg, specs)  # after the inputs' checks; read-only: every rank checks, rank 0 creates
 
     log(f"loading model {cfg.model!r} ...")
     lm = load_model(cfg.model, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -164,8 +166,11 @@ def setup(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSt
     data = ContextData(docs, lm.tokenizer, cfg.context_len, cfg.lm_batch_size, eval_every=cfg.eval_every,
                        eval_contexts=max(1, math.ceil(cfg.eval_tokens / cfg.context_len)), seed=cfg.seed,
                        use_bos=cfg.use_bos)
+    trackers = Trackers()
     if ctx.is_main:
         create_run_dirs(cfg, specs, d, moved_from, log)
+        trackers = open_trackers(cfg, out, [m.name for m in specs], log)
+        stack.callback(trackers.close)
     ctx.barrier()
     source = ActivationSource(lm, data, columns.hooks, store_dtype=store_dtype,
                               cache_max_bytes=int(cfg.cache_activations_gb * 2**30), rank=ctx.rank, world=ctx.world_size)
@@ -181,7 +186,7 @@ def setup(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSt
             f"{m.name} on group{'s' if len(g) > 1 else ''} {','.join(map(str, g))}" for m, g in zip(specs[:8], placement))
             + (" ..." if len(specs) > 8 else "") + (f"; {idle} group(s) only produce activations" if idle else ""))
     return Job(cfg, ctx, device, specs, d, out, log, lm, data, columns, source, buffer, placement, exchange,
-               buffer_bytes)
+               buffer_bytes, trackers)
 
 
 def make_members(job: Job):
@@ -208,7 +213,7 @@ def fit(job: Job, members: List[Member], norms, state, clock: "Clock") -> Traine
                       exchange=job.exchange, ctx=job.ctx, member_dirs={m.name: job.out / m.name for m in job.specs},
                       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                       stop_after_steps=cfg.stop_after_steps, progress=cfg.progress,
-                      extra_state={"norms": norms}, log=job.log)
+                      extra_state={"norms": norms}, log=job.log, on_log=job.trackers.log)
     if state is not None:
         trainer.load_checkpoint(state)
     clock.mark("fit")
@@ -257,6 +262,7 @@ def report(job: Job, trainer: Trainer, members: List[Member], results: Dict[str,
                          buffer_bytes=job.buffer_bytes, seconds=clock.phases(trainer, "wall"),
                          cpu_seconds=clock.phases(trainer, "cpu"))
     finish(suite, ordered, job.log)
+    job.trackers.summary(ordered)
     return {"members": ordered, "suite": suite}
 
 

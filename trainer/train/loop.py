@@ -117,6 +117,7 @@ class Trainer:
         progress: bool = True,
         extra_state: Optional[Dict[str, Any]] = None,
         log: Callable[[str], None] = print,
+        on_log: Optional[Callable[[int, Dict[str, Dict[str, Any]]], None]] = None,
     ) -> None:
         self.members, self.batches, self.exchange = list(members), batches, exchange
         self.ctx = ctx if ctx is not None else ParallelContext()
@@ -128,6 +129,7 @@ class Trainer:
         self.progress = progress and self.ctx.is_main
         self.extra_state = dict(extra_state or {})
         self.log = log
+        self.on_log = on_log  # called on global rank 0 at each metrics line: (step, {member: its record})
         self.t = 0  # steps done
         self.elapsed = 0.0  # training seconds before this process (resume)
         self.wait_seconds = 0.0  # time in next_batch: waiting for rows (LM) and moving them
@@ -209,6 +211,15 @@ class Trainer:
             e.filename = e.filename or str(m.metrics_path)
             raise CheckpointWriteError(f"step {self.t}: could not write {describe_os_error(e)}; "
                                        f"{self._intact()}", e.errno) from None
+
+    def _report_lines(self) -> None:
+        """Every member's last record to global rank 0's ``on_log`` (one object gather under torchrun)."""
+        recs = {m.name: m.last for m in self.members if m.ctx.is_main}
+        if self.ctx.distributed:
+            gathered = self.ctx.gather_object(recs)
+            recs = {k: v for part in (gathered or []) for k, v in part.items()}
+        if self.ctx.is_main and self.on_log is not None:
+            self.on_log(self.t, {name: recs[name] for name in self.member_dirs if name in recs})
 
     def _check_finite_metrics(self) -> None:
         """At each metrics line (the host sync is already paid): a loss that is not finite ends the run."""
@@ -325,6 +336,8 @@ class Trainer:
                             self._write_line(files[m.name], m, rec)
                         m.sums, m.n_acc = {}, 0
                     self._check_finite_metrics()
+                    if self.on_log is not None or self.ctx.distributed:
+                        self._report_lines()
                     if self.members:
                         rec = self.members[0].last
                         bar.set_postfix(loss=f"{rec['loss']:.4g}", ev=f"{rec['explained_variance']:.3f}",
