@@ -50,12 +50,13 @@ class Columns:
 
 
 def dataset_norms(buffer: ActivationBuffer, ctx: ParallelContext, columns: Columns, specs: Sequence[MemberSpec],
-                  n_tokens: int, d_model: int) -> Tuple[Dict[str, Dict[str, float]], Dict[str, float], int]:
+                  n_tokens: int, d_model: int, progress: bool = False
+                  ) -> Tuple[Dict[str, Dict[str, float]], Dict[str, float], int]:
     """``({member: {"in": mu_in, "out": mu_out, "tokens": n}}, {hook: mu}, n)``: ``mu = mean_t ||x_t||`` over the first
     ``n_tokens`` non-special tokens of the run's one stream of contexts (summed over the ranks that made
     them: the same tokens as one process). Closes the buffer on failure."""
     try:
-        rows, n = buffer.first_rows(n_tokens)
+        rows, n = buffer.first_rows(n_tokens, progress=progress and ctx.is_main)
     except ProducerError:
         buffer.close()
         raise

@@ -84,7 +84,8 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
         job.source.cache = None  # the replayed activations: not needed any more
         results = evaluate_members(job.cfg, exported, job.lm, job.data.eval, job.source.special_ids,
                                    d_model=job.d_model, lm_tokens=job.source.lm_tokens, suite_members=len(job.specs),
-                                   seconds=lambda e: clock.member_seconds(trainer, e.member), log=job.log)
+                                   seconds=lambda e: clock.member_seconds(trainer, e.member), log=job.log,
+                                   progress=job.cfg.progress and job.ctx.is_main)
         return report(job, trainer, members, results, clock)
 
 
@@ -198,7 +199,8 @@ def make_members(job: Job):
         norms = state["extra"]["norms"]
         log(f"resuming at step {state['step']} (checkpoint of {state['world_size']} rank(s), tp {state['tp']})")
     else:
-        norms, mu, n = dataset_norms(job.buffer, job.ctx, job.columns, job.specs, cfg.norm_tokens, job.d_model)
+        norms, mu, n = dataset_norms(job.buffer, job.ctx, job.columns, job.specs, cfg.norm_tokens, job.d_model,
+                                     progress=cfg.progress)
         log(f"dataset-wise norms over {n} tokens: " + ", ".join(
             f"{h} {mu[h]:.4g}" for h in job.columns.hooks[:6]) + (" ..." if len(job.columns) > 6 else ""))
     members = build_members(cfg, job.specs, member_contexts(job.ctx, job.placement), job.columns, norms,
@@ -213,10 +215,10 @@ def fit(job: Job, members: List[Member], norms, state, clock: "Clock") -> Traine
                       exchange=job.exchange, ctx=job.ctx, member_dirs={m.name: job.out / m.name for m in job.specs},
                       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                       stop_after_steps=cfg.stop_after_steps, progress=cfg.progress,
-                      extra_state={"norms": norms}, log=job.log, on_log=job.trackers.log)
+                      extra_state={"norms": norms}, log=job.log, on_log=Estimate(job, clock).wrap(job.trackers.log))
     if state is not None:
         trainer.load_checkpoint(state)
-    clock.mark("fit")
+    clock.mark("fit", step=trainer.t)
     try:
         trainer.fit()
     except StopTraining as e:
@@ -263,7 +265,51 @@ def report(job: Job, trainer: Trainer, members: List[Member], results: Dict[str,
                          cpu_seconds=clock.phases(trainer, "cpu"))
     finish(suite, ordered, job.log)
     job.trackers.summary(ordered)
+    for name, res in ordered.items():
+        for warning in res.get("warnings", []):
+            job.log(f"warning: {name}: {warning}")
     return {"members": ordered, "suite": suite}
+
+
+class Estimate:
+    """Once, after the first ~5% of the steps, one line with the whole job's expected time: the training's
+    rest at the speed measured so far, and the evaluation's LM passes at the LM's measured speed."""
+
+    def __init__(self, job: Job, clock: "Clock") -> None:
+        self.job, self.clock, self.done = job, clock, False
+
+    def wrap(self, on_log: Callable[[int, Dict[str, Dict[str, Any]]], None]):
+        def logged(step: int, records: Dict[str, Dict[str, Any]]) -> None:
+            on_log(step, records)
+            cfg = self.job.cfg
+            if not self.done and step >= max(1, cfg.total_steps // 20) and step < cfg.total_steps:
+                self.done = True
+                self.job.log(self.line(step))
+        return logged
+
+    def line(self, step: int) -> str:
+        job, cfg = self.job, self.job.cfg
+        spent = self.clock.wall("fit")
+        started = self.clock.marks["fit"][2]  # the step training started from (a resumed run's checkpoint)
+        train_left = spent / max(1, step - started) * (cfg.total_steps - step)
+        lm_speed = job.source.lm_tokens / max(job.source.lm_seconds, 1e-9)  # up to the deepest member's layer
+        deepest = max(m.layer for m in job.specs) + 1
+        whole = job.lm.n_layers / deepest  # a full pass (CE with and without the SAEs) runs every layer
+        lm_tokens = len(job.data.eval) * cfg.context_len * (whole if cfg.eval_lm_loss else 1.0)
+        if cfg.eval_lm_loss:
+            passes = 1 + len({m.site for m in job.specs}) + len(job.specs)  # clean, zero-ablated, spliced
+            lm_tokens += passes * min(cfg.eval_lm_tokens, len(job.data.eval) * cfg.context_len) * whole
+        if cfg.jumprelu:
+            lm_tokens += cfg.jumprelu_tokens
+        eval_s = lm_tokens / max(lm_speed, 1e-9) if job.source.lm_tokens else 0.0
+        end = time.strftime("%H:%M", time.localtime(time.time() + train_left + eval_s))
+        return (f"estimate after step {step}: training {_duration(train_left)} more, evaluation and export about "
+                f"{_duration(eval_s)}: the run ends around {end}")
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 class Clock:
@@ -273,8 +319,8 @@ class Clock:
         self.marks: Dict[str, tuple] = {}
         self.mark("start")
 
-    def mark(self, name: str) -> None:
-        self.marks[name] = (time.perf_counter(), time.process_time())
+    def mark(self, name: str, step: int = 0) -> None:
+        self.marks[name] = (time.perf_counter(), time.process_time(), step)
 
     def wall(self, a: str, b: Optional[str] = None) -> float:
         end = self.marks[b][0] if b else time.perf_counter()

@@ -387,14 +387,14 @@ def check_run_dirs(cfg, specs) -> Optional[str]:
         was = saved.get("output")
         return was if isinstance(was, str) and not same_path(was, str(out)) else None
     if state.exists() and not cfg.overwrite:
-        raise ValueError(f"--output: {out} holds an unfinished run ({state}); pass --resume to continue it "
-                         "or --overwrite to replace it")
+        raise ValueError(f"--output: {out} holds an unfinished run ({state}); pass --resume to continue it, "
+                         "--overwrite to replace it, or another --output for a new run beside it")
     for m in specs:
         run_dir = out / m.name
         precious = [f for f in PRECIOUS if (run_dir / f).exists()]
         if precious and not cfg.overwrite:
             raise ValueError(f"--output: the run folder {run_dir} already holds a run ({', '.join(precious)}); "
-                             "pass --overwrite to replace it")
+                             "pass another --output for a new run beside it, or --overwrite to replace it")
     return None
 
 

@@ -345,19 +345,26 @@ class ActivationBuffer:
             except StopIteration:
                 return
 
-    def first_rows(self, n: int) -> Tuple[Tensor, int]:
+    def first_rows(self, n: int, progress: bool = False) -> Tuple[Tensor, int]:
         """This rank's rows among the first ``n`` rows of the stream, and how many rows that prefix
         really holds (``n``, or fewer when the buffer or the data is smaller).
 
-        Waits for the initial fill; for the dataset-wise norm estimate, valid only before the first batch.
+        Waits for the initial fill (``progress``: a bar counted in buffer rows while it fills); for the
+        dataset-wise norm estimate, valid only before the first batch.
         """
+        from tqdm.auto import tqdm
+
         self.start()
+        bar = tqdm(total=self.capacity, unit="tok", unit_scale=True, dynamic_ncols=True, disable=not progress,
+                   desc="first buffer fill", leave=False)
         with self._cond:
             while self.round < 0 and self.drain is None and self.written < self.capacity:
                 self._check_error()
                 if self.exhausted:
                     break
-                self._cond.wait()
+                self._cond.wait(timeout=0.5 if progress else None)
+                bar.update(self.written - bar.n)
+            bar.close()
             self._check_error()
             self._sync_reads()
             m = min(n, self.written if self.round < 0 else self.capacity)
