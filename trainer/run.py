@@ -59,7 +59,7 @@ from .preflight import (
 )
 from .report import finish, suite_record
 from .run_folder import RunFinished, check_run_dirs, create_run_dirs, locked_run_folders
-from .track import Trackers, open_trackers
+from .track import Trackers, check_trackers, open_trackers
 from .train import CheckpointWriteError, Diverged, Interrupted, Member, StopTraining, Trainer
 from .train.checkpoint import describe_os_error, load_state
 
@@ -132,6 +132,7 @@ def setup(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSt
     n_layers, d = model_facts(cfg.model)  # every flag that names layers is checked against the model's config
     cfg = cfg.resolve(n_layers, d, device.type)
     check_context_len(cfg)
+    check_trackers(cfg)  # --wandb / --tensorboard: the packages import, before the model loads
     specs = cfg.members()
     for m in specs:
         ctx.check_width(m.expansion * d)

@@ -47,13 +47,14 @@ SUITE_JSON, SUITE_MD, SUITE_CSV, SUITE_PNG = "suite.json", "suite.md", "suite.cs
 SUITE_FILES = (SUITE_JSON, SUITE_MD, SUITE_CSV, SUITE_PNG)
 # A member folder: the released Llama Scope layout, the run's records, the JumpReLU export.
 LLAMA_SCOPE_FILES = ("hyperparams.json", "lm_config.json", "checkpoints/final.safetensors")
-METRICS, EVAL, TRAIN_CONFIG = "metrics.jsonl", "eval.json", "train_config.json"
+METRICS, EVAL, TRAIN_CONFIG, TRAINING_PNG = "metrics.jsonl", "eval.json", "train_config.json", "training.png"
 JUMPRELU = "jumprelu"
 # files that show a member folder holds a run (not replaced without --overwrite)
 PRECIOUS = ("hyperparams.json", EVAL)
 
 # The files a run writes into a member folder and into the output root (relative paths).
-MEMBER_FILES = (*LLAMA_SCOPE_FILES, METRICS, EVAL, TRAIN_CONFIG, *(f"{JUMPRELU}/{f}" for f in LLAMA_SCOPE_FILES))
+MEMBER_FILES = (*LLAMA_SCOPE_FILES, METRICS, EVAL, TRAIN_CONFIG, TRAINING_PNG,
+                *(f"{JUMPRELU}/{f}" for f in LLAMA_SCOPE_FILES))
 ROOT_FILES = (STATE, RESUME_CONFIG, *SUITE_FILES)
 
 

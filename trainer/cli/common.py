@@ -4,10 +4,55 @@ commands, help texts that give every default, and one way to end (exit codes, on
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
-from typing import Callable
+from typing import Callable, Iterable, List, Optional
 
 import torch
+
+
+class Parser(argparse.ArgumentParser):
+    """The package's argument parser: no prefix matching (``--hookpoint`` is not ``--hookpoints``), and every
+    error in one line with exit status 2: the flag it is about, for an unknown flag the nearest known one,
+    and where the flags are listed, instead of argparse's usage dump."""
+
+    def __init__(self, *args, allow_abbrev: bool = False, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(unrecognized(extras, self.flags()))
+        return ns
+
+    def flags(self) -> List[str]:
+        """The option strings --help shows (hidden test hooks are not suggested)."""
+        return [s for a in self._actions if a.help is not argparse.SUPPRESS for s in a.option_strings]
+
+    def error(self, message: str):
+        message = re.sub(r"^argument (\S+): ", r"\1: ", message)  # 'argument --k: ...' -> '--k: ...'
+        self.exit(2, f"error: {message} ({self.prog} --help lists the flags)\n")
+
+
+def suggest(word: str, choices: Iterable[str]) -> Optional[str]:
+    """The nearest of ``choices`` to ``word`` (a likely typo of it), or None."""
+    near = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return near[0] if near else None
+
+
+def unrecognized(extras: List[str], flags: Iterable[str]) -> str:
+    """``unrecognized argument --hookpoint; did you mean --hookpoints?`` for what argparse left over: the
+    unknown flags (their values are not repeated), or the stray values when no flag is unknown."""
+    flags = list(flags)
+    unknown = [e.split("=", 1)[0] for e in extras if e.startswith("-") and len(e) > 1]
+    shown = unknown or extras
+    parts = []
+    for word in shown:
+        near = suggest(word, flags) if word.startswith("-") else None
+        parts.append(f"{word}; did you mean {near}?" if near and len(shown) == 1 else
+                     f"{word} (did you mean {near}?)" if near else word)
+    return f"unrecognized argument{'s' if len(shown) > 1 else ''} " + ", ".join(parts)
 
 
 def device_of(name: str) -> torch.device:

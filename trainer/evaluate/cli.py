@@ -24,7 +24,7 @@ from ..analyze.corpus import held_out_contexts
 from ..analyze.export import write_json
 from ..analyze.runs import RunError, resolve_run, settings_of
 from ..analyze.svg import PALETTE, Figure
-from ..cli.common import add_corpus_args, device_of, run_cli, show_defaults
+from ..cli.common import Parser, add_corpus_args, device_of, run_cli, show_defaults
 from ..data.lm import load_model
 from .metrics import EV_CONVENTION, evaluate_sites
 
@@ -45,7 +45,7 @@ CONVENTIONS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(  # no prefix matching; one-line errors, suggestions for typos
         prog="python -m trainer.evaluate",
         description="Evaluate trained SAEs (a run folder, or a suite folder of them) on another model, other data or "
                     "other context lengths: explained variance (both conventions), L0, delta LM loss, CE score, dead "
