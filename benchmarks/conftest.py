@@ -4,8 +4,13 @@ Providers side by side at the same shapes (see providers.py): ``dense`` (a textb
 SAE), ``torch`` (this package's PyTorch path), ``triton`` (this package's kernels, CUDA only) and
 ``sparsify`` (EleutherAI's eai-sparsify, skipped when not importable). A summary table with the
 speedups over the dense provider is printed at the end of the run.
+
+Benchmarks marked ``slow`` (the trainer's step recipes, ``test_bench_sae_step.py``, and the analysis
+pass on the embedded LM, ``test_bench_analyze.py``) are skipped unless ``--run-slow`` is given or their
+file is named on the command line (``pytest benchmarks/test_bench_analyze.py --benchmark-only``).
 """
 import os
+from pathlib import Path
 
 import torch
 
@@ -16,6 +21,38 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import providers  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the benchmarks marked slow (the trainer's SAE step recipes, the analysis "
+                          "pass on the embedded LM): minutes more")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long benchmark (loads the LM, or runs minutes): skipped unless "
+                                       "--run-slow is given or its file is named on the command line")
+
+
+def _named_files(config):
+    """The files named on the command line (``path`` or ``path::test``), resolved."""
+    out = set()
+    for arg in config.args:
+        p = Path(str(arg).split("::", 1)[0])
+        p = p if p.is_absolute() else Path(config.invocation_params.dir) / p
+        if p.is_file():
+            out.add(p.resolve())
+    return out
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    named = _named_files(config)
+    skip = pytest.mark.skip(reason="slow benchmark: pass --run-slow (or name its file) to run it")
+    for item in items:
+        if "slow" in item.keywords and Path(str(item.fspath)).resolve() not in named:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,10 @@ from trainer.data.lm import activations, load_model
 
 ROUNDS = int(os.environ.get("SAE_ANALYZE_ROUNDS", "3"))
 
+# Loads the embedded LM and runs 2 x 8 x 1024 tokens per round: minutes. Skipped by `pytest benchmarks/`
+# unless --run-slow is given or this file is named (benchmarks/conftest.py).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def default_setup():

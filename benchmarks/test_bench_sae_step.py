@@ -1,5 +1,6 @@
 """The trainer's own step (``trainer.train.SAEStep``) at the embedded default's shape, released recipe
-against the default, rounds interleaved: ``pytest benchmarks/test_bench_sae_step.py --benchmark-only``.
+against the default, rounds interleaved: ``pytest benchmarks/test_bench_sae_step.py --benchmark-only`` (marked
+slow: ``pytest benchmarks/`` runs it only with ``--run-slow``).
 
 Shape: ``python -m trainer.run`` with no arguments on a CPU (batch 1024 tokens, d_model 576,
 d_sae 4608, K 50, fp32, Llama Scope loss, clipping, Adam); on a GPU the Llama Scope 8x shape
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from sae_kernels import SAEConfig, TopKSAE
@@ -45,6 +47,10 @@ K_AUX = D // 2  # the default (d_model / 2)
 ROUNDS = 9
 POSITIVE = 0.24
 RESTARTED = 0.4
+
+# Six steps x 9 interleaved rounds (a minute or more on 2 busy cores): skipped by `pytest benchmarks/`
+# unless --run-slow is given or this file is named (benchmarks/conftest.py).
+pytestmark = pytest.mark.slow
 DEAD = {"default, 0 dead": 0, "default, 2% dead": N // 50, "default, 5% dead": N // 20,
         "default, 9% dead": 9 * N // 100, "default, 30% dead": 3 * N // 10}
 

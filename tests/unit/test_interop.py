@@ -313,3 +313,43 @@ def test_saebench_hook_z_switch(sae_bench):
     flat = x.flatten(-2)
     assert a(flat).shape == flat.shape
     assert_close(a(flat), a.decode(a.encode(flat)), 0, "flat")
+
+
+def test_a_runs_saelens_export_loads_with_saelens_and_names_a_loadable_model(sl, tiny_llama, tmp_path):
+    """Issue 30.5: the model name a run writes (lm_config.json, then SAELens's cfg.json and the SAEBench
+    adapter's default) is what loads the model: the path given for a local folder (here a tiny run),
+    the Hub id for the embedded default, never a description."""
+    import json
+
+    from trainer.data.lm import LoadedModel, load_model, model_identity
+    from trainer.run import main
+
+    out = tmp_path / "run"
+    assert main(["--model", tiny_llama, "--layer", "1", "--context-len", "64", "--lm-batch-size", "4",
+                 "--tokens", "1024", "--batch-size", "256", "--buffer-tokens", "1024", "--eval-tokens", "128",
+                 "--no-progress", "--no-eval-lm-loss", "--output", str(out)]) == 0
+    run_dir = out / "L1R-8x"
+    lm_cfg = json.loads((run_dir / "lm_config.json").read_text())
+    assert lm_cfg["model_name"] == tiny_llama and load_model(lm_cfg["model_name"]).d_model == lm_cfg["d_model"]
+    sae = TopKSAE.from_llama_scope(run_dir)
+    sae.to_saelens(tmp_path / "saelens")
+    theirs = sl.SAE.load_from_disk(tmp_path / "saelens")
+    assert theirs.cfg.metadata.model_name == tiny_llama and theirs.cfg.metadata.hook_layer == 1
+    assert sae.to_saebench().cfg.model_name == tiny_llama
+    x = torch.randn(16, sae.d_model)
+    with torch.no_grad():
+        assert_close(theirs(x), sae(x), 1e-5, "SAELens reading a run's export")
+
+    # The embedded default, without loading its 135M weights: the lm_config its run writes, then the
+    # same exports.
+    ident = model_identity("embedded")
+    lm = LoadedModel(model=torch.nn.Linear(1, 1), tokenizer=None, name=ident.name, n_layers=30, d_model=sae.d_model,
+                     is_embedded=True, source=ident.source, file=ident.file)
+    sae.to_llama_scope(tmp_path / "embedded", lm_config=lm.lm_config())
+    emb = TopKSAE.from_llama_scope(tmp_path / "embedded")
+    assert emb.cfg.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    emb.to_saelens(tmp_path / "embedded_saelens")
+    cfg = json.loads((tmp_path / "embedded_saelens" / "cfg.json").read_text())
+    assert cfg["model_name"] == cfg["metadata"]["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert sl.SAE.load_from_disk(tmp_path / "embedded_saelens").cfg.metadata.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert emb.to_saebench().cfg.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"

