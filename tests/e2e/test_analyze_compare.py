@@ -60,9 +60,63 @@ def test_compare_cli_on_two_widths(analyzed):
     child_links = [x.attrs["href"] for x in rows[0].find_all(lambda x: x.tag == "a")]
     assert child_links[0] == f"index.html#latent={doc['families'][0]['parent']}"
     assert child_links[1].startswith("../../L1R-32x/dashboard/index.html#latent=")
+    # families show each latent's top tokens, from the analyses of both SAEs
+    assert doc["analysed"] == {"a": True, "b": True}
+    for w, folder in (("a", a), ("b", b)):
+        fs = json.loads((folder / "analysis" / "features.json").read_text())
+        for lid, toks in doc["tokens"][w].items():
+            want = list(dict.fromkeys(fs["vocab"][str(t)] for t in fs["latents"]["peak_tokens"][int(lid)]))[:3]
+            assert toks == want
+    f0 = doc["families"][0]
+    assert set(doc["tokens"]["a"]) >= {str(f["parent"]) for f in doc["families"]}
+    assert set(doc["tokens"]["b"]) >= {str(k[0]) for f in doc["families"] for k in f["children"]}
+    labs = [x.all_text().strip() for x in rows[0].find_all(lambda x: x.tag == "span" and "lab" in x.classes)]
+    want_labs = [" ".join(json.dumps(t) for t in doc["tokens"][w][str(i)])
+                 for w, i in [("a", f0["parent"])] + [("b", k[0]) for k in f0["children"]] if doc["tokens"][w][str(i)]]
+    assert labs == want_labs and labs
+    assert not root.find_all(lambda x: x.attrs.get("id") in ("hint-a", "hint-b"))
     # listed on the member page
     idx = parse(dump_dom(a / "dashboard" / "index.html"))
     assert "compare-L1R-32x.html" in [x.attrs.get("href") for x in idx.find_all(lambda x: x.tag == "a")]
+
+
+def test_compare_links_only_dashboards_that_exist(tiny_suite, tmp_path):
+    """Before either SAE is analysed the page links no dashboard and says how to make them; once B is
+    analysed, B's latents link to its dashboard and show their top tokens."""
+    import shutil
+
+    from trainer.analyze.cli import main as analyze_main
+
+    _, src = tiny_suite
+    a, b = tmp_path / "L1R-8x", tmp_path / "L1R-32x"
+    for m, dst in (("L1R-8x", a), ("L1R-32x", b)):
+        shutil.copytree(src / m, dst, ignore=shutil.ignore_patterns("analysis", "dashboard", "evaluations"))
+    args = [str(a), str(b), "--no-progress", "--threshold", "0.5", "--map", "pca", "--no-cofire"]
+    assert main(args) == 0
+    doc = json.loads((a / "analysis" / "compare-L1R-32x.json").read_text())
+    assert doc["links"] == {"a": None, "b": None} and doc["analysed"] == {"a": False, "b": False}
+    assert doc["tokens"] == {"a": None, "b": None}
+    page = a / "dashboard" / "compare-L1R-32x.html"
+    root = parse(dump_dom(page))
+    assert not [x for x in root.find_all(lambda x: x.tag == "a") if "index.html" in x.attrs.get("href", "")]
+    for w, folder in (("a", a), ("b", b)):
+        hint = root.find_all(lambda x: x.attrs.get("id") == f"hint-{w}")
+        assert hint and f"python -m trainer.analyze {folder}" in hint[0].all_text()
+    rows = root.find_all(lambda x: x.tag == "tr" and "data-feature-id" in x.attrs)
+    assert rows and not rows[0].find_all(lambda x: x.tag == "a")
+    # analyse B only, compare again: B linked, with its top tokens; A still plain, with the hint
+    assert analyze_main([str(b), "--no-progress", "--samples", "0", "--logit-tokens", "0", "--nearest", "0"]) == 0
+    assert main(args) == 0
+    doc = json.loads((a / "analysis" / "compare-L1R-32x.json").read_text())
+    assert doc["links"] == {"a": None, "b": "../../L1R-32x/dashboard/index.html"} and doc["tokens"]["a"] is None
+    assert doc["analysed"] == {"a": False, "b": True} and doc["tokens"]["b"]
+    root = parse(dump_dom(page))
+    assert root.find_all(lambda x: x.attrs.get("id") == "hint-a") and not root.find_all(lambda x: x.attrs.get("id") == "hint-b")
+    rows = root.find_all(lambda x: x.tag == "tr" and "data-feature-id" in x.attrs)
+    hrefs = [x.attrs["href"] for x in rows[0].find_all(lambda x: x.tag == "a")]
+    kids = doc["families"][0]["children"]
+    assert hrefs == [f"../../L1R-32x/dashboard/index.html#latent={k[0]}" for k in kids]
+    assert (page.parent / hrefs[0].split("#")[0]).resolve().is_file()
 
 
 def test_compare_errors(analyzed, capsys):

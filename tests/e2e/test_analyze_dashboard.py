@@ -38,9 +38,9 @@ def test_feature_list_and_a_latents_top_context(analyzed):
     root = parse(dump_dom(member / "dashboard" / "index.html", f"latent={lat}"))
     rows = _rows(root)
     assert len(rows) == n  # every latent listed (page size 1000)
-    # default order: frequency, largest first
-    freq_order = sorted(range(n), key=lambda i: (-L["frequency"][i], i))
-    assert [int(r.attrs["data-feature-id"]) for r in rows] == freq_order
+    # default order: the interpretability score, largest first (trainer/analyze/order.py)
+    score_order = sorted(range(n), key=lambda i: (-L["score"][i], i))
+    assert [int(r.attrs["data-feature-id"]) for r in rows] == score_order
     dead_rows = {int(r.attrs["data-feature-id"]) for r in rows if "dead" in r.classes}
     assert dead_rows == set(s["dead"])
     assert root.find_all(lambda x: x.attrs.get("id") == "density")  # the density histogram rendered
@@ -76,6 +76,78 @@ def test_feature_list_and_a_latents_top_context(analyzed):
     # logit table and histogram
     assert panel[0].find_all(lambda x: x.attrs.get("id") == "logits")
     assert panel[0].find_all(lambda x: x.attrs.get("id") == "hist")
+
+
+def _decile(L):
+    live = sorted(f for f, c in zip(L["frequency"], L["count"]) if c)
+    return live[int(0.9 * len(live))]
+
+
+def test_default_order_opens_on_selective_latents_and_frequency_is_one_click_away(analyzed):
+    _, suite = analyzed
+    for name in ("L1R-8x", "L1R-32x"):
+        member = suite / name
+        s, recs = _load(member)
+        L, n = s["latents"], s["sae"]["d_sae"]
+        page = member / "dashboard" / "index.html"
+        root = parse(dump_dom(page))
+        first = [int(r.attrs["data-feature-id"]) for r in _rows(root)[:20]]
+        p90 = _decile(L)
+        assert all(L["frequency"][i] < p90 for i in first), [(i, L["frequency"][i]) for i in first]
+        assert all(L["count"][i] and 2 * L["examples"][i] >= s["settings"]["top_n"] for i in first)
+        # the sort control: a frequency column header (clicking it sorts by frequency), or #sort=frequency
+        heads = {h.attrs.get("data-sort"): h for h in root.find_all(lambda x: x.tag == "th")}
+        assert "sorted" in heads["score"].classes and "frequency" in heads
+        rows = _rows(parse(dump_dom(page, "sort=frequency")))
+        assert [int(r.attrs["data-feature-id"]) for r in rows] == sorted(
+            range(n), key=lambda i: (-L["frequency"][i], i))[:1000]  # one page of 1000
+        assert L["frequency"][int(rows[0].attrs["data-feature-id"])] >= p90
+
+
+def test_latent_card_shows_examples_documents_and_nearest_latents(analyzed):
+    _, suite = analyzed
+    member = suite / "L1R-8x"
+    s, recs = _load(member)
+    L = s["latents"]
+    lat = s["dominated"][0] if s["dominated"] else max(range(len(L["count"])), key=lambda i: (L["examples"][i], -i))
+    root = parse(dump_dom(member / "dashboard" / "index.html", f"latent={lat}"))
+    panel = root.find_all(lambda x: x.attrs.get("id") == "latent")[0]
+    lines = panel.find_all(lambda x: x.tag == "div" and "ctx" in x.classes and "top" in x.classes)
+    assert [int(x.attrs["data-doc"]) for x in lines] == [c["doc"] for c in recs[lat]["top"]]
+    assert len(lines) == L["examples"][lat]
+    assert bool(panel.find_all(lambda x: x.attrs.get("id") == "dominated")) == (lat in s["dominated"])
+    # nearest latents by decoder cosine, each linking to its card
+    near = panel.find_all(lambda x: x.tag == "tr" and "data-near-id" in x.attrs)
+    assert [int(r.attrs["data-near-id"]) for r in near] == [j for j, _ in recs[lat]["nearest"]]
+    hrefs = [a.attrs["href"] for r in near for a in r.find_all(lambda x: x.tag == "a")]
+    assert hrefs == [f"#latent={j}" for j, _ in recs[lat]["nearest"]]
+    # following one opens that latent's card
+    j = recs[lat]["nearest"][0][0]
+    other = parse(dump_dom(member / "dashboard" / "index.html", hrefs[0][1:]))
+    assert other.find_all(lambda x: x.attrs.get("id") == "latent")[0].attrs["data-latent"] == str(j)
+
+
+def test_default_top_gives_20_examples_where_the_corpus_allows(tiny_suite, tmp_path):
+    """--top's default (20) on the default corpus: every live latent shows min(20, what its activations
+    offer) examples, most of them all 20, and the card shows them."""
+    from trainer.analyze.cli import main
+
+    _, suite = tiny_suite
+    out = tmp_path / "out"
+    assert main([str(suite / "L1R-8x"), "--no-progress", "--samples", "0", "--logit-tokens", "0", "--nearest", "0",
+                 "--output", str(out)]) == 0
+    member = out / "L1R-8x"
+    s, recs = _load(member)
+    L = s["latents"]
+    live = [i for i, c in enumerate(L["count"]) if c]
+    full = [i for i in live if L["examples"][i] == 20]
+    assert s["settings"]["top_n"] == 20 and len(full) >= 0.75 * len(live)
+    lat = full[0]
+    root = parse(dump_dom(member / "dashboard" / "index.html", f"latent={lat}"))
+    panel = root.find_all(lambda x: x.attrs.get("id") == "latent")[0]
+    assert len(panel.find_all(lambda x: x.tag == "div" and "ctx" in x.classes and "top" in x.classes)) == 20
+    overview = root.find_all(lambda x: x.attrs.get("id") == "overview")[0].all_text()
+    assert f"{len(full)} with all 20" in overview
 
 
 def test_search_sort_and_paging(analyzed):

@@ -61,3 +61,19 @@ def test_pca_2d_spans_the_top_two_components():
     for j in range(2):  # up to the sign of each component
         assert min((coords[:, j].double() - want[:, j]).abs().max(), (coords[:, j].double() + want[:, j]).abs().max()) < 1e-4
     assert_close(explained.double(), S[:2] ** 2 / (S ** 2).sum(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,top,block", [(53, 4, 8), (40, 39, 16), (300, 8, 64)])
+def test_nearest_latents_equal_the_full_matrix_without_the_diagonal(n, top, block):
+    from trainer.analyze.compare import nearest_latents
+
+    g = torch.Generator().manual_seed(n)
+    W = torch.randn(n, 11, generator=g) * (torch.rand(n, 1, generator=g) + 0.5)  # unequal norms: cosines
+    ids, cos = nearest_latents(W, top, block=block)
+    D = unit_rows(W).double()
+    S = D @ D.t()
+    S.fill_diagonal_(float("-inf"))
+    want = S.topk(min(top, n - 1), dim=1)
+    assert torch.equal(ids, want.indices)
+    assert_close(cos.double(), want.values, rtol=0, atol=1e-6)
+    assert not (ids == torch.arange(n)[:, None]).any()  # never the latent itself

@@ -9,6 +9,8 @@ feature-splitting families and a 2-D map of the decoder directions.
   cosine with it is at least ``threshold`` (at most ``family_max`` of them, the most similar; a
   family that reached the cap says so). ``cofire`` counts, on a corpus, the tokens where the parent
   and each child are active together (``cofire.py``).
+* Nearest latents within one SAE (``nearest_latents``): the same blocked search of an SAE against
+  itself, its diagonal left out.
 * Map: the decoder directions of both SAEs projected on the first two principal components of
   their union (or UMAP, when ``umap-learn`` is installed and asked for).
 """
@@ -28,15 +30,17 @@ def unit_rows(W: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def blocked_matches(A: Tensor, B: Tensor, top: int = 1, block_a: int = 4096, block_b: int = 16384
-                    ) -> Dict[str, Tensor]:
+def blocked_matches(A: Tensor, B: Tensor, top: int = 1, block_a: int = 4096, block_b: int = 16384,
+                    exclude_self: bool = False) -> Dict[str, Tensor]:
     """Cosine matches between the rows of ``A [n_a, d]`` and ``B [n_b, d]`` (unit rows), in blocks.
 
     Returns ``a_top_ids, a_top_cos [n_a, top]`` (each A row's ``top`` most similar B rows, best first)
     and ``b_best_id, b_best_cos [n_b]`` (each B row's most similar A row). Ties: the smaller id.
+    ``exclude_self`` (A and B the same rows: one SAE's nearest latents) leaves out row i's match with
+    itself, so ``top`` is at most ``n_b - 1``.
     """
     n_a, n_b = A.shape[0], B.shape[0]
-    top = min(top, n_b)
+    top = min(top, n_b - 1 if exclude_self else n_b)
     dev = A.device
     a_cos = torch.full((n_a, top), float("-inf"), device=dev)
     a_ids = torch.zeros((n_a, top), dtype=torch.int64, device=dev)
@@ -46,6 +50,11 @@ def blocked_matches(A: Tensor, B: Tensor, top: int = 1, block_a: int = 4096, blo
         Bb = B[sb:sb + block_b].to(dev)
         for sa in range(0, n_a, block_a):
             S = A[sa:sa + block_a] @ Bb.t()  # [block_a, block_b]
+            if exclude_self and sa < sb + Bb.shape[0] and sb < sa + S.shape[0]:
+                r = torch.arange(S.shape[0], device=dev)
+                c = r + sa - sb
+                on = (c >= 0) & (c < S.shape[1])
+                S[r[on], c[on]] = float("-inf")
             # rows: merge the block's top with the running top (running first: earlier = smaller ids)
             t = S.topk(min(top, S.shape[1]), dim=1)
             cat_cos = torch.cat([a_cos[sa:sa + block_a], t.values], 1)
@@ -66,6 +75,16 @@ def _sort_desc_then_id(cos: Tensor, ids: Tensor) -> Tensor:
     o = torch.sort(ids, dim=1, stable=True).indices
     o2 = torch.sort(cos.gather(1, o), dim=1, descending=True, stable=True).indices
     return o.gather(1, o2)
+
+
+@torch.no_grad()
+def nearest_latents(W_dec: Tensor, top: int, block: int = 4096) -> Tuple[Tensor, Tensor]:
+    """Each latent's ``top`` nearest other latents of the same SAE by decoder cosine: ``(ids, cos)
+    [d_sae, top]``, best first (ties: the smaller id), computed in ``block x 4 block`` blocks (never
+    the full d_sae x d_sae matrix)."""
+    D = unit_rows(W_dec)
+    m = blocked_matches(D, D, top=top, block_a=block, block_b=4 * block, exclude_self=True)
+    return m["a_top_ids"], m["a_top_cos"]
 
 
 @torch.no_grad()

@@ -20,6 +20,10 @@ linked from RUN_A's dashboard (and to RUN_B's latents when RUN_B has a dashboard
     families            [{"parent", "parent_count", "any_child_rate", "capped",
                           "children": [[id, cos, cofire, p_child_given_parent, p_parent_given_child]]}]
                         parents with at least one child of cosine >= threshold, largest families first
+    links               {"a", "b"}: the page's relative link to each SAE's dashboard, null where it has none
+    tokens              {"a", "b"}: {latent id: top tokens} for the latents of the families the page lists, from
+                        each SAE's analysis (features.json peak tokens); null for an SAE not analysed
+    analysed            {"a", "b"}: whether each SAE had an analysis; analyse_hint: the command that makes one
     map                 {"method": "pca" | "umap", "explained": [..] (pca), "a": [[x, y]], "b": [[x, y]],
                          "fitted_on", "dead_a", "dead_b" (ids never active on the corpus; null without it)}
 """
@@ -35,9 +39,9 @@ import torch
 
 from sae_kernels.atomic import atomic_write_text
 
-from ..cli.common import add_corpus_args, device_of, run_cli, show_defaults
+from ..cli.common import Parser, add_corpus_args, device_of, run_cli, show_defaults
 from .compare import blocked_matches, cofire_counts, families, pca_2d, umap_2d, unit_rows
-from .corpus import held_out_contexts
+from .corpus import analysis_contexts
 from .dashboard import asset, page, rel, write_data
 from .export import r4, write_json
 from .features import _encode, capture_points
@@ -45,11 +49,12 @@ from .runs import RunError, load_lm_for, resolve_run
 from .svg import PALETTE, Figure
 
 FORMAT = "sae-kernels-compare/1"
+FAMILIES_SHOWN = 500  # families the page lists (the JSON keeps all)
 HIST_EDGES = [round(-0.2 + 0.025 * i, 3) for i in range(49)]  # cosine -0.2 .. 1.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(  # no prefix matching; one-line errors, suggestions for typos
         prog="python -m trainer.analyze compare",
         description="Compare the decoder directions of two SAEs (e.g. L12R-8x and L12R-32x): best cosine matches "
                     "both ways and their histograms, feature-splitting families (a latent of the narrower SAE and the "
@@ -69,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="count co-firing on the corpus (one LM pass; --no-cofire skips the LM)")
     p.add_argument("--block", metavar="N", type=int, default=None,
                    help="latents of A per block of cosines (default 4096 on GPU, 1024 on CPU)")
+    p.add_argument("--held-out-only", action="store_true",
+                   help="count co-firing on the run's held-out split only (default: the corpus python -m "
+                        "trainer.analyze reads by default, so that both agree on which latents are dead)")
+    p.add_argument("--family-tokens", metavar="N", type=int, default=3,
+                   help="top tokens shown per latent in the families (from each SAE's analysis, when it has one)")
     add_corpus_args(p)
     return show_defaults(p)
 
@@ -92,6 +102,8 @@ def compare(args, log=print) -> Dict[str, Any]:
         raise ValueError(f"--threshold: expected a cosine in (0, 1], got {args.threshold}")
     if args.family_max < 1 or args.map_points < 1:
         raise ValueError("--family-max and --map-points: expected integers >= 1")
+    if getattr(args, "family_tokens", 3) < 0:
+        raise ValueError(f"--family-tokens: expected an integer >= 0, got {args.family_tokens}")
     ma, mb = _one(args.run_a, "RUN_A"), _one(args.run_b, "RUN_B")
     if ma.folder.resolve() == mb.folder.resolve():
         raise RunError("RUN_A and RUN_B: expected two different SAE folders")
@@ -126,9 +138,10 @@ def compare(args, log=print) -> Dict[str, Any]:
     n_chi = torch.zeros(C.shape[0], dtype=torch.int64, device=device)
     if args.cofire:
         lm, settings = load_lm_for([ma, mb], args.model, device)
-        corpus = held_out_contexts(settings, lm, dataset=args.dataset, tokens=args.tokens,
+        corpus = analysis_contexts(settings, lm, dataset=args.dataset, tokens=args.tokens,
                                    context_len=args.context_len, dataset_config=args.dataset_config,
-                                   split=args.split, text_column=args.text_column)
+                                   split=args.split, text_column=args.text_column,
+                                   held_out_only=getattr(args, "held_out_only", False))
         corpus_info = corpus.info
         pts = [(ma.layer, ma.position), (mb.layer, mb.position)]
         sp, sc = (sa, sb) if parent == "a" else (sb, sa)
@@ -231,7 +244,18 @@ def compare(args, log=print) -> Dict[str, Any]:
     a_dir = Path(args.output) if getattr(args, "output", None) else ma.folder
     an, dash = a_dir / "analysis", a_dir / "dashboard"
     b_dash = mb.folder / "dashboard" / "index.html"
-    doc["links"] = {"a": "index.html", "b": rel(b_dash, dash) if b_dash.is_file() else None}
+    # link a dashboard only where one exists (the page says how to make the others)
+    doc["links"] = {"a": "index.html" if (dash / "index.html").is_file() else None,
+                    "b": rel(b_dash, dash) if b_dash.is_file() else None}
+    shown = fams[:FAMILIES_SHOWN]
+    want = {parent: {f["parent"] for f in shown},
+            ("b" if parent == "a" else "a"): {k[0] for f in shown for k in f["children"]}}
+    doc["tokens"], doc["analysed"] = {}, {}
+    for w, mm in (("a", ma), ("b", mb)):
+        doc["tokens"][w] = latent_tokens(mm.folder / "analysis" / "features.json", want[w],
+                                         getattr(args, "family_tokens", 3))
+        doc["analysed"][w] = doc["tokens"][w] is not None
+    doc["analyse_hint"] = {w: f"python -m trainer.analyze {mm.folder}" for w, mm in (("a", ma), ("b", mb))}
     text = write_json(an / f"compare-{slug}.json", doc)
     write_data(dash, f"compare-{slug}", text)
     figs = write_figures(an, slug, doc, args.map_points)
@@ -246,6 +270,28 @@ def compare(args, log=print) -> Dict[str, Any]:
     log(f"{ma.name} vs {mb.name}: median best cosine A->B {mc['a_to_b']:.3f}, B->A {mc['b_to_a']:.3f}{live}; "
         f"{len(fams)} families at cosine >= {args.threshold} among {doc['families_of']} -> {html_path.resolve().as_uri()}")
     return {"doc": doc, "json": an / f"compare-{slug}.json", "page": html_path, "figures": figs}
+
+
+def latent_tokens(features: Path, ids, n: int) -> Optional[Dict[str, List[str]]]:
+    """``{latent id: its top tokens}`` (the peak tokens of its top examples, distinct, at most ``n``) for
+    latents ``ids`` from an analysis summary; None when the SAE has no analysis."""
+    if not features.is_file():
+        return None
+    try:
+        s = json.loads(features.read_text(encoding="utf-8"))
+        peaks, vocab = s["latents"]["peak_tokens"], s["vocab"]
+    except (OSError, ValueError, KeyError):
+        return None
+    out: Dict[str, List[str]] = {}
+    for i in sorted(ids):
+        if 0 <= i < len(peaks):
+            seen: List[str] = []
+            for t in peaks[i]:
+                w = vocab.get(str(t), f"<{t}>")
+                if w not in seen:
+                    seen.append(w)
+            out[str(i)] = seen[:n]
+    return out
 
 
 def _register(dash: Path, entry: Dict[str, str]) -> None:

@@ -4,10 +4,14 @@ For each SAE and each latent, streamed batch by batch on the sparse codes (``val
 [B, T, k]``; never a tokens x d_sae array):
 
 * ``count`` (tokens where the latent is active), ``sum`` of its activations (mean = sum / count,
-  over active tokens), ``max`` (the best top context's peak);
-* the top-``n`` contexts: every context scores the latent's maximum activation in it (its peak;
-  the earliest position among equal maxima), and the ``n`` contexts with the largest peaks are kept
-  (ties: the earlier context), with the window of activations around the peak;
+  over active tokens), ``max`` (the best top example's peak);
+* its top examples, several per context, their windows never overlapping: each context is cut into
+  segments of ``window`` tokens; a segment where the latent is active offers its peak (the earliest
+  position among equal maxima); where the windows of two neighbouring segments' peaks would overlap
+  (peaks less than ``window`` apart) the larger peak wins (equal: the earlier), exactly as a greedy
+  pass from the largest peak down would decide (``example_candidates``). The ``pool`` largest
+  examples are kept (ties: the earlier context, then the earlier position), with the window of
+  activations around each peak; the export picks ``top_n`` of them, spread over documents;
 * ``samples`` events drawn uniformly from all active tokens (a reservoir: each event gets a seeded
   uniform priority, the largest priorities are kept, exactly, with ``StreamingTopN``), which the
   export splits into activation quantile groups;
@@ -53,6 +57,12 @@ class PassConfig:
     def window(self) -> int:
         return self.before + self.after + 1
 
+    @property
+    def pool(self) -> int:
+        """Examples kept per latent while streaming: twice ``top_n``, so that the export can prefer
+        examples from different documents and still show ``top_n``."""
+        return 2 * self.top_n
+
 
 class LatentStats:
     """The streaming accumulators of one SAE (see the module docstring)."""
@@ -62,7 +72,7 @@ class LatentStats:
         self.count = torch.zeros(d_sae, dtype=torch.int64, device=device)
         self.sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
         self.hist = torch.zeros(d_sae * HIST_BINS, dtype=torch.int64, device=device)
-        self.top = StreamingTopN(d_sae, cfg.top_n, cfg.window, device)
+        self.top = StreamingTopN(d_sae, cfg.pool, cfg.window, device)
         self.samp = StreamingTopN(d_sae, cfg.samples, cfg.window, device) if cfg.samples else None
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
         self.n_tokens = 0
@@ -91,19 +101,59 @@ class LatentStats:
                 lookup.append(WindowLookup(values, indices, self.d_sae))
             return lookup[0].windows(lat_s, b_s, p_s, c.before, c.after)
 
-        # top contexts: each (latent, context) scores its peak; the earliest position among equal peaks
-        key = lat * B + b
-        peak = torch.full((self.d_sae * B,), float("-inf"), device=val.device).scatter_reduce_(0, key, val, "amax")
-        at_peak = val == peak[key]
-        ppos = torch.full((self.d_sae * B,), T, dtype=torch.int64, device=val.device).scatter_reduce_(
-            0, key[at_peak], t[at_peak], "amin")
-        ck = torch.isfinite(peak).nonzero().squeeze(1)  # ascending: by latent, then context
-        c_lat, c_b, c_pos, c_val = ck // B, ck % B, ppos[ck], peak[ck]
+        # top examples: segment peaks whose windows do not overlap, by latent, then context and position
+        c_lat, c_b, c_pos, c_val = example_candidates(lat, b, t, val, B, T, c.window)
         self.top.push(c_lat, c_val, c_b + ctx0, c_pos, c_val,
                       lambda s: windows(c_lat[s], c_b[s], c_pos[s]))
         if self.samp is not None:  # uniform reservoir over active tokens: largest random priorities
             prio = torch.rand(lat.numel(), generator=self.gen, device=val.device)
             self.samp.push(lat, prio, b + ctx0, t, val, lambda s: windows(lat[s], b[s], t[s]))
+
+
+@torch.no_grad()
+def example_candidates(lat: Tensor, b: Tensor, t: Tensor, val: Tensor, B: int, T: int, W: int
+                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A batch's example peaks: ``(latent, context, position, value)`` of the active entries ``lat, b,
+    t, val``, at most one per segment of ``W`` tokens of a context, no two of one latent and context
+    closer than ``W`` positions (their windows of ``W`` tokens would overlap); ordered by latent, then
+    context, then position (the stream order, which breaks ties).
+
+    Each (latent, context, segment) offers its peak (earliest position among equal maxima). Only peaks
+    of neighbouring segments can be closer than ``W``; such a conflict goes to the larger peak (equal:
+    the earlier). Resolved in rounds: a peak that beats every undecided neighbour it conflicts with is
+    kept, and its undecided conflicting neighbours are dropped -- the decisions of a greedy pass that
+    keeps peaks from the largest down, skipping those that overlap a kept one."""
+    dev = val.device
+    nseg = -(-T // W)
+    key = (lat * B + b) * nseg + torch.div(t, W, rounding_mode="floor")
+    uk, inv = torch.unique(key, sorted=True, return_inverse=True)
+    G = uk.numel()
+    peak = torch.full((G,), float("-inf"), device=dev).scatter_reduce_(0, inv, val, "amax")
+    at_peak = val == peak[inv]
+    ppos = torch.full((G,), T, dtype=torch.int64, device=dev).scatter_reduce_(0, inv[at_peak], t[at_peak], "amin")
+    grp = torch.div(uk, nseg, rounding_mode="floor")
+    # conflict[i]: entries i and i + 1 are neighbouring segments of one (latent, context), peaks < W apart
+    conflict = (grp[1:] == grp[:-1]) & (uk[1:] - uk[:-1] == 1) & (ppos[1:] - ppos[:-1] < W)
+    if bool(conflict.any()):
+        cr = torch.cat([conflict, conflict.new_zeros(1)])  # conflicts with the next entry
+        cl = torch.cat([conflict.new_zeros(1), conflict])  # ... with the previous one
+        beats_next = torch.cat([peak[:-1] >= peak[1:], peak.new_ones(1, dtype=torch.bool)])  # equal: the earlier
+        beats_prev = torch.cat([peak.new_ones(1, dtype=torch.bool), peak[1:] > peak[:-1]])
+        state = torch.zeros(G, dtype=torch.int8, device=dev)  # 0 undecided, 1 kept, 2 dropped
+        state[~(cr | cl)] = 1
+        z = state.new_zeros(1)
+        while True:
+            und = state == 0
+            if not bool(und.any()):
+                break
+            nxt, prv = torch.cat([state[1:], z + 1]), torch.cat([z + 1, state[:-1]])
+            keep = und & ~(cr & (nxt == 0) & ~beats_next) & ~(cl & (prv == 0) & ~beats_prev)
+            state[keep] = 1
+            nxt, prv = torch.cat([state[1:], z]), torch.cat([z, state[:-1]])
+            state[(state == 0) & ((cr & (nxt == 1)) | (cl & (prv == 1)))] = 2
+        sel = state == 1
+        uk, peak, ppos, grp = uk[sel], peak[sel], ppos[sel], grp[sel]
+    return torch.div(grp, B, rounding_mode="floor"), grp % B, ppos, peak
 
 
 # ----------------------------------------------------------------------------------- the LM pass
@@ -206,5 +256,5 @@ def frequency(stats: LatentStats) -> Tensor:
     return stats.count.double() / max(stats.n_tokens, 1)
 
 
-__all__ = ["PassConfig", "LatentStats", "analysis_pass", "capture_points", "hist_edges", "frequency",
+__all__ = ["PassConfig", "LatentStats", "analysis_pass", "capture_points", "example_candidates", "hist_edges", "frequency",
            "mean_activation", "peak_context_maxima"]

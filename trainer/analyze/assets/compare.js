@@ -39,7 +39,13 @@
   function latentLink(which, id, d) {
     var href = d.links[which];
     var name = d[which].name + " #" + id;
-    return href ? el("a", { href: href + "#latent=" + id, text: name }) : el("span", { text: name });
+    var a = href ? el("a", { href: href + "#latent=" + id, text: name }) :
+      el("span", { text: name, cls: "nolink", title: d[which].name + " has no dashboard" +
+        (d.analyse_hint ? ": " + d.analyse_hint[which] : "") });
+    var toks = d.tokens && d.tokens[which] && d.tokens[which][String(id)];
+    if (!toks || !toks.length) return a;
+    return el("span", { cls: "lref", "data-latent": String(id) }, [a, el("span", { cls: "lab",
+      text: " " + toks.map(function (t) { return JSON.stringify(t); }).join(" ") })]);
   }
   function map(d) {
     var W = 680, H = 520, c = el("canvas", { width: W, height: H, cls: "map", id: "map" });
@@ -92,7 +98,17 @@
     head.appendChild(el("div", { cls: "meta", text: d.a.name + ": " + d.a.d_sae + " latents, " + d.b.name + ": " + d.b.d_sae +
       " latents \u00b7 families: a latent of " + par.name + " and the latents of " + chi.name + " at cosine \u2265 " + d.threshold +
       (d.corpus ? " \u00b7 co-firing on " + d.corpus.tokens + " tokens of " + d.corpus.dataset : "") }));
-    head.appendChild(el("nav", { cls: "members" }, [el("a", { href: "index.html", text: "\u2190 " + d.a.name + " dashboard" })]));
+    var nav = el("nav", { cls: "members" });
+    if (!d.links || d.links.a) nav.appendChild(el("a", { href: "index.html", text: "\u2190 " + d.a.name + " dashboard" }));
+    if (d.links && d.links.b) nav.appendChild(el("a", { href: d.links.b, text: d.b.name + " dashboard" }));
+    head.appendChild(nav);
+    ["a", "b"].forEach(function (w) {
+      var notes = [];
+      if (d.links && !d.links[w]) notes.push("has no dashboard, so its latents are not linked");
+      if (d.analysed && !d.analysed[w]) notes.push("has no analysis, so its latents show no top tokens");
+      if (notes.length) head.appendChild(el("div", { cls: "warn", id: "hint-" + w, text: d[w].name + " " + notes.join(" and ") +
+        ": run " + (d.analyse_hint ? d.analyse_hint[w] : "python -m trainer.analyze on it") + ", then this comparison again" }));
+    });
     var s1 = el("section", {}, [el("h2", { text: "Best decoder-cosine match" }),
       el("div", { cls: "legend", text: "each " + (d.hist.a_to_b_live ? "live " : "") + "latent of " + d.a.name +
         " \u2192 its most similar latent of " + d.b.name + med("a_to_b") }),
@@ -103,7 +119,7 @@
     var s2 = el("section", {}, [el("h2", { text: "Decoder directions (" + d.map.method.toUpperCase() + ")" }), map(d)]);
     var t = el("table", { id: "families" });
     t.appendChild(el("tr", {}, [el("th", { text: "parent (" + par.name + ")" }), el("th", { text: "fires" }),
-      el("th", { text: "with a child" }), el("th", { cls: "toks", text: "children in " + chi.name + ": cosine, P(child | parent), P(parent | child)" })]));
+      el("th", { text: "with a child" }), el("th", { cls: "toks", text: "children in " + chi.name + " (top tokens): cosine, P(child | parent), P(parent | child)" })]));
     var pw = d.parent, cw = pw === "a" ? "b" : "a";
     d.families.slice(0, 500).forEach(function (f) {
       var kids = el("td", { cls: "toks" });

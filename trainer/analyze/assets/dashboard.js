@@ -2,7 +2,7 @@
    Data: data/features.js and data/latents/NNNNN.js call SAEDash.data(name, json) (see analysis/). */
 (function () {
   "use strict";
-  var S = { docs: {}, waiting: {}, sum: null, order: [], page: 0, pageSize: 1000, sortKey: "frequency",
+  var S = { docs: {}, waiting: {}, sum: null, order: [], page: 0, pageSize: 1000, sortKey: "score",
             sortAsc: false, filter: "", hideDead: false, selected: null, links: null, compares: [] };
   var el = function (tag, attrs, kids) {
     var e = document.createElement(tag);
@@ -59,6 +59,12 @@
     S.n = L.frequency.length;
     S.dead = new Uint8Array(S.n);
     S.sum.dead.forEach(function (i) { S.dead[i] = 1; });
+    S.dominated = new Uint8Array(S.n);
+    (S.sum.dominated || []).forEach(function (i) { S.dominated[i] = 1; });
+    S.sortKeys = ["id", "frequency", "mean", "max"];
+    if (L.score && L.score.length === S.n) S.sortKeys.push("score");
+    if (L.docs && L.docs.length === S.n) S.sortKeys.push("docs");
+    if (S.sortKeys.indexOf(S.sortKey) < 0) S.sortKey = "frequency";  // analysis data from before the score
     renderHeader();
     renderOverview();
     renderList();
@@ -73,7 +79,8 @@
     var c = s.corpus;
     h.appendChild(el("div", { cls: "meta", text: s.model + " \u00b7 layer " + s.sae.layer + " " + s.sae.position +
       " (" + s.sae.hook_point_in + ") \u00b7 k " + s.sae.k + " \u00b7 corpus: " + c.dataset + ", " + c.n_contexts +
-      " contexts x " + c.context_len + " tokens (" + c.tokens + " non-special; " + c.rule + ")" }));
+      " contexts x " + c.context_len + " tokens (" + c.tokens + " non-special" +
+      (c.documents !== undefined ? ", " + c.documents + " documents" : "") + "; " + c.rule + ")" }));
     var nav = el("nav", { cls: "members" });
     var links = S.links || { members: [] };
     if (links.suite) nav.appendChild(el("a", { href: links.suite, text: "suite overview" }));
@@ -98,6 +105,14 @@
     var add = function (k, v) { st.appendChild(el("span", {}, [k + " ", el("b", { text: v })])); };
     add("live", String(s.density.live));
     add("dead", String(s.density.dead) + " (" + pct(s.density.dead / S.n) + ")");
+    var L = s.latents;
+    if (L.examples && L.examples.length === S.n) {
+      var ex = [], top = s.settings.top_n, full = 0;
+      for (var i = 0; i < S.n; i++) if (!S.dead[i]) { ex.push(L.examples[i]); if (L.examples[i] >= top) full++; }
+      ex.sort(function (a, b) { return a - b; });
+      if (ex.length) add("examples per live latent", "median " + ex[ex.length >> 1] + ", " + full + " with all " + top);
+    }
+    if (s.dominated && s.dominated.length) add("one document dominates", String(s.dominated.length) + " latents");
     var ev = s.sae.eval || {};
     if (ev.explained_variance !== undefined) add("EV", ev.explained_variance.toFixed(4));
     if (ev.l0 !== undefined) add("L0", ev.l0.toFixed(2));
@@ -181,12 +196,18 @@
     var wrap = el("div", { cls: "tablewrap" });
     var table = el("table", { id: "features" });
     var head = el("tr");
-    [["id", "latent"], ["frequency", "frequency"], ["mean", "mean act"], ["max", "max act"], [null, "top tokens"]].forEach(function (c) {
+    var cols = [["id", "latent"]];
+    if (S.sortKeys.indexOf("score") >= 0) cols.push(["score", "score"]);
+    cols = cols.concat([["frequency", "frequency"], ["mean", "mean act"], ["max", "max act"]]);
+    if (S.sortKeys.indexOf("docs") >= 0) cols.push(["docs", "docs"]);
+    cols.push([null, "top tokens"]);
+    cols.forEach(function (c) {
       var th = el("th", { text: c[1], cls: c[0] ? "" : "toks" });
       if (c[0]) {
         th.setAttribute("data-sort", c[0]);
         th.addEventListener("click", function () {
           if (S.sortKey === c[0]) S.sortAsc = !S.sortAsc; else { S.sortKey = c[0]; S.sortAsc = c[0] === "id"; }
+          th.title = "";
           S.page = 0; refresh();
         });
       }
@@ -215,9 +236,17 @@
         .slice(0, 4).map(function (t) { var x = tokText(t); return JSON.stringify(x.length > 14 ? x.slice(0, 13) + "\u2026" : x); }).join(" ");
       var idCell = el("td", { text: String(i) });
       if (S.dead[i]) idCell.appendChild(el("span", { cls: "badge", text: "dead" }));
+      var cells = [idCell];
+      if (S.sortKeys.indexOf("score") >= 0) cells.push(el("td", { text: S.dead[i] ? "" : L.score[i].toFixed(3) }));
+      cells.push(el("td", { text: pct(L.frequency[i]) }), el("td", { text: fmt(L.mean[i]) }), el("td", { text: fmt(L.max[i]) }));
+      if (S.sortKeys.indexOf("docs") >= 0) {
+        var dc = el("td", { text: S.dead[i] ? "" : String(L.docs[i]) });
+        if (S.dominated[i]) { dc.appendChild(el("span", { cls: "badge", text: "mostly 1 doc", title: L.doc_max[i] + " of " + L.examples[i] + " examples from one document" })); }
+        cells.push(dc);
+      }
+      cells.push(el("td", { cls: "toks", text: toks }));
       var tr = el("tr", { cls: "feat" + (S.dead[i] ? " dead" : "") + (i === S.selected ? " selected" : ""),
-        "data-feature-id": String(i) }, [idCell, el("td", { text: pct(L.frequency[i]) }),
-        el("td", { text: fmt(L.mean[i]) }), el("td", { text: fmt(L.max[i]) }), el("td", { cls: "toks", text: toks })]);
+        "data-feature-id": String(i) }, cells);
       tr.addEventListener("click", (function (id) { return function () { location.hash = "latent=" + id; }; })(i));
       frag.appendChild(tr);
     }
@@ -236,7 +265,7 @@
   }
 
   // ------------------------------------------------------------------ one latent
-  // #latent=N opens a latent; #q=TEXT searches; #sort=frequency|mean|max|id (&asc=1); joined by &
+  // #latent=N opens a latent; #q=TEXT searches; #sort=score|frequency|mean|max|docs|id (&asc=1); joined by &
   function fromHash() {
     var h = {};
     location.hash.replace(/^#/, "").split("&").forEach(function (kv) {
@@ -245,7 +274,7 @@
     });
     var relist = false;
     if (h.q !== undefined && h.q !== S.filter) { S.filter = h.q; document.getElementById("search").value = h.q; relist = true; }
-    if (h.sort && ["frequency", "mean", "max", "id"].indexOf(h.sort) >= 0 && h.sort !== S.sortKey) { S.sortKey = h.sort; relist = true; }
+    if (h.sort && S.sortKeys.indexOf(h.sort) >= 0 && h.sort !== S.sortKey) { S.sortKey = h.sort; relist = true; }
     if (h.asc !== undefined && (h.asc === "1") !== S.sortAsc) { S.sortAsc = h.asc === "1"; relist = true; }
     if (relist) { S.page = 0; refresh(); }
     if (h.latent !== undefined) select(parseInt(h.latent, 10));
@@ -267,6 +296,12 @@
   function contextLine(c, peakMax, cls) {
     var line = el("div", { cls: "ctx " + (cls || "") });
     line.appendChild(el("span", { cls: "val", text: fmt(c.value) }));
+    if (c.doc !== undefined) {
+      var held = c.ctx < (S.sum.corpus.held_out_contexts || 0);
+      line.setAttribute("data-doc", String(c.doc));
+      line.appendChild(el("span", { cls: "doc", text: "d" + c.doc + (held ? "*" : ""),
+        title: "document " + c.doc + ", context " + c.ctx + (held ? " (held out: the SAE never trained on it)" : "") }));
+    }
     c.tokens.forEach(function (t, j) {
       var a = c.acts[j], alpha = peakMax > 0 ? Math.min(1, a / peakMax) : 0;
       var txt = tokText(t);
@@ -287,8 +322,31 @@
     add("frequency", pct(L.frequency[i]) + " (" + L.count[i] + " tokens)");
     add("mean", fmt(L.mean[i]));
     add("max", fmt(L.max[i]));
+    if (L.score && !S.dead[i]) add("score", L.score[i].toFixed(3) + " (concentration " + L.concentration[i].toFixed(3) + ")");
+    if (L.docs && L.docs.length === S.n && !S.dead[i]) add("examples", L.examples[i] + " from " + L.docs[i] + " document" + (L.docs[i] === 1 ? "" : "s"));
     box.appendChild(st);
+    if (S.dominated[i]) box.appendChild(el("div", { cls: "warn", id: "dominated", text: L.doc_max[i] + " of its " + L.examples[i] +
+      " top examples come from one document: they may show that document more than the latent" }));
     var mx = L.max[i];
+    box.appendChild(el("h3", { text: "Top examples (by peak activation, windows never overlapping; shading: activation / max" +
+      (rec.top.length && rec.top[0].doc !== undefined ? "; d<N>: the document, *: held out" : "") + ")" }));
+    var top = el("div", { id: "top-contexts" });
+    if (!rec.top.length) top.appendChild(el("p", { cls: "empty", text: "never active on this corpus" }));
+    rec.top.forEach(function (c) { top.appendChild(contextLine(c, mx, "top")); });
+    box.appendChild(top);
+    if (rec.nearest && rec.nearest.length) {
+      box.appendChild(el("h3", { text: "Nearest latents (decoder cosine)" }));
+      var nt = el("table", { id: "nearest" }, [el("tr", {}, [el("th", { cls: "toks", text: "latent" }), el("th", { text: "cosine" }),
+        el("th", { text: "frequency" }), el("th", { cls: "toks", text: "top tokens" })])]);
+      rec.nearest.forEach(function (p) {
+        var j = p[0], seen = {};
+        var toks = (L.peak_tokens[j] || []).filter(function (t) { return seen[t] ? false : (seen[t] = 1); }).slice(0, 4)
+          .map(function (t) { return JSON.stringify(tokText(t)); }).join(" ");
+        nt.appendChild(el("tr", { cls: "near", "data-near-id": String(j) }, [el("td", { cls: "toks" }, [el("a", { href: "#latent=" + j, text: "#" + j })]),
+          el("td", { text: p[1].toFixed(3) }), el("td", { text: S.dead[j] ? "dead" : pct(L.frequency[j]) }), el("td", { cls: "toks", text: toks })]));
+      });
+      box.appendChild(el("div", { cls: "nearest" }, [nt]));
+    }
     if (rec.hist.counts.length) {
       box.appendChild(el("h3", { text: "Activation histogram (log-spaced bins)" }));
       var labels = [], ticks = [], E = s.hist_edges;
@@ -311,11 +369,6 @@
       });
       box.appendChild(lg);
     }
-    box.appendChild(el("h3", { text: "Top contexts (by peak activation; shading: activation / max)" }));
-    var top = el("div", { id: "top-contexts" });
-    if (!rec.top.length) top.appendChild(el("p", { cls: "empty", text: "never active on this corpus" }));
-    rec.top.forEach(function (c) { top.appendChild(contextLine(c, mx, "top")); });
-    box.appendChild(top);
     rec.samples.slice().reverse().forEach(function (g) {
       box.appendChild(el("h3", { text: "Sampled: quantile " + Math.round(g.quantile[0] * 100) + "\u2013" +
         Math.round(g.quantile[1] * 100) + "% of active tokens (activation " + fmt(g.range[0]) + "\u2013" + fmt(g.range[1]) + ")" }));
