@@ -27,14 +27,14 @@ def tiny_tokenizer():
 
 
 def tiny_llama_folder(path: str, *, hidden_size: int = 32, layers: int = 3, seed: int = 0,
-                      intermediate_size: Optional[int] = None) -> str:
+                      intermediate_size: Optional[int] = None, max_positions: int = 512) -> str:
     """Write a random ``LlamaForCausalLM`` (GQA, RMSNorm, SiLU MLP) and its tokenizer to ``path``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tiny_tokenizer()
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size or 2 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)

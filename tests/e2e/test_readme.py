@@ -136,3 +136,53 @@ def test_the_library_snippet_runs(tmp_path, monkeypatch):
     assert names["x_hat"].shape == (4096, 576) and names["f"].shape == (4096, 4608)
     for folder in ("my_sae", "out/saelens", "out/layers.12"):
         assert os.listdir(folder), folder
+
+
+# What makes a README training command a seconds-long run of a tiny random Llama with the embedded
+# default's shape of layers (30): the flags appended win over the README's (argparse keeps the last).
+TINY_RUN = ["--tokens", "1024", "--batch-size", "256", "--context-len", "64", "--lm-batch-size", "4",
+            "--buffer-tokens", "1024", "--eval-tokens", "128", "--k", "8", "--no-eval-lm-loss", "--no-progress"]
+
+
+def test_the_walk_through_runs_in_order_on_a_tiny_model(tmp_path_factory, monkeypatch, capsys):
+    """Every README command a CPU test can run, in the README's order, in one folder, as a user types them
+    one after the other (each distinct command once): the quick start, the suites, the widths, the
+    analysis, the comparison, the probe, the evaluation. Only the model is swapped for a tiny random Llama
+    with the embedded model's 30 layers (and the runs shortened); none is refused by an earlier one."""
+    from trainer.analyze.cli import main as analyze
+    from trainer.evaluate.cli import main as evaluate
+    from trainer.run import main as train
+    from trainer.testing import tiny_llama_folder
+
+    model = tiny_llama_folder(str(tmp_path_factory.mktemp("tiny30")), layers=30, max_positions=8192)
+    work = tmp_path_factory.mktemp("walk")
+    monkeypatch.chdir(work)
+    ran, seen = [], set()
+    for cmd in _commands():
+        last = cmd.split("&&")[-1].strip()
+        words = shlex.split(last)
+        if last in seen or words[0] not in ("python",) or words[1:3] == ["-m", "pytest"]:
+            continue  # pip, torchrun, pytest: CI's own jobs; a command already run is the same job
+        seen.add(last)
+        if words[2] == "trainer.run":
+            args = words[3:]
+            if "--model" in args:
+                continue  # the real job: a GPU and the Hub
+            layer = [] if {"--hookpoints", "--layers", "--layer"} & set(args) else ["--layer", "12"]  # embedded's
+            assert train(args + ["--model", model, *layer, *TINY_RUN]) == 0, last
+        elif words[2:4] == ["trainer.analyze", "compare"]:
+            assert analyze(words[3:] + ["--no-progress"]) == 0, last
+        elif words[2:4] == ["trainer.analyze", "probe"]:
+            assert analyze(words[3:]) == 0, last
+        elif words[2] == "trainer.analyze":
+            assert analyze(words[3:] + ["--no-progress", "--tokens", "2048"]) == 0, last
+        elif words[2] == "trainer.evaluate":
+            assert evaluate(words[3:] + ["--no-progress"]) == 0, last
+        else:
+            raise AssertionError(f"the walk-through does not know how to run {last!r}")
+        ran.append(last)
+    assert len(ran) >= 8, ran
+    assert (work / "runs" / "L12R-8x" / "eval.json").is_file()
+    assert (work / "runs" / "four" / "suite.json").is_file() and (work / "runs" / "grid" / "suite.json").is_file()
+    assert (work / "runs" / "widths" / "dashboard" / "index.html").is_file()
+    assert list((work / "runs" / "widths" / "L12R-8x" / "evaluations").glob("*ctx4096*.json"))
