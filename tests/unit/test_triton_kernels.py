@@ -1,16 +1,20 @@
 """Triton launchers (sae_kernels.triton_ops) against float64 dense references computed here.
 
-Runs on CPU under TRITON_INTERPRET=1 (set below before triton is imported), or on CUDA when a GPU
-is present and the interpreter is off. Shapes are small and deliberately odd (d=123, n=1000, k=1,
-k=7, k=n, k=d/2, N=1): the interpreter executes every program in Python.
+Runs compiled on CUDA when a GPU is present, else on CPU under TRITON_INTERPRET=1 (the default follows
+``torch.cuda.is_available()``, as tests/conftest.py sets it, before triton is imported; an explicit
+TRITON_INTERPRET wins). ``DEVICE`` names where the tests ran (the device check's test report reads it).
+Shapes are small and deliberately odd (d=123, n=1000, k=1, k=7, k=n, k=d/2, N=1): the interpreter
+executes every program in Python.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
