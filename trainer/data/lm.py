@@ -169,6 +169,20 @@ def model_of_lm_config(lm: Dict[str, object]) -> Optional[str]:
     return got
 
 
+def _accelerate_available() -> bool:
+    """Whether transformers can take a ``device_map`` (it needs the accelerate package): importable now
+    and seen by transformers."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("accelerate") is None:
+            return False
+        from transformers.utils import is_accelerate_available
+    except (ImportError, ValueError):
+        return False
+    return bool(is_accelerate_available())
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
@@ -204,8 +218,10 @@ def load_model(
             raise ModelError(f"--model {name!r}: no such local path (and not a Hub name such as 'meta-llama/Llama-3.1-8B')")
     device = torch.device(device)
     load_kw = dict(kwargs)
-    if device.type == "cuda":
-        load_kw["device_map"] = {"": str(device)}  # straight to the GPU (an 8B model in bf16 is 16 GB)
+    if device.type == "cuda" and _accelerate_available():
+        # straight to the GPU (an 8B model in bf16 is 16 GB); transformers needs accelerate for a device_map.
+        # Without it the weights load into host memory and move below (``.to(device)``).
+        load_kw["device_map"] = {"": str(device)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
