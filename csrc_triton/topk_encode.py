@@ -122,12 +122,15 @@ def _encode_topk_candidates_kernel(
         # that row's worst slot while it beats it. The first test is the cheap rejection: once the
         # running lists are full, most tiles have no entry above any row's KP-th best and cost one
         # max + one min reduction. Terminates: every accepted step removes a finite entry from s.
-        m, am = tl.max(s, axis=1, return_indices=True)
+        # Ties go to the smaller latent id: a tile entry must beat the worst slot strictly (the
+        # slots hold latents of earlier tiles, so smaller ids), the tile's max is its leftmost
+        # (smallest id), and of the slots tied for worst the one with the largest id is replaced.
+        m, am = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
         thr = tl.min(best_s, axis=1)
         n_accept = tl.sum((m > thr).to(tl.int32), axis=0)
         while n_accept > 0:
             accept = m > thr
-            slot = tl.argmin(best_s, axis=1)
+            slot = tl.argmax(tl.where(best_s == thr[:, None], best_i, -2), axis=1)
             hit = offs_n[None, :] == am[:, None]                       # [BLOCK_M, BLOCK_N] one-hot
             v_new = tl.sum(tl.where(hit, z, 0.0), axis=1)
             put = (slots[None, :] == slot[:, None]) & accept[:, None]  # [BLOCK_M, KP] one-hot
@@ -136,7 +139,7 @@ def _encode_topk_candidates_kernel(
             best_i = tl.where(put, (n0 + am)[:, None].to(tl.int32), best_i)
             # Rows that did not accept lose nothing: their tile max is already <= their threshold.
             s = tl.where(hit, float("-inf"), s)
-            m, am = tl.max(s, axis=1, return_indices=True)
+            m, am = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
             thr = tl.min(best_s, axis=1)
             n_accept = tl.sum((m > thr).to(tl.int32), axis=0)
 
@@ -153,16 +156,21 @@ def _select_candidates_kernel(
     n_tokens, width, K,
     BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """Exact top-K over each row's candidates by K rounds of max extraction (sorted, descending).
+    """Exact top-K over each row's candidates by K rounds of max extraction (sorted, descending;
+    of equal scores the smaller latent id first: candidate slots are not in latent order).
     At least K candidates per row are real latents with a score above -inf (see _encode_tile)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_mask = rows < n_tokens
     cols = tl.arange(0, BLOCK_W)
     base = rows * width
-    s = tl.load(cand_s_ptr + base[:, None] + cols[None, :],
-                mask=row_mask[:, None] & (cols[None, :] < width), other=float("-inf"))
+    in_row = row_mask[:, None] & (cols[None, :] < width)
+    s = tl.load(cand_s_ptr + base[:, None] + cols[None, :], mask=in_row, other=float("-inf"))
+    # empty slots (id -1) and padding rank after every latent of an equal score
+    ids = tl.load(cand_i_ptr + base[:, None] + cols[None, :], mask=in_row, other=-1)
+    ids = tl.where(ids < 0, 2147483647, ids)
     for j in range(0, K):
-        _, pos = tl.max(s, axis=1, return_indices=True)
+        best = tl.max(s, axis=1)
+        pos = tl.argmin(tl.where(s == best[:, None], ids, 2147483647), axis=1)
         v = tl.load(cand_v_ptr + base + pos, mask=row_mask, other=0.0)
         i = tl.load(cand_i_ptr + base + pos, mask=row_mask, other=0)
         tl.store(val_ptr + rows * K + j, v.to(val_ptr.dtype.element_ty), mask=row_mask)

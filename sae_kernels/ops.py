@@ -32,6 +32,7 @@ import torch
 
 from ._validate import check_k, check_tensor
 from .backend import get_impl
+from .reference import mm_out
 
 Tensor = torch.Tensor
 
@@ -398,95 +399,171 @@ def decode_for_training(
     return out.reshape(*lead, d)
 
 
-# ------------------------------------------------------------- AuxK dense over a few latents (CPU route)
+# ------------------------------------------------------------- AuxK dense over a subset of latents
+
+
+def _row_grad_sink(template: Tensor, m: int, dtype: torch.dtype) -> Tensor:
+    """An uninitialised ``[m, *template.shape[1:]]`` leaf that requires grad: ``select_dense`` /
+    ``subset_decode`` with ``row_grads`` return the gradient of those rows to it (its values are never read)."""
+    return torch.empty((m,) + tuple(template.shape[1:]), dtype=dtype, device=template.device).requires_grad_()
+
+
+class RowGrads:
+    """Gradients of the rows ``ids`` of full-size parameters, kept ``[m, ...]`` instead of
+    full-size. ``select_dense`` and ``subset_decode`` build full ``[d_sae, d]`` gradients with zeros
+    outside ``ids`` by default; given a ``RowGrads`` they return the rows' gradients to its sinks,
+    and ``add_to`` adds them to the parameters' ``.grad`` after the backward: work in proportion to
+    ``m``, not to d_sae (AuxK over the dead latents next to a full-width main gradient)."""
+
+    def __init__(self, ids: Tensor) -> None:
+        self.ids = ids
+        self.sinks: "Dict[int, Tuple[Tensor, Tensor]]" = {}
+
+    def sink(self, param: Tensor) -> Tensor:
+        """The ``[m, ...]`` leaf that receives ``param``'s row gradients (one per parameter)."""
+        key = id(param)
+        if key not in self.sinks:
+            self.sinks[key] = (param, _row_grad_sink(param, self.ids.numel(), param.dtype))
+        return self.sinks[key][1]
+
+    @torch.no_grad()
+    def add_to(self) -> None:
+        """``param.grad[ids] += rows`` for every sink that received a gradient (``index_add_``: one
+        read and one write of the rows)."""
+        for param, s in self.sinks.values():
+            if s.grad is None:
+                continue
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            param.grad.index_add_(0, self.ids, s.grad.to(param.grad.dtype))
+        self.sinks.clear()
+
+
+def _host_sync_free(t: Tensor) -> bool:
+    """Whether reading a value of ``t`` on the host costs nothing (the CPU: no device to wait for)."""
+    return t.device.type == "cpu"
 
 
 class _DenseFromPre(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, pre, dec_norm, ids, k_aux, W_c):
-        z = pre.index_select(1, ids).relu()
-        # keep each row's top k_aux of the m latents, zero the rest. Rows with at most k_aux positive
-        # entries keep all of them, so when every row does, the top-k is the identity (dead latents are
-        # positive on few tokens: ~10-25% of them per token in the default runs) and is skipped; the
-        # count costs a host sync, which is free on the CPU, the route's only user.
-        if k_aux < z.shape[1] and int((z > 0).sum(1).max()) > k_aux:
-            acc = torch.float64 if z.dtype == torch.float64 else torch.float32  # rank as the kernels do
-            score = z if dec_norm is None else z.to(acc) * dec_norm.index_select(0, ids).to(acc)
-            keep = torch.topk(score, k_aux, dim=1, sorted=False).indices
-            z = torch.zeros_like(z).scatter_(1, keep, z.gather(1, keep))
+    def forward(ctx, x, W_enc, b_enc, pre, dec_norm, ids, k_aux, W_c, b_c, allowed, sink_w, sink_b):
+        if pre is not None:
+            z = pre.index_select(1, ids).relu()
+        else:  # the encode kept no pre-activations: one GEMM over the m latents
+            z = torch.addmm(b_c.index_select(0, ids), x, W_c.index_select(0, ids).t()).relu()
+        if allowed is not None:
+            z = torch.where(allowed, z, torch.zeros_like(z))
+        # keep each row's top k_aux of the m latents, zero the rest: the encode's own exact selection
+        # (its backend's row select, with the package's tie and NaN rules) over the [N, m] block. Rows
+        # with at most k_aux positive entries keep all of them, so when every row does, the selection
+        # is the identity (dead latents are positive on few tokens: ~10-25% of them per token in the
+        # default runs) and is skipped on the CPU, where the count's host sync is free; on a GPU the
+        # selection always runs (same result, no sync).
+        if k_aux < z.shape[1] and (not _host_sync_free(z) or int((z > 0).sum(1).max()) > k_aux):
+            norm = dec_norm.index_select(0, ids) if dec_norm is not None else None
+            vals, keep = get_impl(z.device, z.dtype).select_from_pre(z.contiguous(), k_aux, norm)
+            z = torch.zeros_like(z).scatter_(1, keep, vals.to(z.dtype))
         ctx.save_for_backward(x, W_c, z, ids)
         ctx.w_dtype, ctx.b_dtype = W_enc.dtype, b_enc.dtype
+        ctx.rows = sink_w is not None
         return z
 
     @staticmethod
     def backward(ctx, grad):
         x, W_c, z, ids = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        acc = torch.float64 if W_c.dtype == torch.float64 else torch.float32
-        g = torch.where(z > 0, grad, torch.zeros_like(grad)).to(acc)
+        if ctx.rows:
+            need_w, need_b = ctx.needs_input_grad[10:12]
+        # operands in the compute dtype, fp32 accumulation (as the encode's own backward)
+        g = torch.where(z > 0, grad, torch.zeros_like(grad)).to(W_c.dtype)
         dx = dW = db = None
         if need_x:
-            dx = (g @ W_c.index_select(0, ids).to(acc)).to(x.dtype)
+            dx = mm_out(g, W_c.index_select(0, ids), x.dtype)
         if need_w:
-            dW = torch.zeros(W_c.shape, dtype=ctx.w_dtype, device=W_c.device)
-            dW[ids] = (g.t() @ x.to(acc)).to(ctx.w_dtype)  # distinct ids: a plain row write
+            dW = mm_out(g.t(), x.to(W_c.dtype), ctx.w_dtype)
+            if not ctx.rows:
+                full = torch.zeros(W_c.shape, dtype=ctx.w_dtype, device=W_c.device)
+                full[ids] = dW  # distinct ids: a plain row write
+                dW = full
         if need_b:
-            db = torch.zeros(W_c.shape[0], dtype=ctx.b_dtype, device=W_c.device)
-            db[ids] = g.sum(0).to(ctx.b_dtype)
-        return dx, dW, db, None, None, None, None, None
+            acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+            db = g.sum(0, dtype=acc).to(ctx.b_dtype)
+            if not ctx.rows:
+                full = torch.zeros(W_c.shape[0], dtype=ctx.b_dtype, device=W_c.device)
+                full[ids] = db
+                db = full
+        if ctx.rows:
+            return dx, None, None, None, None, None, None, None, None, None, dW, db
+        return dx, dW, db, None, None, None, None, None, None, None, None, None
 
 
-def select_dense(scores: EncodeScores, ids: Tensor, k_aux: int) -> Optional[Tensor]:
-    """AuxK's selection dense over the ``m`` latents ``ids`` (e.g. the dead ones), from the
-    pre-activations ``encode_for_training(..., keep_pre=True)`` kept: ``[N, m]`` with
-    ``relu(pre[t, ids[j]])`` where latent ``ids[j]`` is among row ``t``'s top-``k_aux`` of ``ids`` (by
+def select_dense(scores: EncodeScores, ids: Tensor, k_aux: int, *, allowed: Optional[Tensor] = None,
+                 row_grads: Optional[RowGrads] = None) -> Tensor:
+    """AuxK's selection dense over the ``m`` latents ``ids`` (e.g. the dead ones, or a superset of
+    them with ``allowed`` marking the dead): ``[N, m]`` with ``relu(pre[t, ids[j]])`` where latent
+    ``ids[j]`` is allowed and among row ``t``'s top-``k_aux`` of the allowed ``ids`` (by
     ``relu(pre) * dec_norm``, as ``EncodeScores.select``), else 0. Its work grows with ``m``, not with
-    d_sae: the route for few dead latents where a host sync is free (the CPU); decode it with
-    ``subset_decode``. Gradients to ``x``, ``W_enc``, ``b_enc`` like the encode's. None when the encode
-    kept no pre-activations (then use ``EncodeScores.select``).
+    d_sae; decode it with ``subset_decode``. From the pre-activations the encode kept
+    (``encode_for_training(..., keep_pre=True)``), or, where it kept none (fused encode), one GEMM over
+    the ``m`` latents. Gradients to ``x``, ``W_enc``, ``b_enc`` like the encode's (to ``row_grads``'
+    sinks for ``W_enc`` / ``b_enc`` when given).
 
     Args:
         ids: ``[m]`` int64, distinct, in range (not checked: the caller builds them from a mask).
         k_aux: latents kept per row (``>= 1``; all ``m`` when ``k_aux >= m``).
+        allowed: bool ``[m]``: latents of ``ids`` that may be selected (None: all).
+        row_grads: a ``RowGrads`` over the same ``ids``: ``[m, d]`` / ``[m]`` gradients instead of full ones.
     """
-    if scores.pre is None:
-        return None
-    x, W_enc, b_enc, dec_norm, W_c, _ = scores._args
+    x, W_enc, b_enc, dec_norm, W_c, b_c = scores._args
     if isinstance(k_aux, bool) or not isinstance(k_aux, int) or k_aux < 1:
         raise ValueError(f"k_aux: expected an int >= 1, got {k_aux!r}")
     if ids.dtype != torch.int64 or ids.ndim != 1 or ids.numel() == 0:
         raise ValueError(f"ids: expected a non-empty int64 [m] tensor, got {ids.dtype} {list(ids.shape)}")
-    return _DenseFromPre.apply(x, W_enc, b_enc, scores.pre, dec_norm, ids, k_aux, W_c)
+    if allowed is not None:
+        check_tensor("allowed", allowed, shape=(ids.numel(),), dtypes=(torch.bool,), device=W_c.device)
+    sink_w = sink_b = None
+    if row_grads is not None:
+        if row_grads.ids is not ids:
+            raise ValueError("row_grads: expected a RowGrads over the same ids tensor")
+        sink_w, sink_b = row_grads.sink(W_enc), row_grads.sink(b_enc)
+    return _DenseFromPre.apply(x, W_enc, b_enc, scores.pre, dec_norm, ids, k_aux, W_c, b_c, allowed, sink_w, sink_b)
 
 
 class _SubsetDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, acts, W_dec, ids, W_c):
+    def forward(ctx, acts, W_dec, ids, W_c, sink, out_dtype):
         W_sub = W_c.index_select(0, ids)
         ctx.save_for_backward(acts, W_sub, ids)
         ctx.n_rows, ctx.w_dtype = W_c.shape[0], W_dec.dtype
-        return acts @ W_sub
+        ctx.rows = sink is not None
+        return mm_out(acts, W_sub, out_dtype or W_sub.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         acts, W_sub, ids = ctx.saved_tensors
         d_acts = dW = None
-        g = grad_out.to(W_sub.dtype)
+        g = grad_out.to(W_sub.dtype)  # operands in the compute dtype, fp32 accumulation
         if ctx.needs_input_grad[0]:
-            d_acts = (g @ W_sub.t()).to(acts.dtype)
-        if ctx.needs_input_grad[1]:
+            d_acts = mm_out(g, W_sub.t(), acts.dtype)
+        if ctx.needs_input_grad[4 if ctx.rows else 1]:
+            rows = mm_out(acts.to(W_sub.dtype).t(), g, ctx.w_dtype)
+            if ctx.rows:
+                return d_acts, None, None, None, rows, None
             # distinct ids: a plain row write. index_select's own backward and index_add_ go through a
             # scatter_add over an expanded index: 45-200 ms for 92-1382 rows x 576 on a loaded 2-core
             # CPU, against < 1 ms for this write
             dW = torch.zeros((ctx.n_rows, W_sub.shape[1]), dtype=ctx.w_dtype, device=W_sub.device)
-            dW[ids] = (acts.to(W_sub.dtype).t() @ g).to(ctx.w_dtype)
-        return d_acts, dW, None, None
+            dW[ids] = rows
+        return d_acts, dW, None, None, None, None
 
 
-def subset_decode(acts: Tensor, W_dec: Tensor, ids: Tensor, *, compute: Optional[Tensor] = None) -> Tensor:
+def subset_decode(acts: Tensor, W_dec: Tensor, ids: Tensor, *, compute: Optional[Tensor] = None,
+                  row_grads: Optional[RowGrads] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``acts @ W_dec[ids]``: a decode dense over the ``m`` latents ``ids`` (what ``select_dense``
-    returns), with gradients to ``acts`` and to the rows ``ids`` of ``W_dec``. ``compute``: the copy of
-    ``W_dec`` the math reads (gradients still go to ``W_dec`` in its dtype).
+    returns), with gradients to ``acts`` and to the rows ``ids`` of ``W_dec`` (full-size, or ``[m, d]``
+    to ``row_grads``' sink when given). ``compute``: the copy of ``W_dec`` the math reads (gradients
+    still go to ``W_dec`` in its dtype). ``out_dtype``: the output's dtype (default the copy's; fp32
+    from a bf16 copy keeps the fp32 sum).
 
     Args:
         acts: ``[N, m]``. W_dec: ``[d_sae, d]``. ids: ``[m]`` int64, distinct (not checked).
@@ -496,4 +573,9 @@ def subset_decode(acts: Tensor, W_dec: Tensor, ids: Tensor, *, compute: Optional
     check_tensor("acts", acts, ndim=2)
     if ids.dtype != torch.int64 or ids.ndim != 1 or ids.shape[0] != acts.shape[1]:
         raise ValueError(f"ids: expected an int64 [{acts.shape[1]}] tensor, got {ids.dtype} {list(ids.shape)}")
-    return _SubsetDecode.apply(acts.to(W_c.dtype), W_dec, ids, W_c)
+    sink = None
+    if row_grads is not None:
+        if row_grads.ids is not ids:
+            raise ValueError("row_grads: expected a RowGrads over the same ids tensor")
+        sink = row_grads.sink(W_dec)
+    return _SubsetDecode.apply(acts.to(W_c.dtype), W_dec, ids, W_c, sink, out_dtype)

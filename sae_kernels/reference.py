@@ -27,6 +27,36 @@ Tensor = torch.Tensor
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
+def topk_indices(score: Tensor, k: int) -> Tensor:
+    """``[N, k]`` indices of each row's ``k`` largest scores, equal scores to the smaller index and
+    NaN above every number: the package's selection rule (the Triton kernels' too), which
+    ``torch.topk`` alone does not fix for ties. ``torch.topk``, then one compare pass: a row has a tie
+    at its k-th score (or a NaN) exactly when the count of scores ``>=`` its k-th is not ``k``
+    (zeros tie in rows with fewer than ``k`` positive scores); only those rows are re-selected, by a
+    stable sort. Not in increasing index order."""
+    idx = torch.topk(score, k, dim=1, sorted=False).indices
+    if score.shape[0] == 0 or k >= score.shape[1]:
+        return idx
+    kth = score.gather(1, idx).min(1, keepdim=True).values  # NaN when the selection holds a NaN
+    rows = ((score >= kth).sum(1) != k).nonzero().squeeze(1)
+    if rows.numel():
+        idx[rows] = torch.sort(score[rows], dim=1, descending=True, stable=True).indices[:, :k]
+    return idx
+
+
+def mm_out(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """``a @ b`` with fp32 accumulation, written in ``out_dtype`` (cuBLAS writes fp32 from bf16 directly;
+    elsewhere the operands are upcast)."""
+    if out_dtype == a.dtype:
+        return a @ b
+    if a.device.type == "cuda" and out_dtype == torch.float32:
+        try:
+            return torch.mm(a, b, out_dtype=out_dtype)
+        except (RuntimeError, TypeError):  # older torch: no mm.dtype
+            pass
+    return (a.float() @ b.float()).to(out_dtype)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -80,7 +110,7 @@ def encode_select(
     score = z
     if dec_norm is not None:
         score = _score(z, dec_norm, _scratch_buffer("score", N, n, z.new_empty((), dtype=_acc_dtype(z.dtype))))
-    _, indices = torch.topk(score, k, dim=1, sorted=False)
+    indices = topk_indices(score, k)
     values = z.gather(1, indices)
     return (values, indices, z) if return_pre else (values, indices)
 
@@ -92,7 +122,7 @@ def select_from_pre(pre: Tensor, k: int, dec_norm: Optional[Tensor], allowed: Op
     without another GEMM; latents where ``allowed`` (bool ``[n]``) is False count as zero."""
     z = pre if allowed is None else pre * allowed.to(pre.dtype)
     score = z if dec_norm is None else _score(z, dec_norm)
-    _, indices = torch.topk(score, k, dim=1, sorted=False)
+    indices = topk_indices(score, k)
     return z.gather(1, indices), indices
 
 

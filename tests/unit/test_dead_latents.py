@@ -428,3 +428,209 @@ def test_each_death_restarts_adam_once_when_the_window_is_whole_batches():
     bad = (resets != deaths_before_last).nonzero().squeeze(1).tolist()
     assert not bad, (f"latents {bad[:8]}: RESET flags {resets[bad[:8]].tolist()} against deaths "
                      f"{deaths_before_last[bad[:8]].tolist()} (a death restarted Adam more or less than once)")
+
+
+# ---------------------------------------------- AuxK over candidate latents (issue 32): the GPU route on the CPU
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("kept_pre", [True, False], ids=["kept-pre", "gemm"])
+@pytest.mark.parametrize("sync_free", [True, False], ids=["cpu-route", "gpu-route"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N,d,n,k,m,k_aux", [(21, 40, 97, 5, 31, 8), (13, 24, 50, 3, 1, 4), (9, 33, 64, 7, 40, 40)])
+def test_select_dense_over_candidates_with_row_grads(N, d, n, k, m, k_aux, dtype, tol, sync_free, kept_pre, backend,
+                                                     monkeypatch):
+    """The step's AuxK route: candidates ``ids`` (a superset of the dead) with ``allowed`` marking the
+    dead among them, from the kept pre-activations or one GEMM over the candidates (a fused encode
+    keeps none), the selection (each backend's row select) always made (the GPU route, no host sync)
+    or skipped when it is the identity (the CPU route); the W_enc / b_enc / W_dec gradients of the candidate rows go to
+    ``RowGrads`` sinks and are added to the full gradients after the backward. Everything against
+    float64 autograd on the same support; rows outside the candidates get exactly zero."""
+    from sae_kernels import ops
+    from sae_kernels.ops import EncodeScores, RowGrads, encode_for_training, select_dense, subset_decode
+
+    monkeypatch.setattr(ops, "_host_sync_free", lambda t: sync_free)
+    g = torch.Generator().manual_seed(N * 1000 + m + k_aux)
+    x = torch.randn(N, d, generator=g).to(dtype)
+    W_enc = (torch.randn(n, d, generator=g) / d ** 0.5).to(dtype).requires_grad_()
+    b_enc = (torch.randn(n, generator=g) * 0.1).to(dtype).requires_grad_()
+    W_dec = (torch.randn(n, d, generator=g) * (torch.rand(n, 1, generator=g) + 0.5)).to(dtype).requires_grad_()
+    ids = torch.randperm(n, generator=g)[:m]
+    allowed = torch.rand(m, generator=g) < 0.6
+    allowed[0] = True
+    grad = torch.randn(N, d, generator=g).to(dtype)
+    dec_norm = W_dec.detach().float().norm(dim=1)
+    _, _, scores = encode_for_training(x, W_enc, b_enc, k, dec_norm, keep_pre=True)
+    if not kept_pre:
+        scores = EncodeScores(*scores._args, None)
+    rg = RowGrads(ids)
+    a = select_dense(scores, ids, k_aux, allowed=allowed, row_grads=rg)
+    out = subset_decode(a, W_dec, ids, row_grads=rg, out_dtype=torch.float32)
+    assert a.shape == (N, m) and a.dtype == dtype and out.dtype == torch.float32
+    nz = a.detach() != 0
+    assert not nz[:, ~allowed].any(), "a candidate that is not allowed was selected"
+    x64, We, be, Wd = (t.detach().double() for t in (x, W_enc, b_enc, W_dec))
+    z = torch.relu(x64 @ We[ids].t() + be[ids]) * allowed
+    score = z * Wd[ids].norm(dim=1)
+    ka = min(k_aux, int(allowed.sum()))
+    kth = torch.topk(score, ka, dim=1).values[:, -1:]
+    slack = tol * (score.abs().max() + 1e-12)
+    assert (nz.sum(1) <= ka).all()
+    assert not (nz & (score < kth - slack)).any(), "a latent outside the row's top k_aux"
+    assert (nz | (score <= kth + slack) | (score == 0)).all(), "a top-k_aux latent was dropped"
+    (out * grad.float()).sum().backward()
+    assert W_enc.grad is None and b_enc.grad is None and W_dec.grad is None, "full-size gradients were built"
+    rg.add_to()
+    leaves = [t.detach().double().requires_grad_() for t in (W_enc, b_enc, W_dec)]
+    We, be, Wd = leaves
+    want = (torch.relu(x64 @ We[ids].t() + be[ids]) * nz) @ Wd[ids]
+    (want * grad.double()).sum().backward()
+    assert_close(out.double(), want.detach(), rtol=tol, atol=tol * float(want.detach().abs().max()))
+    outside = torch.ones(n, dtype=torch.bool)
+    outside[ids] = False
+    for name, got, ref in zip(("dW_enc", "db_enc", "dW_dec"), (W_enc, b_enc, W_dec), leaves):
+        assert got.grad is not None and got.grad.dtype == dtype, name
+        assert not got.grad[outside].any(), f"{name}: rows outside the candidates"
+        scale = float(ref.grad.abs().max()) + 1e-12
+        assert_close(got.grad.double(), ref.grad, rtol=tol, atol=tol * scale, what=name)
+    with pytest.raises(ValueError, match="row_grads"):
+        select_dense(scores, ids.clone(), k_aux, row_grads=RowGrads(ids))
+
+
+def _aux_run(steps, refresh, seed=5, state=None, start=0):
+    """An AuxK step (dead window of 5 steps, so latents die and revive during the run) trained for
+    ``steps`` steps from ``start``; returns (step, per-step metrics, every step's (dead, candidates))."""
+    st = _step(auxk=True, k_aux=6, dead_window_tokens=5 * 40, aux_refresh_steps=refresh, hold_dead=True,
+               reset_dead_moments=True)
+    if state is not None:
+        st.sae.load_state_dict(state[0])
+        st.load_full_state(state[0], state[1])
+        st.load_state_dict(state[2])
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(40, 24, generator=g) * 2 + 1 for _ in range(start + steps)]
+    seen, metrics = [], []
+    real = st.aux_candidates
+
+    def spy(t, x_n):
+        c = real(t, x_n)
+        seen.append((st.since_fired >= st.cfg.dead_window_tokens, c.clone()))
+        return c
+
+    st.aux_candidates = spy
+    for t in range(start, start + steps):
+        metrics.append({k_: float(v) for k_, v in st(xs[t], None, t).items()})
+    return st, metrics, seen
+
+
+def test_auxk_candidates_refreshed_every_few_steps_change_cost_not_result():
+    """The GPU's refresh interval (a host sync every R steps) against every step (the CPU's): every dead
+    latent is among the candidates at every step, the losses, the counters and the weights agree, and
+    the candidates grow only where latents can die before the next refresh."""
+    ref, ref_m, ref_seen = _aux_run(16, 1)
+    assert sum(m["dead_fraction"] > 0 for m in ref_m) >= 8 and any(m["auxk_loss"] > 0 for m in ref_m)
+    for R in (2, 3, 5):
+        st, mets, seen = _aux_run(16, R)
+        for t, (dead, cands) in enumerate(seen):
+            mask = torch.zeros_like(dead)
+            mask[cands] = True
+            assert not (dead & ~mask).any(), f"R={R} step {t}: a dead latent outside the candidates"
+            assert torch.equal(ref_seen[t][0], dead)
+        assert sum(c.numel() for _, c in seen) > sum(c.numel() for _, c in ref_seen)  # supersets on some steps
+        assert all(c.numel() < 96 for _, c in seen[5:])  # yet not every latent
+        for t, (a, b) in enumerate(zip(ref_m, mets)):
+            for key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (R, t, key)
+        for name in ("since_fired", "fire_count", "deaths", "was_reset"):
+            assert torch.equal(getattr(st, name), getattr(ref, name)), name
+        for p, q in zip(st.params, ref.params):
+            assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_auxk_costs_nothing_until_a_latent_can_die(monkeypatch):
+    """Early in training no latent can be dead before the next refresh: no AuxK selection runs, the
+    encode keeps no pre-activations (so the fused encode stays open), and the metric reads 0."""
+    import trainer.parallel.sharded as sharded
+
+    calls = []
+    monkeypatch.setattr(sharded, "select_dense", lambda *a, **k: calls.append(1))
+    st = _step(auxk=True, k_aux=6, dead_window_tokens=10 ** 6, aux_refresh_steps=8)
+    kept = []
+    real = st.encode_decode
+    st.encode_decode = lambda x_n, k, keep_pre=None: (kept.append(keep_pre), real(x_n, k, keep_pre=keep_pre))[1]
+    x = torch.randn(40, 24)
+    for t in range(10):
+        m = st(x, None, t)
+        assert float(m["auxk_loss"]) == 0.0
+    assert calls == [] and kept == [False] * 10 and st._aux_ids.numel() == 0 and st._aux_next == 16
+
+
+def test_auxk_candidates_resume_exactly():
+    """A run stopped between two refreshes resumes with the candidates it was using (they are in the
+    step's state; on a GPU another candidate set means other GEMM shapes, so other roundings): the
+    same candidates and the same weights, bitwise, as the run that was not stopped."""
+    full, full_m, full_seen = _aux_run(12, 3)
+    head, _, _ = _aux_run(7, 3)
+    sae_sd, opt_sd = head.full_state()
+    state = (sae_sd, opt_sd, head.state_dict())
+    assert "aux_ids" in state[2] and int(state[2]["aux_next"]) == 9
+    tail, tail_m, tail_seen = _aux_run(5, 3, state=state, start=7)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(tail_seen, full_seen[7:]))
+    assert tail_m == full_m[7:]
+    for p, q in zip(tail.params, full.params):
+        assert torch.equal(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("loss", ["llama_scope", "fvu"])
+def test_step_gradients_with_auxk_over_candidates_against_float64(loss):
+    """The whole step's gradients (main loss + coef x AuxK, AuxK over candidates with the dead masked and
+    its candidate-row gradients added after the backward) against float64 autograd of the formulas."""
+    w, B, k, k_aux, coef = 400, 33, 4, 6, 0.25
+    st = _step(dtype=torch.float64, loss=loss, auxk=True, k_aux=k_aux, auxk_coef=coef, dead_window_tokens=w,
+               aux_refresh_steps=3)
+    sae = st.sae
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(96, 1, generator=g, dtype=torch.float64) + 0.5)
+        sae.b_enc.add_(0.3)
+    # 30 dead latents, 20 more among the candidates (dead within 3 steps), the rest alive
+    since = torch.zeros(96, dtype=torch.int64)
+    perm = torch.randperm(96, generator=g)
+    since[perm[:30]] = w + 5
+    since[perm[30:50]] = w - B
+    st.since_fired = since
+    x = torch.randn(B, 24, generator=g, dtype=torch.float64) + 1
+    captured = {}
+    real = st.opt.step
+
+    def spy(*a, **kw):
+        captured.update({i: p.grad.detach().clone() for i, p in enumerate(st.params)})
+        return real(*a, **kw)
+
+    st.opt.step = spy
+    params = [p.detach().clone() for p in st.params]
+    st(x, None, 1)
+    assert st._aux_ids.numel() == 50
+    We, be, Wd, bd = (p.double().requires_grad_() for p in params)
+    xn = x * sae.cfg.norm_in
+    z = torch.relu(xn @ We.t() + be)
+    norm = Wd.detach().norm(dim=1)
+    top = (z.detach() * norm).topk(k, dim=1).indices
+    keep = torch.zeros_like(z, dtype=torch.bool).scatter_(1, top, True)
+    x_hat = (z * keep) @ Wd + bd
+    y = x * sae.cfg.norm_out
+    mean = y.mean(0, keepdim=True)
+    dead = since >= w
+    aux_score = torch.where(dead, z.detach() * norm, torch.full_like(z, -1.0))
+    aux_keep = torch.zeros_like(keep).scatter_(1, aux_score.topk(k_aux, dim=1).indices, True) & dead
+    e_hat = (z * aux_keep) @ Wd
+    residual = (y - x_hat).detach()
+    if loss == "llama_scope":
+        den = (y - mean).norm(dim=1, keepdim=True)
+        total = ((x_hat - y) ** 2 / den).mean() + coef * ((e_hat - residual) ** 2 / den).mean()
+    else:
+        den = ((y - mean) ** 2).sum()
+        total = ((x_hat - y) ** 2).sum() / den + coef * ((e_hat - residual) ** 2).sum() / den
+    total.backward()
+    for i, ref in enumerate((We, be, Wd, bd)):
+        scale = float(ref.grad.abs().max())
+        assert_close(captured[i], ref.grad, rtol=1e-5, atol=1e-5 * scale, what=f"grad {i}")

@@ -65,9 +65,9 @@ def test_step_clips_gradient_norm_and_uses_schedules():
     seen = {}
     orig = st.encode_decode
 
-    def spy(x_n, k):
+    def spy(x_n, k, **kw):
         seen["k"] = k
-        return orig(x_n, k)
+        return orig(x_n, k, **kw)
 
     st.encode_decode = spy
     before = st.sae.W_enc.detach().clone()
@@ -294,9 +294,9 @@ def test_metrics_jsonl_logs_the_k_and_lr_of_the_steps_it_averages(tmp_path):
     used = {}
     real_encode, real_step = st.encode_decode, st.opt.step
 
-    def encode_spy(x_n, k):
+    def encode_spy(x_n, k, **kw):
         used[len(used)] = {"k": k}
-        return real_encode(x_n, k)
+        return real_encode(x_n, k, **kw)
 
     def step_spy(*a, **kw):
         used[len(used) - 1]["lr"] = st.opt.param_groups[0]["lr"]

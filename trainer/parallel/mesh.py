@@ -207,13 +207,14 @@ class ParallelContext:
         """Global L2 norm of the gradients of the whole (unsharded) model, the same on every rank.
 
         Call after ``sync_grads``. The norm of the parameters' norms; a sharded parameter's norm is
-        the root of its shards' squared norms summed over the model group. fp32 scalar tensor, no host
-        sync; in one process exactly ``vector_norm`` of the per-parameter norms.
+        the root of its shards' squared norms summed over the model group. fp32 scalar tensor (fp64 for
+        fp64 gradients), no host sync; in one process exactly ``vector_norm`` of the per-parameter norms.
         """
         params = [p for p in params if p.grad is not None]
         if not params:
             return torch.zeros((), dtype=torch.float32, device=self.device)
-        norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params]
+        norms = [torch.linalg.vector_norm(p.grad, dtype=torch.promote_types(p.grad.dtype, torch.float32))
+                 for p in params]
         sharded = [i for i, p in enumerate(params) if is_sharded(p)]
         if self.tp > 1 and sharded:
             sq = self.model_all_reduce(torch.stack([norms[i] for i in sharded]).square())

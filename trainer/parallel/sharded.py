@@ -25,7 +25,9 @@ from torch import Tensor, nn
 
 from sae_kernels import SAEConfig, TopKSAE
 from sae_kernels._validate import check_k, check_tensor
-from sae_kernels.ops import EncodeScores, decode_for_training, encode_for_training, select_dense, subset_decode
+from sae_kernels.ops import (
+    EncodeScores, RowGrads, decode_for_training, encode_for_training, select_dense, subset_decode,
+)
 
 from .mesh import ParallelContext, _all_gather_single, _mark_sharded
 
@@ -156,31 +158,37 @@ def sharded_select_decode(
     compute: Optional[Tensor] = None,
     d_sae: Optional[int] = None,
     out_dtype: Optional[torch.dtype] = None,
+    candidates: Optional[Tensor] = None,
+    row_grads: Optional[RowGrads] = None,
 ) -> Optional[Tensor]:
     """The reconstruction (no ``b_dec``) by the exact global top-``k`` of the weighted scores among
-    the latents where ``allowed`` (this shard's bool ``[n_local]``) is True, from the pre-activations
-    ``sharded_forward(..., keep_pre=True)`` kept: AuxK's selection among dead latents, with no second
-    encoder GEMM where they were kept. Not-allowed latents count as zero, so rows with fewer than
-    ``k`` allowed positive latents add nothing more. Returns None when no latent is allowed and the
-    route knows it without a collective (one process on the CPU); the caller adds nothing then.
+    the latents where ``allowed`` (this shard's bool ``[n_local]``) is True: AuxK's selection among
+    dead latents. Not-allowed latents count as zero, so rows with fewer than ``k`` allowed positive
+    latents add nothing more.
 
-    One process on the CPU (a host sync is free): dense over the allowed latents only
-    (``select_dense`` / ``subset_decode``: work in proportion to their number). Elsewhere: the
-    masked top-k of ``EncodeScores.select`` on each shard, merged over the model group like the
-    forward's selection.
+    One model shard (tp 1): dense over ``candidates`` (int64 ``[m]`` local ids that include every
+    allowed latent; None: ``allowed.nonzero()``, a host sync) with ``allowed`` masking them
+    (``select_dense`` / ``subset_decode``: work in proportion to ``m``, from the forward's kept
+    pre-activations or one GEMM over the candidates), the ``W_enc`` / ``b_enc`` / ``W_dec`` gradients
+    of the candidate rows to ``row_grads`` (a ``RowGrads`` over ``candidates``; the caller adds them
+    after the backward) or full-size. None when there is no candidate: the caller adds nothing.
+    Several shards: the masked top-k of ``EncodeScores.select`` on each shard, merged over the model
+    group like the forward's selection (full-size gradients).
     """
     Wd_c = compute if compute is not None else W_dec
     n_local = Wd_c.shape[0]
     n = n_local * ctx.tp if d_sae is None else d_sae
     k = check_k(k, n)
-    if ctx.tp == 1 and scores.pre is not None and scores.pre.device.type == "cpu":
-        ids = allowed.nonzero().squeeze(1)
+    if ctx.tp == 1:
+        ids = allowed.nonzero().squeeze(1) if candidates is None else candidates
         if ids.numel() == 0:
             return None
-        return subset_decode(select_dense(scores, ids, k), W_dec, ids, compute=Wd_c)
+        if row_grads is not None and row_grads.ids is not ids:
+            raise ValueError("row_grads: expected a RowGrads over the candidates tensor")
+        acts = select_dense(scores, ids, k, allowed=None if candidates is None else allowed.index_select(0, ids),
+                            row_grads=row_grads)
+        return subset_decode(acts, W_dec, ids, compute=Wd_c, row_grads=row_grads, out_dtype=out_dtype)
     values, idx = scores.select(min(k, n_local), allowed=allowed)
-    if ctx.tp == 1:
-        return decode_for_training(values, idx, W_dec, None, compute=Wd_c, out_dtype=out_dtype)
     dec_norm = scores.dec_norm
     if out_dtype is None and Wd_c.dtype in (torch.bfloat16, torch.float16):
         out_dtype = torch.float32

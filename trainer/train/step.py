@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from sae_kernels import TopKSAE
+from sae_kernels.ops import RowGrads
 from sae_kernels.optim import HOLD, RESET, SAEAdam
 
 from ..parallel import (
@@ -88,6 +89,10 @@ class StepConfig:
     # dead latents move only on the steps where AuxK gives them a gradient (no drift by momentum).
     hold_dead: bool = False
     reset_dead_moments: bool = False
+    # AuxK runs over candidate latents: those that can be dead before the candidates are next refreshed,
+    # a host sync every ``aux_refresh_steps`` steps (None: every step on the CPU, where a sync is free,
+    # every 64 elsewhere). Within them the dead are masked exactly, so the value only moves cost.
+    aux_refresh_steps: Optional[int] = None
 
     @classmethod
     def from_train_config(cls, c, compute_dtype: Optional[torch.dtype] = None) -> "StepConfig":
@@ -151,6 +156,13 @@ class SAEStep:
         self.deaths = torch.zeros(n, dtype=torch.int64, device=dev)  # times each latent became dead
         self._tracking = False  # SAEAdam keeps the compute copies / decoder norms once asked
         self._fwd: Optional[ShardedTopK] = None  # this step's forward, kept for AuxK within the step
+        # AuxK's candidates (``aux_candidates``): full-width latent ids, and the step that refreshes them
+        self._aux_ids: Optional[Tensor] = None
+        self._aux_next = 0
+        refresh = cfg.aux_refresh_steps
+        self.aux_refresh_steps = (1 if dev.type == "cpu" else 64) if refresh is None else int(refresh)
+        if self.aux_refresh_steps < 1:
+            raise ValueError(f"aux_refresh_steps: expected an int >= 1, got {refresh!r}")
 
     # -- schedules
     def k_at(self, t: int) -> int:
@@ -189,17 +201,18 @@ class SAEStep:
         """The reconstructions' dtype: fp32 for a half compute dtype (the decode's fp32 sum, unrounded)."""
         return torch.promote_types(self.cfg.compute_dtype or self.sae.W_enc.dtype, torch.float32)
 
-    def encode_decode(self, x_n: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor]:
+    def encode_decode(self, x_n: Tensor, k: int, keep_pre: Optional[bool] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """``(values, indices, x_hat_n)`` in normalised space: this rank's ``[B, min(k, d_sae/tp)]`` slots
         (global latent ids; slots that lost the global selection hold 0) and the full reconstruction
         (the same on the model group). Through ``trainer.parallel.sharded_forward``: the trainer's route
         of the ops (no host sync, indices trusted because the encode made them, fp32 master gradients).
-        With AuxK on, the encode keeps its pre-activations for ``auxk_loss``."""
+        ``keep_pre`` (default: AuxK on): the encode keeps its pre-activations for ``auxk_loss``."""
         sae = self.sae
         (W_enc, b_enc, W_dec, _), dec_norm = self.compute_weights()
         out = sharded_forward(self.ctx, x_n, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, k, sae.cfg.weighted_topk,
                                        sae.cfg.d_sae, dec_norm=dec_norm, compute=(W_enc, b_enc, W_dec),
-                                       keep_pre=self.cfg.auxk, out_dtype=self._out_dtype())
+                                       keep_pre=self.cfg.auxk if keep_pre is None else keep_pre,
+                                       out_dtype=self._out_dtype())
         self._fwd = out
         return out.values, out.indices, out.x_hat
 
@@ -210,7 +223,23 @@ class SAEStep:
             return (y_n - mean).norm(dim=-1, keepdim=True).clamp_min(1e-8)
         return self.ctx.data_mean((y_n - mean).pow(2).sum()).clamp_min(1e-12)
 
-    def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor, den: Tensor) -> Tensor:
+    @torch.no_grad()
+    def aux_candidates(self, t: int, x_n: Tensor) -> Tensor:
+        """AuxK's candidate latents at step ``t``: full-width int64 ids that include every latent dead at
+        any step until the next refresh (every ``aux_refresh_steps`` steps: one host sync). A latent
+        dead at step ``t + j`` has ``since_fired >= dead_window`` then, and ``since_fired`` grows by at
+        most the global batch per step, so ``since_fired >= window - (R - 1) x batch`` at the refresh
+        covers the next ``R`` steps; ``auxk_loss`` masks the dead among them exactly, so the refresh
+        interval changes the work, never the result. Empty early in training (nothing can be dead yet):
+        AuxK then costs nothing. Kept in ``state_dict``: a resumed run uses the same candidates."""
+        if self._aux_ids is None or t >= self._aux_next:
+            w, B, R = self.cfg.dead_window_tokens, self.tokens_per_step(x_n), self.aux_refresh_steps
+            self._aux_ids = (self.since_fired >= w - (R - 1) * B).nonzero().squeeze(1)
+            self._aux_next = t + R
+        return self._aux_ids
+
+    def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor, den: Tensor,
+                  row_grads: Optional[RowGrads] = None) -> Tensor:
         """Gao et al.'s AuxK: the top-``k_aux`` dead latents reconstruct the detached residual
         ``y_n - x_hat_n``, measured like the main loss and divided by the *target's* statistics
         (``den``, from ``loss_denominator``): per element ``(e_hat - e)^2 / ||y_t - mean||`` averaged
@@ -218,16 +247,19 @@ class SAEStep:
         it against the main loss whatever the main loss (the residual's own variance, the earlier
         denominator, made AuxK outweigh a Llama Scope main loss by about two orders of magnitude).
 
-        The selection is the exact global top-``k_aux`` among the dead latents of every shard, from the
-        forward's kept pre-activations (``trainer.parallel.sharded_select_decode``: no second encoder GEMM
-        where the encode kept them; dense over the dead latents only in one CPU process). Zero when no
-        latent is dead."""
+        The selection is the exact global top-``k_aux`` among the dead latents of every shard
+        (``trainer.parallel.sharded_select_decode``). In one model shard: dense over this step's
+        candidates (``aux_candidates``) with the dead masked, from the forward's kept pre-activations,
+        the candidate rows' gradients to ``row_grads`` (added after the backward): work in proportion
+        to the candidates, not to d_sae. Zero when no latent is dead."""
         sae, fwd = self.sae, self._fwd
         self._fwd = None
         (_, _, W_dec, _), _ = self.compute_weights()
         mine = dead[sae.offset: sae.offset + sae.n_local]
+        cands = self._aux_ids if self.ctx.tp == 1 else None  # tp 1: full-width ids are this shard's
         e_hat = sharded_select_decode(self.ctx, fwd.scores, mine, self.cfg.k_aux, sae.W_dec, compute=W_dec,
-                                               d_sae=sae.cfg.d_sae, out_dtype=self._out_dtype())
+                                      d_sae=sae.cfg.d_sae, out_dtype=self._out_dtype(), candidates=cands,
+                                      row_grads=row_grads)
         if e_hat is None:
             return torch.zeros((), device=residual.device)
         return _normalised_sq_error(e_hat.float(), residual, den, self.cfg.loss) * dead.any()
@@ -246,7 +278,10 @@ class SAEStep:
             self.init_from_data(x_n, y_n)
         if c.recentre_dead and t > 0:
             self.recentre_unreachable(x_n)
-        values, indices, x_hat = self.encode_decode(x_n, k)
+        # AuxK's candidates (a host sync only on refresh steps); none: no AuxK work, no kept pre-activations
+        cands = self.aux_candidates(t, x_n) if c.auxk else None
+        run_aux = cands is not None and cands.numel() > 0
+        values, indices, x_hat = self.encode_decode(x_n, k, keep_pre=run_aux)
         x_hat = x_hat.float()
         mean = ctx.batch_mean(y_n)
         loss = (llama_scope_loss(x_hat, y_n, mean) if c.loss == "llama_scope"
@@ -254,10 +289,15 @@ class SAEStep:
         total = loss
         aux = None
         dead = self.since_fired >= c.dead_window_tokens
-        if c.auxk:
-            aux = self.auxk_loss(x_n, (y_n - x_hat).detach(), dead, self.loss_denominator(y_n, mean))
+        row_grads = RowGrads(cands) if run_aux and ctx.tp == 1 else None
+        if run_aux:
+            aux = self.auxk_loss(x_n, (y_n - x_hat).detach(), dead, self.loss_denominator(y_n, mean), row_grads)
             total = loss + c.auxk_coef * aux
+        elif c.auxk:
+            aux = torch.zeros((), device=x_hat.device)
         total.backward()
+        if row_grads is not None:
+            row_grads.add_to()  # AuxK's gradients of the candidate rows
         self._fwd = None
         ctx.sync_grads(self.params)
         scale = None
@@ -398,8 +438,12 @@ class SAEStep:
         return self.sae.to_full()
 
     def state_dict(self) -> Dict[str, Tensor]:
-        return {"since_fired": self.since_fired.cpu(), "fire_count": self.fire_count.cpu(),
-                "was_reset": self.was_reset.cpu(), "deaths": self.deaths.cpu()}
+        sd = {"since_fired": self.since_fired.cpu(), "fire_count": self.fire_count.cpu(),
+              "was_reset": self.was_reset.cpu(), "deaths": self.deaths.cpu()}
+        if self._aux_ids is not None:
+            sd["aux_ids"] = self._aux_ids.cpu()
+            sd["aux_next"] = torch.tensor(self._aux_next, dtype=torch.int64)
+        return sd
 
     def load_state_dict(self, sd: Dict[str, Tensor]) -> None:
         dev = self.since_fired.device
@@ -407,3 +451,7 @@ class SAEStep:
         self.fire_count = sd["fire_count"].to(dev)
         self.was_reset = sd["was_reset"].to(dev) if "was_reset" in sd else torch.zeros_like(self.was_reset)
         self.deaths = sd["deaths"].to(dev) if "deaths" in sd else torch.zeros_like(self.deaths)
+        if "aux_ids" in sd:  # the candidates the run was using (else refreshed at the next step)
+            self._aux_ids, self._aux_next = sd["aux_ids"].to(dev), int(sd["aux_next"])
+        else:
+            self._aux_ids, self._aux_next = None, 0
