@@ -28,7 +28,7 @@ setup(
     extras_require={
         # The real peer packages the interop tests run against (tests/test_interop.py). sae-bench is
         # installed separately with --no-deps (its own pins pull a CUDA torch): see the README.
-        "test": ["pytest>=7", "pytest-benchmark>=4", "sae-lens>=6", "eai-sparsify", "tabulate"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "sae-lens>=6", "eai-sparsify", "tabulate", "tensorboard"],
         "bench": ["pytest>=7", "pytest-benchmark>=4", "eai-sparsify"],
     },
     entry_points={"console_scripts": ["sae-train=trainer.run:main", "sae-analyze=trainer.analyze.cli:main",
