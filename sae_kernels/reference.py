@@ -14,7 +14,7 @@ Two things live here:
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import threading
 import warnings
@@ -27,21 +27,54 @@ Tensor = torch.Tensor
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
-def topk_indices(score: Tensor, k: int) -> Tensor:
+def topk_indices(score: Tensor, k: int, exact: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """``[N, k]`` indices of each row's ``k`` largest scores, equal scores to the smaller index and
     NaN above every number: the package's selection rule (the Triton kernels' too), which
-    ``torch.topk`` alone does not fix for ties. ``torch.topk``, then one compare pass: a row has a tie
-    at its k-th score (or a NaN) exactly when the count of scores ``>=`` its k-th is not ``k``
-    (zeros tie in rows with fewer than ``k`` positive scores); only those rows are re-selected, by a
-    stable sort. Not in increasing index order."""
-    idx = torch.topk(score, k, dim=1, sorted=False).indices
-    if score.shape[0] == 0 or k >= score.shape[1]:
-        return idx
-    kth = score.gather(1, idx).min(1, keepdim=True).values  # NaN when the selection holds a NaN
-    rows = ((score >= kth).sum(1) != k).nonzero().squeeze(1)
+    ``torch.topk`` alone does not fix for ties. One ``torch.topk`` of ``k + 1``, sorted: a row's
+    selection is ambiguous exactly when its ``k + 1``-th score equals its k-th (a tie across the
+    boundary; zeros tie in rows with fewer than ``k`` positive scores) or is NaN; only those rows are
+    re-selected, by a stable sort. Not in increasing index order.
+
+    ``exact``: when ``score`` stands in for the real scores only where they are positive (the scores
+    before the ReLU, as ``encode_select`` ranks them), ``exact(rows)`` returns the real scores of those
+    rows; rows whose k-th score is not positive, or whose selection holds a NaN, are then re-selected
+    from them too."""
+    n = score.shape[1]
+    if score.shape[0] == 0 or k >= n:
+        if exact is not None and score.shape[0]:
+            score = exact(torch.arange(score.shape[0], device=score.device))
+        return torch.topk(score, k, dim=1, sorted=False).indices
+    vals, idx = torch.topk(score, k + 1, dim=1, sorted=True)
+    kth, nxt = vals[:, k - 1], vals[:, k]
+    redo = (kth == nxt) | nxt.isnan()
+    if exact is not None:
+        redo |= (kth <= 0) | vals[:, :k].isnan().any(1)
+    rows = redo.nonzero().squeeze(1)
+    idx = idx[:, :k].contiguous()  # contiguous: views of it keep latent_csr's cache key
     if rows.numel():
-        idx[rows] = torch.sort(score[rows], dim=1, descending=True, stable=True).indices[:, :k]
+        s = score[rows] if exact is None else exact(rows)
+        idx[rows] = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
     return idx
+
+
+def _sq_diff(pred: Tensor, target: Tensor, offset: Optional[Tensor]) -> Tensor:
+    acc = _acc_dtype(pred.dtype)
+    diff = pred.to(acc) - target.to(acc)
+    return diff if offset is None else diff.add_(offset.to(acc))
+
+
+def row_sq_error(pred: Tensor, target: Tensor, offset: Optional[Tensor] = None) -> Tensor:
+    """``sum_j (pred + offset - target)[t, j]^2`` per row -> ``[N]`` (fp32; fp64 for fp64 inputs);
+    ``target`` may be one row, broadcast."""
+    diff = _sq_diff(pred, target, offset)
+    return torch.linalg.vecdot(diff, diff)
+
+
+def row_sq_error_grad(pred: Tensor, target: Tensor, offset: Optional[Tensor], g: Tensor) -> Tensor:
+    """``2 (pred + offset - target) * g[:, None]`` in ``pred.dtype``: the gradient of ``pred`` for
+    ``row_sq_error``'s sums weighted by ``g``."""
+    diff = _sq_diff(pred, target, offset)
+    return diff.mul_(2 * g.to(diff.dtype)[:, None]).to(pred.dtype)
 
 
 def mm_out(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -98,7 +131,13 @@ def encode_select(
     Returns the kept values ``relu(pre)`` (not the weighted scores) and int64 indices, both ``[N, k]``.
     The ``N x d_sae`` pre-activations (and, with ``dec_norm``, the scores) are the one unavoidable
     dense intermediate of this path; on CPU they live in per-thread scratch buffers.
-    ``return_pre``: also return them (here ``relu(pre)``, in a buffer of its own) for ``select_from_pre``.
+    ``return_pre``: also return the pre-activations (before the ReLU, in a buffer of their own, as
+    the Triton path keeps them) for ``select_from_pre``.
+
+    With norms >= 0 (decoder norms always are) the top-k runs on ``pre * dec_norm`` without a ReLU
+    pass: where the k-th score is positive the top k of ``relu(pre) * dec_norm`` are the same latents,
+    and the other rows (fewer than k positive scores, NaN) are re-selected from the real scores
+    (``topk_indices``).
 
     NaN (the package's one semantics, shared with the Triton path): a latent whose pre-activation or
     score is NaN ranks above every number and keeps the value NaN, so a NaN input row gives k NaN
@@ -106,21 +145,33 @@ def encode_select(
     """
     N, n = x.shape[0], W_enc.shape[0]
     buf = torch.empty(N, n, dtype=x.dtype, device=x.device) if return_pre else _scratch_buffer("pre", N, n, x)
-    z = torch.addmm(b_enc, x, W_enc.t(), out=buf).relu_()
-    score = z
-    if dec_norm is not None:
-        score = _score(z, dec_norm, _scratch_buffer("score", N, n, z.new_empty((), dtype=_acc_dtype(z.dtype))))
-    indices = topk_indices(score, k)
-    values = z.gather(1, indices)
-    return (values, indices, z) if return_pre else (values, indices)
+    pre = torch.addmm(b_enc, x, W_enc.t(), out=buf)
+    scratch = lambda: _scratch_buffer("score", N, n, pre.new_empty((), dtype=_acc_dtype(pre.dtype)))  # noqa: E731
+
+    def exact(rows: Tensor) -> Tensor:
+        z = pre.index_select(0, rows).relu_()
+        return z if dec_norm is None else _score(z, dec_norm)
+
+    if dec_norm is None:
+        score = pre
+    elif bool(dec_norm.min() >= 0):  # one host read of d_sae norms (NaN norms fail it too)
+        score = _score(pre, dec_norm, scratch())
+    else:  # negative norms: relu(pre) * norm is not relu(pre * norm)
+        score = _score(pre.relu(), dec_norm, scratch())
+        exact = None
+    indices = topk_indices(score, k, exact)
+    values = pre.gather(1, indices).relu_()
+    return (values, indices, pre) if return_pre else (values, indices)
 
 
 @torch.no_grad()
 def select_from_pre(pre: Tensor, k: int, dec_norm: Optional[Tensor], allowed: Optional[Tensor] = None
                     ) -> Tuple[Tensor, Tensor]:
-    """A second top-k over what ``encode_select(..., return_pre=True)`` kept (``relu(pre)`` here),
-    without another GEMM; latents where ``allowed`` (bool ``[n]``) is False count as zero."""
-    z = pre if allowed is None else pre * allowed.to(pre.dtype)
+    """A second top-k over the pre-activations ``encode_select(..., return_pre=True)`` kept, without
+    another GEMM: ReLU, then latents where ``allowed`` (bool ``[n]``) is False count as zero."""
+    z = pre.relu()
+    if allowed is not None:  # a NaN stays NaN (NaN x 0), as the Triton path's -1e30 bias keeps it
+        z = z * allowed.to(z.dtype)
     score = z if dec_norm is None else _score(z, dec_norm)
     indices = topk_indices(score, k)
     return z.gather(1, indices), indices

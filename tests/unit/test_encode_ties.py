@@ -112,3 +112,37 @@ def test_topk_indices_follow_the_rule(seed):
         assert (idx.sort(1).values.diff(dim=1) > 0).all(), "repeated indices"
         bad = (got != want).any(1)
         assert not bad.any(), (k, bad.nonzero().squeeze(1).tolist())
+
+
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "plain"])
+def test_torch_path_ranks_before_the_relu_only_where_that_is_the_same(weighted):
+    """The PyTorch path's top-k runs on the scores before the ReLU (one pass less): rows with fewer than
+    k positive scores (the rest tie at zero: the smallest ids), NaN rows and a -inf pre-activation on a
+    zero norm must still follow the rule over relu(pre) * norm, and the values are relu(pre)."""
+    g = torch.Generator().manual_seed(11)
+    N, d, n, k = 30, 12, 90, 9
+    x = torch.randn(N, d, generator=g)
+    W = torch.randn(n, d, generator=g) / d ** 0.5
+    b = torch.randn(n, generator=g) * 0.3 - 1.2  # about 10% of the latents positive per row
+    b[:3] = -50.0  # rows 0-3: no positive latent at all
+    x[:4] *= 0.01
+    norm = (torch.rand(n, generator=g) + 0.5) if weighted else None
+    if weighted:
+        norm[5] = 0.0
+    x[6, 0] = float("nan")
+    W[5, 0] = float("-inf") if weighted else W[5, 0]
+    x[7, 0] = 1.0
+    values, idx = reference.encode_select(x, W, b, k, norm)
+    pre = x.double() @ W.double().t() + b.double()
+    z = torch.relu(pre)
+    s = z if norm is None else z * norm.double()
+    s = torch.where(pre.isnan(), float("nan"), s)
+    want = _rule(s, k).sort(1).values
+    positives = (s > 0).sum(1)
+    assert (positives < k).sum() >= 5, "the case should have rows with fewer than k positive scores"
+    got = idx.sort(1).values
+    bad = (got != want).any(1)
+    assert not bad.any(), (bad.nonzero().squeeze(1).tolist(), got[bad][0].tolist(), want[bad][0].tolist())
+    z_sel = torch.relu(pre.gather(1, idx))
+    assert torch.equal(values.isnan(), z_sel.isnan())
+    assert float((values.double() - z_sel).abs().nan_to_num(0.0).max()) <= 1e-5 * (1 + float(z_sel.nan_to_num(0).abs().max()))
