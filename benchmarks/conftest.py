@@ -121,7 +121,11 @@ def pytest_terminal_summary(terminalreporter):
             f"{info['op']} {info['mode']} {info['shape']}, {info['interleaved_rounds']} rounds interleaved "
             "across providers (the fairest comparison on a shared machine)"
         )
-        tr.write_line(f"{'provider':<10}{cols}")
+        tr.write_line(f"{'provider':<10}{cols}{'x floor':>15}")
         by = info["providers"]
         for p, r in by.items():
-            tr.write_line(f"{p:<10}{_line(r, by)}")
+            xf = f"{r['x_floor']:.2f} ({r['x_floor_best']:.2f})" if "x_floor" in r else "-"
+            tr.write_line(f"{p:<10}{_line(r, by)}{xf:>15}")
+        if "floor" in by:
+            tr.write_line("floor: the bare encoder GEMM (addmm) and torch.topk of its output; x floor: a "
+                          "provider's median (best) round over the floor's")

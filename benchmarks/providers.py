@@ -459,17 +459,39 @@ def run(benchmark, machine: Machine, op: str, provider: str, mode: str, shape: S
 INTERLEAVED: List[Dict[str, Any]] = []
 
 
+def floor_fn(shape: Shape) -> Callable[[], None]:
+    """The floor of a training step: the bare encoder GEMM (``addmm`` into a kept buffer) and
+    ``torch.topk`` of its output, nothing else (no ReLU, weighting, decode, backward or optimizer)."""
+    x = make_x(shape)
+    W = torch.randn(shape.d_sae, shape.d_model, dtype=shape.dtype, device=DEVICE)
+    b = torch.zeros(shape.d_sae, dtype=shape.dtype, device=DEVICE)
+    out = torch.empty(shape.tokens, shape.d_sae, dtype=shape.dtype, device=DEVICE)
+
+    def floor():
+        torch.addmm(b, x, W.t(), out=out)
+        torch.topk(out, shape.k, dim=1)
+        sync()
+
+    return floor
+
+
 def run_interleaved(benchmark, machine: Machine, op: str, mode: str, shape: Shape) -> None:
     """All available providers, rounds interleaved (dense, torch, sparsify, dense, ...): on a machine
     shared with other work, the load then changes under all of them alike, which back-to-back
     benchmarks of one provider each cannot promise. pytest-benchmark times whole cycles; the
-    per-provider round times go into extra_info["providers"]."""
+    per-provider round times go into extra_info["providers"]. For the training step, ``floor`` (the
+    bare encoder GEMM and ``torch.topk``, ``floor_fn``) runs in every round too, and each provider's
+    ``x_floor`` is its median over the floor's."""
     providers = [p for p in PROVIDERS if skip_reason(p) is None]
     fns = {}
     for p in providers:
         with backend(p):
             fns[p] = mode_fns(CASES[op](p, shape), mode)
             time_once(*fns[p])  # warm-up
+    if op == "train_step" and mode == "full":
+        providers.append("floor")
+        fns["floor"] = (floor_fn(shape), None)
+        time_once(*fns["floor"])
     times: Dict[str, List[float]] = {p: [] for p in providers}
 
     def cycle():
@@ -491,6 +513,9 @@ def run_interleaved(benchmark, machine: Machine, op: str, mode: str, shape: Shap
             if other in per:
                 r[f"speedup_vs_{other}"] = per[other]["median_s"] / r["median_s"]
                 r[f"speedup_vs_{other}_best"] = per[other]["min_s"] / r["min_s"]
+        if "floor" in per:
+            r["x_floor"] = r["median_s"] / per["floor"]["median_s"]
+            r["x_floor_best"] = r["min_s"] / per["floor"]["min_s"]
     info = dict(op=op, mode=mode, shape=shape.id, device=machine.name, torch=torch.__version__,
                 threads=torch.get_num_threads(), interleaved_rounds=INTERLEAVED_ROUNDS, providers=per)
     benchmark.extra_info.update(info)
