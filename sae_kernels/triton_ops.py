@@ -23,6 +23,7 @@ Block sizes are GPU defaults chosen from the shapes and from ``ptxas -v`` for sm
 """
 
 import contextlib
+import math
 import os
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -69,11 +70,21 @@ def dense_k_threshold(d_sae: int) -> int:
 _ENC_BLOCK_M, _ENC_BLOCK_K, _ENC_WARPS = 64, 32, 8
 # Stage 2 of the fused path: one row of up to 4096 candidates per program.
 _MAX_CAND_WIDTH = 4096
-# Row select: 2048 entries of a row per step, 8 warps (8 per thread, one 16 B load of bf16): sm_90
-# ptxas gives 100 registers, no spills, 16 KiB shared (two programs per SM); 4096 x 16 warps was 88
-# registers but one program per SM, 4096 x 8 warps 173. A bf16 row of 32768 latents is 16 steps
-# per pass.
+# Row select (csrc_triton/topk_select.py): 4096 entries of a row per step of a row pass, 8 warps (16 per
+# thread, two 16 B loads of bf16); candidates in steps of 256 (k <= _SELECT_SMALL_K) or 2048. A
+# persistent grid of _SELECT_PROGRAMS_PER_SM programs per SM, each with its own scratch: sm_90 ptxas
+# must keep the kernel within two programs per SM (<= 128 registers at 8 warps; python
+# benchmarks/sm90_report.py --sass prints its registers and instruction counts).
 _SELECT_BLOCK, _SELECT_WARPS = 2048, 8
+_SELECT_SMALL_K = 256
+_SELECT_PROGRAMS_PER_SM = 2
+# Scratch entries per program: the candidates (k plus the rest of the k-th key's quarter-octave bin,
+# typically k + d_sae / 100, or the sample's estimate) must fit, else the row takes more passes.
+_SELECT_MIN_CAPACITY = 4096
+# H0 histograms the first quarter of a row (a multiple of the block; whole rows up to 4 blocks) and
+# aims at the k-th entry scaled to it plus a margin of 3 standard deviations and 4 (too few
+# candidates, under 1% of rows: the rest of the row is read and the selection redone exactly).
+_SELECT_SAMPLE_DIV, _SELECT_SAMPLE_SIGMAS = 4, 3.0
 # Sparse row kernels: BLOCK_D = 128 elements = 256 B of a bf16 row per program (full 128 B
 # transactions, 4 warps x 32 lanes); BLOCK_J = 16 rows of W in flight per step hides gather latency.
 _ROW_BLOCK_D, _ROW_BLOCK_J, _ROW_WARPS = 128, 16, 4
@@ -144,8 +155,27 @@ def _cand_select_config() -> Dict[str, Any]:
     return dict(BLOCK_R=1, BLOCK_W=_MAX_CAND_WIDTH, num_warps=4)
 
 
-def _row_select_config(has_bias: bool, has_norm: bool) -> Dict[str, Any]:
-    return dict(HAS_BIAS=has_bias, HAS_NORM=has_norm, BLOCK=_SELECT_BLOCK, num_warps=_SELECT_WARPS)
+def _row_select_config(has_bias: bool, has_norm: bool, k: int) -> Dict[str, Any]:
+    return dict(HAS_BIAS=has_bias, HAS_NORM=has_norm, BLOCK=_SELECT_BLOCK, SMALL_K=k <= _SELECT_SMALL_K,
+                num_warps=_SELECT_WARPS, maxnreg=65536 // (32 * _SELECT_WARPS * _SELECT_PROGRAMS_PER_SM))
+
+
+def _select_capacity(d_sae: int, k: int) -> int:
+    """Candidates per program of the row select (at most d_sae: every candidate set fits then)."""
+    return min(d_sae, max(_SELECT_MIN_CAPACITY, 2 * k + d_sae // 16))
+
+
+def _select_sample(d_sae: int, k: int, sample: Optional[int] = None) -> Tuple[int, int]:
+    """(entries H0 reads first, how many of them it aims above the threshold): the whole row and k,
+    or the first quarter and k scaled to it plus a margin."""
+    if sample is None:
+        quarter = triton.cdiv(d_sae // _SELECT_SAMPLE_DIV, _SELECT_BLOCK) * _SELECT_BLOCK
+        sample = d_sae if d_sae <= _SELECT_SAMPLE_DIV * _SELECT_BLOCK else quarter
+    n_s = min(d_sae, max(1, int(sample)))
+    if n_s >= d_sae:
+        return d_sae, k
+    mu = k * n_s / d_sae
+    return n_s, max(1, min(n_s, int(math.ceil(mu + _SELECT_SAMPLE_SIGMAS * math.sqrt(mu) + 4))))
 
 
 def _gather_config() -> Dict[str, Any]:
@@ -214,15 +244,23 @@ def _encode_select_fused(x, W_enc, b_enc, k, dec_norm, n_chunks=None):
 
 
 def _row_select(pre: Tensor, k: int, dec_norm: Optional[Tensor], bias: Optional[Tensor],
-                values: Tensor, indices: Tensor) -> None:
-    """``_row_topk_kernel`` over the rows of ``pre`` into ``values`` / ``indices`` (contiguous [N, k])."""
+                values: Tensor, indices: Tensor, capacity: Optional[int] = None,
+                sample: Optional[int] = None) -> None:
+    """``_row_topk_kernel`` over the rows of ``pre`` into ``values`` / ``indices`` (contiguous [N, k]).
+    ``capacity`` (candidates per program) and ``sample`` (entries H0 reads first): tests force small
+    ones to take the fallbacks."""
     n_rows, d_sae = pre.shape
     if n_rows == 0:
         return
-    cfg = _row_select_config(bias is not None, dec_norm is not None)
-    _row_topk_kernel[(n_rows,)](
+    cfg = _row_select_config(bias is not None, dec_norm is not None, k)
+    cap = _select_capacity(d_sae, k) if capacity is None else max(1, int(capacity))
+    n_sample, k_sample = _select_sample(d_sae, k, sample)
+    n_prog = min(n_rows, _SELECT_PROGRAMS_PER_SM * _num_sms(pre.device))
+    work = torch.empty((n_prog, triton.cdiv(d_sae, 32)), device=pre.device, dtype=torch.int32)
+    cand = torch.empty((n_prog, cap), device=pre.device, dtype=torch.int64)
+    _row_topk_kernel[(n_prog,)](
         pre, pre.stride(0), bias if bias is not None else pre, dec_norm if dec_norm is not None else pre,
-        values, indices, d_sae, k, **cfg,
+        values, indices, work, cand, n_rows, d_sae, k, cap, n_sample, k_sample, **cfg,
     )
 
 
@@ -490,9 +528,11 @@ def launch_configs() -> Iterator[Tuple[str, Any, List[Any], Dict[str, Any]]]:
     for dt in KERNEL_DTYPES:
         for has_bias in (False, True):
             for has_norm in (False, True):
-                cfg = _row_select_config(has_bias, has_norm)
-                yield (f"row_topk[{_dn(dt)},bias={int(has_bias)},norm={int(has_norm)}]", _row_topk_kernel,
-                       [dt, n, f32, f32, dt, i64, n, k], cfg)
+                for kk in (k, 2048):  # the two candidate step sizes (k <= _SELECT_SMALL_K or above)
+                    cfg = _row_select_config(has_bias, has_norm, kk)
+                    yield (f"row_topk[{_dn(dt)},bias={int(has_bias)},norm={int(has_norm)},small_k={int(cfg['SMALL_K'])}]",
+                           _row_topk_kernel, [dt, n, f32, f32, dt, i64, i32, i64, N, n, kk, _select_capacity(n, kk),
+                                              *_select_sample(n, kk)], cfg)
     # (coefficient dtype, W dtype): equal in the ops; fp32 coefficients on a half W are also accepted.
     pairs = [(dt, dt) for dt in KERNEL_DTYPES] + [(f32, torch.bfloat16), (f32, torch.float16)]
     for vdt, wdt in pairs:
