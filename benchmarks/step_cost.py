@@ -372,6 +372,28 @@ def _fmt_bytes(b: float) -> str:
     return f"{b / 1e9:.3f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
 
 
+def row_select_count(d_sae: int, k: int, rows: int) -> Dict[str, Any]:
+    """The row select's SASS instructions per element at one shape (``benchmarks/sm90_report.py --sass``,
+    compiled for sm_90a: needs Triton's bundled ptxas and cuobjdump, and the interpreter off, so it runs
+    in a process of its own). ``{"skipped": reason}`` when it cannot run here."""
+    import subprocess
+    import tempfile
+
+    env = {kk: v for kk, v in os.environ.items() if kk not in ("TRITON_INTERPRET", "SAE_KERNELS_BACKEND")}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "sass.json"
+        r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sm90_report.py"), "--sass", "--d-sae", str(d_sae),
+                            "--k", str(k), "--rows", str(rows), "--json", str(out)], cwd=str(REPO), env=env,
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode != 0 or not out.is_file():
+            return {"skipped": (r.stdout + r.stderr).strip().splitlines()[-1:] or ["no output"]}
+        data = json.loads(out.read_text())
+    rows_ = data if isinstance(data, list) else [data]
+    if rows_ and "skipped" in rows_[0]:
+        return rows_[0]
+    return rows_[0] if rows_ else {"skipped": "no result"}
+
+
 def _phase_floors(res: Dict[str, Any], floor) -> None:
     for tt in res["totals"].values():
         tt["floor_ms"] = floor(tt["bytes"], tt["flops"])
@@ -420,7 +442,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{r['phase']:<40}{r['where']:<36}{r['op']:<26}{r['calls']:>6}{_fmt_bytes(r['bytes']):>12}"
               f"{_fmt_bytes(r['gathered']) if r['gathered'] else '':>12}{r['flops'] / 1e9 if r['flops'] else 0:>10.1f}")
     sc = rec["step_config"]
-    print(f"\nthe default recipe adds (AuxK k_aux={sc['k_aux']} over {target['m']} candidate latents = "
+    print(f"\nthe default recipe adds (AuxK k_aux={target['ka']} over {target['m']} candidate latents = "
           f"{a.dead:.0%} of d_sae, refreshed every {sc['aux_refresh_steps']} steps; row flags "
           f"hold_dead={sc['hold_dead']} reset_dead_moments={sc['reset_dead_moments']}):")
     for r in rec["rows"]:
@@ -442,12 +464,37 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"floor {r['floor_ms']:6.2f} ms = {a.tokens / r['floor_ms'] * 1e3 / 1e6:.2f}M tokens/s")
     ratio = rec["floor_ms"] / res["floor_ms"]
     print(f"default recipe / bare step: {ratio:.2f}x")
+    # the row select is bound by instructions, not bytes: its SASS count (sm_90a) next to its read floor
+    sel = {"main": row_select_count(a.n, a.k, a.tokens)}
+    if target["m"] > target["ka"]:
+        sel["auxk"] = row_select_count(target["m"], target["ka"], a.tokens)
+    excess = {name: max(0.0, r["implied_ms"] - r["floor_ms"]) for name, r in sel.items() if "skipped" not in r}
+    for name, r in sel.items():
+        what = (f"row select (main, d_sae {a.n}, k {a.k})" if name == "main"
+                else f"row select (AuxK, {target['m']} candidates, k_aux {target['ka']})")
+        if "skipped" in r:
+            print(f"{what}: SASS count skipped ({r['skipped']})")
+        else:
+            print(f"{what}: {r['total_thread_instr_per_elem']:.1f} SASS instructions per element (sm_90a) -> "
+                  f"{r['implied_ms']:.3f} ms at one instruction per scheduler per cycle, {r['ratio_to_floor']:.2f}x "
+                  f"its read floor ({r['floor_ms']:.3f} ms)")
+    if excess:
+        # the selects' time by instruction count beyond their read (which the byte floor already holds)
+        bare_ms = res["floor_ms"] + excess.get("main", 0.0)
+        rec_ms = rec["floor_ms"] + sum(excess.values())
+        ratio_sass = rec_ms / bare_ms
+        print(f"with the row selects at their SASS counts: bare step {bare_ms:.2f} ms, default recipe {rec_ms:.2f} ms, "
+              f"default recipe / bare step: {ratio_sass:.2f}x")
+    else:
+        ratio_sass = None
     for r in (res, rec):
         if r["unknown_sizes"]:
             print(f"tensors of unscaled sizes (counted as at the small shape): {r['unknown_sizes']}")
     self_check(res, 2 if a.bf16_moments else 4)
     if a.json:
-        a.json.write_text(json.dumps({"bare": res, "recipe": rec, "recipe_over_bare": ratio}, indent=1, default=str))
+        a.json.write_text(json.dumps({"bare": res, "recipe": rec, "recipe_over_bare": ratio, "row_select_sass": sel,
+                                      "recipe_over_bare_with_sass": ratio_sass},
+                                     indent=1, default=str))
     return 0
 
 

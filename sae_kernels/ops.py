@@ -399,6 +399,42 @@ def decode_for_training(
     return out.reshape(*lead, d)
 
 
+# ------------------------------------------------------------- losses: row-wise squared error
+
+
+class _RowSqError(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pred, target, offset):
+        impl = get_impl(pred.device, pred.dtype)
+        ctx.save_for_backward(pred, target, offset)
+        ctx.impl = impl
+        return impl.row_sq_error(pred, target, offset)
+
+    @staticmethod
+    def backward(ctx, g):
+        pred, target, offset = ctx.saved_tensors
+        return ctx.impl.row_sq_error_grad(pred, target, offset, g), None, None
+
+
+def row_sq_error(pred: Tensor, target: Tensor, offset: Optional[Tensor] = None) -> Tensor:
+    """``sum_j (pred + offset - target)[t, j]^2`` for each row ``t`` -> ``[N]`` fp32 (fp64 for fp64
+    inputs), differentiable in ``pred`` only (``target`` and ``offset`` are constants: a batch mean, a
+    detached residual). One pass over the operands forward and one backward on the Triton path:
+    every reconstruction loss and metric of a training step is built from these row sums.
+
+    Args:
+        pred: ``[N, d]``. target: ``[N, d]`` or ``[1, d]`` (broadcast to every row). offset: ``[N, d]`` or None.
+    """
+    check_tensor("pred", pred, ndim=2)
+    check_tensor("target", target, ndim=2, device=pred.device)
+    if offset is not None:
+        check_tensor("offset", offset, shape=tuple(pred.shape), device=pred.device)
+    if target.shape[1] != pred.shape[1] or target.shape[0] not in (1, pred.shape[0]):
+        raise ValueError(f"target: expected [{pred.shape[0]}, {pred.shape[1]}] or [1, {pred.shape[1]}], "
+                         f"got {list(target.shape)}")
+    return _RowSqError.apply(pred, target.detach(), None if offset is None else offset.detach())
+
+
 # ------------------------------------------------------------- AuxK dense over a subset of latents
 
 

@@ -32,6 +32,7 @@ import triton
 from torch import Tensor
 
 from csrc_triton.adam import _adam_kernel
+from csrc_triton.loss import _row_sq_error_kernel
 from csrc_triton.sparse_decode import _gather_dot_kernel, _gather_rows_kernel, _scatter_rows_kernel
 from csrc_triton.topk_encode import _encode_topk_candidates_kernel, _select_candidates_kernel
 from csrc_triton.topk_select import _row_topk_kernel
@@ -97,6 +98,8 @@ _SCAT_BLOCK_L, _SCAT_BLOCK_E, _SCAT_BLOCK_D = 32, 32, 128
 # Adam: [8 rows, 128 columns] per step (512 B fp32 row segments, 1024 elements), 4 warps; a 1-D
 # parameter is viewed as rows of 128. 4096 programs for W [32768, 4096].
 _ADAM_BLOCK_R, _ADAM_BLOCK_C, _ADAM_WARPS, _ADAM_CHUNK = 8, 128, 4, 128
+# Row squared error: 4 rows x 512 columns per step (2048 elements, 4 warps: 16 per thread).
+_SQ_BLOCK_R, _SQ_BLOCK_D, _SQ_WARPS = 4, 512, 4
 
 
 def _interpreting() -> bool:
@@ -367,16 +370,7 @@ def _coefficients(values: Tensor, indices: Tensor, n_rows: int, dtype: torch.dty
     return coef.scatter_add_(1, indices, values.to(dtype))
 
 
-def _mm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """a @ b with fp32 accumulation, written in ``out_dtype`` (cuBLAS writes fp32 from bf16 directly)."""
-    if out_dtype == a.dtype:
-        return a @ b
-    if a.device.type == "cuda" and out_dtype == torch.float32:
-        try:
-            return torch.mm(a, b, out_dtype=out_dtype)
-        except (RuntimeError, TypeError):  # older torch: no mm.dtype
-            pass
-    return (a.float() @ b.float()).to(out_dtype)
+_mm = reference.mm_out  # (the name step_cost.py traces)
 
 
 def gather_rows(values: Tensor, indices: Tensor, W: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -459,6 +453,61 @@ def scatter_outer(values: Tensor, indices: Tensor, Y: Tensor, n_rows: int, with_
             **_scatter_config(cdt),
         )
     return dW, (dsum.to(sum_dtype) if with_sum else None)
+
+
+# ---------------------------------------------------------------------------------------- loss
+
+
+def _sq_config(has_offset: bool, backward: bool) -> Dict[str, Any]:
+    return dict(HAS_OFFSET=has_offset, BACKWARD=backward, BLOCK_R=_SQ_BLOCK_R, BLOCK_D=_SQ_BLOCK_D,
+                num_warps=_SQ_WARPS)
+
+
+def _sq_args(pred: Tensor, target: Tensor, offset: Optional[Tensor]):
+    if pred.ndim != 2 or target.ndim != 2 or target.shape[1] != pred.shape[1] or target.shape[0] not in (1, pred.shape[0]):
+        raise ValueError(f"row_sq_error: expected pred [N, d] and target [N, d] or [1, d], got "
+                         f"{list(pred.shape)} and {list(target.shape)}")
+    if offset is not None and offset.shape != pred.shape:
+        raise ValueError(f"row_sq_error: expected offset {list(pred.shape)}, got {list(offset.shape)}")
+    pred = pred if pred.stride(1) == 1 else pred.contiguous()
+    target = target if target.stride(1) == 1 else target.contiguous()
+    t_stride = 0 if target.shape[0] == 1 else target.stride(0)
+    if offset is not None and offset.stride(1) != 1:
+        offset = offset.contiguous()
+    return pred, target, t_stride, offset
+
+
+def row_sq_error(pred: Tensor, target: Tensor, offset: Optional[Tensor] = None) -> Tensor:
+    """``sum_j (pred + offset - target)[t, j]^2`` per row -> ``[N]`` fp32 (``target`` may be one row,
+    broadcast). One read of the operands (``csrc_triton.loss``)."""
+    device = _check_device(pred, target, offset)
+    pred, target, t_stride, offset = _sq_args(pred, target, offset)
+    n_rows, d = pred.shape
+    out = torch.empty(n_rows, device=device, dtype=torch.float32)
+    if n_rows:
+        with _on_device(device):
+            _row_sq_error_kernel[(triton.cdiv(n_rows, _SQ_BLOCK_R),)](
+                pred, pred.stride(0), offset if offset is not None else pred,
+                offset.stride(0) if offset is not None else 0, target, t_stride, out,
+                out, out, 0, n_rows, d, **_sq_config(offset is not None, False))
+    return out
+
+
+def row_sq_error_grad(pred: Tensor, target: Tensor, offset: Optional[Tensor], g: Tensor) -> Tensor:
+    """The gradient of ``pred`` for ``row_sq_error``'s sums weighted by ``g [N]``:
+    ``2 (pred + offset - target) * g[:, None]``, in ``pred.dtype``. One read, one write."""
+    device = _check_device(pred, target, offset, g)
+    pred, target, t_stride, offset = _sq_args(pred, target, offset)
+    n_rows, d = pred.shape
+    grad = torch.empty((n_rows, d), device=device, dtype=pred.dtype)
+    g = g.to(torch.float32).contiguous()
+    if n_rows:
+        with _on_device(device):
+            _row_sq_error_kernel[(triton.cdiv(n_rows, _SQ_BLOCK_R),)](
+                pred, pred.stride(0), offset if offset is not None else pred,
+                offset.stride(0) if offset is not None else 0, target, t_stride, g,
+                g, grad, grad.stride(0), n_rows, d, **_sq_config(offset is not None, True))
+    return grad
 
 
 # ---------------------------------------------------------------------------------------- Adam
@@ -545,6 +594,11 @@ def launch_configs() -> Iterator[Tuple[str, Any, List[Any], Dict[str, Any]]]:
         for out in sorted({dt, f32}, key=str):
             yield (f"scatter_rows[{_dn(dt)}->{_dn(out)}]", _scatter_rows_kernel,
                    [out, d, f32, dt, i64, i64, i64, dt, d, n, d], _scatter_config(dt, interpret=False))
+    for dt in KERNEL_DTYPES:
+        for has_off in (False, True):
+            for bwd in (False, True):
+                yield (f"row_sq_error[{_dn(dt)},offset={int(has_off)},{'backward' if bwd else 'forward'}]",
+                       _row_sq_error_kernel, [dt, d, dt, d, dt, d, f32, f32, dt, d, N, d], _sq_config(has_off, bwd))
     for mdt in (f32, torch.bfloat16):
         for cdt in (None, torch.bfloat16, torch.float16):
             # no flags, one per row (W_enc, W_dec), one per element (b_enc); with and without per-row corrections

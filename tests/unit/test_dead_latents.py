@@ -72,7 +72,7 @@ def test_auxk_loss_is_measured_like_the_main_loss(loss):
     values, indices, x_hat = st.encode_decode(x, 4)
     mean = x.mean(0, keepdim=True)
     residual = (x - x_hat).detach()
-    got = st.auxk_loss(x, residual, dead, st.loss_denominator(x, mean))
+    got = st.auxk_loss(x, x, x_hat, dead, st.loss_denominator(x, mean))
 
     W_enc, b_enc, W_dec = (t.detach() for t in (sae.W_enc, sae.b_enc, sae.W_dec))
     z = torch.relu(x @ W_enc.t() + b_enc)

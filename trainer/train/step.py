@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from sae_kernels import TopKSAE
-from sae_kernels.ops import RowGrads
+from sae_kernels.ops import RowGrads, row_sq_error
 from sae_kernels.optim import HOLD, RESET, SAEAdam
 
 from ..parallel import (
@@ -41,14 +41,6 @@ def llama_scope_loss(x_hat: Tensor, y: Tensor, mean: Optional[Tensor] = None) ->
     mean = y.mean(0, keepdim=True) if mean is None else mean
     den = (y - mean).norm(dim=-1, keepdim=True).clamp_min(1e-8)
     return ((x_hat - y).pow(2) / den).mean()
-
-
-def _normalised_sq_error(x_hat: Tensor, target: Tensor, den: Tensor, loss: str) -> Tensor:
-    """The main loss's form for any (prediction, target) pair with given denominators ``den``
-    (``SAEStep.loss_denominator``): ``mean((x_hat - target)^2 / den)`` or ``sum(...) / den``."""
-    if loss == "llama_scope":
-        return ((x_hat - target).pow(2) / den).mean()
-    return (x_hat - target).pow(2).sum() / den
 
 
 def fvu_loss(x_hat: Tensor, y: Tensor, mean: Optional[Tensor] = None, reduce=None) -> Tensor:
@@ -216,12 +208,22 @@ class SAEStep:
         self._fwd = out
         return out.values, out.indices, out.x_hat
 
-    def loss_denominator(self, y_n: Tensor, mean: Tensor) -> Tensor:
-        """What the reconstruction loss divides by: ``||y_t - mean||`` per token (``[B, 1]``, the Llama
-        Scope loss) or ``sum_t ||y_t - mean||^2`` over the global batch (FVU)."""
+    def loss_denominator(self, y_n: Tensor, mean: Tensor, var_t: Optional[Tensor] = None) -> Tensor:
+        """What the reconstruction loss divides by: ``||y_t - mean||`` per token (``[B]``, the Llama
+        Scope loss) or ``sum_t ||y_t - mean||^2`` over the global batch (FVU). ``var_t``: the row sums
+        ``||y_t - mean||^2`` when already computed (``row_sq_error``)."""
+        var_t = row_sq_error(y_n, mean) if var_t is None else var_t
         if self.cfg.loss == "llama_scope":
-            return (y_n - mean).norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        return self.ctx.data_mean((y_n - mean).pow(2).sum()).clamp_min(1e-12)
+            return var_t.sqrt().clamp_min(1e-8)
+        return self.ctx.data_mean(var_t.sum()).clamp_min(1e-12)
+
+    def reduce_loss(self, err_t: Tensor, den: Tensor, d: int) -> Tensor:
+        """The loss from row sums of squared errors ``err_t [B]`` and ``loss_denominator``'s ``den``:
+        ``mean over elements of (x_hat - y)^2 / ||y_t - mean||`` = ``sum_t err_t / den_t / (B d)`` (Llama
+        Scope) or ``sum_t err_t / den`` (FVU)."""
+        if self.cfg.loss == "llama_scope":
+            return (err_t / den).sum() / (err_t.shape[0] * d)
+        return err_t.sum() / den
 
     @torch.no_grad()
     def aux_candidates(self, t: int, x_n: Tensor) -> Tensor:
@@ -238,10 +240,10 @@ class SAEStep:
             self._aux_next = t + R
         return self._aux_ids
 
-    def auxk_loss(self, x_n: Tensor, residual: Tensor, dead: Tensor, den: Tensor,
+    def auxk_loss(self, x_n: Tensor, y_n: Tensor, x_hat: Tensor, dead: Tensor, den: Tensor,
                   row_grads: Optional[RowGrads] = None) -> Tensor:
         """Gao et al.'s AuxK: the top-``k_aux`` dead latents reconstruct the detached residual
-        ``y_n - x_hat_n``, measured like the main loss and divided by the *target's* statistics
+        ``y_n - x_hat`` (``row_sq_error(e_hat, y_n, offset=x_hat)``: one pass), measured like the main loss and divided by the *target's* statistics
         (``den``, from ``loss_denominator``): per element ``(e_hat - e)^2 / ||y_t - mean||`` averaged
         (Llama Scope loss) or ``sum (e_hat - e)^2 / sum (y - mean)^2`` (FVU), so ``auxk_coef`` weighs
         it against the main loss whatever the main loss (the residual's own variance, the earlier
@@ -261,8 +263,9 @@ class SAEStep:
                                       d_sae=sae.cfg.d_sae, out_dtype=self._out_dtype(), candidates=cands,
                                       row_grads=row_grads)
         if e_hat is None:
-            return torch.zeros((), device=residual.device)
-        return _normalised_sq_error(e_hat.float(), residual, den, self.cfg.loss) * dead.any()
+            return torch.zeros((), device=y_n.device)
+        err_t = row_sq_error(e_hat.float(), y_n, offset=x_hat.detach())
+        return self.reduce_loss(err_t, den, y_n.shape[1]) * dead.any()
 
     def __call__(self, x: Tensor, y: Optional[Tensor], t: int) -> Dict[str, Tensor]:
         c, sae, ctx = self.cfg, self.sae, self.ctx
@@ -283,15 +286,18 @@ class SAEStep:
         run_aux = cands is not None and cands.numel() > 0
         values, indices, x_hat = self.encode_decode(x_n, k, keep_pre=run_aux)
         x_hat = x_hat.float()
+        # the losses and metrics from row sums of squares: one pass each (row_sq_error)
         mean = ctx.batch_mean(y_n)
-        loss = (llama_scope_loss(x_hat, y_n, mean) if c.loss == "llama_scope"
-                else fvu_loss(x_hat, y_n, mean, ctx.data_mean))
+        var_t = row_sq_error(y_n, mean)  # ||y_t - mean||^2
+        err_t = row_sq_error(x_hat, y_n)  # ||x_hat_t - y_t||^2, differentiable in x_hat
+        den = self.loss_denominator(y_n, mean, var_t)
+        loss = self.reduce_loss(err_t, den, y_n.shape[1])
         total = loss
         aux = None
         dead = self.since_fired >= c.dead_window_tokens
         row_grads = RowGrads(cands) if run_aux and ctx.tp == 1 else None
         if run_aux:
-            aux = self.auxk_loss(x_n, (y_n - x_hat).detach(), dead, self.loss_denominator(y_n, mean), row_grads)
+            aux = self.auxk_loss(x_n, y_n, x_hat, dead, den, row_grads)
             total = loss + c.auxk_coef * aux
         elif c.auxk:
             aux = torch.zeros((), device=x_hat.device)
@@ -322,7 +328,7 @@ class SAEStep:
             counts = ctx.world_all_reduce(counts)
             self.advance_counters(self.since_fired, self.fire_count, self.deaths, counts, self.tokens_per_step(x_n))
             # sums over the global batch (one collective under data parallelism)
-            err_var = ctx.data_mean(torch.stack([(x_hat - y_n).pow(2).sum(), (y_n - mean).pow(2).sum()]))
+            err_var = ctx.data_mean(torch.stack([err_t.detach().sum(), var_t.sum()]))
             err, var = err_var[0], err_var[1].clamp_min(1e-12)
             out = {
                 "loss": loss.detach(),
