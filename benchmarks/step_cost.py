@@ -418,7 +418,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ap.error(f"--dead: expected a fraction in [0, 1], got {a.dead}")
     from sae_kernels import triton_ops
 
-    target = dict(B=a.tokens, d=a.d, n=a.n, k=a.k, m=round(a.dead * a.n))
+    target = dict(B=a.tokens, d=a.d, n=a.n, k=a.k, m=round(a.dead * a.n), ka=a.d // 2)
     small = dict(SMALL)
     if a.k >= triton_ops.dense_k_threshold(a.n):  # keep the dense decision of the target shape
         small["k"] = triton_ops.dense_k_threshold(small["n"])

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Tuple
 import threading
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -219,6 +220,10 @@ def release_scratch() -> None:
     _csr_cache.__dict__.pop("entry", None)
 
 
+# latent_csr on the CPU sorts 16-bit keys (id + 1) with NumPy's radix sort up to this many latents.
+_NP_RADIX_MAX_ROWS = 65534
+
+
 def latent_csr(indices: Tensor, n_rows: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Reverse map from latents to their (token, slot) entries, in CSR form, built deterministically.
 
@@ -233,13 +238,23 @@ def latent_csr(indices: Tensor, n_rows: int) -> Tuple[Tensor, Tensor, Tensor]:
         if cached is not None and cached[1] == key:
             return cached[2]
     flat = indices.reshape(-1)
-    # Sorted as one row of a 2-D tensor: a single-threaded stable sort (~13 ms on one core at N*k =
-    # 204800) rather than the parallel radix sort used for 1-D integer tensors (~3 ms on idle cores),
-    # whose thread barriers cost 100-190 ms as soon as other processes compete for the cores.
-    keys, order = torch.sort(flat.view(1, -1), dim=1, stable=True)
-    order = order.view(-1)
-    # Row starts by binary search in the sorted keys (bincount would sync with the host on CUDA).
-    crow = torch.searchsorted(keys.view(-1), torch.arange(n_rows + 1, dtype=flat.dtype, device=flat.device))
+    if flat.device.type == "cpu" and n_rows <= _NP_RADIX_MAX_ROWS and flat.numel() > 0:
+        # NumPy's stable sort of 16-bit keys is a single-threaded radix sort: 0.9 ms at N*k = 204800,
+        # against ~13 ms for torch's single-threaded stable sort (below) on an idle core and ~50 ms on
+        # a busy one. Keys are id + 1 clamped to [0, 65535], so that ids out of range stay out of every
+        # latent's entries as in the sort below (negative ones first, those >= n_rows last).
+        keys16 = (flat.clamp(-1, _NP_RADIX_MAX_ROWS) + 1).numpy().astype(np.uint16)
+        order = torch.from_numpy(np.argsort(keys16, kind="stable"))
+        # crow[i] = entries with key <= i: the out-of-range negative ones and the ids below i
+        crow = torch.from_numpy(np.cumsum(np.bincount(keys16, minlength=n_rows + 1)[:n_rows + 1]))
+    else:
+        # Sorted as one row of a 2-D tensor: a single-threaded stable sort (~13 ms on one core at N*k =
+        # 204800) rather than the parallel radix sort used for 1-D integer tensors (~3 ms on idle cores),
+        # whose thread barriers cost 100-190 ms as soon as other processes compete for the cores.
+        keys, order = torch.sort(flat.view(1, -1), dim=1, stable=True)
+        order = order.view(-1)
+        # Row starts by binary search in the sorted keys (bincount would sync with the host on CUDA).
+        crow = torch.searchsorted(keys.view(-1), torch.arange(n_rows + 1, dtype=flat.dtype, device=flat.device))
     token = torch.div(order, indices.shape[1], rounding_mode="floor")
     if key is not None:
         _csr_cache.entry = (indices, key, (crow, order, token))

@@ -180,3 +180,29 @@ def test_latent_csr_contract():
     key = flat[order] * flat.numel() + order
     assert bool((key.diff() > 0).all()), "entries not grouped by latent in increasing position"
     assert torch.equal(token, order // 9)
+
+
+@pytest.mark.parametrize("n_rows", [1, 45, 4608, 65534, 65535, 70001])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_latent_csr_against_a_plain_loop(n_rows, dtype):
+    """The CPU's radix route (NumPy, up to 65534 latents) and the sort route above it give the map a
+    plain loop gives, ids out of range (which the public ops refuse) left out of every latent."""
+    g = torch.Generator().manual_seed(n_rows)
+    N, k = 37, 7
+    idx = torch.randint(0, n_rows, (N, k), generator=g)
+    idx[3, 2], idx[5, 0], idx[8, 6] = -1, n_rows, n_rows + 70000  # out of range, in every form
+    idx[9] = idx[10]  # duplicate rows: the same latents at several tokens
+    idx = idx.to(dtype)
+    R.release_scratch()
+    crow, order, token = R.latent_csr(idx, n_rows)
+    flat = idx.reshape(-1).tolist()
+    assert crow.shape == (n_rows + 1,)
+    rows = {}
+    for pos, i in enumerate(flat):
+        if 0 <= i < n_rows:
+            rows.setdefault(i, []).append(pos)
+    for i in set(rows) | {0, n_rows - 1}:
+        got = order[int(crow[i]):int(crow[i + 1])].tolist()
+        assert got == rows.get(i, []), f"latent {i}"
+    assert int(crow[-1]) - int(crow[0]) == sum(len(v) for v in rows.values())
+    assert torch.equal(token, order // k)
