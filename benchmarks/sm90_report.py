@@ -203,6 +203,19 @@ def _loops(instrs: List[Tuple[int, str]]) -> List[Tuple[int, int]]:
     return sorted(loops)
 
 
+def _merge_overlapping(ranges: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """Innermost loop ranges that overlap without nesting, merged: one loop that ptxas laid out with
+    two back edges (seen at d_sae not a multiple of 16, where the unaligned row loads change SW's
+    layout), counted as one loop of the union's instructions."""
+    out: List[Tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
 def _loop_stats(instrs: List[Tuple[int, str]], lo: int, hi: int) -> Dict[str, int]:
     ops = [_opcode(i) for a, i in instrs if lo <= a <= hi]
     return {
@@ -287,29 +300,45 @@ def _simulate_row_select(d_sae: int, k: int, dtype: str, has_norm: bool, rows: i
     z = torch.where(pre > 0, pre, torch.zeros_like(pre))
     keys = _keys(z * norm if norm is not None else z)
     n_words = -(-d_sae // 32)
-    acc = dict(rounds=0.0, n_c=0.0, s_iters=[0.0, 0.0, 0.0], s_runs=[0.0, 0.0, 0.0], sw_iters=0.0, fallback=0.0)
+    acc = dict(rounds=0.0, n_c=0.0, s_iters=[0.0, 0.0, 0.0], s_runs=[0.0, 0.0, 0.0], sw_iters=0.0, fallback=0.0,
+               dense=0.0, flat=0.0, z=0.0, z_done=0.0)
+    dense_div = 8   # csrc_triton/topk_select.py DENSE_DIV
     for key in keys:
         b, above, in_bin = _choose(torch.bincount(key[:n_s] >> 21, minlength=2048), k_s)
         thr = b << 21
+        n_span = n_s
         ok = False
+        if n_s == d_sae and b == 0x3FC:   # Z: W from the row, the K-th key +0.0's
+            acc["z"] += 1
+            if int((key > 0x7F800000).sum()) == above:
+                acc["z_done"] += 1
+                continue
         for attempt in range(2):
             if attempt == 1:
                 acc["fallback"] += 1
                 b, above, in_bin = _choose(torch.bincount(key >> 21, minlength=2048), k)
                 thr = b << 21   # (rows needing H1 / H2 are not modelled: none in these data)
+                n_span = d_sae
             cand = key >= thr
             n_c = int(cand.sum())
+            dense = (above + in_bin) * dense_div >= n_span
             if n_s < d_sae or n_c <= cap or attempt == 1:
-                bits = torch.zeros(n_words * 32, dtype=torch.int64)
-                bits[:d_sae] = cand.to(torch.int64)
-                pop = bits.view(n_words, 32).sum(1)
-                acc["rounds"] += sum(int(pop[w0:w0 + wb].max()) for w0 in range(0, n_words, wb))
+                if not dense:
+                    bits = torch.zeros(n_words * 32, dtype=torch.int64)
+                    bits[:d_sae] = cand.to(torch.int64)
+                    pop = bits.view(n_words, 32).sum(1)
+                    acc["rounds"] += sum(int(pop[w0:w0 + wb].max()) for w0 in range(0, n_words, wb))
                 ok = k <= n_c <= cap
             if ok:
                 break
+        acc["dense"] += dense
         ck = key[cand].numpy().astype(np.int64)
         acc["n_c"] += n_c
+        n_eq = int((key == thr).sum()) if dense else 0
         lo, need, more, width = thr, k, True, (1 << 32) - 1
+        if n_c - n_eq < k:   # the K-th key is thr itself: no S pass
+            acc["flat"] += 1
+            more = False
         span = np.float32(int(ck.max()) - lo)
         sh = max(int((span.view(np.int32) >> 23)) - 126 - 11, 0)
         for p in range(3):
@@ -341,9 +370,13 @@ def row_select_instructions_per_element(d_sae: int = 32768, k: int = 50, n_rows:
     markers bracket its code regions, see ``csrc_triton/topk_select.py``), disassembled, and each SASS
     instruction weighted by how often a typical row runs it: the hot loops by their trip counts (from
     a simulation of the kernel's decisions on synthetic rows, ``_simulate_row_select``), the rest of the
-    hot code once per row, an S pass's code by the fraction of rows that run it, the cold code
-    (fallbacks, masked tails) by the fallback rate (its static size: an upper bound). Per element =
-    warp instructions x 32 lanes x warps / d_sae.
+    hot code once per row, the code of Z, D, C and X, of the masked tails and of an S pass by the
+    fraction of rows that run it, the cold code (fallbacks) by the fallback rate (its static size: an
+    upper bound). Per element = warp instructions x 32 lanes x warps / d_sae. The loop structure is
+    checked against ``HOT_LOOPS`` (order, content and marker region); innermost loops that overlap
+    without nesting (ptxas gives a loop two back edges at some shapes) count as one. At d_sae not a
+    multiple of 16 the rows are compiled with the stride the launcher passes on a GPU (a copy to an
+    aligned stride, whose read and write are added to the implied time).
 
     For comparison, the kernel this replaced (four 8-bit radix passes over the row and a cumsum write
     pass, 2048-entry blocks, one program per row; main at c79d4e2), counted the same way on the same
@@ -361,7 +394,11 @@ def row_select_instructions_per_element(d_sae: int = 32768, k: int = 50, n_rows:
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     f32, i32, i64 = torch.float32, torch.int32, torch.int64
     cfg = T._row_select_config(has_bias, has_norm, k)
-    args = [tdt, d_sae, f32, f32, tdt, i64, i32, i64, n_rows, d_sae, k, T._select_capacity(d_sae, k),
+    # rows as the launcher passes them from a contiguous [n_rows, d_sae] tensor: copied into rows of an
+    # aligned stride first when d_sae is not a multiple of 16 (that copy's read and write are added to
+    # the implied time below, as HBM time)
+    stride = T._select_row_stride(d_sae, d_sae)
+    args = [tdt, stride, f32, f32, tdt, i64, i32, i64, n_rows, d_sae, k, T._select_capacity(d_sae, k),
             *T._select_sample(d_sae, k)]
     marked = _sass_report(T._row_topk_kernel, args, dict(cfg, MARK=True), "row_topk (MARK)")
     plain = _sass_report(T._row_topk_kernel, args, dict(cfg), "row_topk")
@@ -377,22 +414,34 @@ def row_select_instructions_per_element(d_sae: int = 32768, k: int = 50, n_rows:
             cur = ts.REGIONS.get(int(m.group(1), 16).bit_length() - 1, "?")
         region[a] = cur
     row_loop = max(loops, key=lambda lh: lh[1] - lh[0])
-    inner = [(lo, hi) for lo, hi in loops if not any((a, b) != (lo, hi) and lo <= a and b <= hi for a, b in loops)]
+    inner = _merge_overlapping([(lo, hi) for lo, hi in loops
+                                if not any((a, b) != (lo, hi) and lo <= a and b <= hi for a, b in loops)])
     hot = [(lo, hi) for lo, hi in inner if region[lo] != "cold"]
-    names = [n for n, _ in ts.HOT_LOOPS]
+    names = [n for n, _, _ in ts.HOT_LOOPS]
     stats = [_loop_stats(instrs, lo, hi) for lo, hi in hot]
-    expect = ["atoms", "stg", "no-bar", "atoms", "atoms", "atoms", "stg"]
-    got = ["atoms" if st["shared_atomics"] else "stg" if st["global_stores"] and st["barriers"] else
-           "no-bar" if not st["barriers"] else "?" for st in stats]
-    if len(hot) != len(names) or any(e != g for e, g in zip(expect, got)):
+    # the content each loop must show: shared atomics (a histogram), global stores behind barriers,
+    # no barrier at all (X's rounds), in the loop's own marker region
+    kind = {"H0": "atoms", "H0.tail": "atoms", "W": "stg", "W.tail": "stg", "C": "stg", "C.tail": "stg", "X.round": "no-bar", "D": "stg",
+            "D.tail": "stg", "S0": "atoms", "S1": "atoms", "S2": "atoms", "SW": "stg"}
+    expect = [f"{kind[n]}@{r}" for n, r, _ in ts.HOT_LOOPS]
+    got = [("atoms" if st["shared_atomics"] else "stg" if st["global_stores"] and st["barriers"] else
+            "no-bar" if not st["barriers"] else "?") + f"@{region[lo]}" for st, (lo, hi) in zip(stats, hot)]
+    if got != expect:
         raise RuntimeError(f"row select SASS: hot loops {got}, expected {expect} ({names})")
-    x_round = hot[2]
+    x_round = hot[names.index("X.round")]
     x_outer = min((lh for lh in loops if lh != x_round and lh != row_loop and lh[0] <= x_round[0]
                    and x_round[1] <= lh[1]), key=lambda lh: lh[1] - lh[0])
-    trips = {"H0": sim["n_sample"] // sim["block"], "C": d_sae // sim["block"], "X.round": sim["rounds"],
-             "S0": sum(sim["s_iters"][:1]), "S1": sim["s_iters"][1], "S2": sim["s_iters"][2], "SW": sim["sw_iters"]}
-    x_outer_trips = -(-sim["n_words"] // sim["wb"])
-    s_prob = {"S0": sim["s_runs"][0], "S1": sim["s_runs"][1], "S2": sim["s_runs"][2]}
+    sparse = 1.0 - sim["z_done"] - sim["dense"]
+    full_c, tail_c = d_sae // sim["block"], float(d_sae % sim["block"] != 0)
+    rest = 1.0 - sim["z_done"]
+    trips = {"H0": sim["n_sample"] // sim["block"], "H0.tail": float(sim["n_sample"] % sim["block"] != 0),
+             "W": sim["z"] * full_c, "W.tail": sim["z"] * tail_c,
+             "C": sparse * full_c, "C.tail": sparse * tail_c, "X.round": sim["rounds"],
+             "D": sim["dense"] * full_c, "D.tail": sim["dense"] * tail_c,
+             "S0": sim["s_iters"][0], "S1": sim["s_iters"][1], "S2": sim["s_iters"][2], "SW": sim["sw_iters"]}
+    x_outer_trips = sparse * -(-sim["n_words"] // sim["wb"])
+    s_prob = {"S0": sim["s_runs"][0], "S1": sim["s_runs"][1], "S2": sim["s_runs"][2], "D": sim["dense"], "CX": sparse,
+              "Z": sim["z"], "rest": rest, "C.tail": sparse, "D.tail": sim["dense"], "W.tail": sim["z"]}
 
     per_row = {n: 0.0 for n in names}
     per_row.update({"X (outside rounds)": 0.0, "per-row code": 0.0, "S code": 0.0})
@@ -408,14 +457,16 @@ def row_select_instructions_per_element(d_sae: int = 32768, k: int = 50, n_rows:
             cold_static += 1
         elif x_outer[0] <= a <= x_outer[1]:
             per_row["X (outside rounds)"] += x_outer_trips
+        elif region[a] in ("D", "CX", "Z", "rest", "C.tail", "D.tail", "W.tail"):
+            per_row["per-row code"] += s_prob[region[a]]
         elif region[a] in s_prob:
             per_row["S code"] += s_prob[region[a]]
         else:
             per_row["per-row code"] += 1
     # a fallback row also reads the rest of the row (H0's loop), collects again and runs the cold code
-    h0_body, c_body = stats[0]["instructions"], stats[1]["instructions"]
-    fallback_extra = (cold_static + (d_sae - sim["n_sample"]) / sim["block"] * h0_body
-                      + trips["C"] * c_body + per_row["X.round"] + per_row["X (outside rounds)"])
+    h0_body = stats[names.index("H0")]["instructions"]
+    collect = sum(per_row[n] for n in ("C", "C.tail", "X.round", "D", "D.tail", "X (outside rounds)"))
+    fallback_extra = cold_static + (d_sae - sim["n_sample"]) / sim["block"] * h0_body + collect
     per_row["fallback (expected)"] = sim["fallback"] * fallback_extra
     scale = 32 * warps / d_sae   # warp instructions per row -> thread instructions per element
     per_elem = {n: v * scale for n, v in per_row.items()}
@@ -423,7 +474,8 @@ def row_select_instructions_per_element(d_sae: int = 32768, k: int = 50, n_rows:
     issue = gpu["sms"] * gpu["schedulers_per_sm"] * gpu["clock_ghz"] * 1e9 * gpu["ipc"]
     elt = torch.empty((), dtype=tdt).element_size()
     floor_ms = n_rows * d_sae * elt / (gpu["hbm_tb_s"] * 1e12) * 1e3
-    ms = total_warp / issue * 1e3
+    copy_ms = 2 * floor_ms if stride != d_sae else 0.0
+    ms = total_warp / issue * 1e3 + copy_ms
     return {
         "shape": dict(n_rows=n_rows, d_sae=d_sae, k=k, dtype=dtype, norm=has_norm, bias=has_bias),
         "config": {kk: v for kk, v in cfg.items()}, "gpu": gpu,
@@ -437,6 +489,7 @@ def row_select_instructions_per_element(d_sae: int = 32768, k: int = 50, n_rows:
         "simulation": {kk: v for kk, v in sim.items()},
         "thread_instr_per_elem": {n: round(v, 3) for n, v in per_elem.items()},
         "total_thread_instr_per_elem": round(sum(per_elem.values()), 2),
+        "row_stride": stride, "copy_ms": round(copy_ms, 4),
         "implied_ms": round(ms, 4), "floor_ms": round(floor_ms, 4), "ratio_to_floor": round(ms / floor_ms, 2),
     }
 
@@ -454,11 +507,12 @@ def sass_table(r: Dict[str, Any]) -> str:
     for n in ("X (outside rounds)", "per-row code", "S code", "fallback (expected)"):
         lines.append(f"  {n:<38}{r['thread_instr_per_elem'][n]:>19.2f}")
     sim = r["simulation"]
+    copy = f" + the aligned copy of the rows (stride {r['row_stride']}) {r['copy_ms']:.3f} ms" if r["copy_ms"] else ""
     lines.append(f"  total {r['total_thread_instr_per_elem']:.1f} thread instructions per element -> "
-                 f"{r['implied_ms']:.3f} ms at IPC 1 ({r['gpu']['name']}, {r['gpu']['clock_ghz']} GHz) vs floor "
+                 f"{r['implied_ms']:.3f} ms at IPC 1{copy} ({r['gpu']['name']}, {r['gpu']['clock_ghz']} GHz) vs floor "
                  f"{r['floor_ms']:.3f} ms (one read at {r['gpu']['hbm_tb_s']} TB/s): {r['ratio_to_floor']:.2f}x "
                  f"[candidates {sim['n_c']:.0f}, fallback rows {sim['fallback']:.1%}, cold code "
-                 f"{r['cold_static_instructions']} instr]")
+                 f"{r['cold_static_instructions']} instr, Z rows {sim['z']:.1%} (settled {sim['z_done']:.1%}), D rows {sim['dense']:.1%}, K-th key at thr {sim['flat']:.1%}]")
     return "\n".join(lines)
 
 

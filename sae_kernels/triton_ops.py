@@ -86,6 +86,12 @@ _SELECT_MIN_CAPACITY = 4096
 # aims at the k-th entry scaled to it plus a margin of 3 standard deviations and 4 (too few
 # candidates, under 1% of rows: the rest of the row is read and the selection redone exactly).
 _SELECT_SAMPLE_DIV, _SELECT_SAMPLE_SIGMAS = 4, 3.0
+# Row strides the kernel reads in place: multiples of 16 elements (Triton specialises integer arguments
+# on divisibility by 16). Other rows (AuxK's over d_sae = 3277 latents) would take scalar loads, and the
+# layouts of the [BLOCK / 8, 8] blocks change with them: layout conversions through shared memory in
+# every loop (SW: 952 SASS instructions per step instead of 449) and spills at 128 registers. On a GPU
+# such rows are first copied into rows of an aligned stride (one read and one write of the rows).
+_SELECT_ROW_ALIGN = 16
 # Sparse row kernels: BLOCK_D = 128 elements = 256 B of a bf16 row per program (full 128 B
 # transactions, 4 warps x 32 lanes); BLOCK_J = 16 rows of W in flight per step hides gather latency.
 _ROW_BLOCK_D, _ROW_BLOCK_J, _ROW_WARPS = 128, 16, 4
@@ -164,8 +170,10 @@ def _row_select_config(has_bias: bool, has_norm: bool, k: int) -> Dict[str, Any]
 
 
 def _select_capacity(d_sae: int, k: int) -> int:
-    """Candidates per program of the row select (at most d_sae: every candidate set fits then)."""
-    return min(d_sae, max(_SELECT_MIN_CAPACITY, 2 * k + d_sae // 16))
+    """Candidates per program of the row select (at most d_sae, every candidate set fits then, rounded
+    up to a multiple of 16: each program's scratch stays 128 B aligned, so that Triton's divisibility
+    specialisation keeps the candidate loads vectorised at any d_sae)."""
+    return -(-min(d_sae, max(_SELECT_MIN_CAPACITY, 2 * k + d_sae // 16)) // 16) * 16
 
 
 def _select_sample(d_sae: int, k: int, sample: Optional[int] = None) -> Tuple[int, int]:
@@ -246,6 +254,22 @@ def _encode_select_fused(x, W_enc, b_enc, k, dec_norm, n_chunks=None):
     return values.to(x.dtype), indices
 
 
+def _select_row_stride(d_sae: int, stride: int) -> int:
+    """The row stride ``_row_select`` launches the kernel with (on a GPU): ``stride``, or d_sae rounded
+    up to a multiple of _SELECT_ROW_ALIGN when ``stride`` is not one."""
+    return stride if stride % _SELECT_ROW_ALIGN == 0 else -(-d_sae // _SELECT_ROW_ALIGN) * _SELECT_ROW_ALIGN
+
+
+def _select_aligned_rows(pre: Tensor) -> Tensor:
+    """``pre`` copied into rows of a stride that is a multiple of _SELECT_ROW_ALIGN (the padding is
+    never read)."""
+    n_rows, d_sae = pre.shape
+    buf = torch.empty((n_rows, _select_row_stride(d_sae, pre.stride(0))), device=pre.device, dtype=pre.dtype)
+    out = buf[:, :d_sae]
+    out.copy_(pre)
+    return out
+
+
 def _row_select(pre: Tensor, k: int, dec_norm: Optional[Tensor], bias: Optional[Tensor],
                 values: Tensor, indices: Tensor, capacity: Optional[int] = None,
                 sample: Optional[int] = None) -> None:
@@ -258,6 +282,8 @@ def _row_select(pre: Tensor, k: int, dec_norm: Optional[Tensor], bias: Optional[
     cfg = _row_select_config(bias is not None, dec_norm is not None, k)
     cap = _select_capacity(d_sae, k) if capacity is None else max(1, int(capacity))
     n_sample, k_sample = _select_sample(d_sae, k, sample)
+    if pre.is_cuda and pre.stride(0) % _SELECT_ROW_ALIGN:
+        pre = _select_aligned_rows(pre)
     n_prog = min(n_rows, _SELECT_PROGRAMS_PER_SM * _num_sms(pre.device))
     work = torch.empty((n_prog, triton.cdiv(d_sae, 32)), device=pre.device, dtype=torch.int32)
     cand = torch.empty((n_prog, cap), device=pre.device, dtype=torch.int64)

@@ -73,6 +73,11 @@ def make_rows(kind: str, n_rows: int, d_sae: int, dtype, seed: int):
         if n_rows > 2:
             pre[2, ::7] = float("-inf")
             pre[2, 1::11] = float("inf")
+    elif kind == "ties+":     # positive runs of exact ties at 4.0, 5.0, 6.0, 7.0: the bins' lowest keys
+        pre = (pre * 2).round() / 2 + 5.0
+    elif kind == "tiny":      # mostly negative, a few positive scores below 2^-126 (in +0.0's bin)
+        pre = pre - 1.0
+        pre[:, ::9] = torch.tensor([1e-39, 2e-39, 3e-45, 1e-40])[torch.arange(n_rows) % 4, None]
     elif kind == "scaled":    # rows of very different scales, and tiny values (subnormal products)
         pre = pre * torch.logspace(-30, 30, n_rows)[:, None]
     return pre.to(dtype)
@@ -205,4 +210,58 @@ def test_launcher_options_cover_the_kernel_configurations():
     for d_sae, k in [(1, 1), (129, 129), (32768, 50), (131072, 2048), (40000, 39999)]:
         n_s, k_s = triton_ops._select_sample(d_sae, k)
         assert 1 <= k_s <= n_s <= d_sae and (n_s < d_sae or k_s == k)
-        assert 1 <= triton_ops._select_capacity(d_sae, k) <= d_sae
+        assert 1 <= triton_ops._select_capacity(d_sae, k) <= -(-d_sae // 16) * 16
+        assert triton_ops._select_capacity(d_sae, k) % 16 == 0
+
+
+# Dense rows (k / d_sae from 0.3 to 0.95, AuxK's k_aux 2048 of ~3277): D, the candidates compacted by
+# block prefix sums, and the K-th key at the threshold itself (no S pass) when the candidates above it
+# are fewer than k (the K-th entry among the zeros or among exact ties at a bin's lowest key).
+DENSE_CASES = [
+    pytest.param(4, 97, 60, torch.float32, "randn", "pos", "none", id="d97-k60"),
+    pytest.param(3, 97, 92, torch.bfloat16, "nan", "signed", "none", id="d97-k92-nan-signed-norms"),
+    pytest.param(3, 1001, 300, torch.float32, "ties", "none", "none", id="d1001-k300-ties"),
+    pytest.param(3, 1001, 950, torch.bfloat16, "randn", "pos", "none", id="d1001-k950"),
+    pytest.param(3, 1001, 700, torch.bfloat16, "zeros", "signed", "none", id="d1001-k700-zero-negative-norms"),
+    pytest.param(4, 1001, 500, torch.float32, "ties+", "none", "none", id="d1001-k500-ties-at-bin-floor"),
+    pytest.param(4, 300, 200, torch.float32, "equal", "pos", "none", id="d300-k200-equal-rows"),
+    pytest.param(3, 500, 400, torch.float32, "nan", "pos", "none", id="d500-k400-nan-inf"),
+    pytest.param(2, 3277, 2048, torch.bfloat16, "randn", "pos", "none", id="auxk-3277-2048"),
+    pytest.param(2, 3277, 2048, torch.bfloat16, "randn", "pos", "mask", id="auxk-3277-2048-mask"),
+    pytest.param(2, 3281, 1200, torch.float32, "ties", "signed", "none", id="d3281-k1200-ties-signed"),
+    pytest.param(2, 4096, 2048, torch.bfloat16, "randn", "pos", "none", id="d4096-k2048-s-passes"),
+    pytest.param(4, 1001, 600, torch.float32, "tiny", "none", "none", id="d1001-k600-subnormals-in-zero-bin"),
+    pytest.param(4, 2100, 1500, torch.float32, "tiny", "signed", "none", id="d2100-k1500-subnormals-signed-norms"),
+    pytest.param(4, 1500, 1000, torch.float32, "tiny", "pos", "none", id="d1500-k1000-subnormals-norm"),
+    pytest.param(4, 700, 650, torch.float32, "zeros", "none", "float", id="d700-k650-zeros-float-bias"),
+    pytest.param(2, 9000, 6000, torch.bfloat16, "randn", "pos", "none", id="sampled-d9000-k6000"),
+]
+
+
+@pytest.mark.parametrize("n_rows,d_sae,k,dtype,rows,norm,bias", DENSE_CASES)
+def test_row_select_dense_rows_match_the_exact_reference(n_rows, d_sae, k, dtype, rows, norm, bias):
+    seed = d_sae * 5 + k
+    pre = make_rows(rows, n_rows, d_sae, dtype, seed)
+    check(pre, k, make_norm(norm, d_sae, seed), make_bias(bias, d_sae, seed))
+
+
+@pytest.mark.parametrize("fallback", [pytest.param(dict(sample=50), id="sample-50"),
+                                      pytest.param(dict(capacity=512), id="capacity-512")])
+@pytest.mark.parametrize("n_rows,d_sae,k,dtype,rows,norm,bias", [
+    pytest.param(3, 1001, 700, torch.bfloat16, "randn", "pos", "none", id="d1001-k700"),
+    pytest.param(3, 777, 400, torch.float32, "ties+", "none", "none", id="d777-k400-ties-at-bin-floor"),
+])
+def test_row_select_dense_fallbacks_are_exact(n_rows, d_sae, k, dtype, rows, norm, bias, fallback):
+    seed = d_sae * 11 + k
+    pre = make_rows(rows, n_rows, d_sae, dtype, seed)
+    check(pre, k, make_norm(norm, d_sae, seed), make_bias(bias, d_sae, seed), **fallback)
+
+
+def test_unaligned_rows_are_copied_to_an_aligned_stride():
+    """Rows whose stride is not a multiple of 16 elements go to the kernel (on a GPU) as a copy with
+    an aligned stride, the same values."""
+    pre = torch.randn(3, 3277).to(torch.bfloat16)
+    assert triton_ops._select_row_stride(3277, 3277) == 3280
+    assert triton_ops._select_row_stride(3277, 4096) == 4096
+    out = triton_ops._select_aligned_rows(pre)
+    assert out.stride(0) == 3280 and out.shape == pre.shape and torch.equal(out, pre)
