@@ -14,7 +14,7 @@ Two things live here:
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import threading
 import warnings
@@ -290,6 +290,106 @@ def scatter_outer(
 # --------------------------------------------------------------------------------------------------
 # The dense textbook SAE: ground truth for tests (in float64) and the dense baseline for benchmarks.
 # --------------------------------------------------------------------------------------------------
+
+
+ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk", "standard")
+
+
+def batch_topk_mask(score: Tensor, k: int) -> Tensor:
+    """BatchTopK's selection (docs/method.md sec. 11): over the whole ``[N, n]`` batch, the ``k * N``
+    largest scores; equal scores to the smaller (token position, latent id), i.e. the smaller
+    row-major index of the batch; NaN above every number. Returns a bool ``[N, n]`` mask with
+    ``min(k * N, N * n)`` entries set: the per-token L0 varies, its mean is k."""
+    if k < 0:
+        raise ValueError(f"k: expected k >= 0, got {k}")
+    N, n = score.shape
+    keep = min(k * N, N * n)
+    flat = score.reshape(-1)
+    # a stable descending sort keeps equal scores in index order, and sorts NaN first
+    order = torch.sort(flat, descending=True, stable=True).indices[:keep]
+    mask = torch.zeros(N * n, dtype=torch.bool, device=score.device)
+    mask[order] = True
+    return mask.view(N, n)
+
+
+def batch_topk_threshold(score: Tensor, mask: Tensor) -> Tensor:
+    """The step's selection threshold: the smallest kept score (the ``k * N``-th largest of the batch),
+    in score units ``relu(pre) * n_i`` = Llama Scope's folded units (sec. 5); 0-d, NaN if none kept."""
+    kept = score[mask]
+    return kept.min() if kept.numel() else score.new_full((), float("nan"))
+
+
+def matryoshka_prefixes(widths, d_sae: int) -> Tuple[int, ...]:
+    """The nested prefix widths of a Matryoshka member, checked: increasing, ending at d_sae."""
+    w = tuple(int(v) for v in widths)
+    if not w or w[-1] != d_sae or any(a >= b for a, b in zip(w, w[1:])) or w[0] < 1:
+        raise ValueError(f"--matryoshka-widths: expected increasing widths ending at d_sae {d_sae}, got {list(w)}")
+    return w
+
+
+def matryoshka_decode(f: Tensor, W_dec: Tensor, b_dec: Tensor, prefixes) -> List[Tensor]:
+    """One reconstruction per prefix: ``x_hat_m = f[:, :m] @ W_dec[:m] + b_dec`` (each prefix decodes
+    only its own latents, from b_dec); the last is the member's reconstruction."""
+    return [f[:, :m] @ W_dec[:m] + b_dec for m in matryoshka_prefixes(prefixes, W_dec.shape[0])]
+
+
+def l1_coefficient_at(step: int, l1: float, warmup_steps: int) -> float:
+    """The ``standard`` member's L1 coefficient at ``step``: linear from 0 to ``l1`` over the first
+    ``warmup_steps`` steps (``l1 * min(1, (step + 1) / warmup_steps)``), then ``l1``."""
+    if warmup_steps <= 0:
+        return float(l1)
+    return float(l1) * min(1.0, (step + 1) / warmup_steps)
+
+
+def variant_loss(x_hats: List[Tensor], y: Tensor, mean: Tensor, *, loss: str = "llama_scope",
+                 f: Optional[Tensor] = None, dec_norm: Optional[Tensor] = None, l1: float = 0.0) -> Tensor:
+    """A member's loss from its reconstructions (docs/method.md sec. 11), plain autograd, any dtype.
+
+    Per token ``t`` the objective is ``e_t = mean over the reconstructions r of ||x_hat_r,t - y_t||^2``
+    (one reconstruction for ``topk``/``batchtopk``/``standard``; one per prefix, weighted uniformly, for
+    Matryoshka) ``+ l1 * sum_i f_ti n_i`` (``standard``). The Llama Scope loss divides ``e_t`` by
+    ``d ||y_t - mean||`` and averages over tokens (sec. 2); the FVU divides ``sum_t e_t`` by
+    ``sum_t ||y_t - mean||^2``. With one reconstruction and no L1 this is the trainer's loss."""
+    err = torch.stack([(xh - y).pow(2).sum(1) for xh in x_hats]).mean(0)
+    if l1:
+        if f is None or dec_norm is None:
+            raise ValueError("variant_loss: l1 needs f and dec_norm")
+        err = err + l1 * (f * dec_norm).sum(1)
+    var = (y - mean).pow(2).sum(1)
+    if loss == "llama_scope":
+        return (err / var.sqrt().clamp_min(1e-8)).sum() / (y.shape[0] * y.shape[1])
+    if loss == "fvu":
+        return err.sum() / var.sum().clamp_min(1e-12)
+    raise ValueError(f"loss: expected 'llama_scope' or 'fvu', got {loss!r}")
+
+
+def dense_variant_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, architecture: str,
+                      k: Optional[int] = None, prefixes=None, mask: Optional[Tensor] = None,
+                      weighted: bool = True) -> Tuple[List[Tensor], Tensor, Tensor]:
+    """Dense forward of every architecture with plain autograd (the float64 reference of sec. 11):
+    ``(x_hats, f, mask)``. ``x_hats``: the reconstructions the loss averages (one, or one per
+    Matryoshka prefix); ``f [N, d_sae]`` the coefficients (``relu(pre)`` where selected); ``mask`` the
+    selection (``standard``: every latent). ``mask`` given fixes the selection (gradients of another
+    implementation on exactly the same support)."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"--architecture: expected one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
+    pre = x @ W_enc.t() + b_enc
+    z = torch.relu(pre)
+    if mask is None:
+        if architecture == "standard":
+            mask = torch.ones_like(z, dtype=torch.bool)
+        else:
+            if k is None:
+                raise ValueError(f"--k: the {architecture} architecture needs k")
+            score = (z * W_dec.detach().norm(dim=1) if weighted else z).detach()
+            if architecture == "topk":
+                mask = torch.zeros_like(z, dtype=torch.bool).scatter(1, topk_indices(score, min(k, z.shape[1])), True)
+            else:
+                mask = batch_topk_mask(score, k)
+    f = z * mask.to(z.dtype)
+    if architecture == "matryoshka_batchtopk":
+        return matryoshka_decode(f, W_dec, b_dec, prefixes if prefixes is not None else [W_dec.shape[0]]), f, mask
+    return [f @ W_dec + b_dec], f, mask
 
 
 def dense_topk_sae(
