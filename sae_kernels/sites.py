@@ -35,7 +35,7 @@ HOOK_NAMES = {
 # The hook kinds above, as they follow "blocks.{L}." in a hook name.
 HOOK_KINDS = ("hook_resid_post", "hook_attn_out", "hook_mlp_out", "ln2.hook_normalized")
 
-_NAME = re.compile(r"L(\d+)(R|A|M|TC)(?:-(\d+)x)?")
+_NAME = re.compile(r"L(\d+)(R|A|M|TC)(?:-(\d+)x(?:-k(\d+))?)?")
 _HOOK = re.compile(r"blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in HOOK_KINDS) + r")")
 
 
@@ -59,9 +59,10 @@ class Site:
         """Llama Scope's name, ``L{layer}{position}``."""
         return f"L{self.layer}{self.position}"
 
-    def member(self, expansion: int) -> str:
-        """The name of an SAE of ``expansion`` x d_model latents here: ``L{layer}{position}-{expansion}x``."""
-        return f"{self.name}-{expansion}x"
+    def member(self, expansion: int, k: Optional[int] = None) -> str:
+        """The name of an SAE of ``expansion`` x d_model latents here: ``L{layer}{position}-{expansion}x``,
+        and ``-k{K}`` after it for a member of a sweep over K."""
+        return f"{self.name}-{expansion}x" + ("" if k is None else f"-k{k}")
 
     @property
     def hooks(self) -> Tuple[str, str]:
@@ -100,7 +101,7 @@ class Site:
 
     @classmethod
     def parse_member(cls, name: str) -> Optional[Tuple["Site", int]]:
-        """``"L3R-8x"`` -> ``(Site(3, "R"), 8)``; None for any other name."""
+        """``"L3R-8x"`` (or a sweep's ``"L3R-8x-k50"``) -> ``(Site(3, "R"), 8)``; None for any other name."""
         m = _NAME.fullmatch(name) if isinstance(name, str) else None
         if m is None or m.group(3) is None:
             return None

@@ -86,7 +86,10 @@ class TrainConfig:
         "help": "d_sae = expansion x d_model (Llama Scope: 8 or 32), or a comma-separated list such as 8,32: "
                 "every hook point at each width.",
         "cli_type": str, "group": "what to train"})
-    k: int = _help("Latents kept per token (K).", group="what to train", default=50)
+    k: Union[int, List[int]] = field(default=50, metadata={
+        "help": "Latents kept per token (K), or a comma-separated list such as 25,50,100: a sweep, every hook "
+                "point and width at each K (members named ...-k{K}).",
+        "cli_type": str, "group": "what to train"})
     plain_topk: bool = _help("Select by relu(pre) instead of relu(pre) x ||W_dec[i]|| (weighted TopK).",
                              group="what to train", default=False)
     # ---------------------------------------------------------------- optimisation
@@ -217,7 +220,8 @@ class TrainConfig:
                      "k_aux", "dead_window_tokens", "log_every", "k_start", "stop_after_steps"):
             pos_int(name)
         self.expansion = parse_expansions(self.expansion)
-        for name in ("k", "norm_tokens", "eval_every", "jumprelu_tokens", "tp"):
+        self.k = parse_ks(self.k)
+        for name in ("norm_tokens", "eval_every", "jumprelu_tokens", "tp"):
             pos_int(name, allow_none=False)
         pos_int("warmup_steps", allow_zero=True)
         pos_int("checkpoint_every", allow_zero=True)
@@ -254,8 +258,8 @@ class TrainConfig:
                              f"got {self.dist_timeout!r}")
         if not isinstance(self.output, str) or not self.output.strip():
             raise ValueError(f"--output: expected a folder for the run, got {self.output!r}")
-        if self.k_start is not None and self.k_start < self.k:
-            raise ValueError(f"--k-start: expected >= --k ({self.k}), got {self.k_start}")
+        if self.k_start is not None and self.k_start < max(self.ks):
+            raise ValueError(f"--k-start: expected >= --k ({max(self.ks)}), got {self.k_start}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite: expected at most one of them")
         # suite flags: syntax here (before the model loads), layer ranges in resolve()
@@ -303,10 +307,13 @@ class TrainConfig:
         if c.layers is not None:
             c.layers = ",".join(str(i) for i in parse_layers(c.layers, n_layers))
         specs = c.members()
+        for m in specs:
+            d_sae = m.expansion * d_model
+            if c.k_of(m) > d_sae:
+                raise ValueError(f"--k: expected at most d_sae = {d_sae}" + (f" ({m.name})" if len(specs) > 1 else "")
+                                 + f", got {c.k_of(m)}")
         d_sae = min(m.expansion for m in specs) * d_model
-        if c.k > d_sae:
-            raise ValueError(f"--k: expected at most d_sae = {d_sae}, got {c.k}")
-        if c.k_start is None:
+        if c.k_start is None and not c.k_swept:  # a sweep leaves it to each member (solo): max(its K, d_model / 2)
             c.k_start = max(c.k, d_model // 2)
         if c.auxk is None:
             c.auxk = not c.released_recipe
@@ -353,9 +360,23 @@ class TrainConfig:
             if None in layers:
                 raise ValueError("TrainConfig.members: the layer is not known yet (resolve() first)")
             sites = [(layer, p) for layer in layers for p in positions]
-        out = sorted({MemberSpec(layer, p, e) for layer, p in sites for e in widths},
-                     key=lambda m: (*m.site.sort_key(), m.expansion))
+        ks: List[Optional[int]] = list(self.ks) if self.k_swept else [None]
+        out = sorted({MemberSpec(layer, p, e, k) for layer, p in sites for e in widths for k in ks},
+                     key=lambda m: (*m.site.sort_key(), m.expansion, m.k or 0))
         return out
+
+    @property
+    def ks(self) -> List[int]:
+        return list(self.k) if isinstance(self.k, list) else [self.k]
+
+    @property
+    def k_swept(self) -> bool:
+        """Whether --k is a list (each member named with its K)."""
+        return isinstance(self.k, list)
+
+    def k_of(self, m: "MemberSpec") -> int:
+        """Member ``m``'s K."""
+        return m.k if m.k is not None else self.ks[0]
 
     @property
     def expansions(self) -> List[int]:
@@ -364,9 +385,11 @@ class TrainConfig:
     def solo(self, m: "MemberSpec", d_model: int) -> "TrainConfig":
         """The resolved configuration of member ``m`` trained alone (what its train_config.json holds)."""
         d_sae = m.expansion * d_model
-        return dataclasses.replace(self, layer=m.layer, position=m.position, expansion=m.expansion,
+        k = self.k_of(m)
+        k_start = max(k, d_model // 2) if self.k_start is None else self.k_start
+        return dataclasses.replace(self, layer=m.layer, position=m.position, expansion=m.expansion, k=k,
                                    hookpoints=None, layers=None, positions=None,
-                                   k_start=min(self.k_start, d_sae), k_aux=min(self.k_aux, d_sae))
+                                   k_start=min(k_start, d_sae), k_aux=min(self.k_aux, d_sae))
 
     def to_dict(self) -> Dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -386,11 +409,13 @@ def _flag(name: str) -> str:
 
 @dataclass(frozen=True)
 class MemberSpec:
-    """One SAE of a suite: its layer, position and width; named ``L{layer}{position}-{expansion}x``."""
+    """One SAE of a suite: its layer, position, width and, in a sweep over K, its K; named
+    ``L{layer}{position}-{expansion}x`` (``-k{K}`` appended in a sweep)."""
 
     layer: int
     position: str
     expansion: int
+    k: Optional[int] = None  # set only when --k is a list
 
     @property
     def site(self) -> Site:
@@ -398,7 +423,7 @@ class MemberSpec:
 
     @property
     def name(self) -> str:
-        return self.site.member(self.expansion)
+        return self.site.member(self.expansion, self.k)
 
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
@@ -470,6 +495,27 @@ def parse_positions(text: str) -> List[str]:
             raise ValueError(f"--positions: {item!r}: expected positions among {', '.join(POSITIONS)}")
     _no_repeats("--positions", items, items)
     return items
+
+
+def parse_ks(value: Any) -> Union[int, List[int]]:
+    """``50``, ``"50"`` -> 50; ``"25,50,100"`` or ``[25, 50, 100]`` -> ``[25, 50, 100]`` (each >= 1)."""
+    if isinstance(value, str):
+        items = _nonempty("--k", value, "50 or 25,50,100")
+        for item in items:
+            if not re.fullmatch(r"\d+", item) or int(item) < 1:
+                raise ValueError(f"--k: {item!r}: expected an integer >= 1 (or a list such as 25,50,100)")
+        values: List[Any] = [int(item) for item in items]
+    elif isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("--k: expected an integer or a list such as 25,50,100, got an empty list")
+        values = list(value)
+    else:
+        values = [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"--k: expected an integer >= 1, got {v!r}")
+    _no_repeats("--k", values, [str(v) for v in values])
+    return values[0] if len(values) == 1 else values
 
 
 def parse_expansions(value: Any) -> Union[int, List[int]]:

@@ -92,7 +92,7 @@ def export_members(cfg: TrainConfig, members: Sequence[Member], specs: Sequence[
             b = e.member.block_in
             acts = rows[:, b * d_model:(b + 1) * d_model].to(device)
             folder = e.member.run_dir / names.JUMPRELU
-            e.sae.to_jumprelu(acts, k=cfg.k).to_llama_scope(
+            e.sae.to_jumprelu(acts, k=cfg.k_of(e.spec)).to_llama_scope(
                 folder, hyperparams=dict(e.hyperparams, jumprelu_tokens=int(acts.shape[0])), lm_config=lm_config,
                 dtype=cfg.export_dtype)
             e.jumprelu = TopKSAE.from_llama_scope(folder, device=device)

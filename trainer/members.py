@@ -5,7 +5,8 @@
   one permutation serves every member.
 * ``dataset_norms``: each hook point's dataset-wise norm (docs/method.md sec. 3) from the buffer's first
   rows, the same tokens on every layout.
-* ``member_seed``: a member's initialisation seed, a function of the run's seed and its name only.
+* ``member_seed``: a member's initialisation seed, a function of the run's seed and its name only (without a
+  sweep's ``-k{K}``: the members of a sweep over K start alike).
 * ``build_members``: on this rank, each member it trains: its SAE (its rows, all of them at tp 1), Adam and
   ``SAEStep`` over the member's context. A member trained in a suite equals the member trained alone.
 """
@@ -93,11 +94,13 @@ def build_members(cfg: TrainConfig, specs: Sequence[MemberSpec], contexts: Seque
         if mc is None:
             continue
         hook_in, hook_out = m.site.hooks
-        sae_cfg = SAEConfig(d_model=d_model, d_sae=m.expansion * d_model, k=cfg.k, weighted_topk=not cfg.plain_topk,
+        sae_cfg = SAEConfig(d_model=d_model, d_sae=m.expansion * d_model, k=cfg.k_of(m), weighted_topk=not cfg.plain_topk,
                             dtype="float32", hook_point_in=hook_in, hook_point_out=hook_out, model_name=model_name,
                             layer=m.layer, position=m.position)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(member_seed(cfg.seed, m.name))
+            # seeded by the name without a sweep's -k{K}: the members of a K sweep start from one init
+            # (only K differs between them), and each equals the SAE trained alone with its K
+            torch.manual_seed(member_seed(cfg.seed, m.site.member(m.expansion)))
             sae = TopKSAE(sae_cfg, transcoder=m.site.transcoder, device=device)
         nm = norms[m.name]
         sae.cfg = sae.cfg.replace(norm_in=math.sqrt(d_model) / nm["in"], norm_out=math.sqrt(d_model) / nm["out"])

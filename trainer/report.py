@@ -29,10 +29,11 @@ def suite_table(suite: Dict[str, Any]) -> str:
     def f(v, fmt):
         return "n/a" if v is None else format(v, fmt)
 
-    lines = ["| member | EV | L0 | delta LM loss | CE score | dead (held-out) | dead (train) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    swept = len({m.get("k") for m in suite["members"]}) > 1  # a sweep over K: its K beside each member
+    lines = ["| member |" + (" K |" if swept else "") + " EV | L0 | delta LM loss | CE score | dead (held-out) | dead (train) |",
+             "|---|" + ("---:|" if swept else "") + "---:|---:|---:|---:|---:|---:|"]
     for m in suite["members"]:
-        lines.append(f"| {m['name']} | {f(m['explained_variance'], '.4f')} | {f(m['l0'], '.2f')} | "
+        lines.append(f"| {m['name']} |" + (f" {m.get('k')} |" if swept else "") + f" {f(m['explained_variance'], '.4f')} | {f(m['l0'], '.2f')} | "
                      f"{f(m['delta_lm_loss'], '.4f')} | {f(m['ce_score'], '.4f')} | "
                      f"{m['dead_latents_eval']} / {m['d_sae']} | {m['dead_latents_train']} / {m['d_sae']} |")
     return "\n".join(lines)
@@ -45,7 +46,7 @@ def write_suite_files(out: Path, suite: Dict[str, Any]) -> None:
     atomic_write_json(out / names.SUITE_JSON, suite)
     atomic_write_text(out / names.SUITE_MD, suite_table(suite) + "\n")
     buf = io.StringIO()
-    cols = ["name", "layer", "position", "expansion", *SUITE_COLUMNS]
+    cols = ["name", "layer", "position", "expansion", "k", *SUITE_COLUMNS]
     w = csv.writer(buf)
     w.writerow(cols)
     for m in suite["members"]:
@@ -110,14 +111,15 @@ def plot_suite(suite: Dict[str, Any], path: Path) -> str:
 
 
 def _suite_lines(ax, members: List[Dict[str, Any]], key: str) -> None:
-    lines: Dict[Tuple[str, int], List[Dict[str, Any]]] = {}
+    lines: Dict[Tuple[str, int, Any], List[Dict[str, Any]]] = {}
+    swept = len({m.get("k") for m in members}) > 1
     for m in members:
-        lines.setdefault((m["position"], m["expansion"]), []).append(m)
-    for (pos, exp), ms in lines.items():
+        lines.setdefault((m["position"], m["expansion"], m.get("k") if swept else None), []).append(m)
+    for (pos, exp, k), ms in lines.items():
         ms = sorted(ms, key=lambda m: m["layer"])
         pts = [(m["layer"], y) for m in ms for y in [_suite_value(m, key)] if y is not None]
         if pts:
-            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{pos} {exp}x")
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{pos} {exp}x" + (f" k{k}" if k is not None else ""))
             if len(pts) == 1:  # a lone point: its value written beside it
                 ax.annotate(f"{pts[0][1]:.4g}", pts[0], textcoords="offset points", xytext=(5, 5), fontsize=8,
                             color=line.get_color())
@@ -236,7 +238,7 @@ def suite_record(*, cfg, specs, placement: List[List[int]], tp: int, dp: int, wo
     the LM, SAE step, evaluation and waiting times over ranks; CPU: rank 0's process)."""
     out = Path(cfg.output)
     return {
-        "members": [dict(name=m.name, layer=m.layer, position=m.position, expansion=m.expansion,
+        "members": [dict(name=m.name, layer=m.layer, position=m.position, expansion=m.expansion, k=cfg.k_of(m),
                          folder=str(out / m.name), ranks=[g * tp + r for g in groups for r in range(tp)],
                          **{k: results[m.name].get(k) for k in SUITE_COLUMNS})
                     for m, groups in zip(specs, placement)],

@@ -161,7 +161,7 @@ def setup(cfg: TrainConfig, log: Callable[[str], None], stack: contextlib.ExitSt
     clock.mark("loaded")
     ctx.barrier()
     shown = ", ".join(m.name for m in specs[:8]) + (f", ... ({len(specs)} SAEs)" if len(specs) > 8 else "")
-    log(f"{lm.name}, d_model {d}: {shown}; k {cfg.k}, {cfg.tokens:,} tokens in {cfg.total_steps} steps of "
+    log(f"{lm.name}, d_model {d}: {shown}; k {','.join(map(str, cfg.ks))}, {cfg.tokens:,} tokens in {cfg.total_steps} steps of "
         f"{cfg.batch_size}; the LM runs once up to layer {max(m.layer for m in specs)}, reading {len(columns)} "
         f"hook point{'s' if len(columns) > 1 else ''} -> {out}")
 

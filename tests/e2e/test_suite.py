@@ -207,3 +207,27 @@ def test_a_buffer_that_does_not_fit_is_refused(tiny, capsys):
     err = capsys.readouterr().err
     assert "--buffer-tokens" in err and "GiB" in err and "15 hook point column blocks" not in err
     assert "12 hook point column blocks" in err  # 3 layers x (resid, attn, mlp out, ln2 input): shared columns
+
+
+def test_k_sweep_members_equal_their_runs_alone(tiny):
+    """--k 4,8: one member per K from one LM pass, named -k{K}, each bitwise the SAE trained alone with
+    that K; suite.md and suite.csv give each member's K."""
+    root = tiny[1]
+    res = run(cfg(tiny, "ksweep", hookpoints="L1R", expansion=4, k="4,8"), log=quiet)
+    names = ["L1R-4x-k4", "L1R-4x-k8"]
+    assert list(res["members"]) == names
+    for name, k in zip(names, (4, 8)):
+        alone = run(cfg(tiny, f"alone-k{k}", layer=1, position="R", expansion=4, k=k), log=quiet)["members"]["L1R-4x"]
+        mine, theirs = root / "ksweep" / name, root / f"alone-k{k}" / "L1R-4x"
+        a, b = load_file(str(mine / "checkpoints/final.safetensors")), load_file(str(theirs / "checkpoints/final.safetensors"))
+        for key in b:
+            assert torch.equal(a[key], b[key]), f"{name} {key}"
+        ours, theirs_cfg = (json.loads((d / "train_config.json").read_text()) for d in (mine, theirs))
+        ours.pop("output"), theirs_cfg.pop("output")
+        assert ours == theirs_cfg and ours["k"] == k
+        assert metrics_lines(mine) == metrics_lines(theirs)
+        got = res["members"][name]
+        assert got["k"] == k and got["explained_variance"] == alone["explained_variance"] and got["l0"] == alone["l0"]
+    rows = list(csv.DictReader((root / "ksweep" / "suite.csv").read_text().splitlines()))
+    assert [(r["name"], r["k"]) for r in rows] == [("L1R-4x-k4", "4"), ("L1R-4x-k8", "8")]
+    assert (root / "ksweep" / "suite.md").read_text().startswith("| member | K | EV |")

@@ -120,7 +120,7 @@ def test_a_typo_is_one_line_with_a_suggestion(capsys):
 
 
 @pytest.mark.parametrize("argv,want", [
-    (["--k", "x"], "error: --k: invalid int value: 'x'"),
+    (["--batch-size", "x"], "error: --batch-size: invalid int value: 'x'"),
     (["--k"], "error: --k: expected one argument"),
     (["--lr", "fast"], "error: --lr: invalid float value: 'fast'"),
     (["--use-bos=no"], "error: --use-bos/--no-use-bos: ignored explicit argument 'no'"),
@@ -213,7 +213,7 @@ def test_an_unknown_key_is_refused_naming_the_file_the_key_and_the_nearest_field
 
 
 @pytest.mark.parametrize("name,text,want", [
-    ("c.json", '{"k": "many"}', "'k': expected an integer, got 'many'"),
+    ("c.json", '{"batch_size": "many"}', "'batch_size': expected an integer, got 'many'"),
     ("c.json", '{"k": null}', "'k': expected a value, got null"),
     ("c.json", '{"use_bos": "yes"}', "'use_bos': expected true or false, got 'yes'"),
     ("c.json", '{"lr": true}', "'lr': expected a number, got True"),

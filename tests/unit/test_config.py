@@ -108,3 +108,27 @@ def test_each_member_of_a_suite_clamps_k_start_and_k_aux_to_its_own_width():
     assert got[8] == (100, 200), f"the 512-latent member: (k_start, k_aux) = {got[8]}, expected (100, 200) kept"
     single = TrainConfig(model="org/model", expansion=1, k=8, k_start=100, k_aux=200).resolve(4, 64, "cpu")
     assert (single.k_start, single.k_aux) == (64, 64)  # one SAE: resolve clamps them itself
+
+
+def test_k_sweep_members_names_and_refusals():
+    from trainer.config import TrainConfig
+
+    c = TrainConfig(hookpoints="L1R,L2M", expansion="2,4", k="16,4")
+    assert c.ks == [16, 4] and c.k_swept
+    names = [m.name for m in c.members()]
+    assert names == ["L1R-2x-k4", "L1R-2x-k16", "L1R-4x-k4", "L1R-4x-k16",
+                     "L2M-2x-k4", "L2M-2x-k16", "L2M-4x-k4", "L2M-4x-k16"]
+    assert TrainConfig(k="50").k == 50 and not TrainConfig(k=50).k_swept
+    assert [m.name for m in TrainConfig(layer=3, k=50).members()] == ["L3R-8x"]  # nothing swept: today's names
+    for bad, match in (("4,4", "--k"), ("", "--k"), ("4,x", "--k"), ("0", "--k"), ([], "--k")):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(k=bad)
+    with pytest.raises(ValueError, match="--k-start"):
+        TrainConfig(k="4,64", k_start=32)
+    # K above a member's width, named with the member (d_model 8: 2x is 16 latents)
+    with pytest.raises(ValueError, match=r"--k: expected at most d_sae = 16 \(L1R-2x-k32\), got 32"):
+        TrainConfig(hookpoints="L1R", expansion="2,8", k="4,32").resolve(4, 8, "cpu")
+    r = TrainConfig(hookpoints="L1R", expansion=8, k="4,40").resolve(4, 8, "cpu")
+    solo = {m.name: r.solo(m, 8) for m in r.members()}
+    assert (solo["L1R-8x-k4"].k, solo["L1R-8x-k4"].k_start) == (4, 4)  # max(K, d_model / 2), as alone
+    assert (solo["L1R-8x-k40"].k, solo["L1R-8x-k40"].k_start) == (40, 40)

@@ -46,7 +46,7 @@ def evaluate_members(cfg: TrainConfig, exported: Sequence[Exported], lm, context
         m, name = e.spec, e.member.name
         result: Dict[str, Any] = dict(metrics[name])
         result.update({
-            "k": cfg.k, "d_sae": e.sae.d_sae, "d_model": d_model, "layer": m.layer, "position": m.position,
+            "k": cfg.k_of(m), "d_sae": e.sae.d_sae, "d_model": d_model, "layer": m.layer, "position": m.position,
             "expansion": m.expansion, "model": lm.name, "dataset": cfg.dataset,
             **e.dead, "dead_window_tokens": cfg.dead_window_tokens,
             "dead_latents_convention": DEAD_LATENTS_CONVENTION,
