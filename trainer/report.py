@@ -53,6 +53,53 @@ def write_suite_files(out: Path, suite: Dict[str, Any]) -> None:
         w.writerow([m.get(c) for c in cols])
     atomic_write_text(out / names.SUITE_CSV, buf.getvalue())
     plot_suite(suite, out / names.SUITE_PNG)
+    if len({m.get("k") for m in suite["members"]}) > 1:
+        plot_sweep(suite, out / names.SWEEP_PNG)
+
+
+SWEEP_PANELS = (("explained_variance", "explained variance"), ("delta_lm_loss", "delta LM loss"))
+
+
+def plot_sweep(suite: Dict[str, Any], path: Path) -> int:
+    """``sweep.png`` for a suite that sweeps K: explained variance and delta LM loss against the measured
+    L0, one row of panels per hook point, one line per width, each point labelled with its K (the Llama
+    Scope paper's Figure 2 for the user's own model). Returns the number of hook points drawn."""
+    plt = _pyplot()
+    sites: Dict[Tuple[int, str], List[Dict[str, Any]]] = {}
+    for m in suite["members"]:
+        sites.setdefault((m["layer"], m["position"]), []).append(m)
+    rows = list(sites.items())
+    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.4 * len(rows)), squeeze=False)
+    try:
+        for (site, ms), row in zip(rows, axes):
+            for ax, (key, title) in zip(row, SWEEP_PANELS):
+                widths: Dict[int, List[Dict[str, Any]]] = {}
+                for m in ms:
+                    widths.setdefault(m["expansion"], []).append(m)
+                for exp, wm in sorted(widths.items()):
+                    pts = sorted((m["l0"], m[key], m.get("k")) for m in wm if m.get("l0") is not None and m.get(key) is not None)
+                    if not pts:
+                        continue
+                    (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"topk {exp}x")
+                    for x, y, k in pts:
+                        ax.annotate(f"k{k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                                    color=line.get_color())
+                if key == "delta_lm_loss" and all(m.get(key) is None for m in ms):
+                    ax.text(0.5, 0.5, "not measured\n(--no-eval-lm-loss)", ha="center", va="center",
+                            transform=ax.transAxes)
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                ax.margins(x=0.1, y=0.12)
+                ax.set_xlabel("L0 (held-out)")
+                ax.set_title(f"L{site[0]}{site[1]}: {title}")
+                ax.grid(alpha=0.3)
+            row[0].legend(fontsize=8)
+        fig.suptitle(f"{suite['model']}: sweep over K", fontsize=10)
+        fig.tight_layout()
+        _save(fig, path)
+    finally:
+        plt.close(fig)
+    return len(rows)
 
 
 SUITE_PANELS = (("explained_variance", "explained variance"), ("delta_lm_loss", "delta LM loss"),

@@ -44,7 +44,8 @@ LOCK_NAME = ".lock"
 STATE = "resume/state.pt"  # the step, the buffer's global state, the layout; replaced last by a checkpoint
 RESUME_CONFIG = "resume/train_config.json"  # the flags, checked by --resume
 SUITE_JSON, SUITE_MD, SUITE_CSV, SUITE_PNG = "suite.json", "suite.md", "suite.csv", "suite.png"
-SUITE_FILES = (SUITE_JSON, SUITE_MD, SUITE_CSV, SUITE_PNG)
+SWEEP_PNG = "sweep.png"  # a suite that sweeps K: EV and delta LM loss against L0 per hook point
+SUITE_FILES = (SUITE_JSON, SUITE_MD, SUITE_CSV, SUITE_PNG, SWEEP_PNG)
 # A member folder: the released Llama Scope layout, the run's records, the JumpReLU export.
 LLAMA_SCOPE_FILES = ("hyperparams.json", "lm_config.json", "checkpoints/final.safetensors")
 METRICS, EVAL, TRAIN_CONFIG, TRAINING_PNG = "metrics.jsonl", "eval.json", "train_config.json", "training.png"

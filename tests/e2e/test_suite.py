@@ -231,3 +231,6 @@ def test_k_sweep_members_equal_their_runs_alone(tiny):
     rows = list(csv.DictReader((root / "ksweep" / "suite.csv").read_text().splitlines()))
     assert [(r["name"], r["k"]) for r in rows] == [("L1R-4x-k4", "4"), ("L1R-4x-k8", "8")]
     assert (root / "ksweep" / "suite.md").read_text().startswith("| member | K | EV |")
+    png = (root / "ksweep" / "sweep.png").read_bytes()  # EV and delta LM loss against L0
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert not (root / "suite" / "sweep.png").exists() if (root / "suite").exists() else True
