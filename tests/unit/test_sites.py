@@ -41,3 +41,16 @@ def test_names_that_are_not_sites():
 def test_member_order_is_layer_then_r_a_m_tc():
     sites = [Site(3, "TC"), Site(3, "R"), Site(1, "M"), Site(3, "A"), Site(3, "M")]
     assert [s.name for s in sorted(sites, key=Site.sort_key)] == ["L1M", "L3R", "L3A", "L3M", "L3TC"]
+
+
+def test_a_sweeps_member_names_parse_and_order_by_k(tmp_path):
+    from trainer.analyze.runs import _member_order
+
+    assert Site(12, "R").member(8, 50) == "L12R-8x-k50" and Site(12, "R").member(8) == "L12R-8x"
+    assert Site.parse_member("L12R-8x-k50") == (Site(12, "R"), 8)
+    assert Site.parse_member("L12R-k50") is None
+    with pytest.raises(ValueError):
+        Site.parse("L12R-8x-k50")
+    names = ["L12R-8x-k100", "L12R-8x-k25", "L3R-8x", "L12R-8x-k50", "L12R-32x-k25", "notes"]
+    got = [p.name for p in sorted((tmp_path / n for n in names), key=_member_order)]
+    assert got == ["L3R-8x", "L12R-8x-k25", "L12R-8x-k50", "L12R-8x-k100", "L12R-32x-k25", "notes"]

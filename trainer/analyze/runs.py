@@ -13,6 +13,7 @@ whole; name member folders one by one to analyse fewer.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -146,8 +147,10 @@ def suite_members(folder: Path) -> List[Path]:
 
 
 def _member_order(p: Path):
+    """Suite order: layer, position, width, then a sweep's K numerically (k25 before k100)."""
     named = Site.parse_member(p.name)
-    return (0, *named[0].sort_key(), named[1], p.name) if named else (1, 0, 0, 0, p.name)
+    k = re.search(r"-k(\d+)$", p.name)
+    return (0, *named[0].sort_key(), named[1], int(k.group(1)) if k else 0, p.name) if named else (1, 0, 0, 0, 0, p.name)
 
 
 @dataclass
