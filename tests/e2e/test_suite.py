@@ -187,6 +187,8 @@ def test_stopped_suite_resumes_exactly(tiny, suite):
     (["--layers", "all", "--positions", "R,X"], "--positions", "X"),
     (["--positions", ""], "--positions", "empty list"),
     (["--expansion", "8,0"], "--expansion", "0"),
+    (["--k", "4,4"], "--k", "4"),
+    (["--k", "4,x"], "--k", "x"),
 ])
 def test_bad_specs_are_refused_before_the_model_loads(tiny, argv, flag, item, capsys, monkeypatch):
     import trainer.run as R
@@ -231,6 +233,14 @@ def test_k_sweep_members_equal_their_runs_alone(tiny):
     rows = list(csv.DictReader((root / "ksweep" / "suite.csv").read_text().splitlines()))
     assert [(r["name"], r["k"]) for r in rows] == [("L1R-4x-k4", "4"), ("L1R-4x-k8", "8")]
     assert (root / "ksweep" / "suite.md").read_text().startswith("| member | K | EV |")
+    # stopped mid-way and resumed: the same sweep
+    sweep = dict(hookpoints="L1R", expansion=4, k="4,8")
+    assert run(cfg(tiny, "ksweep-cut", **sweep, stop_after_steps=7), log=quiet) == {"stopped": 7}
+    run(cfg(tiny, "ksweep-cut", **sweep, resume=True), log=quiet)
+    for name in names:
+        a = load_file(str(root / "ksweep" / name / "checkpoints/final.safetensors"))
+        b = load_file(str(root / "ksweep-cut" / name / "checkpoints/final.safetensors"))
+        assert all(torch.equal(a[key], b[key]) for key in a), name
     png = (root / "ksweep" / "sweep.png").read_bytes()  # EV and delta LM loss against L0
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert not (root / "suite" / "sweep.png").exists() if (root / "suite").exists() else True
