@@ -8,6 +8,18 @@ from sae_kernels.backend import triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+
+
+def triton_test_device() -> str:
+    """Where a Triton kernel test module runs: ``"cpu"`` in the interpreter (TRITON_INTERPRET=1), else
+    ``"cuda"`` compiled; the module is skipped when it can do neither."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+
 # (dtype, tol) for ``assert_close(got, want, tol)``: relative to the scale of the whole tensor, so that
 # cancellation in one entry cannot hide a bug elsewhere and bf16 rounding passes.
 DTYPE_TOLS = [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)]

@@ -497,44 +497,34 @@ def parse_positions(text: str) -> List[str]:
     return items
 
 
-def parse_ks(value: Any) -> Union[int, List[int]]:
-    """``50``, ``"50"`` -> 50; ``"25,50,100"`` or ``[25, 50, 100]`` -> ``[25, 50, 100]`` (each >= 1)."""
+def _int_or_list(flag: str, value: Any, example: str, what: str = "an integer") -> Union[int, List[int]]:
+    """``8``, ``"8"`` -> 8; ``"8,32"`` or ``[8, 32]`` -> ``[8, 32]`` (each an integer >= 1, no repeats); errors
+    name ``flag`` and show ``example``."""
     if isinstance(value, str):
-        items = _nonempty("--k", value, "50 or 25,50,100")
-        for item in items:
-            if not re.fullmatch(r"\d+", item) or int(item) < 1:
-                raise ValueError(f"--k: {item!r}: expected an integer >= 1 (or a list such as 25,50,100)")
-        values: List[Any] = [int(item) for item in items]
-    elif isinstance(value, (list, tuple)):
-        if not value:
-            raise ValueError("--k: expected an integer or a list such as 25,50,100, got an empty list")
-        values = list(value)
-    else:
-        values = [value]
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"--k: expected an integer >= 1, got {v!r}")
-    _no_repeats("--k", values, [str(v) for v in values])
-    return values[0] if len(values) == 1 else values
-
-
-def parse_expansions(value: Any) -> Union[int, List[int]]:
-    """``8``, ``"8"`` -> 8; ``"8,32"`` or ``[8, 32]`` -> ``[8, 32]`` (each an integer >= 1)."""
-    if isinstance(value, str):
-        items = _nonempty("--expansion", value, "8 or 8,32")
+        items = _nonempty(flag, value, example)
         values: List[Any] = []
         for item in items:
             if not re.fullmatch(r"\d+", item):
-                raise ValueError(f"--expansion: {item!r}: expected an integer >= 1 (or a list such as 8,32)")
+                raise ValueError(f"{flag}: {item!r}: expected an integer >= 1 (or a list such as {example.split()[-1]})")
             values.append(int(item))
     elif isinstance(value, (list, tuple)):
         if not value:
-            raise ValueError("--expansion: expected a width or a list such as 8,32, got an empty list")
+            raise ValueError(f"{flag}: expected {what} or a list such as {example.split()[-1]}, got an empty list")
         values = list(value)
     else:
         values = [value]
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"--expansion: expected an integer >= 1, got {v!r}")
-    _no_repeats("--expansion", values, [str(v) for v in values])
+            raise ValueError(f"{flag}: expected an integer >= 1, got {v!r}")
+    _no_repeats(flag, values, [str(v) for v in values])
     return values[0] if len(values) == 1 else values
+
+
+def parse_ks(value: Any) -> Union[int, List[int]]:
+    """``--k``: ``50`` or a sweep ``"25,50,100"`` / ``[25, 50, 100]``."""
+    return _int_or_list("--k", value, "50 or 25,50,100")
+
+
+def parse_expansions(value: Any) -> Union[int, List[int]]:
+    """``--expansion``: ``8`` or ``"8,32"`` / ``[8, 32]``."""
+    return _int_or_list("--expansion", value, "8 or 8,32", what="a width")

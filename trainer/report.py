@@ -24,12 +24,17 @@ SUITE_COLUMNS = ("explained_variance", "l0", "delta_lm_loss", "ce_score", "dead_
                  "d_sae")
 
 
+def sweeps_k(members: List[Dict[str, Any]]) -> bool:
+    """Whether the suite's members differ in K (a sweep over K)."""
+    return len({m.get("k") for m in members}) > 1
+
+
 def suite_table(suite: Dict[str, Any]) -> str:
     """The suite's results as a Markdown table (also printed at the end of a run)."""
     def f(v, fmt):
         return "n/a" if v is None else format(v, fmt)
 
-    swept = len({m.get("k") for m in suite["members"]}) > 1  # a sweep over K: its K beside each member
+    swept = sweeps_k(suite["members"])  # its K beside each member
     lines = ["| member |" + (" K |" if swept else "") + " EV | L0 | delta LM loss | CE score | dead (held-out) | dead (train) |",
              "|---|" + ("---:|" if swept else "") + "---:|---:|---:|---:|---:|---:|"]
     for m in suite["members"]:
@@ -53,7 +58,7 @@ def write_suite_files(out: Path, suite: Dict[str, Any]) -> None:
         w.writerow([m.get(c) for c in cols])
     atomic_write_text(out / names.SUITE_CSV, buf.getvalue())
     plot_suite(suite, out / names.SUITE_PNG)
-    if len({m.get("k") for m in suite["members"]}) > 1:
+    if sweeps_k(suite["members"]):
         plot_sweep(suite, out / names.SWEEP_PNG)
 
 
@@ -84,9 +89,7 @@ def plot_sweep(suite: Dict[str, Any], path: Path) -> int:
                     for x, y, k in pts:
                         ax.annotate(f"k{k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
                                     color=line.get_color())
-                if key == "delta_lm_loss" and all(m.get(key) is None for m in ms):
-                    ax.text(0.5, 0.5, "not measured\n(--no-eval-lm-loss)", ha="center", va="center",
-                            transform=ax.transAxes)
+                if _lm_loss_not_measured(ax, key, ms):
                     ax.set_xticks([])
                     ax.set_yticks([])
                 ax.margins(x=0.1, y=0.12)
@@ -121,6 +124,14 @@ def _suite_value(m: Dict[str, Any], key: str):
     return m.get(key)
 
 
+def _lm_loss_not_measured(ax, key: str, members: List[Dict[str, Any]]) -> bool:
+    """On the delta LM loss panel of a run that did not measure it, say so; whether it did."""
+    if key != "delta_lm_loss" or any(m.get(key) is not None for m in members):
+        return False
+    ax.text(0.5, 0.5, "not measured\n(--no-eval-lm-loss)", ha="center", va="center", transform=ax.transAxes)
+    return True
+
+
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
@@ -140,9 +151,7 @@ def plot_suite(suite: Dict[str, Any], path: Path) -> str:
                 _suite_bars(ax, members, key)
             else:
                 _suite_lines(ax, members, key)
-            if key == "delta_lm_loss" and all(m.get(key) is None for m in members):
-                ax.text(0.5, 0.5, "not measured\n(--no-eval-lm-loss)", ha="center", va="center",
-                        transform=ax.transAxes)
+            _lm_loss_not_measured(ax, key, members)
             ax.set_title(title)
             ax.grid(alpha=0.3, axis="y" if kind == "bars" else "both")
         if kind == "lines":
@@ -159,7 +168,7 @@ def plot_suite(suite: Dict[str, Any], path: Path) -> str:
 
 def _suite_lines(ax, members: List[Dict[str, Any]], key: str) -> None:
     lines: Dict[Tuple[str, int, Any], List[Dict[str, Any]]] = {}
-    swept = len({m.get("k") for m in members}) > 1
+    swept = sweeps_k(members)
     for m in members:
         lines.setdefault((m["position"], m["expansion"], m.get("k") if swept else None), []).append(m)
     for (pos, exp, k), ms in lines.items():

@@ -10,24 +10,19 @@ so that every fallback of the kernel (H0 over the rest of the row, H1 / H2 over 
 Compiled on CUDA when a GPU is present, else in the interpreter (TRITON_INTERPRET=1, set by
 tests/conftest.py): small shapes.
 """
-import os
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+from helpers import triton_test_device  # noqa: E402
 from sae_kernels import triton_ops  # noqa: E402
 
 # 0 * inf in the interpreter's numpy products (a NaN score, as intended)
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+DEVICE = triton_test_device()  # read by the device check's test report
 
 
 def reference(pre: torch.Tensor, k: int, norm, bias):

@@ -18,15 +18,10 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, triton_test_device  # noqa: E402
 from sae_kernels import triton_ops  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+DEVICE = triton_test_device()  # read by the device check's test report
 
 # (dtype, atol, rtol) for values that pass through the dtype on output.
 TOL = {

@@ -43,7 +43,7 @@ from ..cli.common import Parser, add_corpus_args, device_of, run_cli, show_defau
 from .compare import blocked_matches, cofire_counts, families, pca_2d, umap_2d, unit_rows
 from .corpus import analysis_contexts
 from .dashboard import asset, page, rel, write_data
-from .export import r4, write_json
+from .export import latent_tokens, r4, write_json
 from .features import _encode, capture_points
 from .runs import RunError, load_lm_for, resolve_run
 from .svg import PALETTE, Figure
@@ -252,7 +252,7 @@ def compare(args, log=print) -> Dict[str, Any]:
             ("b" if parent == "a" else "a"): {k[0] for f in shown for k in f["children"]}}
     doc["tokens"], doc["analysed"] = {}, {}
     for w, mm in (("a", ma), ("b", mb)):
-        doc["tokens"][w] = latent_tokens(mm.folder / "analysis" / "features.json", want[w],
+        doc["tokens"][w] = latent_tokens(mm.folder / "analysis" / "features.json", sorted(want[w]),
                                          getattr(args, "family_tokens", 3))
         doc["analysed"][w] = doc["tokens"][w] is not None
     doc["analyse_hint"] = {w: f"python -m trainer.analyze {mm.folder}" for w, mm in (("a", ma), ("b", mb))}
@@ -270,28 +270,6 @@ def compare(args, log=print) -> Dict[str, Any]:
     log(f"{ma.name} vs {mb.name}: median best cosine A->B {mc['a_to_b']:.3f}, B->A {mc['b_to_a']:.3f}{live}; "
         f"{len(fams)} families at cosine >= {args.threshold} among {doc['families_of']} -> {html_path.resolve().as_uri()}")
     return {"doc": doc, "json": an / f"compare-{slug}.json", "page": html_path, "figures": figs}
-
-
-def latent_tokens(features: Path, ids, n: int) -> Optional[Dict[str, List[str]]]:
-    """``{latent id: its top tokens}`` (the peak tokens of its top examples, distinct, at most ``n``) for
-    latents ``ids`` from an analysis summary; None when the SAE has no analysis."""
-    if not features.is_file():
-        return None
-    try:
-        s = json.loads(features.read_text(encoding="utf-8"))
-        peaks, vocab = s["latents"]["peak_tokens"], s["vocab"]
-    except (OSError, ValueError, KeyError):
-        return None
-    out: Dict[str, List[str]] = {}
-    for i in sorted(ids):
-        if 0 <= i < len(peaks):
-            seen: List[str] = []
-            for t in peaks[i]:
-                w = vocab.get(str(t), f"<{t}>")
-                if w not in seen:
-                    seen.append(w)
-            out[str(i)] = seen[:n]
-    return out
 
 
 def _register(dash: Path, entry: Dict[str, str]) -> None:

@@ -246,6 +246,29 @@ def token_texts(tokenizer, ids: Sequence[int]) -> Dict[str, str]:
     return out
 
 
+def latent_tokens(features: Path, ids, n: int) -> Optional[Dict[str, List[str]]]:
+    """``{latent id: its top tokens}`` (the peak tokens of its top examples, distinct, at most ``n``) for
+    latents ``ids`` (in that order) from an analysis summary (``features.json``); None when the SAE has no
+    analysis or it cannot be read."""
+    if not features.is_file():
+        return None
+    try:
+        s = json.loads(features.read_text(encoding="utf-8"))
+        peaks, vocab = s["latents"]["peak_tokens"], s["vocab"]
+    except (OSError, ValueError, KeyError):
+        return None
+    out: Dict[str, List[str]] = {}
+    for i in ids:
+        if 0 <= i < len(peaks):
+            seen: List[str] = []
+            for t in peaks[i]:
+                w = vocab.get(str(t), f"<{t}>")
+                if w not in seen:
+                    seen.append(w)
+            out[str(i)] = seen[:n]
+    return out
+
+
 def write_json(path: Path, obj: Any) -> str:
     """Write compact JSON atomically; returns the text (the dashboard wraps the same text)."""
     text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

@@ -28,7 +28,7 @@ from sae_kernels.atomic import atomic_write_text
 
 from ..cli.common import device_of, run_cli, show_defaults
 from .dashboard import asset, page, rel
-from .export import r4
+from .export import latent_tokens, r4
 from .features import _encode, capture_points
 from .runs import load_lm_for, resolve_run
 
@@ -74,24 +74,7 @@ def _text(args) -> str:
 
 def _labels(dash: Path, ids: List[int], n: int = 3) -> Dict[str, List[str]]:
     """Top tokens (peak tokens of the top examples) of latents ``ids`` from the member's analysis."""
-    f = dash.parent / "analysis" / "features.json"
-    if not f.is_file():
-        return {}
-    try:
-        s = json.loads(f.read_text(encoding="utf-8"))
-        peaks, vocab = s["latents"]["peak_tokens"], s["vocab"]
-    except (OSError, ValueError, KeyError):
-        return {}
-    out = {}
-    for i in ids:
-        if 0 <= i < len(peaks):
-            seen: List[str] = []
-            for t in peaks[i]:
-                w = vocab.get(str(t), f"<{t}>")
-                if w not in seen:
-                    seen.append(w)
-            out[str(i)] = seen[:n]
-    return out
+    return latent_tokens(dash.parent / "analysis" / "features.json", ids, n) or {}
 
 
 @torch.no_grad()
