@@ -399,6 +399,20 @@ def decode_for_training(
     return out.reshape(*lead, d)
 
 
+def gather_slots(values: Tensor, indices: Tensor, order: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(values, indices)`` of an encode with the slots of each row taken in ``order`` (``[N, m]`` slot
+    positions, ``m`` at most the encode's slots): a selection made after the encode (BatchTopK keeps a
+    varying number of each row's candidates; the kept come first, the rest hold value 0). ``values``
+    stays differentiable; the indices stay trusted by ``decode_for_training`` (they are a gather of
+    indices an encode returned), so the trainer's decode needs no range check."""
+    entry = _TRUSTED.get(id(indices))
+    if entry is None or not _trusted(indices, entry[2]):
+        raise ValueError("indices: gather_slots takes only indices returned by an encode (unmodified)")
+    out_idx = indices.gather(-1, order)
+    _trust(out_idx, entry[2])
+    return values.gather(-1, order), out_idx
+
+
 # ------------------------------------------------------------- losses: row-wise squared error
 
 

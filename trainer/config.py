@@ -19,6 +19,7 @@ from sae_kernels.sites import POSITIONS, Site
 from .data.lm import DEFAULT_MODEL
 
 LOSSES = ("llama_scope", "fvu")
+DEFAULT_L1 = 5.0  # the 'standard' architecture's L1 coefficient (Anthropic's 2024 update: about 5 at this scaling)
 MAX_DIST_TIMEOUT_S = 30 * 86400.0  # torch.distributed keeps timeouts in milliseconds: far beyond overflows
 PRECISIONS = ("auto", "fp32", "bf16")
 EXPORT_DTYPES = ("bfloat16", "float32")
@@ -92,6 +93,24 @@ class TrainConfig:
         "cli_type": str, "group": "what to train"})
     plain_topk: bool = _help("Select by relu(pre) instead of relu(pre) x ||W_dec[i]|| (weighted TopK).",
                              group="what to train", default=False)
+    architecture: Union[str, List[str]] = field(default="topk", metadata={
+        "help": "SAE architecture, SAELens's names (docs/method.md sec. 11): 'topk' (Llama Scope's weighted TopK, K "
+                "per token), 'batchtopk' (the K x batch largest scores of each step's whole batch), "
+                "'matryoshka_batchtopk' (BatchTopK, the loss averaged over nested prefixes of latents), 'standard' "
+                "(ReLU + L1, the paper's vanilla); or a comma-separated list: every hook point and width in each "
+                "(members named ...-{architecture}).",
+        "cli_type": str, "group": "what to train"})
+    l1_coefficient: Optional[Union[float, List[float]]] = field(default=None, metadata={
+        "help": "L1 coefficient of the 'standard' architecture (the penalty l1 x sum_i f_i ||W_dec[i]|| beside the "
+                "squared error of a token, in normalised units), or a comma-separated list such as 1,2,4,8: a sweep "
+                "(members named ...-l1c{c}) (default: 5).",
+        "cli_type": str, "group": "what to train"})
+    l1_warmup_fraction: float = _help("The L1 coefficient warms up linearly from 0 over this fraction of the steps.",
+                                      group="what to train", default=0.05)
+    matryoshka_widths: Optional[Union[str, List[int]]] = field(default=None, metadata={
+        "help": "Nested prefix widths of 'matryoshka_batchtopk', increasing and ending at d_sae, e.g. 288,1152,4608 "
+                "(default: d_sae/64, d_sae/16, d_sae/4, d_sae).",
+        "cli_type": str, "group": "what to train"})
     # ---------------------------------------------------------------- optimisation
     tokens: Optional[int] = _help("Training tokens (SAE inputs).", group="recipe", default=None)
     batch_size: Optional[int] = _help("Tokens per SAE step.", group="recipe", default=None)
@@ -221,6 +240,20 @@ class TrainConfig:
             pos_int(name)
         self.expansion = parse_expansions(self.expansion)
         self.k = parse_ks(self.k)
+        self.architecture = parse_architectures(self.architecture)
+        self.l1_coefficient = parse_l1(self.l1_coefficient)
+        if self.matryoshka_widths is not None:
+            self.matryoshka_widths = parse_widths(self.matryoshka_widths)
+        archs = self.architectures
+        if self.l1_coefficient is not None and "standard" not in archs:
+            raise ValueError("--l1-coefficient: only the 'standard' architecture has an L1 penalty "
+                             f"(--architecture {','.join(archs)})")
+        if self.k_swept and archs == ["standard"]:
+            raise ValueError(f"--k: a list of K ({','.join(map(str, self.ks))}) but no member uses K "
+                             "(--architecture standard: sweep --l1-coefficient instead)")
+        if self.matryoshka_widths is not None and "matryoshka_batchtopk" not in archs:
+            raise ValueError("--matryoshka-widths: only the 'matryoshka_batchtopk' architecture has nested prefixes "
+                             f"(--architecture {','.join(archs)})")
         for name in ("norm_tokens", "eval_every", "jumprelu_tokens", "tp"):
             pos_int(name, allow_none=False)
         pos_int("warmup_steps", allow_zero=True)
@@ -242,7 +275,7 @@ class TrainConfig:
         if self.context_len is not None and self.context_len < 2:
             raise ValueError(f"--context-len: expected at least 2, got {self.context_len}")
         for name, closed in (("beta1", False), ("beta2", False), ("decay_fraction", True), ("k_anneal_fraction", True),
-                             ("b_dec_init_fraction", True)):
+                             ("b_dec_init_fraction", True), ("l1_warmup_fraction", True)):
             v = getattr(self, name)
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (0 <= v <= 1 if closed else 0 <= v < 1)
             if not ok:
@@ -309,7 +342,9 @@ class TrainConfig:
         specs = c.members()
         for m in specs:
             d_sae = m.expansion * d_model
-            if c.k_of(m) > d_sae:
+            if c.arch_of(m) == "matryoshka_batchtopk":
+                c.prefixes_of(m, d_model)  # checked: increasing, ending at d_sae
+            if c.arch_of(m) != "standard" and c.k_of(m) > d_sae:
                 raise ValueError(f"--k: expected at most d_sae = {d_sae}" + (f" ({m.name})" if len(specs) > 1 else "")
                                  + f", got {c.k_of(m)}")
         d_sae = min(m.expansion for m in specs) * d_model
@@ -360,10 +395,55 @@ class TrainConfig:
             if None in layers:
                 raise ValueError("TrainConfig.members: the layer is not known yet (resolve() first)")
             sites = [(layer, p) for layer in layers for p in positions]
-        ks: List[Optional[int]] = list(self.ks) if self.k_swept else [None]
-        out = sorted({MemberSpec(layer, p, e, k) for layer, p in sites for e in widths for k in ks},
-                     key=lambda m: (*m.site.sort_key(), m.expansion, m.k or 0))
+        archs = self.architectures
+        values: List[Tuple[Optional[str], Optional[int], Optional[float]]] = []
+        for a in archs:  # each architecture with its own swept value: K, or the L1 coefficient of 'standard'
+            name = a if len(archs) > 1 else None
+            if a == "standard":
+                values += [(name, None, c) for c in (self.l1s if self.l1_swept else [None])]
+            else:
+                values += [(name, k, None) for k in (self.ks if self.k_swept else [None])]
+        out = sorted({MemberSpec(layer, p, e, k, a, c) for layer, p in sites for e in widths for a, k, c in values},
+                     key=lambda m: (*m.site.sort_key(), m.expansion, archs.index(self.arch_of(m)), m.k or 0,
+                                    m.l1_coefficient or 0.0))
         return out
+
+    @property
+    def architectures(self) -> List[str]:
+        return list(self.architecture) if isinstance(self.architecture, list) else [self.architecture]
+
+    def arch_of(self, m: "MemberSpec") -> str:
+        """Member ``m``'s architecture."""
+        return m.architecture if m.architecture is not None else self.architectures[0]
+
+    @property
+    def l1s(self) -> List[float]:
+        c = self.l1_coefficient
+        return list(c) if isinstance(c, list) else [DEFAULT_L1 if c is None else c]
+
+    @property
+    def l1_swept(self) -> bool:
+        """Whether --l1-coefficient is a list (each 'standard' member named with its coefficient)."""
+        return isinstance(self.l1_coefficient, list)
+
+    def l1_of(self, m: "MemberSpec") -> Optional[float]:
+        """Member ``m``'s L1 coefficient (None unless it is 'standard')."""
+        if self.arch_of(m) != "standard":
+            return None
+        return m.l1_coefficient if m.l1_coefficient is not None else self.l1s[0]
+
+    def prefixes_of(self, m: "MemberSpec", d_model: int) -> Tuple[int, ...]:
+        """A Matryoshka member's nested prefix widths (checked against its d_sae)."""
+        from sae_kernels.reference import matryoshka_prefixes
+
+        d_sae = m.expansion * d_model
+        w = self.matryoshka_widths
+        if w is None:
+            w = sorted({max(1, d_sae // 64), max(1, d_sae // 16), max(1, d_sae // 4), d_sae})
+        try:
+            return matryoshka_prefixes(w, d_sae)
+        except ValueError as e:
+            raise ValueError(f"{e}" + (f" ({m.name})" if m.name else "")) from None
 
     @property
     def ks(self) -> List[int]:
@@ -387,8 +467,12 @@ class TrainConfig:
         d_sae = m.expansion * d_model
         k = self.k_of(m)
         k_start = max(k, d_model // 2) if self.k_start is None else self.k_start
+        arch = self.arch_of(m)
         return dataclasses.replace(self, layer=m.layer, position=m.position, expansion=m.expansion, k=k,
-                                   hookpoints=None, layers=None, positions=None,
+                                   hookpoints=None, layers=None, positions=None, architecture=arch,
+                                   l1_coefficient=self.l1_of(m),
+                                   matryoshka_widths=(list(self.prefixes_of(m, d_model))
+                                                      if arch == "matryoshka_batchtopk" else None),
                                    k_start=min(k_start, d_sae), k_aux=min(self.k_aux, d_sae))
 
     def to_dict(self) -> Dict[str, Any]:
@@ -416,6 +500,8 @@ class MemberSpec:
     position: str
     expansion: int
     k: Optional[int] = None  # set only when --k is a list
+    architecture: Optional[str] = None  # set only when --architecture is a list
+    l1_coefficient: Optional[float] = None  # set only when --l1-coefficient is a list
 
     @property
     def site(self) -> Site:
@@ -423,7 +509,16 @@ class MemberSpec:
 
     @property
     def name(self) -> str:
-        return self.site.member(self.expansion, self.k)
+        """``L{layer}{position}-{expansion}x``, then ``-{architecture}`` when the suite has several, ``-k{K}`` or
+        ``-l1c{c}`` when that value is swept: ``L12R-8x-batchtopk-k50``."""
+        out = self.site.member(self.expansion)
+        if self.architecture is not None:
+            out += f"-{self.architecture}"
+        if self.k is not None:
+            out += f"-k{self.k}"
+        if self.l1_coefficient is not None:
+            out += f"-l1c{self.l1_coefficient:g}"
+        return out
 
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
@@ -523,6 +618,45 @@ def _int_or_list(flag: str, value: Any, example: str, what: str = "an integer") 
 def parse_ks(value: Any) -> Union[int, List[int]]:
     """``--k``: ``50`` or a sweep ``"25,50,100"`` / ``[25, 50, 100]``."""
     return _int_or_list("--k", value, "50 or 25,50,100")
+
+
+def parse_architectures(value: Any) -> Union[str, List[str]]:
+    """``--architecture``: ``topk`` or a list ``"topk,batchtopk"`` / ``["topk", "standard"]``."""
+    from sae_kernels.reference import ARCHITECTURES
+
+    items = _nonempty("--architecture", value, "topk or topk,batchtopk") if isinstance(value, str) else list(value)
+    if not items:
+        raise ValueError("--architecture: expected a name or a list such as topk,batchtopk, got an empty list")
+    for a in items:
+        if a not in ARCHITECTURES:
+            raise ValueError(f"--architecture: {a!r}: expected one of {', '.join(ARCHITECTURES)}")
+    _no_repeats("--architecture", items, items)
+    return items[0] if len(items) == 1 else items
+
+
+def parse_l1(value: Any) -> Union[None, float, List[float]]:
+    """``--l1-coefficient``: ``4`` or a sweep ``"1,2,4,8"``; each a finite number > 0."""
+    if value is None:
+        return None
+    items = _nonempty("--l1-coefficient", value, "5 or 1,2,4,8") if isinstance(value, str) else (
+        list(value) if isinstance(value, (list, tuple)) else [value])
+    out: List[float] = []
+    for v in items:
+        try:
+            f = float(v) if not isinstance(v, bool) else float("nan")
+        except (TypeError, ValueError):
+            f = float("nan")
+        if not math.isfinite(f) or f <= 0:
+            raise ValueError(f"--l1-coefficient: {v!r}: expected a number > 0 (or a list such as 1,2,4,8)")
+        out.append(f)
+    _no_repeats("--l1-coefficient", out, [f"{v:g}" for v in out])
+    return out[0] if len(out) == 1 else out
+
+
+def parse_widths(value: Any) -> List[int]:
+    """``--matryoshka-widths``: ``"288,1152,4608"`` (checked against d_sae when the model is known)."""
+    v = _int_or_list("--matryoshka-widths", value, "288,1152,4608", what="widths")
+    return v if isinstance(v, list) else [v]
 
 
 def parse_expansions(value: Any) -> Union[int, List[int]]:

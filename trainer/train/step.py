@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -20,10 +20,14 @@ from sae_kernels import TopKSAE
 from sae_kernels.ops import RowGrads, row_sq_error
 from sae_kernels.optim import HOLD, RESET, SAEAdam
 
+from ..parallel.batch_select import batch_topk_forward, decode_slots
+from ..parallel.sharded import _AllReduceSum
 from ..parallel import (
     ParallelContext, ShardedTopK, ShardedTopKSAE, gather_full_state, shard_state, sharded_forward,
     sharded_select_decode,
 )
+from sae_kernels.reference import ARCHITECTURES, l1_coefficient_at, matryoshka_prefixes
+
 from .schedules import k_schedule, lr_factor
 
 
@@ -85,6 +89,16 @@ class StepConfig:
     # a host sync every ``aux_refresh_steps`` steps (None: every step on the CPU, where a sync is free,
     # every 64 elsewhere). Within them the dead are masked exactly, so the value only moves cost.
     aux_refresh_steps: Optional[int] = None
+    # The member's architecture (docs/method.md sec. 11): "topk" (Llama Scope's weighted TopK per token),
+    # "batchtopk" (the K x B largest scores of the step's whole batch), "matryoshka_batchtopk" (BatchTopK, the
+    # loss the mean over the nested prefixes ``matryoshka_widths`` ending at d_sae) or "standard" (ReLU with
+    # an L1 penalty ``l1_coefficient * sum_i f_i ||W_dec[i]||``, linear warmup over ``l1_warmup_steps``).
+    architecture: str = "topk"
+    l1_coefficient: float = 0.0
+    l1_warmup_steps: int = 0
+    matryoshka_widths: Optional[Tuple[int, ...]] = None
+    # BatchTopK's inference threshold: an EMA of each step's threshold after K-annealing, bias-corrected
+    threshold_decay: float = 0.999
 
     @classmethod
     def from_train_config(cls, c, compute_dtype: Optional[torch.dtype] = None) -> "StepConfig":
@@ -92,9 +106,12 @@ class StepConfig:
             k=c.k, k_start=c.k_start, total_steps=c.total_steps,
             anneal_steps=int(c.k_anneal_fraction * c.total_steps), warmup_steps=c.warmup_steps,
             decay_fraction=c.decay_fraction, lr=c.lr, clip_grad_norm=c.clip_grad_norm, loss=c.loss,
-            auxk=c.auxk, auxk_coef=c.auxk_coef, k_aux=c.k_aux, dead_window_tokens=c.dead_window_tokens,
+            auxk=c.auxk and c.architecture != "standard", auxk_coef=c.auxk_coef, k_aux=c.k_aux, dead_window_tokens=c.dead_window_tokens,
             compute_dtype=compute_dtype, data_init=c.data_init, b_dec_init=c.b_dec_init_fraction,
             recentre_dead=c.recentre_dead, hold_dead=c.hold_dead, reset_dead_moments=c.reset_dead_moments,
+            architecture=c.architecture, l1_coefficient=c.l1_coefficient or 0.0,
+            l1_warmup_steps=int(c.l1_warmup_fraction * c.total_steps),
+            matryoshka_widths=(tuple(c.matryoshka_widths) if c.architecture == "matryoshka_batchtopk" else None),
         )
 
 
@@ -151,6 +168,16 @@ class SAEStep:
         # AuxK's candidates (``aux_candidates``): full-width latent ids, and the step that refreshes them
         self._aux_ids: Optional[Tensor] = None
         self._aux_next = 0
+        if cfg.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture: expected one of {', '.join(ARCHITECTURES)}, got {cfg.architecture!r}")
+        self.batch = cfg.architecture in ("batchtopk", "matryoshka_batchtopk")
+        self.prefixes = (matryoshka_prefixes(cfg.matryoshka_widths or (n,), n)
+                         if cfg.architecture == "matryoshka_batchtopk" else (n,))
+        # BatchTopK: candidates per token in multiples of K (grows when a step needs more; cost only), and
+        # the inference threshold's EMA (sum and steps, for the bias correction)
+        self._factor = 2
+        self.thr_ema = torch.zeros((), dtype=torch.float64, device=dev)
+        self.thr_steps = torch.zeros((), dtype=torch.int64, device=dev)
         refresh = cfg.aux_refresh_steps
         self.aux_refresh_steps = (1 if dev.type == "cpu" else 64) if refresh is None else int(refresh)
         if self.aux_refresh_steps < 1:
@@ -201,12 +228,55 @@ class SAEStep:
         ``keep_pre`` (default: AuxK on): the encode keeps its pre-activations for ``auxk_loss``."""
         sae = self.sae
         (W_enc, b_enc, W_dec, _), dec_norm = self.compute_weights()
-        out = sharded_forward(self.ctx, x_n, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, k, sae.cfg.weighted_topk,
-                                       sae.cfg.d_sae, dec_norm=dec_norm, compute=(W_enc, b_enc, W_dec),
-                                       keep_pre=self.cfg.auxk if keep_pre is None else keep_pre,
-                                       out_dtype=self._out_dtype())
+        keep_pre = self.cfg.auxk if keep_pre is None else keep_pre
+        if self.batch:
+            out, self._threshold, self._factor = batch_topk_forward(
+                self.ctx, x_n, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, k, sae.cfg.weighted_topk, sae.cfg.d_sae,
+                dec_norm=dec_norm, compute=(W_enc, b_enc, W_dec), keep_pre=keep_pre, out_dtype=self._out_dtype(),
+                factor=self._factor)
+        else:
+            out = sharded_forward(self.ctx, x_n, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, k, sae.cfg.weighted_topk,
+                                  sae.cfg.d_sae, dec_norm=dec_norm, compute=(W_enc, b_enc, W_dec),
+                                  keep_pre=keep_pre, out_dtype=self._out_dtype())
         self._fwd = out
         return out.values, out.indices, out.x_hat
+
+    def prefix_decodes(self) -> List[Tensor]:
+        """Matryoshka: the reconstruction of each nested prefix of latents from this step's forward (each
+        decodes only the latents ``< m``, from ``b_dec``), the last the whole width (the forward's)."""
+        sae, fwd = self.sae, self._fwd
+        (_, _, W_dec, _), _ = self.compute_weights()
+        out = []
+        for m in self.prefixes[:-1]:
+            v = torch.where(fwd.indices < m, fwd.values, torch.zeros_like(fwd.values))
+            out.append(decode_slots(self.ctx, v, fwd.local_indices, sae.W_dec, W_dec, sae.b_dec, self._out_dtype()))
+        return out + [fwd.x_hat]
+
+    def dense_forward(self, x_n: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``standard``: ``(x_hat, f, l1_t)``: every latent's ``f = relu(W_enc x + b_enc)`` (this shard's
+        ``[B, n_local]``), the reconstruction (summed over the model group) and the per-token penalty
+        ``sum_i f_ti ||W_dec[i]||`` (fp32; over every shard), by plain autograd on the masters (a GEMM each
+        way: nothing is sparse before the penalty has done its work)."""
+        sae, ctx = self.sae, self.ctx
+        dt = x_n.dtype
+        f = torch.relu(torch.addmm(sae.b_enc.to(dt), x_n, sae.W_enc.to(dt).t()))
+        partial = f @ sae.W_dec.to(dt)
+        acc = torch.promote_types(sae.W_dec.dtype, torch.float32)
+        l1_t = (f.to(acc) * torch.linalg.vector_norm(sae.W_dec.to(acc), dim=1)).sum(1)
+        if ctx.tp > 1:
+            partial = _AllReduceSum.apply(partial.float(), ctx.model_group)
+            l1_t = _AllReduceSum.apply(l1_t, ctx.model_group)
+        x_hat = partial.to(self._out_dtype()) + sae.b_dec.to(self._out_dtype())
+        return x_hat, f, l1_t
+
+    def threshold(self) -> Optional[float]:
+        """BatchTopK's inference threshold in score units (``relu(pre) * ||W_dec[i]||`` in normalised
+        space): the bias-corrected EMA of the steps' thresholds after K-annealing (docs/method.md
+        sec. 11); None before any such step or for another architecture. One host sync."""
+        n = int(self.thr_steps)
+        if not self.batch or n == 0:
+            return None
+        return float(self.thr_ema) / (1 - self.cfg.threshold_decay ** n)
 
     def loss_denominator(self, y_n: Tensor, mean: Tensor, var_t: Optional[Tensor] = None) -> Tensor:
         """What the reconstruction loss divides by: ``||y_t - mean||`` per token (``[B]``, the Llama
@@ -276,7 +346,8 @@ class SAEStep:
         dt = c.compute_dtype or sae.W_enc.dtype
         x_n = (x.to(dt) * sae.cfg.norm_in) if sae.cfg.norm_in != 1.0 else x.to(dt)
         y_src = x if y is None else y
-        y_n = y_src.float() * sae.cfg.norm_out
+        acc = torch.promote_types(y_src.dtype, torch.float32)  # fp32 sums, float64 for a float64 run
+        y_n = y_src.to(acc) * sae.cfg.norm_out
         if t == 0 and c.data_init:
             self.init_from_data(x_n, y_n)
         if c.recentre_dead and t > 0:
@@ -284,14 +355,25 @@ class SAEStep:
         # AuxK's candidates (a host sync only on refresh steps); none: no AuxK work, no kept pre-activations
         cands = self.aux_candidates(t, x_n) if c.auxk else None
         run_aux = cands is not None and cands.numel() > 0
-        values, indices, x_hat = self.encode_decode(x_n, k, keep_pre=run_aux)
-        x_hat = x_hat.float()
+        f = l1_t = None
+        if c.architecture == "standard":
+            x_hat, f, l1_t = self.dense_forward(x_n)
+            x_hats = [x_hat]
+        else:
+            values, indices, x_hat = self.encode_decode(x_n, k, keep_pre=run_aux)
+            x_hats = self.prefix_decodes() if len(self.prefixes) > 1 else [x_hat]
+        x_hat = x_hat.to(torch.promote_types(x_hat.dtype, torch.float32))
         # the losses and metrics from row sums of squares: one pass each (row_sq_error)
         mean = ctx.batch_mean(y_n)
         var_t = row_sq_error(y_n, mean)  # ||y_t - mean||^2
         err_t = row_sq_error(x_hat, y_n)  # ||x_hat_t - y_t||^2, differentiable in x_hat
+        obj_t = err_t
+        if len(x_hats) > 1:  # Matryoshka: the mean over the prefixes' reconstructions (the last is x_hat)
+            obj_t = torch.stack([row_sq_error(xh.to(x_hat.dtype), y_n) for xh in x_hats[:-1]] + [err_t]).mean(0)
+        if l1_t is not None:
+            obj_t = obj_t + l1_coefficient_at(t, c.l1_coefficient, c.l1_warmup_steps) * l1_t
         den = self.loss_denominator(y_n, mean, var_t)
-        loss = self.reduce_loss(err_t, den, y_n.shape[1])
+        loss = self.reduce_loss(obj_t, den, y_n.shape[1])
         total = loss
         aux = None
         dead = self.since_fired >= c.dead_window_tokens
@@ -321,9 +403,14 @@ class SAEStep:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            fired = values > 0  # this rank's winners (losers of the global selection hold 0)
-            counts = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=values.device)
-            counts.scatter_add_(0, indices.reshape(-1), fired.reshape(-1).long())
+            if f is None:
+                fired = values > 0  # this rank's winners (losers of the global selection hold 0)
+                counts = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=values.device)
+                counts.scatter_add_(0, indices.reshape(-1), fired.reshape(-1).long())
+            else:
+                fired = f > 0  # this shard's latents
+                counts = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=f.device)
+                counts[sae.offset: sae.offset + sae.n_local] = fired.sum(0)
             # the firings of every latent on every data group's tokens: one all-reduce of d_sae ints
             counts = ctx.world_all_reduce(counts)
             self.advance_counters(self.since_fired, self.fire_count, self.deaths, counts, self.tokens_per_step(x_n))
@@ -338,6 +425,13 @@ class SAEStep:
             }
             if aux is not None:
                 out["auxk_loss"] = aux.detach()
+            if self.batch:
+                thr = self._threshold.double()
+                out["threshold"] = thr
+                if t >= c.anneal_steps:  # the threshold of the final K only
+                    d = c.threshold_decay
+                    self.thr_ema = d * self.thr_ema + (1 - d) * thr
+                    self.thr_steps = self.thr_steps + 1
         return out
 
     @torch.no_grad()
@@ -446,6 +540,9 @@ class SAEStep:
     def state_dict(self) -> Dict[str, Tensor]:
         sd = {"since_fired": self.since_fired.cpu(), "fire_count": self.fire_count.cpu(),
               "was_reset": self.was_reset.cpu(), "deaths": self.deaths.cpu()}
+        if self.batch:
+            sd.update(thr_ema=self.thr_ema.cpu(), thr_steps=self.thr_steps.cpu(),
+                      batch_factor=torch.tensor(self._factor, dtype=torch.int64))
         if self._aux_ids is not None:
             sd["aux_ids"] = self._aux_ids.cpu()
             sd["aux_next"] = torch.tensor(self._aux_next, dtype=torch.int64)
@@ -457,6 +554,9 @@ class SAEStep:
         self.fire_count = sd["fire_count"].to(dev)
         self.was_reset = sd["was_reset"].to(dev) if "was_reset" in sd else torch.zeros_like(self.was_reset)
         self.deaths = sd["deaths"].to(dev) if "deaths" in sd else torch.zeros_like(self.deaths)
+        if self.batch and "thr_ema" in sd:
+            self.thr_ema, self.thr_steps = sd["thr_ema"].to(dev), sd["thr_steps"].to(dev)
+            self._factor = int(sd["batch_factor"])
         if "aux_ids" in sd:  # the candidates the run was using (else refreshed at the next step)
             self._aux_ids, self._aux_next = sd["aux_ids"].to(dev), int(sd["aux_next"])
         else:

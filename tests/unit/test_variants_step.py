@@ -1,0 +1,112 @@
+"""The trainer's paths of the SAE variants (docs/method.md sec. 11) against their float64 reference:
+BatchTopK's exact batch selection (radix threshold, ties, saturated candidates), and every gradient of
+``batchtopk``, ``matryoshka_batchtopk`` and ``standard`` through ``SAEStep`` on odd shapes."""
+import pytest
+import torch
+
+from sae_kernels import SAEConfig, TopKSAE
+from sae_kernels import reference as R
+from trainer.parallel import ParallelContext
+from trainer.parallel.batch_select import batch_select, batch_threshold, score_bits
+from trainer.train import SAEStep, StepConfig
+
+F64 = torch.float64
+
+
+def _scores(N, n, kind, seed, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.relu(torch.randn(N, n, generator=g, dtype=dtype))
+    if kind == "ties":
+        s = (s * 2).round() / 2
+    if kind == "nan":
+        s.view(-1)[torch.randperm(N * n, generator=g)[: max(1, N * n // 7)]] = float("nan")
+    if kind == "zeros":
+        s[:, : n // 2] = 0.0
+    return s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("N,n,k", [(1, 1, 1), (7, 13, 3), (5, 97, 11), (33, 64, 1), (4, 9, 9)])
+@pytest.mark.parametrize("kind", ["random", "ties", "nan", "zeros"])
+def test_batch_select_over_every_latent_is_the_reference(N, n, k, kind, dtype):
+    s = _scores(N, n, kind, N * 100 + n + k, dtype)
+    ctx = ParallelContext()
+    sel = batch_select(ctx, s, torch.arange(n).expand(N, n), k * N, complete=True)
+    want = R.batch_topk_mask(s, k)
+    assert torch.equal(sel.keep, want)
+    kept = s[want]
+    th = kept[~kept.isnan()].min() if bool((~kept.isnan()).any()) else kept.min()  # NaN ranks above numbers
+    assert (sel.threshold.isnan() and th.isnan()) or float(sel.threshold) == float(th)
+    assert not bool(sel.saturated)
+
+
+def test_radix_threshold_counts_ties():
+    s = torch.tensor([[3.0, 1.0, 2.0, 2.0], [2.0, 0.0, 5.0, 2.0]])
+    T, need = batch_threshold(ParallelContext(), score_bits(s), 4)  # 5, 3, then two of the four 2.0
+    assert float(T.to(torch.int32).reshape(1).view(torch.float32)) == 2.0 and int(need) == 2
+
+
+def make_step(arch, d=7, n=37, k=3, dtype=F64, **kw):
+    torch.manual_seed(1)
+    sae = TopKSAE(SAEConfig(d, n, k=k, dtype="float64" if dtype == F64 else "float32"))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.2)
+        sae.W_dec.mul_(torch.rand(n, 1, dtype=dtype) + 0.5)  # unequal decoder norms: the weighting matters
+
+    grads = {}
+
+    class Capture(torch.optim.SGD):  # records the step's gradients, changes nothing
+        def step(self, closure=None):
+            for name, p in zip(("W_enc", "b_enc", "W_dec", "b_dec"), self.param_groups[0]["params"]):
+                grads[name] = p.grad.detach().clone()
+
+    opt = Capture([sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec], lr=1e-3)
+    sc = StepConfig(k=k, k_start=k, total_steps=50, anneal_steps=0, warmup_steps=0, decay_fraction=0.2, lr=1e-3,
+                    clip_grad_norm=0.0, architecture=arch, **kw)
+    return SAEStep(sae, opt, sc), sae, grads
+
+
+@pytest.mark.parametrize("loss", ["llama_scope", "fvu"])
+@pytest.mark.parametrize("arch,kw", [
+    ("topk", {}),
+    ("batchtopk", {}),
+    ("matryoshka_batchtopk", {"matryoshka_widths": (5, 16, 37)}),
+    ("standard", {"l1_coefficient": 0.3, "l1_warmup_steps": 8}),
+])
+def test_every_gradient_of_every_architecture_against_float64(arch, kw, loss):
+    step, sae, grads = make_step(arch, loss=loss, **kw)
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(29, 7, generator=g) * 1.5 + 0.3).double()  # fp32 values: the step reads targets in fp32
+    params = [p.detach().clone().requires_grad_(True) for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+    t = 3
+    out = step(x, None, t)
+    W_enc, b_enc, W_dec, b_dec = params
+    x_hats, f, mask = R.dense_variant_sae(x, W_enc, b_enc, W_dec, b_dec, arch, k=3, prefixes=kw.get("matryoshka_widths"))
+    l1 = R.l1_coefficient_at(t, kw.get("l1_coefficient", 0.0), kw.get("l1_warmup_steps", 0))
+    ref = R.variant_loss(x_hats, x, x.mean(0, keepdim=True), loss=loss, f=f,
+                         dec_norm=W_dec.norm(dim=1), l1=l1 if arch == "standard" else 0.0)
+    ref.backward()
+    assert float(out["loss"]) == pytest.approx(float(ref), rel=1e-10)
+    for name, p in zip(("W_enc", "b_enc", "W_dec", "b_dec"), params):
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-9, atol=1e-12, msg=f"{arch} {name}")
+    assert float(out["l0"]) == pytest.approx(float(mask.sum(1).double().mean() if arch != "standard"
+                                                   else (f > 0).sum(1).double().mean()))
+    if arch in ("batchtopk", "matryoshka_batchtopk"):
+        assert int(mask.sum()) == 3 * 29 and float(out["threshold"]) == pytest.approx(
+            float(R.batch_topk_threshold((torch.relu(x @ sae.W_enc.t() + sae.b_enc) * sae.W_dec.norm(dim=1)), mask)))
+
+
+def test_batchtopk_candidates_grow_when_a_token_holds_many_latents():
+    step, sae, grads = make_step("batchtopk", n=37, k=2)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(17, 7, generator=g, dtype=F64)
+    x[4] *= 40.0  # one token's scores dwarf the rest: it keeps far more than 2 x K latents
+    step(x, None, 0)
+    assert step._factor > 2
+    params = [p.detach().clone().requires_grad_(True) for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+    _, _, mask = R.dense_variant_sae(x, *params, "batchtopk", k=2)
+    assert int(mask[4].sum()) > 4
+    counts = torch.zeros(37, dtype=torch.int64)
+    counts += mask.sum(0)
+    assert torch.equal(step.fire_count, counts)
