@@ -292,9 +292,11 @@ def read_llama_scope(path_or_repo: PathLike, name: Optional[str] = None, *, fold
     d = _get_int(hp, "d_model", where)
     n = _get_int(hp, "d_sae", where)
     act = hp.get("act_fn")
-    if not isinstance(act, str) or act.lower() not in ("jumprelu", "topk"):
-        raise ValueError(f"{where}: act_fn: expected 'jumprelu' or 'topk', got {act!r}")
+    if not isinstance(act, str) or act.lower() not in ("jumprelu", "topk", "relu"):
+        raise ValueError(f"{where}: act_fn: expected 'jumprelu', 'topk' or 'relu', got {act!r}")
     act = act.lower()
+    relu = act == "relu"  # the vanilla SAE: JumpReLU at threshold 0
+    act = "jumprelu" if relu else act
     norm = hp.get("norm_activation", "dataset-wise")
     if norm == "dataset-wise":
         _require(hp, ("dataset_average_activation_norm",), where)
@@ -339,7 +341,9 @@ def read_llama_scope(path_or_repo: PathLike, name: Optional[str] = None, *, fold
         model_name=_read_model_name(folder), layer=layer, position=position,
     )
     theta = None
-    if act == "jumprelu":
+    if relu:
+        theta = 0.0
+    elif act == "jumprelu":
         _require(hp, ("jump_relu_threshold",), where)
         theta = _get_float(hp, "jump_relu_threshold", where)
     # Threshold in the unfolded state's score units: the method gates h' = z * n / s_out (weighted) or
@@ -392,7 +396,9 @@ def write_llama_scope(
     hp = {
         "d_model": d, "d_sae": n, "expansion_factor": n // d if n % d == 0 else n / d,
         "hook_point_in": hook_in, "hook_point_out": hook_out or hook_in,
-        "act_fn": cfg.activation, "jump_relu_threshold": theta, "top_k": cfg.k,
+        # a JumpReLU at threshold 0 is a ReLU SAE: Llama Scope's vanilla "relu"
+        "act_fn": "relu" if cfg.activation == "jumprelu" and theta == 0 else cfg.activation,
+        "jump_relu_threshold": theta, "top_k": cfg.k,
         "norm_activation": "dataset-wise",
         "dataset_average_activation_norm": {"in": math.sqrt(d) / cfg.norm_in, "out": math.sqrt(d) / cfg.norm_out},
         "sparsity_include_decoder_norm": cfg.weighted_topk,

@@ -53,7 +53,10 @@ def hyperparams(cfg: TrainConfig, spec: MemberSpec, member: Member, tp: int) -> 
         "data_init": cfg.data_init, "b_dec_init_fraction": cfg.b_dec_init_fraction, "recentre_dead": cfg.recentre_dead,
         "hold_dead": cfg.hold_dead, "reset_dead_moments": cfg.reset_dead_moments,
         "released_recipe": cfg.released_recipe, "dtype": f"torch.{cfg.export_dtype}", "tp_size": tp,
-        "ddp_size": member.ctx.dp,
+        "ddp_size": member.ctx.dp, "architecture": cfg.arch_of(spec), "l1_coefficient": cfg.l1_of(spec),
+        **({"matryoshka_widths": list(member.step.prefixes)} if cfg.arch_of(spec) == "matryoshka_batchtopk" else {}),
+        **({"threshold_estimator": "EMA 0.999 of each step's BatchTopK threshold after K-annealing, bias-corrected",
+            "threshold_steps": int(member.step.thr_steps)} if member.step.batch else {}),
     }
 
 
@@ -85,6 +88,11 @@ def export_members(cfg: TrainConfig, members: Sequence[Member], specs: Sequence[
         hyper = hyperparams(cfg, spec, member, tp)
         full.to(device).to_llama_scope(member.run_dir, hyperparams=hyper, lm_config=lm_config, dtype=cfg.export_dtype)
         mine.append(Exported(member, spec, TopKSAE.from_llama_scope(member.run_dir, device=device), hyper, dead))
+    mine_topk = [e for e in mine if cfg.arch_of(e.spec) == "topk"]
+    if cfg.jumprelu and len(mine_topk) < len(mine):
+        log("--jumprelu: only topk members are post-processed (batchtopk members are JumpReLU already, standard "
+            "members ReLU)")
+    mine_all, mine = mine, mine_topk
     if cfg.jumprelu and mine:
         log(f"JumpReLU thresholds from {cfg.jumprelu_tokens} training tokens ...")
         rows = training_rows(calibration(), cfg.jumprelu_tokens)
@@ -96,4 +104,4 @@ def export_members(cfg: TrainConfig, members: Sequence[Member], specs: Sequence[
                 folder, hyperparams=dict(e.hyperparams, jumprelu_tokens=int(acts.shape[0])), lm_config=lm_config,
                 dtype=cfg.export_dtype)
             e.jumprelu = TopKSAE.from_llama_scope(folder, device=device)
-    return mine
+    return mine_all

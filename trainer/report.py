@@ -25,8 +25,19 @@ SUITE_COLUMNS = ("explained_variance", "l0", "delta_lm_loss", "ce_score", "dead_
 
 
 def sweeps_k(members: List[Dict[str, Any]]) -> bool:
-    """Whether the suite's members differ in K (a sweep over K)."""
-    return len({m.get("k") for m in members}) > 1
+    """Whether the suite's members differ in architecture, K or L1 coefficient (a sweep: sweep.png)."""
+    return len({variant(m) for m in members}) > 1
+
+
+def variant(m: Dict[str, Any]) -> Tuple[str, Any, Any]:
+    """``(architecture, K, L1 coefficient)`` of a member record (suite.json; older records: topk)."""
+    return m.get("architecture") or "topk", m.get("k"), m.get("l1_coefficient")
+
+
+def variant_label(m: Dict[str, Any]) -> str:
+    """``k50`` or ``l1c4``: the value a sweep varies within an architecture."""
+    arch, k, l1 = variant(m)
+    return f"l1c{l1:g}" if arch == "standard" and l1 is not None else f"k{k}"
 
 
 def suite_table(suite: Dict[str, Any]) -> str:
@@ -34,11 +45,19 @@ def suite_table(suite: Dict[str, Any]) -> str:
     def f(v, fmt):
         return "n/a" if v is None else format(v, fmt)
 
-    swept = sweeps_k(suite["members"])  # its K beside each member
-    lines = ["| member |" + (" K |" if swept else "") + " EV | L0 | delta LM loss | CE score | dead (held-out) | dead (train) |",
-             "|---|" + ("---:|" if swept else "") + "---:|---:|---:|---:|---:|---:|"]
-    for m in suite["members"]:
-        lines.append(f"| {m['name']} |" + (f" {m.get('k')} |" if swept else "") + f" {f(m['explained_variance'], '.4f')} | {f(m['l0'], '.2f')} | "
+    ms = suite["members"]
+    archs = {variant(m)[0] for m in ms}
+    show_arch = len(archs) > 1  # its architecture, K and L1 coefficient beside each member
+    swept = sweeps_k(ms) and archs != {"standard"}
+    show_l1 = "standard" in archs and (show_arch or len({variant(m)[2] for m in ms}) > 1)
+    head = (" architecture |" if show_arch else "") + (" K |" if swept else "") + (" L1 |" if show_l1 else "")
+    lines = ["| member |" + head + " EV | L0 | delta LM loss | CE score | dead (held-out) | dead (train) |",
+             "|---|" + "---:|" * head.count("|") + "---:|---:|---:|---:|---:|---:|"]
+    for m in ms:
+        arch, k, l1 = variant(m)
+        cells = ((f" {arch} |" if show_arch else "") + (f" {'' if k is None else k} |" if swept else "")
+                 + (f" {'' if l1 is None else format(l1, 'g')} |" if show_l1 else ""))
+        lines.append(f"| {m['name']} |" + cells + f" {f(m['explained_variance'], '.4f')} | {f(m['l0'], '.2f')} | "
                      f"{f(m['delta_lm_loss'], '.4f')} | {f(m['ce_score'], '.4f')} | "
                      f"{m['dead_latents_eval']} / {m['d_sae']} | {m['dead_latents_train']} / {m['d_sae']} |")
     return "\n".join(lines)
@@ -51,7 +70,7 @@ def write_suite_files(out: Path, suite: Dict[str, Any]) -> None:
     atomic_write_json(out / names.SUITE_JSON, suite)
     atomic_write_text(out / names.SUITE_MD, suite_table(suite) + "\n")
     buf = io.StringIO()
-    cols = ["name", "layer", "position", "expansion", "k", *SUITE_COLUMNS]
+    cols = ["name", "layer", "position", "expansion", "architecture", "k", "l1_coefficient", *SUITE_COLUMNS]
     w = csv.writer(buf)
     w.writerow(cols)
     for m in suite["members"]:
@@ -67,8 +86,9 @@ SWEEP_PANELS = (("explained_variance", "explained variance"), ("delta_lm_loss", 
 
 def plot_sweep(suite: Dict[str, Any], path: Path) -> int:
     """``sweep.png`` for a suite that sweeps K: explained variance and delta LM loss against the measured
-    L0, one row of panels per hook point, one line per width, each point labelled with its K (the Llama
-    Scope paper's Figure 2 for the user's own model). Returns the number of hook points drawn."""
+    L0, one row of panels per hook point, one line per architecture and width, each point labelled with its
+    K or L1 coefficient (the Llama Scope paper's Figure 2 for the user's own model). Returns the number of
+    hook points drawn."""
     plt = _pyplot()
     sites: Dict[Tuple[int, str], List[Dict[str, Any]]] = {}
     for m in suite["members"]:
@@ -78,16 +98,17 @@ def plot_sweep(suite: Dict[str, Any], path: Path) -> int:
     try:
         for (site, ms), row in zip(rows, axes):
             for ax, (key, title) in zip(row, SWEEP_PANELS):
-                widths: Dict[int, List[Dict[str, Any]]] = {}
+                lines: Dict[Tuple[str, int], List[Dict[str, Any]]] = {}
                 for m in ms:
-                    widths.setdefault(m["expansion"], []).append(m)
-                for exp, wm in sorted(widths.items()):
-                    pts = sorted((m["l0"], m[key], m.get("k")) for m in wm if m.get("l0") is not None and m.get(key) is not None)
+                    lines.setdefault((variant(m)[0], m["expansion"]), []).append(m)
+                for (arch, exp), wm in lines.items():
+                    pts = sorted((m["l0"], m[key], variant_label(m)) for m in wm
+                                 if m.get("l0") is not None and m.get(key) is not None)
                     if not pts:
                         continue
-                    (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"topk {exp}x")
-                    for x, y, k in pts:
-                        ax.annotate(f"k{k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                    (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{arch} {exp}x")
+                    for x, y, lab in pts:
+                        ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
                                     color=line.get_color())
                 if _lm_loss_not_measured(ax, key, ms):
                     ax.set_xticks([])
@@ -97,7 +118,8 @@ def plot_sweep(suite: Dict[str, Any], path: Path) -> int:
                 ax.set_title(f"L{site[0]}{site[1]}: {title}")
                 ax.grid(alpha=0.3)
             row[0].legend(fontsize=8)
-        fig.suptitle(f"{suite['model']}: sweep over K", fontsize=10)
+        archs = sorted({variant(m)[0] for m in suite["members"]})
+        fig.suptitle(f"{suite['model']}: " + (", ".join(archs) if len(archs) > 1 else "sweep over K"), fontsize=10)
         fig.tight_layout()
         _save(fig, path)
     finally:
@@ -170,12 +192,14 @@ def _suite_lines(ax, members: List[Dict[str, Any]], key: str) -> None:
     lines: Dict[Tuple[str, int, Any], List[Dict[str, Any]]] = {}
     swept = sweeps_k(members)
     for m in members:
-        lines.setdefault((m["position"], m["expansion"], m.get("k") if swept else None), []).append(m)
-    for (pos, exp, k), ms in lines.items():
+        lines.setdefault((m["position"], m["expansion"], variant(m) if swept else None), []).append(m)
+    for (pos, exp, v), ms in lines.items():
         ms = sorted(ms, key=lambda m: m["layer"])
         pts = [(m["layer"], y) for m in ms for y in [_suite_value(m, key)] if y is not None]
         if pts:
-            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{pos} {exp}x" + (f" k{k}" if k is not None else ""))
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{pos} {exp}x" + (
+                "" if v is None else (f" {v[0]}" if v[0] != "topk" else "")
+                + (f" l1c{v[2]:g}" if v[2] is not None else f" k{v[1]}")))
             if len(pts) == 1:  # a lone point: its value written beside it
                 ax.annotate(f"{pts[0][1]:.4g}", pts[0], textcoords="offset points", xytext=(5, 5), fontsize=8,
                             color=line.get_color())
@@ -269,7 +293,10 @@ def plot_training(metrics_path: Path, png_path: Path, title: str) -> None:
 def summary(r: Dict[str, Any]) -> str:
     lines = [
         f"held-out ({r['n_tokens']} tokens): explained variance {r['explained_variance']:.4f} (ratio of sums), "
-        f"{r['explained_variance_per_token']:.4f} (mean per token); L0 {r['l0']:.2f} (k={r['k']})",
+        f"{r['explained_variance_per_token']:.4f} (mean per token); L0 {r['l0']:.2f} ("
+        + (f"{r['architecture']}, " if r.get("architecture", "topk") != "topk" else "")
+        + (f"l1 coefficient {r['l1_coefficient']:g})" if r.get("k") is None and r.get("l1_coefficient") is not None
+           else f"k={r['k']})"),
     ]
     if "delta_lm_loss" in r:
         lines.append(f"CE clean {r['ce_clean']:.4f}, with SAE {r['ce_sae']:.4f} (delta LM loss {r['delta_lm_loss']:.4f}), "
@@ -294,7 +321,9 @@ def suite_record(*, cfg, specs, placement: List[List[int]], tp: int, dp: int, wo
     the LM, SAE step, evaluation and waiting times over ranks; CPU: rank 0's process)."""
     out = Path(cfg.output)
     return {
-        "members": [dict(name=m.name, layer=m.layer, position=m.position, expansion=m.expansion, k=cfg.k_of(m),
+        "members": [dict(name=m.name, layer=m.layer, position=m.position, expansion=m.expansion,
+                         architecture=cfg.arch_of(m), k=cfg.k_of(m) if cfg.arch_of(m) != "standard" else None,
+                         l1_coefficient=cfg.l1_of(m),
                          folder=str(out / m.name), ranks=[g * tp + r for g in groups for r in range(tp)],
                          **{k: results[m.name].get(k) for k in SUITE_COLUMNS})
                     for m, groups in zip(specs, placement)],

@@ -46,7 +46,12 @@ def evaluate_members(cfg: TrainConfig, exported: Sequence[Exported], lm, context
         m, name = e.spec, e.member.name
         result: Dict[str, Any] = dict(metrics[name])
         result.update({
-            "k": cfg.k_of(m), "d_sae": e.sae.d_sae, "d_model": d_model, "layer": m.layer, "position": m.position,
+            "architecture": cfg.arch_of(m), "k": cfg.k_of(m) if cfg.arch_of(m) != "standard" else None,
+            "l1_coefficient": cfg.l1_of(m),
+            "inference": ("topk" if e.sae.cfg.activation == "topk" else
+                          f"jumprelu at threshold {float(e.sae.threshold[0]):.6g} (folded units)"
+                          if float(e.sae.threshold[0]) else "relu"),
+            "d_sae": e.sae.d_sae, "d_model": d_model, "layer": m.layer, "position": m.position,
             "expansion": m.expansion, "model": lm.name, "dataset": cfg.dataset,
             **e.dead, "dead_window_tokens": cfg.dead_window_tokens,
             "dead_latents_convention": DEAD_LATENTS_CONVENTION,

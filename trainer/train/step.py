@@ -534,8 +534,20 @@ class SAEStep:
         shard_state(self.ctx, self.sae, self.opt, sae_sd, opt_sd)
 
     def full_sae(self) -> Optional[TopKSAE]:
-        """The whole ``TopKSAE`` (on CPU) on the member's rank 0 (None elsewhere), for export and evaluation."""
-        return self.sae.to_full()
+        """The whole ``TopKSAE`` (on CPU) on the member's rank 0 (None elsewhere), for export and evaluation,
+        as the architecture runs at inference (docs/method.md sec. 11): ``topk`` as trained; ``batchtopk`` and
+        ``matryoshka_batchtopk`` as JumpReLU at the estimated threshold (``threshold``; the last step's
+        before any step after K-annealing), ``standard`` as ReLU (JumpReLU at threshold 0)."""
+        theta = self.threshold() if self.batch else None
+        if self.batch and theta is None:
+            theta = float(self._threshold) if getattr(self, "_threshold", None) is not None else 0.0
+        sae = self.sae.to_full()
+        if sae is None or self.cfg.architecture == "topk":
+            return sae
+        sae.cfg = sae.cfg.replace(activation="jumprelu")
+        with torch.no_grad():
+            sae.threshold.fill_(theta if self.batch else 0.0)
+        return sae
 
     def state_dict(self) -> Dict[str, Tensor]:
         sd = {"since_fired": self.since_fired.cpu(), "fire_count": self.fire_count.cpu(),
