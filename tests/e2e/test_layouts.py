@@ -18,6 +18,10 @@ world       --tp   what it shows
 4 -> 1      2 -> 1 stopped after 7 steps on 4 ranks (tp 2), resumed by one process with the
                    user's command ``python -m trainer.run ... --resume``
 ==========  =====  ====================================================================
+
+BatchTopK selects over the whole step batch, so its layouts are checked too (docs/method.md sec. 11): the
+suite ``L1R`` x ``batchtopk, matryoshka_batchtopk`` at tp 2 (2 ranks) and data 2 (4 ranks), ``batchtopk``
+alone at tp 2 x data 2, and the suite stopped on 4 ranks (tp 2) and resumed by one process.
 """
 from __future__ import annotations
 
@@ -40,6 +44,8 @@ if str(REPO) not in sys.path:
 
 SUITE = "L1R,L2TC"
 MEMBERS = ("L1R-8x", "L2TC-8x")
+BATCH = dict(hookpoints="L1R", architecture="batchtopk,matryoshka_batchtopk")
+BATCH_MEMBERS = ("L1R-8x-batchtopk", "L1R-8x-matryoshka_batchtopk")
 STOP = 7
 RTOL = 1e-5
 MEASURED = {}
@@ -140,20 +146,25 @@ def runs(tiny_llama, tmp_path_factory):
     quiet = lambda s: None  # noqa: E731
     single = cfg("single", hookpoints=SUITE, checkpoint_every=STOP)
     run(TrainConfig(**single), log=quiet)
-    launch(2, [cfg("w2_tp1", hookpoints=SUITE, tp=1), cfg("cut_w2", hookpoints=SUITE, tp=1, stop_after_steps=STOP)],
-           root)
+    run(TrainConfig(**cfg("single_b", **BATCH, checkpoint_every=STOP)), log=quiet)
+    run(TrainConfig(**cfg("single_bt", hookpoints="L1R", architecture="batchtopk")), log=quiet)
+    launch(2, [cfg("w2_tp1", hookpoints=SUITE, tp=1), cfg("cut_w2", hookpoints=SUITE, tp=1, stop_after_steps=STOP),
+               cfg("bt_w2_tp2", **BATCH, tp=2)], root)
     # the user's command: torchrun ... -m trainer.run --tp 2 on two gloo ranks
     _command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
               "--master_port", str(_free_port()), "-m", "trainer.run", *_cli(dict(single, output=str(root / "w2_tp2"),
                                                                                    tp=2))])
     launch(4, [cfg("w4_tp1", hookpoints=SUITE, tp=1), cfg("w4_tp2_R", hookpoints="L1R", tp=2),
                cfg("w4_tp2_TC", hookpoints="L2TC", tp=2), cfg("cut_w2", hookpoints=SUITE, tp=2, resume=True),
-               cfg("cut_w4", hookpoints=SUITE, tp=2, stop_after_steps=STOP)], root)
+               cfg("cut_w4", hookpoints=SUITE, tp=2, stop_after_steps=STOP),
+               cfg("bt_w4_tp1", **BATCH, tp=1), cfg("bt_w4_tp2", hookpoints="L1R", architecture="batchtopk", tp=2),
+               cfg("bt_cut_w4", **BATCH, tp=2, stop_after_steps=STOP)], root)
     state = torch.load(root / "cut_w4" / "resume" / "state.pt", weights_only=True)
     assert (state["step"], state["world_size"], state["tp"]) == (STOP, 4, 2)
     assert not (root / "cut_w4" / MEMBERS[0] / "checkpoints" / "final.safetensors").exists()
     # the user's command: python -m trainer.run --resume, one process continuing the 4-rank run
     _command([sys.executable, "-m", "trainer.run", *_cli(cfg("cut_w4", hookpoints=SUITE, resume=True))])
+    run(TrainConfig(**cfg("bt_cut_w4", **BATCH, resume=True)), log=quiet)
     return root
 
 
@@ -167,9 +178,9 @@ def _initial_encoder(name):
         return TopKSAE(SAEConfig(d_model=32, d_sae=256, k=8), transcoder="TC" in name).W_enc.detach()
 
 
-def _compare(root, got, members=MEMBERS, label=None):
+def _compare(root, got, members=MEMBERS, label=None, single="single"):
     for name in members:
-        a, b = weights(root / got / name), weights(root / "single" / name)
+        a, b = weights(root / got / name), weights(root / single / name)
         w0 = _initial_encoder(name)
         moved = float((b["encoder.weight"].double() - w0.double()).norm() / w0.double().norm())
         assert moved > 1000 * RTOL, f"{name} barely moved from its init ({moved:.3g}): the comparison proves nothing"
@@ -178,10 +189,10 @@ def _compare(root, got, members=MEMBERS, label=None):
             MEASURED[f"{label or got} {name} {key}"] = rel
             assert rel <= RTOL, f"{got} {name} {key}: relative difference {rel:.3g}"
         ev_a = json.loads((root / got / name / "eval.json").read_text())["explained_variance"]
-        ev_b = json.loads((root / "single" / name / "eval.json").read_text())["explained_variance"]
+        ev_b = json.loads((root / single / name / "eval.json").read_text())["explained_variance"]
         assert abs(ev_a - ev_b) < 1e-4, (got, name, ev_a, ev_b)
         lines = (root / got / name / "metrics.jsonl").read_text().splitlines()
-        want = (root / "single" / name / "metrics.jsonl").read_text().splitlines()
+        want = (root / single / name / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(ln)["step"] for ln in lines] == [json.loads(ln)["step"] for ln in want]
         for la, lb in zip(lines, want):
             ra, rb = json.loads(la), json.loads(lb)
@@ -219,6 +230,27 @@ def test_stopped_on_two_ranks_resumed_on_four(runs):
 
 def test_stopped_on_four_ranks_resumed_by_one_process(runs):
     _compare(runs, "cut_w4", label="stopped 4 ranks tp 2, resumed by python -m trainer.run --resume (CLI)")
+
+
+def test_batchtopk_at_tp2(runs):
+    _compare(runs, "bt_w2_tp2", members=BATCH_MEMBERS, label="batchtopk, matryoshka: 2 ranks, tp 2", single="single_b")
+
+
+def test_batchtopk_at_data2(runs):
+    _compare(runs, "bt_w4_tp1", members=BATCH_MEMBERS, label="batchtopk, matryoshka: 4 ranks, data 2 per member", single="single_b")
+    suite = json.loads((runs / "bt_w4_tp1" / "suite.json").read_text())
+    assert [m["ranks"] for m in suite["members"]] == [[0, 1], [2, 3]]
+
+
+def test_batchtopk_at_tp2_x_data2(runs):
+    _compare(runs, "bt_w4_tp2", members=("L1R-8x",), label="batchtopk: 4 ranks, tp 2 x data 2", single="single_bt")
+    th = [json.loads(ln)["threshold"] for ln in (runs / "bt_w4_tp2" / "L1R-8x" / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(ln)["threshold"] for ln in (runs / "single_bt" / "L1R-8x" / "metrics.jsonl").read_text().splitlines()]
+    assert th == pytest.approx(want, rel=1e-4)
+
+
+def test_batchtopk_stopped_on_four_ranks_resumed_by_one_process(runs):
+    _compare(runs, "bt_cut_w4", members=BATCH_MEMBERS, label="batchtopk: stopped 4 ranks tp 2, resumed by one process", single="single_b")
 
 
 def _cli(cfg):
