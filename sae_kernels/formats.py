@@ -660,9 +660,11 @@ def write_sparsify(cfg: SAEConfig, tensors: Tensors, path: PathLike) -> None:
     """sparsify's layout (read by ``sparsify.SparseCoder.load_from_disk``), from the folded state:
     ``relu(encoder(x - b_dec))``, TopK, ``W_dec``, ``b_dec``. TopK SAEs only (sparsify has no JumpReLU)."""
     if cfg.activation != "topk":
-        raise ValueError(
-            "sae: sparsify stores TopK SAEs only; this SAE is JumpReLU (use to_saelens() or save() instead)"
-        )
+        th = tensors.get("threshold")
+        relu = th is not None and bool((th == 0).all())
+        what = ("ReLU (architecture 'standard')" if relu else
+                "JumpReLU (architecture 'jumprelu', or 'batchtopk' / 'matryoshka_batchtopk' at their inference threshold)")
+        raise ValueError(f"sae: sparsify stores TopK SAEs only; this SAE is {what} (use to_saelens() or save() instead)")
     cfg, f = folded(cfg, _given(tensors, cfg, "write_sparsify"))
     transcode = cfg.hook_point_out is not None and cfg.hook_point_in != cfg.hook_point_out
     dt = f["W_enc"].dtype

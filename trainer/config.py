@@ -465,7 +465,8 @@ class TrainConfig:
     def solo(self, m: "MemberSpec", d_model: int) -> "TrainConfig":
         """The resolved configuration of member ``m`` trained alone (what its train_config.json holds)."""
         d_sae = m.expansion * d_model
-        k = self.k_of(m)
+        # K means nothing to 'standard': its record holds the default, as a run of it alone does
+        k = self.k_of(m) if self.arch_of(m) != "standard" else TrainConfig.k
         k_start = max(k, d_model // 2) if self.k_start is None else self.k_start
         arch = self.arch_of(m)
         return dataclasses.replace(self, layer=m.layer, position=m.position, expansion=m.expansion, k=k,

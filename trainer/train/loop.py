@@ -329,7 +329,7 @@ class Trainer:
                     for m in self.members:
                         vals = {key: float(m.ctx.data_mean(v / m.n_acc)) for key, v in m.sums.items()}  # host sync
                         rec = {"step": self.t, "tokens": self.t * self.batch_size, **vals,
-                               "k": m.step.k_at(self.t - 1), "lr": m.step.lr_at(self.t - 1),
+                               **m.step.schedule_at(self.t - 1), "lr": m.step.lr_at(self.t - 1),
                                "tokens_per_s": steps_log * self.batch_size / max(now - t_log, 1e-9)}
                         m.last = rec
                         if m.name in files:
@@ -341,7 +341,7 @@ class Trainer:
                     if self.members:
                         rec = self.members[0].last
                         bar.set_postfix(loss=f"{rec['loss']:.4g}", ev=f"{rec['explained_variance']:.3f}",
-                                        l0=f"{rec['l0']:.1f}", k=rec["k"], tok_s=f"{rec['tokens_per_s']:.0f}")
+                                        l0=f"{rec['l0']:.1f}", k=rec.get("k", "-"), tok_s=f"{rec['tokens_per_s']:.0f}")
                     t_log, steps_log = now, 0
                 if self.checkpoint_every and self.t % self.checkpoint_every == 0 and self.t < self.total_steps:
                     self.save_checkpoint()

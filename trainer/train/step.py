@@ -188,6 +188,14 @@ class SAEStep:
         c = self.cfg
         return k_schedule(t, c.k, c.k_start, c.anneal_steps)
 
+    def schedule_at(self, t: int) -> Dict[str, float]:
+        """What the sparsity schedule sets at step ``t``: ``{"k": K}`` (K-annealing), or for ``standard``
+        ``{"l1_coefficient": c}`` (its warmup)."""
+        c = self.cfg
+        if c.architecture == "standard":
+            return {"l1_coefficient": l1_coefficient_at(t, c.l1_coefficient, c.l1_warmup_steps)}
+        return {"k": self.k_at(t)}
+
     def lr_at(self, t: int) -> float:
         c = self.cfg
         return c.lr * lr_factor(t, c.total_steps, c.warmup_steps, c.decay_fraction)
