@@ -125,6 +125,25 @@ def decode_slots(ctx: ParallelContext, values: Tensor, local_idx: Tensor, W_dec:
     return x_hat if b_dec is None else x_hat + b_dec.to(x_hat.dtype)
 
 
+def dense_forward(ctx: ParallelContext, x_n: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
+                  out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """The ``standard`` (ReLU) SAE forward on this rank's rows: ``(x_hat, f, l1_t)``: ``f = relu(W_enc x +
+    b_enc)`` (``[B, n_local]``), the reconstruction (partials summed over the model group, ``+ b_dec``)
+    and the per-token penalty ``sum_i f_ti ||W_dec[i]||`` over every shard (fp32, float64 for float64
+    weights). Plain autograd on the given parameters (cast to ``x_n``'s dtype): two GEMMs each way."""
+    from .sharded import _AllReduceSum
+
+    dt = x_n.dtype
+    f = torch.relu(torch.addmm(b_enc.to(dt), x_n, W_enc.to(dt).t()))
+    partial = f @ W_dec.to(dt)
+    acc = torch.promote_types(W_dec.dtype, torch.float32)
+    l1_t = (f.to(acc) * torch.linalg.vector_norm(W_dec.to(acc), dim=1)).sum(1)
+    if ctx.tp > 1:
+        partial = _AllReduceSum.apply(partial.float(), ctx.model_group)
+        l1_t = _AllReduceSum.apply(l1_t, ctx.model_group)
+    return partial.to(out_dtype) + b_dec.to(out_dtype), f, l1_t
+
+
 def batch_topk_forward(ctx: ParallelContext, x_n: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
                        b_dec: Optional[Tensor], k: int, weighted: bool, d_sae: int, *, dec_norm: Optional[Tensor],
                        compute: Tuple[Tensor, Tensor, Tensor], keep_pre: bool, out_dtype: Optional[torch.dtype],

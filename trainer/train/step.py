@@ -20,10 +20,8 @@ from sae_kernels import TopKSAE
 from sae_kernels.ops import RowGrads, row_sq_error
 from sae_kernels.optim import HOLD, RESET, SAEAdam
 
-from ..parallel.batch_select import batch_topk_forward, decode_slots
-from ..parallel.sharded import _AllReduceSum
 from ..parallel import (
-    ParallelContext, ShardedTopK, ShardedTopKSAE, gather_full_state, shard_state, sharded_forward,
+    ParallelContext, batch_topk_forward, decode_slots, dense_forward, ShardedTopK, ShardedTopKSAE, gather_full_state, shard_state, sharded_forward,
     sharded_select_decode,
 )
 from sae_kernels.reference import ARCHITECTURES, l1_coefficient_at, matryoshka_prefixes
@@ -247,6 +245,7 @@ class SAEStep:
                                   sae.cfg.d_sae, dec_norm=dec_norm, compute=(W_enc, b_enc, W_dec),
                                   keep_pre=keep_pre, out_dtype=self._out_dtype())
         self._fwd = out
+        self.slots = out.values.shape[1]  # latents per token this step decodes (BatchTopK: the fullest token's)
         return out.values, out.indices, out.x_hat
 
     def prefix_decodes(self) -> List[Tensor]:
@@ -261,21 +260,10 @@ class SAEStep:
         return out + [fwd.x_hat]
 
     def dense_forward(self, x_n: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """``standard``: ``(x_hat, f, l1_t)``: every latent's ``f = relu(W_enc x + b_enc)`` (this shard's
-        ``[B, n_local]``), the reconstruction (summed over the model group) and the per-token penalty
-        ``sum_i f_ti ||W_dec[i]||`` (fp32; over every shard), by plain autograd on the masters (a GEMM each
-        way: nothing is sparse before the penalty has done its work)."""
-        sae, ctx = self.sae, self.ctx
-        dt = x_n.dtype
-        f = torch.relu(torch.addmm(sae.b_enc.to(dt), x_n, sae.W_enc.to(dt).t()))
-        partial = f @ sae.W_dec.to(dt)
-        acc = torch.promote_types(sae.W_dec.dtype, torch.float32)
-        l1_t = (f.to(acc) * torch.linalg.vector_norm(sae.W_dec.to(acc), dim=1)).sum(1)
-        if ctx.tp > 1:
-            partial = _AllReduceSum.apply(partial.float(), ctx.model_group)
-            l1_t = _AllReduceSum.apply(l1_t, ctx.model_group)
-        x_hat = partial.to(self._out_dtype()) + sae.b_dec.to(self._out_dtype())
-        return x_hat, f, l1_t
+        """``standard``: ``(x_hat, f, l1_t)`` (``trainer.parallel.dense_forward``) by plain autograd on the
+        masters: nothing is sparse before the penalty has done its work."""
+        sae = self.sae
+        return dense_forward(self.ctx, x_n, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, self._out_dtype())
 
     def threshold(self) -> Optional[float]:
         """BatchTopK's inference threshold in score units (``relu(pre) * ||W_dec[i]||`` in normalised
