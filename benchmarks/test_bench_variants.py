@@ -101,7 +101,6 @@ def test_variant_steps_vs_topk(benchmark):
     best = {a: min(ts) for a, ts in times.items()}
     rows = {a: {"median_ms": med[a] * 1e3, "best_ms": best[a] * 1e3, "x_topk_median": med[a] / med["topk"],
                 "x_topk_best": best[a] / best["topk"], "tokens_per_s": B / med[a],
-                "candidates_per_token": steps[a]._factor * K if steps[a].batch else None,
                 "slots_per_token_max": max(l0_max[a]) if l0_max[a] else None} for a in steps}
     benchmark.extra_info.update(shape=dict(tokens=B, d_model=D, d_sae=N, k=K), device=str(DEVICE),
                                 torch=torch.__version__, threads=torch.get_num_threads(), rounds=ROUNDS,

@@ -66,6 +66,15 @@ def _trusted(indices: Tensor, n: int) -> bool:
             and entry[1] == indices._version and entry[2] <= n)
 
 
+def trust_indices(indices: Tensor, n: int) -> Tensor:
+    """``indices`` (int64, values in ``[0, n)``), checked once (one host sync) and trusted by
+    ``decode_for_training`` from then on: for a selection the caller composed from an encode's indices
+    (BatchTopK's kept latents, laid out per group of tokens). Returns ``indices``."""
+    _check_index_range(indices, n)
+    _trust(indices, n)
+    return indices
+
+
 def _check_index_range(idx: Tensor, n: int) -> None:
     if idx.numel() and bool(((idx < 0) | (idx >= n)).any()):  # one host sync
         raise ValueError(f"indices: expected values in [0, {n}) (d_sae of W_dec), "
@@ -304,6 +313,22 @@ def decode_selected(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Optio
 # -------------------------------------------------------------------------------- the trainer's route
 
 
+class _TakeFromPre(torch.autograd.Function):
+    """``relu(pre)`` at given ``(row, latent)`` entries, differentiable like the encode (its backward)."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, z, indices, W_c):
+        values = z.clone()
+        ctx.save_for_backward(x, W_c, values, indices)
+        ctx.impl, ctx.w_dtype, ctx.b_dtype = get_impl(x.device, W_c.dtype), W_enc.dtype, b_enc.dtype
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        dx, dW, db = _encode_backward(ctx, grad_values)
+        return dx, dW, db, None, None, None
+
+
 class EncodeScores:
     """What ``encode_for_training(..., keep_pre=True)`` kept of the forward: its pre-activations,
     so that a second selection (AuxK's top-k_aux among dead latents) needs no second GEMM.
@@ -334,6 +359,53 @@ class EncodeScores:
             values, indices = _TopKEncode.apply(x, W_enc, b_enc, k, dec_norm, W_c, bias, None)
         _trust(indices, n)
         return values, indices
+
+    def _pre_rows(self, rows: Tensor) -> Tensor:
+        x, _, _, _, W_c, b_c = self._args
+        if self.pre is not None:
+            return self.pre.index_select(0, rows)
+        return torch.addmm(b_c, x.index_select(0, rows), W_c.t())  # the encode kept none: one GEMM
+
+    @torch.no_grad()
+    def row_scores(self, rows: Tensor) -> Tensor:
+        """The selection scores ``relu(pre) * dec_norm`` (fp32; float64 for float64 weights) of every
+        latent for the tokens ``rows`` (int64 ``[R]``), detached: ``[R, n]``."""
+        pre = self._pre_rows(rows)
+        acc = torch.float64 if pre.dtype == torch.float64 else torch.float32
+        z = pre.relu().to(acc)
+        return z if self.dec_norm is None else z * self.dec_norm.to(acc)
+
+    def take(self, rows: Tensor, indices: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(values, indices)`` for the tokens ``rows`` (int64 ``[R]``) at the latents ``indices [R, m]``
+        (chosen by the caller from ``row_scores`` or the encode's candidates): ``values = relu(pre)``
+        there, differentiable w.r.t. x, W_enc, b_enc like the encode. The indices are range-checked (one
+        host sync) and trusted by ``decode_for_training`` from then on."""
+        x, W_enc, b_enc, _, W_c, _ = self._args
+        n = W_c.shape[0]
+        check_tensor("rows", rows, ndim=1, dtypes=(torch.int64,), device=x.device)
+        check_tensor("indices", indices, ndim=2, dtypes=(torch.int64,), device=x.device)
+        _check_index_range(indices, n)
+        x_rows = x.index_select(0, rows)
+        with torch.no_grad():
+            if self.pre is not None:  # the entries only, not the rows
+                z = self.pre.reshape(-1).take(rows[:, None] * n + indices).relu()
+            else:  # one dot product per entry (no GEMM over the rows)
+                b_c = self._args[5]
+                z = (get_impl(x.device, W_c.dtype).gather_dot(x_rows.to(W_c.dtype), indices, W_c)
+                     + b_c.index_select(0, indices.reshape(-1)).view_as(indices)).relu()
+        values = _TakeFromPre.apply(x_rows, W_enc, b_enc, z, indices, W_c)
+        _trust(indices, n)
+        return values, indices
+
+
+def encode_scores(x: Tensor, W_enc: Tensor, b_enc: Tensor, dec_norm: Optional[Tensor] = None, *,
+                  compute: Optional[Tuple[Tensor, Tensor]] = None) -> EncodeScores:
+    """An ``EncodeScores`` for ``x`` that keeps no pre-activations: ``row_scores`` and ``take`` compute only
+    what they are asked (a GEMM over the rows, a dot product per entry), ``select`` a masked encode.
+    For a caller that needs a few rows or entries after an encode that kept nothing (``N x d_sae`` less)."""
+    W_c, b_c = compute if compute is not None else (W_enc, b_enc)
+    x2, _, b_c, _, dec_norm = _encode_args(x, W_c, b_c, 1, dec_norm)
+    return EncodeScores(x2.contiguous(), W_enc, b_enc, dec_norm, W_c, b_c.to(W_c.dtype), None)
 
 
 def encode_for_training(
@@ -397,20 +469,6 @@ def decode_for_training(
     lead = values.shape[:-1]
     out = _SparseDecode.apply(values.reshape(-1, k), indices.reshape(-1, k), W_dec, b_dec, W_c, out_dtype)
     return out.reshape(*lead, d)
-
-
-def gather_slots(values: Tensor, indices: Tensor, order: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(values, indices)`` of an encode with the slots of each row taken in ``order`` (``[N, m]`` slot
-    positions, ``m`` at most the encode's slots): a selection made after the encode (BatchTopK keeps a
-    varying number of each row's candidates; the kept come first, the rest hold value 0). ``values``
-    stays differentiable; the indices stay trusted by ``decode_for_training`` (they are a gather of
-    indices an encode returned), so the trainer's decode needs no range check."""
-    entry = _TRUSTED.get(id(indices))
-    if entry is None or not _trusted(indices, entry[2]):
-        raise ValueError("indices: gather_slots takes only indices returned by an encode (unmodified)")
-    out_idx = indices.gather(-1, order)
-    _trust(out_idx, entry[2])
-    return values.gather(-1, order), out_idx
 
 
 # ------------------------------------------------------------- losses: row-wise squared error

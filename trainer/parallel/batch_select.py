@@ -5,10 +5,11 @@ The single process keeps the ``K * B`` largest weighted scores ``relu(pre_ti) * 
 holds ``B / dp`` of the tokens, under tensor parallelism ``d_sae / tp`` of the latents; the selection
 here is still the single process's:
 
-1. Candidates: each rank's per-token top-``c`` of its latents (the training encode, ``c`` a multiple of
-   K). Every kept score is among them unless a row's ``c``-th candidate reaches the threshold (the row
-   is *saturated*); then every rank retries with twice the candidates. The multiple a run needs is
-   remembered, so retries are rare, and they change the work, never the result.
+1. Candidates: each rank's per-token top-``2K`` of its latents (the training encode). Every kept score is
+   among them unless a token's smallest candidate reaches the threshold (the token is *saturated*); the
+   saturated tokens' candidates then become all their scores at or above that threshold, and the
+   threshold is taken again: more candidates can only raise it, so once is enough. This changes the
+   work, never the result.
 2. The threshold ``T``, the ``K * B``-th largest candidate score of the whole mesh: the scores are
    non-negative floats, so their bit patterns order like their values; a radix select over the bytes,
    most significant first, with each byte's 256-bin histogram all-reduced over the mesh (4 all-reduces
@@ -22,12 +23,12 @@ NaN scores rank above every number (as in ``topk``): their canonical bit pattern
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from sae_kernels.ops import decode_for_training, encode_for_training, gather_slots
+from sae_kernels.ops import decode_for_training, encode_for_training
 
 from .mesh import ParallelContext
 
@@ -38,6 +39,12 @@ def score_bits(scores: Tensor) -> Tensor:
     s = torch.where(torch.isnan(scores), torch.full_like(scores, float("nan")).abs(), scores)
     bits = s.contiguous().view(torch.int64 if s.dtype == torch.float64 else torch.int32)
     return bits.clamp_min(0)
+
+
+def bits_to_float(T: Tensor, dtype: torch.dtype) -> Tensor:
+    """The float (0-d, ``dtype``: fp32 or fp64) whose ``score_bits`` are ``T``."""
+    it = torch.int64 if dtype == torch.float64 else torch.int32
+    return T.to(it).reshape(1).view(dtype).reshape(())
 
 
 def batch_threshold(ctx: ParallelContext, bits: Tensor, keep: int) -> Tuple[Tensor, Tensor]:
@@ -63,66 +70,35 @@ def batch_threshold(ctx: ParallelContext, bits: Tensor, keep: int) -> Tuple[Tens
     return prefix, need
 
 
-@dataclass
-class BatchSelection:
-    """A rank's part of the batch selection: ``keep [B, c]`` marks its kept candidates, ``threshold``
-    the smallest kept score (0-d, in score units, the same on every rank), ``saturated`` (0-d bool, the
-    same on every rank) that some row of the mesh may hold more kept latents than its candidates."""
-
-    keep: Tensor
-    threshold: Tensor
-    saturated: Tensor
-
-
-def batch_select(ctx: ParallelContext, scores: Tensor, gidx: Tensor, keep_total: int, complete: bool) -> BatchSelection:
-    """The ``keep_total`` largest of the mesh's candidate ``scores [B, c]`` (global latent ids ``gidx``),
-    ties to the smaller (data rank, token, latent id). ``complete``: the candidates are every latent of
-    this rank (no row can be saturated)."""
-    bits = score_bits(scores)
-    T, R = batch_threshold(ctx, bits, keep_total)
+def batch_select(ctx: ParallelContext, bits: Tensor, row: Tensor, gidx: Tensor, n_rows: int, keep_total: int,
+                 T: Optional[Tensor] = None, R: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``(keep, T)``: the ``keep_total`` largest of the mesh's candidate entries (``bits``: ``score_bits`` of
+    their scores; ``row``: this rank's token of each, in ``[0, n_rows)``; ``gidx``: global latent ids),
+    ties to the smaller (data rank, token, latent id); ``keep`` a bool mask over the entries, ``T`` the
+    threshold's bits. ``T, R`` from ``batch_threshold`` when already computed."""
+    if T is None:
+        T, R = batch_threshold(ctx, bits, keep_total)
     above = bits > T
     tie = bits == T
-    counts = tie.sum(1)  # [B] ties per token on this rank
-    B = bits.shape[0]
-    table = torch.zeros((ctx.dp, B, ctx.tp), dtype=torch.int64, device=bits.device)
+    counts = torch.zeros(n_rows, dtype=torch.int64, device=bits.device).index_add_(0, row, tie.long())
+    table = torch.zeros((ctx.dp, n_rows, ctx.tp), dtype=torch.int64, device=bits.device)
     table[ctx.data_rank, :, ctx.model_rank] = counts
-    table = ctx.world_all_reduce(table)
-    before = (table.reshape(-1).cumsum(0) - table.reshape(-1)).view(ctx.dp, B, ctx.tp)[ctx.data_rank, :, ctx.model_rank]
-    allowed = (R - before).clamp(min=0).minimum(counts)  # [B] ties this rank keeps per token
-    keep = above | (tie & (allowed[:, None] >= counts[:, None]))  # rows keeping all their ties
+    table = ctx.world_all_reduce(table).reshape(-1)
+    before = (table.cumsum(0) - table).view(ctx.dp, n_rows, ctx.tp)[ctx.data_rank, :, ctx.model_rank]
+    allowed = (R - before).clamp(min=0).minimum(counts)  # ties this rank keeps, per token
+    keep = above | (tie & (allowed >= counts)[row])  # tokens keeping all their ties
     partial = (allowed > 0) & (allowed < counts)
-    if bool(partial.any()):  # some row keeps only its first `allowed` ties, in latent order (host sync)
-        big = torch.iinfo(torch.int64).max
-        key = torch.where(tie, gidx.long(), torch.full(gidx.shape, big, dtype=torch.int64, device=gidx.device))
-        order = key.argsort(dim=1, stable=True)
-        pos = torch.arange(order.shape[1], device=order.device).expand_as(order)
-        rank = torch.empty_like(order).scatter_(1, order, pos)
-        keep = keep | (tie & partial[:, None] & (rank < allowed[:, None]))
-    if complete:
-        sat = torch.zeros((), dtype=torch.bool, device=bits.device)
-    else:  # the row's smallest candidate reaches T: a latent outside the candidates may belong
-        sat = (bits.min(dim=1).values >= T).any()
-    sat = ctx.world_all_reduce(sat.long(), op="max") > 0
-    return BatchSelection(keep, _bits_to_float(T, scores.dtype), sat)
-
-
-def _bits_to_float(T: Tensor, dtype: torch.dtype) -> Tensor:
-    it = torch.int64 if dtype == torch.float64 else torch.int32
-    return T.to(it).reshape(1).view(dtype).reshape(())
-
-
-def decode_slots(ctx: ParallelContext, values: Tensor, local_idx: Tensor, W_dec: Tensor, Wd_c: Tensor,
-                 b_dec: Optional[Tensor], out_dtype: Optional[torch.dtype]) -> Tensor:
-    """The reconstruction from this rank's slots (``local_idx`` trusted): one decode in one model shard;
-    with several, the partial decodes summed over the model group (fp32 for half weights), then ``+ b_dec``."""
-    from .sharded import _AllReduceSum
-
-    if ctx.tp == 1:
-        return decode_for_training(values, local_idx, W_dec, b_dec, compute=Wd_c, out_dtype=out_dtype)
-    partial = decode_for_training(values, local_idx, W_dec, None, compute=Wd_c, out_dtype=out_dtype)
-    x_hat = _AllReduceSum.apply(partial.float() if partial.dtype in (torch.bfloat16, torch.float16) else partial,
-                                ctx.model_group)
-    return x_hat if b_dec is None else x_hat + b_dec.to(x_hat.dtype)
+    if bool(partial.any()):  # some token keeps only its first `allowed` ties, in latent order (host sync)
+        e = (tie & partial[row]).nonzero().squeeze(1)
+        key = row[e] * (int(gidx.max()) + 1) + gidx[e]  # (token, latent id)
+        e = e[key.argsort(stable=True)]
+        r = row[e]
+        first = torch.ones_like(r, dtype=torch.bool)
+        first[1:] = r[1:] != r[:-1]
+        start = torch.arange(e.numel(), device=e.device)[first]
+        rank = torch.arange(e.numel(), device=e.device) - start[first.long().cumsum(0) - 1]
+        keep[e[rank < allowed[r]]] = True
+    return keep, T
 
 
 def dense_forward(ctx: ParallelContext, x_n: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
@@ -144,18 +120,55 @@ def dense_forward(ctx: ParallelContext, x_n: Tensor, W_enc: Tensor, b_enc: Tenso
     return partial.to(out_dtype) + b_dec.to(out_dtype), f, l1_t
 
 
+# Rows grouped by how many latents they keep, each group decoded with its own slot width: the slots of
+# a step are then about K per token (zeros pad each group to its fullest token), not the fullest token's
+# count for every token. Group boundaries at these quantiles of the sorted per-token counts.
+GROUP_QUANTILES = (0.5, 0.8, 0.95, 0.99, 1.0)
+# Candidates per token, in multiples of K: with K per token the threshold would be the smallest candidate
+# of the batch and every token saturated; with 2K only the tokens that keep many latents are.
+CANDIDATES = 2
+
+
+@dataclass
+class BatchTopK:
+    """This rank's part of a BatchTopK forward.
+
+    Attributes:
+        x_hat: ``[B, d_model]`` the reconstruction (the same on the model group).
+        values / indices: ``[E]`` this rank's kept entries (values differentiable, global latent ids) in
+            token order, for the counters and L0 (``E`` about ``K * B / tp``).
+        groups: ``(rows, values [R, w], local ids [R, w])`` per group of tokens decoded together (zeros pad
+            a token's slots to its group's width ``w``).
+        threshold: 0-d, the step's smallest kept score (the same on every rank).
+        scores: the encode's ``EncodeScores`` (AuxK's second selection).
+        n_rows: ``B``.
+    """
+
+    x_hat: Tensor
+    values: Tensor
+    indices: Tensor
+    groups: List[Tuple[Tensor, Tensor, Tensor]]
+    threshold: Tensor
+    scores: object
+    n_rows: int
+
+
 def batch_topk_forward(ctx: ParallelContext, x_n: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
                        b_dec: Optional[Tensor], k: int, weighted: bool, d_sae: int, *, dec_norm: Optional[Tensor],
-                       compute: Tuple[Tensor, Tensor, Tensor], keep_pre: bool, out_dtype: Optional[torch.dtype],
-                       factor: int = 2):
-    """BatchTopK forward in normalised space on this rank: ``(ShardedTopK, threshold, factor)``.
+                       compute: Tuple[Tensor, Tensor, Tensor], out_dtype: Optional[torch.dtype],
+                       keep_pre: bool = False) -> BatchTopK:
+    """BatchTopK forward in normalised space on this rank (docs/method.md sec. 11). Every rank of the mesh
+    calls it with its share of the batch (``x_n``, the same on a model group) and its rows of the SAE, as
+    ``sharded_forward``.
 
-    The ``ShardedTopK``'s slots are this rank's kept latents, the kept first in each row, as many slots
-    as its fullest row keeps (one host sync), the rest value 0; ``threshold`` the step's smallest kept
-    score (0-d); ``factor`` the candidates per row in multiples of K this step needed (pass it to the
-    next step). Every rank of the mesh must call it with its share of the batch (``x_n``, the same on a
-    model group) and its rows of the SAE, as ``sharded_forward``."""
-    from .sharded import ShardedTopK, _CopyToGroup, _row_norms
+    1. The encode's per-token top-``2K`` (of this rank's latents) are the candidates.
+    2. ``T`` = the ``K * B``-th largest candidate score of the mesh (``batch_threshold``). A token whose
+       smallest candidate reaches ``T`` may keep more: its candidates become all its scores ``>= T`` (from
+       its row of scores), and ``T`` is taken again, once (one host sync to decide).
+    3. The kept entries (``batch_select``), grouped by count and decoded; their values are ``relu(pre)``
+       there (``EncodeScores.take``), differentiable like the encode, so its backward reads only them.
+    ``keep_pre``: unused (the encode always keeps its pre-activations: ``BatchTopK.scores``, for AuxK)."""
+    from .sharded import _CopyToGroup, _row_norms
 
     W_c, b_c, Wd_c = compute
     n_local = W_c.shape[0]
@@ -165,27 +178,98 @@ def batch_topk_forward(ctx: ParallelContext, x_n: Tensor, W_enc: Tensor, b_enc: 
     if out_dtype is None and ctx.tp > 1 and Wd_c.dtype in (torch.bfloat16, torch.float16):
         out_dtype = torch.float32
     x_in = _CopyToGroup.apply(x_n, ctx.model_group) if ctx.tp > 1 and x_n.requires_grad else x_n
-    keep_total = k * x_n.shape[0] * ctx.dp
-    while True:
-        c = min(factor * k, n_local)
-        out = encode_for_training(x_in, W_enc, b_enc, c, dec_norm if weighted else None, compute=(W_c, b_c),
-                                  keep_pre=keep_pre)
-        values, lidx = out[0], out[1]
-        with torch.no_grad():
-            v = values.detach()
-            acc = torch.float64 if v.dtype == torch.float64 else torch.float32
-            scores = v.to(acc) * dec_norm.to(acc)[lidx] if weighted else v.to(acc)
-            sel = batch_select(ctx, scores, lidx + offset, keep_total, complete=c == n_local)
-        if not bool(sel.saturated):
-            break
-        factor *= 2
+    B = x_n.shape[0]
+    keep_total = k * B * ctx.dp
+    c = min(CANDIDATES * k, n_local)
+    with torch.no_grad():  # the selection only: the kept values are taken below, with their gradient
+        values, lidx, enc = encode_for_training(x_in, W_enc, b_enc, c, dec_norm if weighted else None,
+                                                compute=(W_c, b_c), keep_pre=True)
+    dev = lidx.device
     with torch.no_grad():
-        per_row = sel.keep.sum(1)
-        m = max(1, int(per_row.max()))
-        order = (~sel.keep).to(torch.uint8).argsort(dim=1, stable=True)[:, :m]  # the kept first
-    kept = torch.where(sel.keep, values, torch.zeros_like(values))
-    vals, idx = gather_slots(kept, lidx, order)
-    x_hat = decode_slots(ctx, vals, idx, W_dec, Wd_c, b_dec, out_dtype)
-    winners = torch.arange(m, device=per_row.device)[None, :] < per_row[:, None]
-    fwd = ShardedTopK(x_hat, vals, idx + offset, idx, winners, k, out[2] if keep_pre else None)
-    return fwd, sel.threshold, factor
+        v = values.detach()
+        acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+        score = v.to(acc) * dec_norm.to(acc)[lidx] if weighted else v.to(acc)
+        bits = score_bits(score).reshape(-1)
+        row = torch.arange(B, device=dev).repeat_interleave(c)
+        ids = lidx.reshape(-1)
+        T, R = batch_threshold(ctx, bits, keep_total)
+        # Adding candidates can only raise T, so a saturated token's kept latents are among its scores
+        # >= T now: with those added, no token can be saturated at the new T (one more round at most).
+        sat = (score_bits(score).min(1).values >= T) if c < n_local else torch.zeros(B, dtype=torch.bool, device=dev)
+        if bool(ctx.world_all_reduce(sat.any().long(), op="max")):
+            rows = sat.nonzero().squeeze(1)
+            b2 = score_bits(enc.row_scores(rows))
+            r2, i2 = (b2 >= T).nonzero(as_tuple=True)
+            others = ~sat[row]
+            bits = torch.cat([bits[others], b2[r2, i2]])
+            ids = torch.cat([ids[others], i2])
+            row = torch.cat([row[others], rows[r2]])
+            T, R = batch_threshold(ctx, bits, keep_total)
+        keep, T = batch_select(ctx, bits, row, ids + offset, B, keep_total, T, R)
+        sel = keep.nonzero().squeeze(1)
+        krow, kid = row.index_select(0, sel), ids.index_select(0, sel)
+        # the kept entries ordered by their token's place among the tokens sorted by count (so each group
+        # is a contiguous run), within a token in candidate order
+        counts = torch.bincount(krow, minlength=B)
+        by_count = counts.argsort(stable=True)
+        place = torch.empty_like(by_count)
+        place[by_count] = torch.arange(B, device=dev)
+        o = place[krow].argsort(stable=True)
+        krow, kid = krow[o], kid[o]
+        sorted_counts = counts[by_count]
+        ends = sorted_counts.cumsum(0)
+        kplace = place[krow]
+        pos = torch.arange(krow.numel(), device=dev) - (ends - sorted_counts)[kplace]
+        cuts = sorted({max(1, int(q * B)) for q in GROUP_QUANTILES})
+        counts_h, ends_h = sorted_counts.tolist(), ends.tolist()
+    groups, parts, kvals = [], [], []
+    lo = 0
+    for hi in cuts:
+        if hi <= lo:
+            continue
+        rows = by_count[lo:hi]
+        w = max(1, counts_h[hi - 1])
+        e_lo, e_hi = (ends_h[lo - 1] if lo else 0), ends_h[hi - 1]
+        slot, p = kplace[e_lo:e_hi] - lo, pos[e_lo:e_hi]
+        with torch.no_grad():
+            idx = torch.zeros((rows.numel(), w), dtype=torch.int64, device=dev)
+            valid = torch.zeros((rows.numel(), w), dtype=torch.bool, device=dev)
+            idx[slot, p] = kid[e_lo:e_hi]
+            valid[slot, p] = True
+        vals, idx = enc.take(rows, idx)  # relu(pre) there, differentiable like the encode
+        vals = torch.where(valid, vals, torch.zeros_like(vals))
+        groups.append((rows, vals, idx))
+        kvals.append(vals[slot, p])
+        parts.append(decode_for_training(vals, idx, W_dec, None, compute=Wd_c, out_dtype=out_dtype))
+        lo = hi
+    rows_all = torch.cat([g[0] for g in groups])
+    part = torch.cat(parts)
+    x_hat = torch.zeros((B, part.shape[1]), dtype=part.dtype, device=dev).index_copy(0, rows_all, part)
+    x_hat = _reduce_add_bias(ctx, x_hat, b_dec)
+    kval, kids = torch.cat(kvals), kid + offset
+    return BatchTopK(x_hat, kval, kids, groups, bits_to_float(T, acc), enc, B)
+
+
+def decode_groups(ctx: ParallelContext, fwd: BatchTopK, W_dec: Tensor, Wd_c: Tensor, b_dec: Optional[Tensor],
+                  out_dtype: Optional[torch.dtype], below: Optional[int] = None) -> Tensor:
+    """The reconstruction from a ``BatchTopK``'s groups, with only the latents ``< below`` (global ids) when
+    given: a Matryoshka prefix. Summed over the model group, ``+ b_dec``."""
+    offset = ctx.model_rank * Wd_c.shape[0]
+    parts = []
+    for rows, vals, idx in fwd.groups:
+        if below is not None:
+            vals = torch.where(idx + offset < below, vals, torch.zeros_like(vals))
+        parts.append(decode_for_training(vals, idx, W_dec, None, compute=Wd_c, out_dtype=out_dtype))
+    rows_all = torch.cat([g[0] for g in fwd.groups])
+    part = torch.cat(parts)
+    x_hat = torch.zeros((fwd.n_rows, part.shape[1]), dtype=part.dtype, device=part.device).index_copy(0, rows_all, part)
+    return _reduce_add_bias(ctx, x_hat, b_dec)
+
+
+def _reduce_add_bias(ctx: ParallelContext, x_hat: Tensor, b_dec: Optional[Tensor]) -> Tensor:
+    from .sharded import _AllReduceSum
+
+    if ctx.tp > 1:
+        x_hat = _AllReduceSum.apply(x_hat.float() if x_hat.dtype in (torch.bfloat16, torch.float16) else x_hat,
+                                    ctx.model_group)
+    return x_hat if b_dec is None else x_hat + b_dec.to(x_hat.dtype)

@@ -21,7 +21,7 @@ from sae_kernels.ops import RowGrads, row_sq_error
 from sae_kernels.optim import HOLD, RESET, SAEAdam
 
 from ..parallel import (
-    ParallelContext, batch_topk_forward, decode_slots, dense_forward, ShardedTopK, ShardedTopKSAE, gather_full_state, shard_state, sharded_forward,
+    ParallelContext, batch_topk_forward, decode_groups, dense_forward, ShardedTopK, ShardedTopKSAE, gather_full_state, shard_state, sharded_forward,
     sharded_select_decode,
 )
 from sae_kernels.reference import ARCHITECTURES, l1_coefficient_at, matryoshka_prefixes
@@ -171,9 +171,7 @@ class SAEStep:
         self.batch = cfg.architecture in ("batchtopk", "matryoshka_batchtopk")
         self.prefixes = (matryoshka_prefixes(cfg.matryoshka_widths or (n,), n)
                          if cfg.architecture == "matryoshka_batchtopk" else (n,))
-        # BatchTopK: candidates per token in multiples of K (grows when a step needs more; cost only), and
-        # the inference threshold's EMA (sum and steps, for the bias correction)
-        self._factor = 2
+        # BatchTopK's inference threshold: its EMA (sum and steps, for the bias correction)
         self.thr_ema = torch.zeros((), dtype=torch.float64, device=dev)
         self.thr_steps = torch.zeros((), dtype=torch.int64, device=dev)
         refresh = cfg.aux_refresh_steps
@@ -236,16 +234,16 @@ class SAEStep:
         (W_enc, b_enc, W_dec, _), dec_norm = self.compute_weights()
         keep_pre = self.cfg.auxk if keep_pre is None else keep_pre
         if self.batch:
-            out, self._threshold, self._factor = batch_topk_forward(
+            out = batch_topk_forward(
                 self.ctx, x_n, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, k, sae.cfg.weighted_topk, sae.cfg.d_sae,
-                dec_norm=dec_norm, compute=(W_enc, b_enc, W_dec), keep_pre=keep_pre, out_dtype=self._out_dtype(),
-                factor=self._factor)
+                dec_norm=dec_norm, compute=(W_enc, b_enc, W_dec), out_dtype=self._out_dtype(), keep_pre=keep_pre)
+            self._threshold = out.threshold
+            self.slots = max(g[1].shape[1] for g in out.groups)  # the fullest token's latents
         else:
             out = sharded_forward(self.ctx, x_n, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, k, sae.cfg.weighted_topk,
                                   sae.cfg.d_sae, dec_norm=dec_norm, compute=(W_enc, b_enc, W_dec),
                                   keep_pre=keep_pre, out_dtype=self._out_dtype())
         self._fwd = out
-        self.slots = out.values.shape[1]  # latents per token this step decodes (BatchTopK: the fullest token's)
         return out.values, out.indices, out.x_hat
 
     def prefix_decodes(self) -> List[Tensor]:
@@ -253,10 +251,8 @@ class SAEStep:
         decodes only the latents ``< m``, from ``b_dec``), the last the whole width (the forward's)."""
         sae, fwd = self.sae, self._fwd
         (_, _, W_dec, _), _ = self.compute_weights()
-        out = []
-        for m in self.prefixes[:-1]:
-            v = torch.where(fwd.indices < m, fwd.values, torch.zeros_like(fwd.values))
-            out.append(decode_slots(self.ctx, v, fwd.local_indices, sae.W_dec, W_dec, sae.b_dec, self._out_dtype()))
+        out = [decode_groups(self.ctx, fwd, sae.W_dec, W_dec, sae.b_dec, self._out_dtype(), below=m)
+               for m in self.prefixes[:-1]]
         return out + [fwd.x_hat]
 
     def dense_forward(self, x_n: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -416,7 +412,9 @@ class SAEStep:
             out = {
                 "loss": loss.detach(),
                 "explained_variance": 1 - err / var,
-                "l0": ctx.model_all_reduce(fired.sum(-1).float().mean()),  # each shard counts its winners
+                # each shard counts its winners (BatchTopK: a flat list of this rank's kept entries)
+                "l0": ctx.model_all_reduce(fired.sum().float() / x_n.shape[0] if self.batch
+                                           else fired.sum(-1).float().mean()),
                 "dead_fraction": dead.float().mean(),
             }
             if aux is not None:
@@ -549,8 +547,7 @@ class SAEStep:
         sd = {"since_fired": self.since_fired.cpu(), "fire_count": self.fire_count.cpu(),
               "was_reset": self.was_reset.cpu(), "deaths": self.deaths.cpu()}
         if self.batch:
-            sd.update(thr_ema=self.thr_ema.cpu(), thr_steps=self.thr_steps.cpu(),
-                      batch_factor=torch.tensor(self._factor, dtype=torch.int64))
+            sd.update(thr_ema=self.thr_ema.cpu(), thr_steps=self.thr_steps.cpu())
         if self._aux_ids is not None:
             sd["aux_ids"] = self._aux_ids.cpu()
             sd["aux_next"] = torch.tensor(self._aux_next, dtype=torch.int64)
@@ -564,7 +561,6 @@ class SAEStep:
         self.deaths = sd["deaths"].to(dev) if "deaths" in sd else torch.zeros_like(self.deaths)
         if self.batch and "thr_ema" in sd:
             self.thr_ema, self.thr_steps = sd["thr_ema"].to(dev), sd["thr_steps"].to(dev)
-            self._factor = int(sd["batch_factor"])
         if "aux_ids" in sd:  # the candidates the run was using (else refreshed at the next step)
             self._aux_ids, self._aux_next = sd["aux_ids"].to(dev), int(sd["aux_next"])
         else:
