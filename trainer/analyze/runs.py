@@ -104,6 +104,8 @@ def load_member(folder: Path, suite: Optional[Path] = None) -> Member:
         exp = int(hyper.get("d_sae", 0)) // max(int(hyper.get("d_model", 1)), 1)
     exp_s = str(int(exp)) if float(exp).is_integer() else f"{exp:g}"
     name = f"{Site(layer, position).name}-{exp_s}x"
+    if folder.name.startswith(name + "-"):  # a suite member's own name: L12R-8x-k50, L12R-8x-batchtopk-k50
+        name = folder.name
     return Member(folder=folder, name=name, layer=layer, position=position, hyper=hyper, train_config=cfg,
                   eval=_read_json(folder / "eval.json"), suite=suite)
 
