@@ -113,3 +113,32 @@ def test_batchtopk_candidates_grow_when_a_token_holds_many_latents():
     counts = torch.zeros(37, dtype=torch.int64)
     counts += mask.sum(0)
     assert torch.equal(step.fire_count, counts)
+
+
+def test_batchtopk_threshold_estimate_is_the_bias_corrected_ema_after_annealing():
+    """The inference threshold: an EMA (decay 0.999) of the steps' thresholds from the end of K-annealing
+    on, bias-corrected; the exported SAE is JumpReLU at it, and fires about K latents per token."""
+    torch.manual_seed(1)
+    sae = TopKSAE(SAEConfig(16, 64, k=4))
+    from trainer.train import make_optimizer
+
+    opt = make_optimizer(sae, 1e-3, (0.9, 0.9999))
+    sc = StepConfig(k=4, k_start=12, total_steps=40, anneal_steps=10, warmup_steps=2, decay_fraction=0.2, lr=1e-3,
+                    clip_grad_norm=1e-3, architecture="batchtopk")
+    step = SAEStep(sae, opt, sc)
+    g = torch.Generator().manual_seed(0)
+    seen = []
+    for t in range(25):
+        out = step(torch.randn(64, 16, generator=g), None, t)
+        seen.append((t, float(out["threshold"])))
+    ema, n = 0.0, 0
+    for t, th in seen:
+        if t >= 10:
+            ema, n = 0.999 * ema + 0.001 * th, n + 1
+    assert step.threshold() == pytest.approx(ema / (1 - 0.999 ** n), rel=1e-9)
+    assert step.threshold() == pytest.approx(sum(th for t, th in seen if t >= 10) / 15, rel=0.05)
+    full = step.full_sae()
+    assert full.cfg.activation == "jumprelu" and float(full.threshold[0]) == pytest.approx(step.threshold(), rel=1e-6)
+    x = torch.randn(512, 16, generator=g)
+    l0 = float((full.encode(x) > 0).sum(1).double().mean())
+    assert 2 < l0 < 8, l0
