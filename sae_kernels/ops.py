@@ -360,6 +360,16 @@ class EncodeScores:
         _trust(indices, n)
         return values, indices
 
+    def release(self) -> None:
+        """Drop the kept pre-activations; on the CPU the next ``keep_pre`` encode of this thread reuses
+        their memory. For a caller that owns this object and holds no view of ``pre`` any more (the
+        trainer's step, once its backward has run)."""
+        pre, self.pre = self.pre, None
+        if pre is not None and pre.device.type == "cpu":
+            from .reference import recycle_pre
+
+            recycle_pre(pre)
+
     def _pre_rows(self, rows: Tensor) -> Tensor:
         x, _, _, _, W_c, b_c = self._args
         if self.pre is not None:

@@ -114,6 +114,23 @@ def _scratch_buffer(slot: str, rows: int, cols: int, like: Tensor) -> Tensor:
     return buf[: rows * cols].view(rows, cols)
 
 
+def _kept_pre_buffer(rows: int, cols: int, like: Tensor) -> Tensor:
+    """A buffer of its own for kept pre-activations: the one ``recycle_pre`` handed back on this thread
+    when it fits (a fresh ``N x d_sae`` allocation costs its page faults on every step), else a new one."""
+    pool = _scratch.__dict__.pop("kept_pre", None)
+    if pool is not None and like.device.type == "cpu" and pool.dtype == like.dtype and pool.numel() >= rows * cols:
+        return pool.reshape(-1)[: rows * cols].view(rows, cols)
+    return torch.empty(rows, cols, dtype=like.dtype, device=like.device)
+
+
+def recycle_pre(pre: Tensor) -> None:
+    """Hand back pre-activations that ``encode_select(..., return_pre=True)`` returned, once nothing reads
+    them any more (the caller's promise: the next such encode on this thread writes into them)."""
+    if pre.device.type == "cpu" and pre.is_contiguous():
+        base = pre if pre._base is None else pre._base
+        _scratch.kept_pre = base
+
+
 def _score(z: Tensor, dec_norm: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """The weighted score ``z * dec_norm`` in the accumulation dtype (fp32 for half z), as the kernels
     rank: a bf16 value times an fp32 norm is not rounded back to bf16 before the comparison."""
@@ -145,7 +162,7 @@ def encode_select(
     values at distinct, in-range latents; -inf or negative scores rank below every other number.
     """
     N, n = x.shape[0], W_enc.shape[0]
-    buf = torch.empty(N, n, dtype=x.dtype, device=x.device) if return_pre else _scratch_buffer("pre", N, n, x)
+    buf = _kept_pre_buffer(N, n, x) if return_pre else _scratch_buffer("pre", N, n, x)
     pre = torch.addmm(b_enc, x, W_enc.t(), out=buf)
     scratch = lambda: _scratch_buffer("score", N, n, pre.new_empty((), dtype=_acc_dtype(pre.dtype)))  # noqa: E731
 
@@ -217,6 +234,7 @@ _csr_cache = threading.local()
 def release_scratch() -> None:
     """Free this thread's cached buffers: ``encode_select``'s CPU scratch and the last ``latent_csr``."""
     _scratch.__dict__.pop("bufs", None)
+    _scratch.__dict__.pop("kept_pre", None)
     _csr_cache.__dict__.pop("entry", None)
 
 

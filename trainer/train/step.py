@@ -347,12 +347,13 @@ class SAEStep:
         # AuxK's candidates (a host sync only on refresh steps); none: no AuxK work, no kept pre-activations
         cands = self.aux_candidates(t, x_n) if c.auxk else None
         run_aux = cands is not None and cands.numel() > 0
-        f = l1_t = None
+        f = l1_t = fwd_scores = None
         if c.architecture == "standard":
             x_hat, f, l1_t = self.dense_forward(x_n)
             x_hats = [x_hat]
         else:
             values, indices, x_hat = self.encode_decode(x_n, k, keep_pre=run_aux)
+            fwd_scores = self._fwd.scores
             x_hats = self.prefix_decodes() if len(self.prefixes) > 1 else [x_hat]
         x_hat = x_hat.to(torch.promote_types(x_hat.dtype, torch.float32))
         # the losses and metrics from row sums of squares: one pass each (row_sq_error)
@@ -378,6 +379,8 @@ class SAEStep:
         total.backward()
         if row_grads is not None:
             row_grads.add_to()  # AuxK's gradients of the candidate rows
+        if fwd_scores is not None:
+            fwd_scores.release()  # nothing reads the kept pre-activations any more: the next step reuses them
         self._fwd = None
         ctx.sync_grads(self.params)
         scale = None
