@@ -55,7 +55,7 @@ def hyperparams(cfg: TrainConfig, spec: MemberSpec, member: Member, tp: int) -> 
         "released_recipe": cfg.released_recipe, "dtype": f"torch.{cfg.export_dtype}", "tp_size": tp,
         "ddp_size": member.ctx.dp, "architecture": cfg.arch_of(spec), "l1_coefficient": cfg.l1_of(spec),
         **({"matryoshka_widths": list(member.step.prefixes)} if cfg.arch_of(spec) == "matryoshka_batchtopk" else {}),
-        **({"threshold_estimator": "EMA 0.999 of each step's BatchTopK threshold after K-annealing, bias-corrected",
+        **({"threshold_estimator": "EMA 0.99 of each step's BatchTopK threshold after K-annealing, bias-corrected",
             "threshold_steps": int(member.step.thr_steps)} if member.step.batch else {}),
     }
 

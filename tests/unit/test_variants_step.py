@@ -116,7 +116,7 @@ def test_batchtopk_candidates_grow_when_a_token_holds_many_latents():
 
 
 def test_batchtopk_threshold_estimate_is_the_bias_corrected_ema_after_annealing():
-    """The inference threshold: an EMA (decay 0.999) of the steps' thresholds from the end of K-annealing
+    """The inference threshold: an EMA (decay 0.99) of the steps' thresholds from the end of K-annealing
     on, bias-corrected; the exported SAE is JumpReLU at it, and fires about K latents per token."""
     torch.manual_seed(1)
     sae = TopKSAE(SAEConfig(16, 64, k=4))
@@ -134,8 +134,8 @@ def test_batchtopk_threshold_estimate_is_the_bias_corrected_ema_after_annealing(
     ema, n = 0.0, 0
     for t, th in seen:
         if t >= 10:
-            ema, n = 0.999 * ema + 0.001 * th, n + 1
-    assert step.threshold() == pytest.approx(ema / (1 - 0.999 ** n), rel=1e-9)
+            ema, n = 0.99 * ema + 0.01 * th, n + 1
+    assert step.threshold() == pytest.approx(ema / (1 - 0.99 ** n), rel=1e-9)
     assert step.threshold() == pytest.approx(sum(th for t, th in seen if t >= 10) / 15, rel=0.05)
     full = step.full_sae()
     assert full.cfg.activation == "jumprelu" and float(full.threshold[0]) == pytest.approx(step.threshold(), rel=1e-6)

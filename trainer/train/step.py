@@ -96,7 +96,8 @@ class StepConfig:
     l1_warmup_steps: int = 0
     matryoshka_widths: Optional[Tuple[int, ...]] = None
     # BatchTopK's inference threshold: an EMA of each step's threshold after K-annealing, bias-corrected
-    threshold_decay: float = 0.999
+    # (0.99, SAELens's: the threshold falls while the SAE trains, and a longer memory lags behind it)
+    threshold_decay: float = 0.99
 
     @classmethod
     def from_train_config(cls, c, compute_dtype: Optional[torch.dtype] = None) -> "StepConfig":
