@@ -142,3 +142,33 @@ def test_batchtopk_threshold_estimate_is_the_bias_corrected_ema_after_annealing(
     x = torch.randn(512, 16, generator=g)
     l0 = float((full.encode(x) > 0).sum(1).double().mean())
     assert 2 < l0 < 8, l0
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_take_and_row_scores_with_and_without_kept_pre_activations(kept):
+    """``EncodeScores.take``: relu(pre) at given entries with the encode's gradients (from the kept
+    pre-activations, or a dot product per entry when none were kept, as the fused GPU encode);
+    ``row_scores``: a token's every weighted score. Against float64 autograd on odd shapes."""
+    from sae_kernels.ops import encode_for_training, encode_scores
+
+    g = torch.Generator().manual_seed(5)
+    N, d, n = 11, 7, 29
+    x = torch.randn(N, d, generator=g, dtype=F64)
+    W = torch.randn(n, d, generator=g, dtype=F64).requires_grad_(True)
+    b = torch.randn(n, generator=g, dtype=F64).requires_grad_(True)
+    norm = torch.rand(n, generator=g, dtype=F64) + 0.5
+    enc = (encode_for_training(x, W, b, 3, norm, keep_pre=True)[2] if kept else encode_scores(x, W, b, norm))
+    rows = torch.tensor([7, 0, 3])
+    idx = torch.tensor([[1, 28, 5, 5], [0, 2, 3, 4], [27, 9, 11, 0]])
+    vals, out_idx = enc.take(rows, idx)
+    pre = x @ W.t() + b
+    want = pre.relu()[rows[:, None], idx]
+    torch.testing.assert_close(vals, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(enc.row_scores(rows), pre.detach().relu()[rows] * norm, rtol=1e-12, atol=1e-12)
+    w = torch.randn(vals.shape, generator=g, dtype=F64)
+    gW, gb = torch.autograd.grad((vals * w).sum(), (W, b))
+    rW, rb = torch.autograd.grad((want * w).sum(), (W, b))
+    torch.testing.assert_close(gW, rW, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gb, rb, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="indices"):
+        enc.take(rows, torch.full((3, 1), n))
