@@ -5,8 +5,9 @@
 * ``sharded``: the exact global TopK over latents sharded across a model group (``sharded_forward``,
   ``sharded_select_decode``) and ``ShardedTopKSAE``, a rank's rows of an SAE.
 * ``batch_select``: BatchTopK's selection over the whole step batch, exact on any layout (radix histograms
-  all-reduced over the mesh, ties in global order: ``batch_topk_forward``), the slot decode
-  (``decode_groups``) and the dense ReLU forward of the ``standard`` architecture (``dense_forward``).
+  all-reduced over the mesh, ties in global order: ``batch_topk_forward``, which also decodes Matryoshka's
+  prefixes by bands of latents) and the dense ReLU forward of the ``standard`` architecture
+  (``dense_forward``).
 * ``placement``: which model groups train which member of a suite, and what each rank trains on.
 * ``exchange``: ``RowExchange``, each step's rows moved to the ranks that train on them.
 * ``state``: a member's SAE and Adam state gathered to single-process shapes, and re-sharded.
@@ -16,7 +17,7 @@ The LM producers are data-parallel over every rank; each member trains on the si
 clipped by the global norm; checkpoints hold single-process shapes. So any world size and ``--tp`` give
 the single-process SAE to float32 tolerance, and a checkpoint of one layout resumes in another.
 """
-from .batch_select import BatchTopK, batch_topk_forward, decode_groups, dense_forward
+from .batch_select import BatchTopK, batch_topk_forward, dense_forward
 from .exchange import RowExchange
 from .mesh import DEFAULT_TIMEOUT_S, ParallelContext, init_parallel, is_sharded
 from .placement import RowNeed, member_contexts, place_members, row_needs
@@ -26,4 +27,4 @@ from .state import gather_full_state, gather_optimizer_state_dict, shard_optimiz
 __all__ = ["ParallelContext", "init_parallel", "DEFAULT_TIMEOUT_S", "is_sharded", "ShardedTopK", "ShardedTopKSAE",
            "select_global_topk", "sharded_forward", "sharded_select_decode", "place_members", "member_contexts",
            "RowNeed", "row_needs", "RowExchange", "gather_full_state", "shard_state", "gather_optimizer_state_dict",
-           "shard_optimizer_state_dict", "BatchTopK", "batch_topk_forward", "decode_groups", "dense_forward"]
+           "shard_optimizer_state_dict", "BatchTopK", "batch_topk_forward", "dense_forward"]

@@ -23,7 +23,7 @@ NaN scores rank above every number (as in ``topk``): their canonical bit pattern
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -142,6 +142,8 @@ class BatchTopK:
         threshold: 0-d, the step's smallest kept score (the same on every rank).
         scores: the encode's ``EncodeScores`` (AuxK's second selection).
         n_rows: ``B``.
+        prefix_x_hats: Matryoshka: the reconstruction of each nested prefix of latents (the last is
+            ``x_hat``); ``[x_hat]`` otherwise.
     """
 
     x_hat: Tensor
@@ -151,12 +153,13 @@ class BatchTopK:
     threshold: Tensor
     scores: object
     n_rows: int
+    prefix_x_hats: List[Tensor]
 
 
 def batch_topk_forward(ctx: ParallelContext, x_n: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
                        b_dec: Optional[Tensor], k: int, weighted: bool, d_sae: int, *, dec_norm: Optional[Tensor],
                        compute: Tuple[Tensor, Tensor, Tensor], out_dtype: Optional[torch.dtype],
-                       keep_pre: bool = False) -> BatchTopK:
+                       keep_pre: bool = False, prefixes: Sequence[int] = ()) -> BatchTopK:
     """BatchTopK forward in normalised space on this rank (docs/method.md sec. 11). Every rank of the mesh
     calls it with its share of the batch (``x_n``, the same on a model group) and its rows of the SAE, as
     ``sharded_forward``.
@@ -167,7 +170,10 @@ def batch_topk_forward(ctx: ParallelContext, x_n: Tensor, W_enc: Tensor, b_enc: 
        its row of scores), and ``T`` is taken again, once (one host sync to decide).
     3. The kept entries (``batch_select``), grouped by count and decoded; their values are ``relu(pre)``
        there (``EncodeScores.take``), differentiable like the encode, so its backward reads only them.
-    ``keep_pre``: unused (the encode always keeps its pre-activations: ``BatchTopK.scores``, for AuxK)."""
+    ``keep_pre``: unused (the encode always keeps its pre-activations: ``BatchTopK.scores``, for AuxK).
+    ``prefixes``: Matryoshka's nested widths (global latent ids, the last d_sae): the kept latents are
+    decoded band by band (``[m_{j-1}, m_j)``), and the prefixes' reconstructions are sums of bands, so
+    all of them cost one decode."""
     from .sharded import _CopyToGroup, _row_norms
 
     W_c, b_c, Wd_c = compute
@@ -208,8 +214,39 @@ def batch_topk_forward(ctx: ParallelContext, x_n: Tensor, W_enc: Tensor, b_enc: 
         keep, T = batch_select(ctx, bits, row, ids + offset, B, keep_total, T, R)
         sel = keep.nonzero().squeeze(1)
         krow, kid = row.index_select(0, sel), ids.index_select(0, sel)
-        # the kept entries ordered by their token's place among the tokens sorted by count (so each group
-        # is a contiguous run), within a token in candidate order
+        bands = [torch.arange(krow.numel(), device=dev)]
+        if len(prefixes) > 1:  # Matryoshka: each band of latents [m_{j-1}, m_j) decoded on its own
+            band = torch.bucketize(kid + offset, torch.tensor(prefixes[:-1], device=dev), right=True)
+            bands = [(band == j).nonzero().squeeze(1) for j in range(len(prefixes))]
+    partials, groups, kvals, kids = [], [], [], []
+    for e in bands:
+        part, g, v, i = _grouped_decode(krow.index_select(0, e), kid.index_select(0, e), B, enc, W_dec, Wd_c,
+                                        out_dtype)
+        partials.append(part)
+        groups += g
+        kvals.append(v)
+        kids.append(i + offset)
+    # the prefixes' reconstructions: b_dec + the bands below each (summed over the model group at once)
+    part = torch.stack(partials)
+    if ctx.tp > 1:
+        from .sharded import _AllReduceSum
+
+        part = _AllReduceSum.apply(part.float() if part.dtype in (torch.bfloat16, torch.float16) else part,
+                                   ctx.model_group)
+    x_hats = list((part.cumsum(0) if len(partials) > 1 else part).unbind(0))
+    if b_dec is not None:
+        x_hats = [xh + b_dec.to(xh.dtype) for xh in x_hats]
+    return BatchTopK(x_hats[-1], torch.cat(kvals), torch.cat(kids), groups, bits_to_float(T, acc), enc, B, x_hats)
+
+
+def _grouped_decode(krow: Tensor, kid: Tensor, B: int, enc, W_dec: Tensor, Wd_c: Tensor,
+                    out_dtype: Optional[torch.dtype]):
+    """Decode the entries ``(krow, kid)`` (tokens, this rank's latent ids) with the tokens grouped by how
+    many entries they hold: ``(partial [B, d] without b_dec, groups, kept values, their ids)``."""
+    dev = krow.device
+    with torch.no_grad():
+        # the entries ordered by their token's place among the tokens sorted by count (so each group is a
+        # contiguous run), within a token in candidate order
         counts = torch.bincount(krow, minlength=B)
         by_count = counts.argsort(stable=True)
         place = torch.empty_like(by_count)
@@ -244,32 +281,5 @@ def batch_topk_forward(ctx: ParallelContext, x_n: Tensor, W_enc: Tensor, b_enc: 
         lo = hi
     rows_all = torch.cat([g[0] for g in groups])
     part = torch.cat(parts)
-    x_hat = torch.zeros((B, part.shape[1]), dtype=part.dtype, device=dev).index_copy(0, rows_all, part)
-    x_hat = _reduce_add_bias(ctx, x_hat, b_dec)
-    kval, kids = torch.cat(kvals), kid + offset
-    return BatchTopK(x_hat, kval, kids, groups, bits_to_float(T, acc), enc, B)
-
-
-def decode_groups(ctx: ParallelContext, fwd: BatchTopK, W_dec: Tensor, Wd_c: Tensor, b_dec: Optional[Tensor],
-                  out_dtype: Optional[torch.dtype], below: Optional[int] = None) -> Tensor:
-    """The reconstruction from a ``BatchTopK``'s groups, with only the latents ``< below`` (global ids) when
-    given: a Matryoshka prefix. Summed over the model group, ``+ b_dec``."""
-    offset = ctx.model_rank * Wd_c.shape[0]
-    parts = []
-    for rows, vals, idx in fwd.groups:
-        if below is not None:
-            vals = torch.where(idx + offset < below, vals, torch.zeros_like(vals))
-        parts.append(decode_for_training(vals, idx, W_dec, None, compute=Wd_c, out_dtype=out_dtype))
-    rows_all = torch.cat([g[0] for g in fwd.groups])
-    part = torch.cat(parts)
-    x_hat = torch.zeros((fwd.n_rows, part.shape[1]), dtype=part.dtype, device=part.device).index_copy(0, rows_all, part)
-    return _reduce_add_bias(ctx, x_hat, b_dec)
-
-
-def _reduce_add_bias(ctx: ParallelContext, x_hat: Tensor, b_dec: Optional[Tensor]) -> Tensor:
-    from .sharded import _AllReduceSum
-
-    if ctx.tp > 1:
-        x_hat = _AllReduceSum.apply(x_hat.float() if x_hat.dtype in (torch.bfloat16, torch.float16) else x_hat,
-                                    ctx.model_group)
-    return x_hat if b_dec is None else x_hat + b_dec.to(x_hat.dtype)
+    out = torch.zeros((B, part.shape[1]), dtype=part.dtype, device=dev).index_copy(0, rows_all, part)
+    return out, groups, torch.cat(kvals), kid

@@ -20,12 +20,12 @@ from sae_kernels import TopKSAE
 from sae_kernels.ops import RowGrads, row_sq_error
 from sae_kernels.optim import HOLD, RESET, SAEAdam
 
-from ..parallel import (
-    ParallelContext, batch_topk_forward, decode_groups, dense_forward, ShardedTopK, ShardedTopKSAE, gather_full_state, shard_state, sharded_forward,
-    sharded_select_decode,
-)
 from sae_kernels.reference import ARCHITECTURES, l1_coefficient_at, matryoshka_prefixes
 
+from ..parallel import (
+    ParallelContext, ShardedTopK, ShardedTopKSAE, batch_topk_forward, dense_forward, gather_full_state, shard_state,
+    sharded_forward, sharded_select_decode,
+)
 from .schedules import k_schedule, lr_factor
 
 
@@ -237,7 +237,8 @@ class SAEStep:
         if self.batch:
             out = batch_topk_forward(
                 self.ctx, x_n, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, k, sae.cfg.weighted_topk, sae.cfg.d_sae,
-                dec_norm=dec_norm, compute=(W_enc, b_enc, W_dec), out_dtype=self._out_dtype(), keep_pre=keep_pre)
+                dec_norm=dec_norm, compute=(W_enc, b_enc, W_dec), out_dtype=self._out_dtype(), keep_pre=keep_pre,
+                prefixes=self.prefixes)
             self._threshold = out.threshold
             self.slots = max(g[1].shape[1] for g in out.groups)  # the fullest token's latents
         else:
@@ -246,15 +247,6 @@ class SAEStep:
                                   keep_pre=keep_pre, out_dtype=self._out_dtype())
         self._fwd = out
         return out.values, out.indices, out.x_hat
-
-    def prefix_decodes(self) -> List[Tensor]:
-        """Matryoshka: the reconstruction of each nested prefix of latents from this step's forward (each
-        decodes only the latents ``< m``, from ``b_dec``), the last the whole width (the forward's)."""
-        sae, fwd = self.sae, self._fwd
-        (_, _, W_dec, _), _ = self.compute_weights()
-        out = [decode_groups(self.ctx, fwd, sae.W_dec, W_dec, sae.b_dec, self._out_dtype(), below=m)
-               for m in self.prefixes[:-1]]
-        return out + [fwd.x_hat]
 
     def dense_forward(self, x_n: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """``standard``: ``(x_hat, f, l1_t)`` (``trainer.parallel.dense_forward``) by plain autograd on the
@@ -355,7 +347,8 @@ class SAEStep:
         else:
             values, indices, x_hat = self.encode_decode(x_n, k, keep_pre=run_aux)
             fwd_scores = self._fwd.scores
-            x_hats = self.prefix_decodes() if len(self.prefixes) > 1 else [x_hat]
+            # Matryoshka: each nested prefix's reconstruction (the forward decodes by bands of latents)
+            x_hats = self._fwd.prefix_x_hats if self.batch else [x_hat]
         x_hat = x_hat.to(torch.promote_types(x_hat.dtype, torch.float32))
         # the losses and metrics from row sums of squares: one pass each (row_sq_error)
         mean = ctx.batch_mean(y_n)
