@@ -214,35 +214,33 @@ def batch_topk_forward(ctx: ParallelContext, x_n: Tensor, W_enc: Tensor, b_enc: 
         keep, T = batch_select(ctx, bits, row, ids + offset, B, keep_total, T, R)
         sel = keep.nonzero().squeeze(1)
         krow, kid = row.index_select(0, sel), ids.index_select(0, sel)
-        bands = [torch.arange(krow.numel(), device=dev)]
-        if len(prefixes) > 1:  # Matryoshka: each band of latents [m_{j-1}, m_j) decoded on its own
+        P = len(prefixes) if len(prefixes) > 1 else 1
+        vrow = krow
+        if P > 1:  # Matryoshka: each (token, band of latents [m_{j-1}, m_j)) is a row of its own
             band = torch.bucketize(kid + offset, torch.tensor(prefixes[:-1], device=dev), right=True)
-            bands = [(band == j).nonzero().squeeze(1) for j in range(len(prefixes))]
-    partials, groups, kvals, kids = [], [], [], []
-    for e in bands:
-        part, g, v, i = _grouped_decode(krow.index_select(0, e), kid.index_select(0, e), B, enc, W_dec, Wd_c,
-                                        out_dtype)
-        partials.append(part)
-        groups += g
-        kvals.append(v)
-        kids.append(i + offset)
-    # the prefixes' reconstructions: b_dec + the bands below each (summed over the model group at once)
-    part = torch.stack(partials)
-    if ctx.tp > 1:
+            vrow = krow * P + band
+    part, groups, kval, kid = _grouped_decode(vrow, kid, B * P, P, enc, W_dec, Wd_c, out_dtype)
+    part = part.view(B, P, -1)
+    if ctx.tp > 1:  # the bands' partial decodes summed over the model group at once
         from .sharded import _AllReduceSum
 
         part = _AllReduceSum.apply(part.float() if part.dtype in (torch.bfloat16, torch.float16) else part,
                                    ctx.model_group)
-    x_hats = list((part.cumsum(0) if len(partials) > 1 else part).unbind(0))
+    # the prefixes' reconstructions: b_dec + the bands below each
+    bands = part.unbind(1)  # (one stack in the backward, not a zero-filled copy per band)
+    x_hats = [bands[0]]
+    for j in range(1, P):
+        x_hats.append(x_hats[-1] + bands[j])
     if b_dec is not None:
         x_hats = [xh + b_dec.to(xh.dtype) for xh in x_hats]
-    return BatchTopK(x_hats[-1], torch.cat(kvals), torch.cat(kids), groups, bits_to_float(T, acc), enc, B, x_hats)
+    return BatchTopK(x_hats[-1], kval, kid + offset, groups, bits_to_float(T, acc), enc, B, x_hats)
 
 
-def _grouped_decode(krow: Tensor, kid: Tensor, B: int, enc, W_dec: Tensor, Wd_c: Tensor,
+def _grouped_decode(krow: Tensor, kid: Tensor, B: int, P: int, enc, W_dec: Tensor, Wd_c: Tensor,
                     out_dtype: Optional[torch.dtype]):
-    """Decode the entries ``(krow, kid)`` (tokens, this rank's latent ids) with the tokens grouped by how
-    many entries they hold: ``(partial [B, d] without b_dec, groups, kept values, their ids)``."""
+    """Decode the entries ``(krow, kid)`` (rows in ``[0, B)``, row ``r`` reading token ``r // P``; this rank's
+    latent ids) with the rows grouped by how many entries they hold: ``(partial [B, d] without b_dec,
+    groups, kept values, their ids)``."""
     dev = krow.device
     with torch.no_grad():
         # the entries ordered by their token's place among the tokens sorted by count (so each group is a
@@ -273,7 +271,7 @@ def _grouped_decode(krow: Tensor, kid: Tensor, B: int, enc, W_dec: Tensor, Wd_c:
             valid = torch.zeros((rows.numel(), w), dtype=torch.bool, device=dev)
             idx[slot, p] = kid[e_lo:e_hi]
             valid[slot, p] = True
-        vals, idx = enc.take(rows, idx)  # relu(pre) there, differentiable like the encode
+        vals, idx = enc.take(rows // P if P > 1 else rows, idx)  # relu(pre) there, differentiable like the encode
         vals = torch.where(valid, vals, torch.zeros_like(vals))
         groups.append((rows, vals, idx))
         kvals.append(vals[slot, p])
