@@ -467,7 +467,7 @@ class TrainConfig:
         d_sae = m.expansion * d_model
         # K means nothing to 'standard': its record holds the default, as a run of it alone does
         k = self.k_of(m) if self.arch_of(m) != "standard" else TrainConfig.k
-        k_start = max(k, d_model // 2) if self.k_start is None else self.k_start
+        k_start = max(k, d_model // 2) if self.k_start is None or self.arch_of(m) == "standard" else self.k_start
         arch = self.arch_of(m)
         return dataclasses.replace(self, layer=m.layer, position=m.position, expansion=m.expansion, k=k,
                                    hookpoints=None, layers=None, positions=None, architecture=arch,

@@ -148,3 +148,13 @@ def test_bad_variant_flags_are_refused_before_the_model_loads(tiny, argv, flag, 
     assert main(["--model", tiny[0], "--output", str(tiny[1] / "bad"), "--no-progress", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and flag in err and item in err, err
+
+
+def test_a_standard_member_ignores_the_suites_k_settings(tiny):
+    """K means nothing to 'standard': a suite's --k / --k-start do not reach its record (a K-start below the
+    default K is not refused for it)."""
+    res = run(cfg(tiny, "kstart", hookpoints="L1R", expansion=4, architecture="topk,standard", k=8, k_start=16,
+                  tokens=1024), log=quiet)
+    assert list(res["members"]) == ["L1R-4x-topk", "L1R-4x-standard"]
+    rec = json.loads((tiny[1] / "kstart" / "L1R-4x-standard" / "train_config.json").read_text())
+    assert rec["architecture"] == "standard" and rec["k"] == 50 and rec["k_start"] == 50
