@@ -66,15 +66,6 @@ def _trusted(indices: Tensor, n: int) -> bool:
             and entry[1] == indices._version and entry[2] <= n)
 
 
-def trust_indices(indices: Tensor, n: int) -> Tensor:
-    """``indices`` (int64, values in ``[0, n)``), checked once (one host sync) and trusted by
-    ``decode_for_training`` from then on: for a selection the caller composed from an encode's indices
-    (BatchTopK's kept latents, laid out per group of tokens). Returns ``indices``."""
-    _check_index_range(indices, n)
-    _trust(indices, n)
-    return indices
-
-
 def _check_index_range(idx: Tensor, n: int) -> None:
     if idx.numel() and bool(((idx < 0) | (idx >= n)).any()):  # one host sync
         raise ValueError(f"indices: expected values in [0, {n}) (d_sae of W_dec), "
@@ -406,16 +397,6 @@ class EncodeScores:
         values = _TakeFromPre.apply(x_rows, W_enc, b_enc, z, indices, W_c)
         _trust(indices, n)
         return values, indices
-
-
-def encode_scores(x: Tensor, W_enc: Tensor, b_enc: Tensor, dec_norm: Optional[Tensor] = None, *,
-                  compute: Optional[Tuple[Tensor, Tensor]] = None) -> EncodeScores:
-    """An ``EncodeScores`` for ``x`` that keeps no pre-activations: ``row_scores`` and ``take`` compute only
-    what they are asked (a GEMM over the rows, a dot product per entry), ``select`` a masked encode.
-    For a caller that needs a few rows or entries after an encode that kept nothing (``N x d_sae`` less)."""
-    W_c, b_c = compute if compute is not None else (W_enc, b_enc)
-    x2, _, b_c, _, dec_norm = _encode_args(x, W_c, b_c, 1, dec_norm)
-    return EncodeScores(x2.contiguous(), W_enc, b_enc, dec_norm, W_c, b_c.to(W_c.dtype), None)
 
 
 def encode_for_training(

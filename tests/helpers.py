@@ -65,3 +65,17 @@ BACKENDS = [
         ),
     ),
 ]
+
+
+def assert_refused_before_load(model: str, output, argv, flag: str, item: str, capsys, monkeypatch) -> None:
+    """``python -m trainer.run`` with ``argv`` exits 2 with one ``error:`` line naming ``flag`` and ``item``,
+    before the model loads."""
+    import trainer.run as R
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(R, "load_model", no_load)
+    assert R.main(["--model", model, "--output", str(output), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and flag in err and item in err, err

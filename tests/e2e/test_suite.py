@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.config import TrainConfig
+from helpers import assert_refused_before_load
 from trainer.run import main, run
 from trainer.train import Trainer
 
@@ -191,15 +192,7 @@ def test_stopped_suite_resumes_exactly(tiny, suite):
     (["--k", "4,x"], "--k", "x"),
 ])
 def test_bad_specs_are_refused_before_the_model_loads(tiny, argv, flag, item, capsys, monkeypatch):
-    import trainer.run as R
-
-    def no_load(*a, **k):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(R, "load_model", no_load)
-    assert main(["--model", tiny[0], "--output", str(tiny[1] / "bad"), "--no-progress", *argv]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and flag in err and item in err, err
+    assert_refused_before_load(tiny[0], tiny[1] / "bad", argv, flag, item, capsys, monkeypatch)
 
 
 def test_a_buffer_that_does_not_fit_is_refused(tiny, capsys):

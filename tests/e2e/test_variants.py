@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from sae_kernels import TopKSAE
 from trainer.config import TrainConfig
-from trainer.run import main, run
+from helpers import assert_refused_before_load
+from trainer.run import run
 
 MIXED = dict(hookpoints="L1R", expansion=4, architecture="batchtopk,matryoshka_batchtopk,standard", k="4,8",
              l1_coefficient="1,3")
@@ -139,15 +140,7 @@ def test_variants_export_as_they_run_and_reload_in_saelens(tiny, mixed, tmp_path
     (["--architecture", "batchtopk", "--k", "300"], "--k", "300"),
 ])
 def test_bad_variant_flags_are_refused_before_the_model_loads(tiny, argv, flag, item, capsys, monkeypatch):
-    import trainer.run as R
-
-    def no_load(*a, **k):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(R, "load_model", no_load)
-    assert main(["--model", tiny[0], "--output", str(tiny[1] / "bad"), "--no-progress", *argv]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and flag in err and item in err, err
+    assert_refused_before_load(tiny[0], tiny[1] / "bad", argv, flag, item, capsys, monkeypatch)
 
 
 def test_a_standard_member_ignores_the_suites_k_settings(tiny):

@@ -159,7 +159,7 @@ class BatchTopK:
 def batch_topk_forward(ctx: ParallelContext, x_n: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
                        b_dec: Optional[Tensor], k: int, weighted: bool, d_sae: int, *, dec_norm: Optional[Tensor],
                        compute: Tuple[Tensor, Tensor, Tensor], out_dtype: Optional[torch.dtype],
-                       keep_pre: bool = False, prefixes: Sequence[int] = ()) -> BatchTopK:
+                       prefixes: Sequence[int] = ()) -> BatchTopK:
     """BatchTopK forward in normalised space on this rank (docs/method.md sec. 11). Every rank of the mesh
     calls it with its share of the batch (``x_n``, the same on a model group) and its rows of the SAE, as
     ``sharded_forward``.
@@ -170,7 +170,7 @@ def batch_topk_forward(ctx: ParallelContext, x_n: Tensor, W_enc: Tensor, b_enc: 
        its row of scores), and ``T`` is taken again, once (one host sync to decide).
     3. The kept entries (``batch_select``), grouped by count and decoded; their values are ``relu(pre)``
        there (``EncodeScores.take``), differentiable like the encode, so its backward reads only them.
-    ``keep_pre``: unused (the encode always keeps its pre-activations: ``BatchTopK.scores``, for AuxK).
+    The encode always keeps its pre-activations (``BatchTopK.scores``, also AuxK's).
     ``prefixes``: Matryoshka's nested widths (global latent ids, the last d_sae): the kept latents are
     decoded band by band (``[m_{j-1}, m_j)``), and the prefixes' reconstructions are sums of bands, so
     all of them cost one decode."""
@@ -195,13 +195,14 @@ def batch_topk_forward(ctx: ParallelContext, x_n: Tensor, W_enc: Tensor, b_enc: 
         v = values.detach()
         acc = torch.float64 if v.dtype == torch.float64 else torch.float32
         score = v.to(acc) * dec_norm.to(acc)[lidx] if weighted else v.to(acc)
-        bits = score_bits(score).reshape(-1)
+        bits2d = score_bits(score)
+        bits = bits2d.reshape(-1)
         row = torch.arange(B, device=dev).repeat_interleave(c)
         ids = lidx.reshape(-1)
         T, R = batch_threshold(ctx, bits, keep_total)
         # Adding candidates can only raise T, so a saturated token's kept latents are among its scores
         # >= T now: with those added, no token can be saturated at the new T (one more round at most).
-        sat = (score_bits(score).min(1).values >= T) if c < n_local else torch.zeros(B, dtype=torch.bool, device=dev)
+        sat = (bits2d.min(1).values >= T) if c < n_local else torch.zeros(B, dtype=torch.bool, device=dev)
         if bool(ctx.world_all_reduce(sat.any().long(), op="max")):
             rows = sat.nonzero().squeeze(1)
             b2 = score_bits(enc.row_scores(rows))

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -237,7 +237,7 @@ class SAEStep:
         if self.batch:
             out = batch_topk_forward(
                 self.ctx, x_n, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, k, sae.cfg.weighted_topk, sae.cfg.d_sae,
-                dec_norm=dec_norm, compute=(W_enc, b_enc, W_dec), out_dtype=self._out_dtype(), keep_pre=keep_pre,
+                dec_norm=dec_norm, compute=(W_enc, b_enc, W_dec), out_dtype=self._out_dtype(),
                 prefixes=self.prefixes)
             self._threshold = out.threshold
             self.slots = max(g[1].shape[1] for g in out.groups)  # the fullest token's latents
